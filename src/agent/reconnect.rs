@@ -1,0 +1,202 @@
+//! The agent's link to the coordinator: one Heartbeat stream at a time,
+//! re-established for as long as the agent runs.
+//!
+//! Every new stream starts with `register`. When a stream fails, ends, or the
+//! coordinator goes silent (no ack for three heartbeat intervals; HTTP/2
+//! keepalive covers a dead connection), the link waits an exponentially
+//! growing delay with full jitter (the first within a second, capped at 30 s)
+//! and tries again. The delay starts over after every successful
+//! registration.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use tokio::{sync::mpsc, time::Instant};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, transport::Endpoint};
+use tracing::{info, warn};
+
+use crate::{
+    error::display_chain,
+    proto::{
+        self, AgentMessage, agent_message, coordinator_client::CoordinatorClient,
+        coordinator_message,
+    },
+};
+
+const FIRST_RETRY_CEILING: Duration = Duration::from_secs(1);
+const MAX_RETRY_CEILING: Duration = Duration::from_secs(30);
+const REGISTERED_TIMEOUT: Duration = Duration::from_secs(10);
+/// Used if the coordinator's `registered` carries no usable interval.
+const FALLBACK_INTERVAL: Duration = Duration::from_secs(5);
+const MIN_INTERVAL: Duration = Duration::from_millis(50);
+/// Acks missed in a row before the coordinator counts as silent.
+const SILENT_AFTER_INTERVALS: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("cannot connect to the coordinator")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("the coordinator refused the stream ({:?}): {}", .0.code(), .0.message())]
+    Refused(Status),
+    #[error("no registered reply within {0:?}")]
+    NoReply(Duration),
+    #[error("the stream failed ({:?}): {}", .0.code(), .0.message())]
+    Stream(Status),
+    #[error("the coordinator closed the stream")]
+    Closed,
+    #[error("no ack from the coordinator for {0:?}")]
+    Silent(Duration),
+    #[error("unexpected message from the coordinator: {0}")]
+    Unexpected(&'static str),
+}
+
+/// Full-jitter exponential backoff: each delay is uniform between zero and a
+/// ceiling that doubles from one second up to thirty.
+struct ReconnectBackoff {
+    ceilings: ExponentialBackoff,
+}
+
+impl ReconnectBackoff {
+    fn new() -> Self {
+        let ceilings = ExponentialBuilder::default()
+            .with_min_delay(FIRST_RETRY_CEILING)
+            .with_max_delay(MAX_RETRY_CEILING)
+            .with_factor(2.0)
+            .without_max_times()
+            .build();
+        Self { ceilings }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceilings.next().unwrap_or(MAX_RETRY_CEILING);
+        rand::random_range(Duration::ZERO..=ceiling)
+    }
+}
+
+/// What the agent registers with, and where.
+pub struct Link {
+    pub coordinator: Endpoint,
+    pub register: proto::Register,
+}
+
+/// Keeps the agent registered until `shutdown` is cancelled.
+pub async fn run(link: Link, shutdown: CancellationToken) {
+    let mut backoff = ReconnectBackoff::new();
+    loop {
+        let mut registered = false;
+        let error = tokio::select! {
+            () = shutdown.cancelled() => return,
+            error = hold_stream(&link, &mut registered) => error,
+        };
+        if registered {
+            backoff = ReconnectBackoff::new();
+        }
+        let delay = backoff.next_delay();
+        warn!(error = %display_chain(&error), retry_in = ?delay, "coordinator link down");
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Opens one stream, registers and heartbeats until something goes wrong.
+/// Sets `registered` once the coordinator has accepted the registration.
+async fn hold_stream(link: &Link, registered: &mut bool) -> LinkError {
+    let channel = match link.coordinator.connect().await {
+        Ok(channel) => channel,
+        Err(error) => return LinkError::Connect(error),
+    };
+    let (outbound, receiver) = mpsc::channel(4);
+    let register = AgentMessage {
+        kind: Some(agent_message::Kind::Register(link.register.clone())),
+    };
+    if outbound.send(register).await.is_err() {
+        return LinkError::Closed;
+    }
+    let mut inbound = match CoordinatorClient::new(channel)
+        .heartbeat(ReceiverStream::new(receiver))
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => return LinkError::Refused(status),
+    };
+
+    let accepted = match tokio::time::timeout(REGISTERED_TIMEOUT, inbound.message()).await {
+        Err(_) => return LinkError::NoReply(REGISTERED_TIMEOUT),
+        Ok(Err(status)) => return LinkError::Refused(status),
+        Ok(Ok(None)) => return LinkError::Closed,
+        Ok(Ok(Some(proto::CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Registered(accepted)),
+        }))) => accepted,
+        Ok(Ok(Some(_))) => return LinkError::Unexpected("expected registered as the first reply"),
+    };
+    *registered = true;
+    let interval = accepted
+        .heartbeat_interval
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(FALLBACK_INTERVAL)
+        .max(MIN_INTERVAL);
+    info!(
+        generation = accepted.session_generation,
+        coordinator_boot_id = %accepted.coordinator_boot_id,
+        interval = ?interval,
+        "registered with the coordinator"
+    );
+
+    let silent_after = interval * SILENT_AFTER_INTERVALS;
+    let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+    let mut last_ack = Instant::now();
+    let mut sequence = 0u64;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                sequence += 1;
+                let heartbeat = AgentMessage {
+                    kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat { sequence })),
+                };
+                if outbound.send(heartbeat).await.is_err() {
+                    return LinkError::Closed;
+                }
+            }
+            message = inbound.message() => match message {
+                Ok(Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Ack(_)) })) => {
+                    last_ack = Instant::now();
+                }
+                Ok(Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Registered(_)) })) => {
+                    return LinkError::Unexpected("a second registered on one stream");
+                }
+                Ok(Some(proto::CoordinatorMessage { kind: None })) => {}
+                Ok(None) => return LinkError::Closed,
+                Err(status) => return LinkError::Stream(status),
+            },
+            () = tokio::time::sleep_until(last_ack + silent_after) => return LinkError::Silent(silent_after),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_starts_within_a_second_and_is_capped_at_thirty() {
+        for _ in 0..100 {
+            let mut backoff = ReconnectBackoff::new();
+            assert!(backoff.next_delay() <= FIRST_RETRY_CEILING);
+            for _ in 0..20 {
+                assert!(backoff.next_delay() <= MAX_RETRY_CEILING);
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_is_jittered() {
+        let mut backoff = ReconnectBackoff::new();
+        let delays: Vec<_> = (0..10).map(|_| backoff.next_delay()).collect();
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 1, "{delays:?}");
+    }
+}

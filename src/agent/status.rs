@@ -1,0 +1,42 @@
+//! The agent's Status service, which the coordinator probes after it
+//! restarts. It answers with this process's node id and boot id.
+
+use std::time::SystemTime;
+
+use tonic::{Request, Response, Status};
+
+use crate::proto::{StatusRequest, StatusResponse, agent_server::Agent};
+
+pub struct StatusService {
+    node_id: String,
+    boot_id: String,
+    hostname: String,
+    started_at: SystemTime,
+}
+
+impl StatusService {
+    pub fn new(node_id: String, boot_id: String, hostname: String) -> Self {
+        Self {
+            node_id,
+            boot_id,
+            hostname,
+            started_at: SystemTime::now(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for StatusService {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(StatusResponse {
+            node_id: self.node_id.clone(),
+            boot_id: self.boot_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            hostname: self.hostname.clone(),
+            started_at: Some(self.started_at.into()),
+        }))
+    }
+}

@@ -1,0 +1,195 @@
+//! Renders nodes as an aligned table for people or as JSON for scripts.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Write},
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+use crate::{config::OutputFormat, proto};
+
+/// The JSON shape of a node: times in RFC 3339, state as its short name.
+#[derive(Debug, Serialize)]
+struct NodeView<'a> {
+    node_id: &'a str,
+    state: &'static str,
+    agent_url: &'a str,
+    last_seen: Option<String>,
+    registered_at: Option<String>,
+    offline_since: Option<String>,
+    boot_id: &'a str,
+    session_generation: u64,
+    version: &'a str,
+    hostname: &'a str,
+    labels: BTreeMap<&'a str, &'a str>,
+}
+
+impl<'a> From<&'a proto::Node> for NodeView<'a> {
+    fn from(node: &'a proto::Node) -> Self {
+        Self {
+            node_id: &node.node_id,
+            state: state_name(node.state),
+            agent_url: &node.agent_url,
+            last_seen: node.last_seen.map(rfc3339),
+            registered_at: node.registered_at.map(rfc3339),
+            offline_since: node.offline_since.map(rfc3339),
+            boot_id: &node.boot_id,
+            session_generation: node.session_generation,
+            version: &node.version,
+            hostname: &node.hostname,
+            labels: node
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+        }
+    }
+}
+
+pub fn write_nodes(
+    out: &mut impl Write,
+    format: OutputFormat,
+    nodes: &[proto::Node],
+) -> io::Result<()> {
+    match format {
+        OutputFormat::Json => {
+            let views: Vec<NodeView<'_>> = nodes.iter().map(NodeView::from).collect();
+            serde_json::to_writer_pretty(&mut *out, &views)?;
+            writeln!(out)
+        }
+        OutputFormat::Table => write_table(out, nodes),
+    }
+}
+
+pub fn write_node(
+    out: &mut impl Write,
+    format: OutputFormat,
+    node: &proto::Node,
+) -> io::Result<()> {
+    match format {
+        OutputFormat::Json => {
+            serde_json::to_writer_pretty(&mut *out, &NodeView::from(node))?;
+            writeln!(out)
+        }
+        OutputFormat::Table => write_table(out, std::slice::from_ref(node)),
+    }
+}
+
+fn write_table(out: &mut impl Write, nodes: &[proto::Node]) -> io::Result<()> {
+    let now = SystemTime::now();
+    let header = ["NODE", "STATE", "LAST SEEN", "AGENT URL", "GEN", "LABELS"].map(str::to_owned);
+    let rows: Vec<[String; 6]> = nodes
+        .iter()
+        .map(|node| {
+            let labels: Vec<String> = node
+                .labels
+                .iter()
+                .collect::<BTreeMap<_, _>>()
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            [
+                node.node_id.clone(),
+                state_name(node.state).to_owned(),
+                node.last_seen
+                    .map_or_else(|| "-".to_owned(), |seen| age(seen, now)),
+                node.agent_url.clone(),
+                node.session_generation.to_string(),
+                labels.join(","),
+            ]
+        })
+        .collect();
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        writeln!(out, "{}", line.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
+fn state_name(state: i32) -> &'static str {
+    match proto::NodeState::try_from(state) {
+        Ok(proto::NodeState::Online) => "ONLINE",
+        Ok(proto::NodeState::Offline) => "OFFLINE",
+        Ok(proto::NodeState::Unknown) => "UNKNOWN",
+        Ok(proto::NodeState::Unspecified) | Err(_) => "UNSPECIFIED",
+    }
+}
+
+fn to_system_time(timestamp: prost_types::Timestamp) -> SystemTime {
+    SystemTime::try_from(timestamp).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+fn rfc3339(timestamp: prost_types::Timestamp) -> String {
+    humantime::format_rfc3339_millis(to_system_time(timestamp)).to_string()
+}
+
+fn age(timestamp: prost_types::Timestamp, now: SystemTime) -> String {
+    let elapsed = now
+        .duration_since(to_system_time(timestamp))
+        .unwrap_or_default();
+    let whole_seconds = Duration::from_secs(elapsed.as_secs());
+    format!("{} ago", humantime::format_duration(whole_seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, state: proto::NodeState) -> proto::Node {
+        proto::Node {
+            node_id: id.to_owned(),
+            agent_url: format!("http://{id}:7701"),
+            state: state.into(),
+            last_seen: Some(SystemTime::now().into()),
+            labels: [("gpu".to_owned(), "a100".to_owned())].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn table_has_a_header_and_aligned_rows() {
+        let mut out = Vec::new();
+        let nodes = [
+            node("gpu-1", proto::NodeState::Online),
+            node("a", proto::NodeState::Unknown),
+        ];
+        write_nodes(&mut out, OutputFormat::Table, &nodes).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("NODE   STATE"), "{text}");
+        assert!(lines[1].starts_with("gpu-1  ONLINE"), "{text}");
+        assert!(
+            lines[2].contains("UNKNOWN") && lines[2].contains("gpu=a100"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_is_machine_readable() {
+        let mut out = Vec::new();
+        write_nodes(
+            &mut out,
+            OutputFormat::Json,
+            &[node("gpu-1", proto::NodeState::Offline)],
+        )
+        .unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed[0]["node_id"], "gpu-1");
+        assert_eq!(parsed[0]["state"], "OFFLINE");
+        assert_eq!(parsed[0]["labels"]["gpu"], "a100");
+        assert!(parsed[0]["last_seen"].as_str().unwrap().ends_with('Z'));
+    }
+}

@@ -1,0 +1,238 @@
+//! The command line. Every flag can also be set through a `MUSTER_*`
+//! environment variable; durations are written like `500ms`, `5s` or `24h`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::error::InvalidInput;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "muster",
+    version,
+    about = "A control plane for a fleet of GPU agent nodes"
+)]
+pub struct Cli {
+    /// Log filter, in tracing's env-filter syntax (e.g. `info,muster=debug`).
+    #[arg(long, env = "MUSTER_LOG", default_value = "info", global = true)]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator: the registry of nodes, persisted in SQLite.
+    Coordinator(CoordinatorConfig),
+    /// Run the agent daemon on a node.
+    Agent(AgentConfig),
+    /// Inspect the nodes a coordinator knows.
+    Nodes {
+        #[command(subcommand)]
+        command: NodesCommand,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CoordinatorConfig {
+    /// Address to serve gRPC on.
+    #[arg(
+        long,
+        env = "MUSTER_COORDINATOR_LISTEN",
+        default_value = "0.0.0.0:7700"
+    )]
+    pub listen: SocketAddr,
+
+    /// SQLite database file; created, and migrated, if needed.
+    #[arg(long, env = "MUSTER_DB", default_value = "muster.db")]
+    pub db: PathBuf,
+
+    /// How often agents send a heartbeat.
+    #[arg(long, env = "MUSTER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Silence after which a node is shown OFFLINE.
+    #[arg(long, env = "MUSTER_OFFLINE_AFTER", default_value = "15s", value_parser = parse_duration)]
+    pub offline_after: Duration,
+
+    /// Time a node stays OFFLINE before it is removed.
+    #[arg(long, env = "MUSTER_EXPIRE_AFTER", default_value = "24h", value_parser = parse_duration)]
+    pub expire_after: Duration,
+
+    /// Time limit of one Status probe to an agent after a restart.
+    #[arg(long, env = "MUSTER_PROBE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub probe_timeout: Duration,
+}
+
+impl CoordinatorConfig {
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        if self.heartbeat_interval.is_zero() {
+            return Err(InvalidInput::new(
+                "--heartbeat-interval",
+                "must be greater than zero",
+            ));
+        }
+        if self.offline_after <= self.heartbeat_interval {
+            return Err(InvalidInput::new(
+                "--offline-after",
+                format!(
+                    "must be longer than --heartbeat-interval ({}), or every node would flap",
+                    humantime::format_duration(self.heartbeat_interval)
+                ),
+            ));
+        }
+        if self.expire_after.is_zero() {
+            return Err(InvalidInput::new(
+                "--expire-after",
+                "must be greater than zero",
+            ));
+        }
+        if self.probe_timeout.is_zero() {
+            return Err(InvalidInput::new(
+                "--probe-timeout",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentConfig {
+    /// URL of the coordinator.
+    #[arg(
+        long,
+        env = "MUSTER_COORDINATOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub coordinator: String,
+
+    /// Address to serve this agent's Status service on.
+    #[arg(long, env = "MUSTER_AGENT_LISTEN", default_value = "0.0.0.0:7701")]
+    pub listen: SocketAddr,
+
+    /// URL the coordinator dials to reach this agent. Defaults to the listen
+    /// address, with the host name in place of an unspecified IP.
+    #[arg(long, env = "MUSTER_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+
+    /// Node id. Without it, the id kept in the state directory is used; if
+    /// there is none, the host name, which is then kept.
+    #[arg(long, env = "MUSTER_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Directory where the agent keeps its identity.
+    #[arg(long, env = "MUSTER_STATE_DIR", default_value = "muster-agent")]
+    pub state_dir: PathBuf,
+
+    /// Labels reported to the coordinator, as `key=value`; repeatable, or
+    /// comma-separated in the environment.
+    #[arg(long = "label", env = "MUSTER_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// List every node.
+    List(NodesClientConfig),
+    /// Show one node.
+    Get {
+        /// The node id.
+        node_id: String,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NodesClientConfig {
+    /// URL of the coordinator.
+    #[arg(
+        long,
+        env = "MUSTER_COORDINATOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub coordinator: String,
+
+    #[arg(long, env = "MUSTER_OUTPUT", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw)
+        .map_err(|e| format!("{e} (write durations like 500ms, 5s or 24h)"))
+}
+
+fn parse_label(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .filter(|(key, _)| !key.is_empty())
+        .ok_or_else(|| format!("label {raw:?} must look like key=value"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coordinator(args: &[&str]) -> Result<CoordinatorConfig, clap::Error> {
+        let cli = Cli::try_parse_from(["muster", "coordinator"].iter().chain(args))?;
+        match cli.command {
+            Command::Coordinator(config) => Ok(config),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn coordinator_defaults() {
+        let config = coordinator(&[]).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:7700".parse().unwrap());
+        assert_eq!(config.db, PathBuf::from("muster.db"));
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(config.offline_after, Duration::from_secs(15));
+        assert_eq!(config.expire_after, Duration::from_secs(24 * 3600));
+        assert_eq!(config.probe_timeout, Duration::from_secs(2));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let config =
+            coordinator(&["--heartbeat-interval", "250ms", "--expire-after", "1h 30m"]).unwrap();
+        assert_eq!(config.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(config.expire_after, Duration::from_secs(5400));
+        let err = coordinator(&["--offline-after", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("5s"), "{err}");
+    }
+
+    #[test]
+    fn offline_after_must_exceed_the_heartbeat_interval() {
+        let config = coordinator(&["--heartbeat-interval", "5s", "--offline-after", "5s"]).unwrap();
+        assert_eq!(config.validate().unwrap_err().field, "--offline-after");
+    }
+
+    #[test]
+    fn labels_parse_as_key_value_pairs() {
+        let cli = Cli::try_parse_from([
+            "muster", "agent", "--label", "gpu=a100", "--label", "zone=lab",
+        ])
+        .unwrap();
+        let Command::Agent(config) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            config.labels,
+            [("gpu".into(), "a100".into()), ("zone".into(), "lab".into())]
+        );
+        assert!(Cli::try_parse_from(["muster", "agent", "--label", "novalue"]).is_err());
+    }
+}

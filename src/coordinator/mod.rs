@@ -1,0 +1,140 @@
+//! The coordinator process: loads the registry from the store, serves the
+//! Coordinator service, proves reloaded nodes alive, sweeps silent and
+//! expired nodes, and writes changes back.
+//!
+//! The registry has one owner, [`Shared`], behind a short-held lock that is
+//! never held across an `.await`. Every task is tracked, and shutdown runs
+//! through one cancellation token: sessions end first, then the writer makes
+//! its final flush.
+
+mod prober;
+mod service;
+mod session;
+mod sweeper;
+mod writer;
+
+use std::{
+    sync::{Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use tokio::sync::Notify;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::info;
+
+use crate::{
+    clock::Moment,
+    config::CoordinatorConfig,
+    error::RunError,
+    grpc,
+    proto::coordinator_server::CoordinatorServer,
+    registry::{Registry, Timing},
+    store::Store,
+};
+
+pub use prober::{ProbeOutcome, probe};
+pub use session::read_registration;
+
+/// How many Status probes run at once after a restart.
+const PROBE_CONCURRENCY: usize = 256;
+
+/// State shared by the service, its sessions and the background tasks.
+pub(crate) struct Shared {
+    registry: Mutex<Registry>,
+    store: Store,
+    /// Woken when the registry has changes for the store.
+    changes_pending: Notify,
+    boot_id: String,
+    heartbeat_interval: Duration,
+}
+
+impl Shared {
+    /// Runs `update` under the registry lock, and wakes the writer if the
+    /// update left changes for the store.
+    fn update<R>(&self, update: impl FnOnce(&mut Registry) -> R) -> R {
+        let mut registry = self.lock();
+        let result = update(&mut registry);
+        let pending = registry.has_changes();
+        drop(registry);
+        if pending {
+            self.changes_pending.notify_one();
+        }
+        result
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Runs a coordinator until `shutdown` is cancelled.
+pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    config.validate()?;
+    let store = Store::open(&config.db).await?;
+    let stored = store.load_nodes().await?;
+    let (listener, address) = grpc::bind(config.listen).await?;
+
+    let timing = Timing {
+        offline_after: config.offline_after,
+        expire_after: config.expire_after,
+        reload_grace: config.offline_after,
+    };
+    let mut registry = Registry::new(timing);
+    let reloaded = stored.len();
+    registry.load(stored, Moment::now());
+    let boot_id = uuid::Uuid::new_v4().to_string();
+    let shared = std::sync::Arc::new(Shared {
+        registry: Mutex::new(registry),
+        store,
+        changes_pending: Notify::new(),
+        boot_id: boot_id.clone(),
+        heartbeat_interval: config.heartbeat_interval,
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<CoordinatorServer<service::CoordinatorService>>()
+        .await;
+
+    let sessions = TaskTracker::new();
+    let background = TaskTracker::new();
+    let writer_stop = CancellationToken::new();
+    background.spawn(writer::run(
+        shared.clone(),
+        config.heartbeat_interval,
+        writer_stop.clone(),
+    ));
+    background.spawn(sweeper::run(
+        shared.clone(),
+        sweeper::period(config.offline_after),
+        shutdown.clone(),
+    ));
+    background.spawn(prober::initial_round(
+        shared.clone(),
+        config.probe_timeout,
+        PROBE_CONCURRENCY,
+        health,
+        shutdown.clone(),
+    ));
+
+    let service =
+        service::CoordinatorService::new(shared.clone(), sessions.clone(), shutdown.clone());
+    let router = grpc::server(config.heartbeat_interval)
+        .add_service(health_service)
+        .add_service(CoordinatorServer::new(service));
+    let router = grpc::with_reflection(router)?;
+    info!(%address, %boot_id, reloaded, db = %config.db.display(), "coordinator listening");
+
+    let served = grpc::serve(router, listener, shutdown.clone()).await;
+    shutdown.cancel();
+    sessions.close();
+    sessions.wait().await;
+    writer_stop.cancel();
+    background.close();
+    background.wait().await;
+    info!("coordinator stopped");
+    served
+}

@@ -1,0 +1,123 @@
+//! The prober: after a restart, asks every reloaded node's agent for its
+//! Status, so live nodes are ONLINE again without waiting for their agents to
+//! reconnect.
+//!
+//! A probe passes only when the agent answers with the expected node id:
+//! another process now listening at a node's old address proves nothing.
+//! Probes run concurrently, bounded in number and each in time. The health
+//! service reports SERVING once the round has finished or hit its deadline.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
+
+use super::{Shared, service::CoordinatorService};
+use crate::{
+    clock::Moment,
+    error::display_chain,
+    node::NodeId,
+    proto::{StatusRequest, agent_client::AgentClient, coordinator_server::CoordinatorServer},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// The agent answered as the expected node.
+    Alive { boot_id: String },
+    /// Something answered, but as another node.
+    WrongNode { answered: String },
+    /// Nothing answered in time, or the call failed.
+    Unreachable { reason: String },
+}
+
+/// Calls `Agent/Status` at `agent_url` and checks that it is `expected`.
+pub async fn probe(agent_url: &str, expected: &NodeId, timeout: Duration) -> ProbeOutcome {
+    let call = async {
+        let endpoint = Endpoint::from_shared(agent_url.to_owned())?
+            .connect_timeout(timeout)
+            .timeout(timeout);
+        let channel = endpoint.connect().await?;
+        let status = AgentClient::new(channel).status(StatusRequest {}).await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(status.into_inner())
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => ProbeOutcome::Unreachable {
+            reason: format!("no answer within {timeout:?}"),
+        },
+        Ok(Err(error)) => ProbeOutcome::Unreachable {
+            reason: display_chain(error.as_ref()),
+        },
+        Ok(Ok(status)) if status.node_id == expected.as_str() => ProbeOutcome::Alive {
+            boot_id: status.boot_id,
+        },
+        Ok(Ok(status)) => ProbeOutcome::WrongNode {
+            answered: status.node_id,
+        },
+    }
+}
+
+pub(super) async fn initial_round(
+    shared: Arc<Shared>,
+    timeout: Duration,
+    concurrency: usize,
+    health: HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let targets = shared.lock().unproven();
+    let total = targets.len();
+    let deadline = tokio::time::Instant::now() + timeout * 2;
+    let mut outcomes = futures::stream::iter(targets)
+        .map(|(node_id, agent_url)| async move {
+            let outcome = probe(&agent_url, &node_id, timeout).await;
+            (node_id, agent_url, outcome)
+        })
+        .buffer_unordered(concurrency);
+
+    let mut proven = 0usize;
+    let mut serving = false;
+    loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(deadline), if !serving => {
+                warn!(total, proven, "initial probe round hit its deadline; serving while the rest finish");
+                report_serving(&health).await;
+                serving = true;
+                continue;
+            }
+            next = outcomes.next() => next,
+        };
+        let Some((node_id, agent_url, outcome)) = next else {
+            break;
+        };
+        match outcome {
+            ProbeOutcome::Alive { boot_id } => {
+                proven += 1;
+                if shared.update(|registry| registry.probe_succeeded(&node_id, Moment::now())) {
+                    info!(%node_id, %boot_id, "probe passed; node online");
+                }
+            }
+            ProbeOutcome::WrongNode { answered } => {
+                warn!(%node_id, %agent_url, %answered, "probe reached a different node; not marking online");
+            }
+            ProbeOutcome::Unreachable { reason } => {
+                info!(%node_id, %agent_url, %reason, "probe failed; waiting for the agent to reconnect");
+            }
+        }
+    }
+    info!(total, proven, "initial probe round finished");
+    if !serving {
+        report_serving(&health).await;
+    }
+}
+
+async fn report_serving(health: &HealthReporter) {
+    health
+        .set_serving::<CoordinatorServer<CoordinatorService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+}

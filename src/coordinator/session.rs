@@ -1,0 +1,298 @@
+//! One heartbeat session: the life of one Heartbeat stream.
+//!
+//! The first message must be `register`; it is validated, committed to the
+//! store, and applied to the registry before `registered` is sent. From then
+//! on each heartbeat is checked (sequence numbers strictly increase, the
+//! session is still the node's newest) and acknowledged.
+//!
+//! However the stream ends, its node goes OFFLINE at once, unless a newer
+//! session of the node exists or the coordinator itself is shutting down
+//! (a restart must not show any node as dead).
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use crate::{
+    clock::Moment,
+    error::{InvalidInput, ServiceError},
+    node::{NodeId, Registration},
+    proto::{self, AgentMessage, CoordinatorMessage, agent_message, coordinator_message},
+    registry::SessionRejected,
+};
+
+pub(super) type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+/// Waits at most `timeout` for the stream's first message, which must be a
+/// valid `register`.
+pub async fn read_registration<S>(
+    inbound: &mut S,
+    timeout: Duration,
+) -> Result<Registration, ServiceError>
+where
+    S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
+{
+    let first = tokio::time::timeout(timeout, inbound.next())
+        .await
+        .map_err(|_| ServiceError::RegistrationTimeout(timeout))?;
+    match first {
+        None => Err(ServiceError::OutOfOrder(
+            "the stream ended before its register message".to_owned(),
+        )),
+        Some(Err(status)) => Err(ServiceError::OutOfOrder(format!(
+            "the stream failed before its register message: {}",
+            status.message()
+        ))),
+        Some(Ok(AgentMessage {
+            kind: Some(agent_message::Kind::Register(register)),
+        })) => Ok(Registration::try_from(register)?),
+        Some(Ok(AgentMessage {
+            kind: Some(agent_message::Kind::Heartbeat(_)),
+        })) => Err(ServiceError::OutOfOrder(
+            "the first message on a Heartbeat stream must be register, got heartbeat".to_owned(),
+        )),
+        Some(Ok(AgentMessage { kind: None })) => Err(InvalidInput::new(
+            "agent_message.kind",
+            "must be set; the first message on a Heartbeat stream must be register",
+        )
+        .into()),
+    }
+}
+
+/// A registered session, ready to run.
+pub(super) struct Session {
+    shared: Arc<Shared>,
+    node_id: NodeId,
+    generation: u64,
+}
+
+impl Session {
+    /// Commits the registration to the store, then applies it to the registry.
+    pub(super) async fn admit(
+        shared: Arc<Shared>,
+        registration: Registration,
+    ) -> Result<Self, ServiceError> {
+        let node_id = registration.node_id.clone();
+        let enrollment = shared
+            .store
+            .enroll(registration.clone(), Moment::now().wall)
+            .await?;
+        shared
+            .update(|registry| registry.register(registration, enrollment, Moment::now()))
+            .map_err(|rejected| rejection(&node_id, enrollment.generation, rejected))?;
+        Ok(Self {
+            shared,
+            node_id,
+            generation: enrollment.generation,
+        })
+    }
+
+    pub(super) fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub(super) fn registered_message(&self) -> CoordinatorMessage {
+        CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Registered(proto::Registered {
+                coordinator_boot_id: self.shared.boot_id.clone(),
+                session_generation: self.generation,
+                heartbeat_interval: prost_types::Duration::try_from(self.shared.heartbeat_interval)
+                    .ok(),
+            })),
+        }
+    }
+
+    /// Serves heartbeats until the stream ends, the session is superseded or
+    /// the coordinator shuts down, then runs the cleanup whatever the cause.
+    pub(super) async fn run<S>(
+        self,
+        mut inbound: S,
+        outbound: Outbound,
+        shutdown: CancellationToken,
+    ) where
+        S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
+    {
+        info!("session started");
+        let ended = tokio::select! {
+            () = shutdown.cancelled() => Ended::Shutdown,
+            ended = self.serve(&mut inbound, &outbound) => ended,
+        };
+        match ended {
+            Ended::Shutdown => {
+                debug!("session closed by coordinator shutdown");
+                let _ = outbound.try_send(Err(ServiceError::ShuttingDown.into()));
+            }
+            Ended::Stream(reason) => {
+                info!(%reason, "session ended");
+                self.shared.update(|registry| {
+                    registry.session_ended(&self.node_id, self.generation, Moment::now());
+                });
+            }
+            Ended::Refused(error) => {
+                warn!(error = %error, "session refused a message");
+                let _ = outbound.send(Err(error.into())).await;
+                self.shared.update(|registry| {
+                    registry.session_ended(&self.node_id, self.generation, Moment::now());
+                });
+            }
+        }
+    }
+
+    async fn serve<S>(&self, inbound: &mut S, outbound: &Outbound) -> Ended
+    where
+        S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
+    {
+        let mut last_sequence: Option<u64> = None;
+        loop {
+            let message = tokio::select! {
+                () = outbound.closed() => return Ended::Stream("the agent stopped reading".to_owned()),
+                message = inbound.next() => message,
+            };
+            let heartbeat = match message {
+                None => return Ended::Stream("the agent closed the stream".to_owned()),
+                Some(Err(status)) => {
+                    return Ended::Stream(format!("stream error: {}", status.message()));
+                }
+                Some(Ok(AgentMessage {
+                    kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
+                })) => heartbeat,
+                Some(Ok(AgentMessage {
+                    kind: Some(agent_message::Kind::Register(_)),
+                })) => {
+                    return Ended::Refused(ServiceError::OutOfOrder(
+                        "register may be sent only once per stream; open a new stream to register again".to_owned(),
+                    ));
+                }
+                Some(Ok(AgentMessage { kind: None })) => {
+                    return Ended::Refused(
+                        InvalidInput::new("agent_message.kind", "must be set").into(),
+                    );
+                }
+            };
+            if let Some(last) = last_sequence
+                && heartbeat.sequence <= last
+            {
+                return Ended::Refused(ServiceError::OutOfOrder(format!(
+                    "heartbeat.sequence must increase: got {} after {last}",
+                    heartbeat.sequence
+                )));
+            }
+            last_sequence = Some(heartbeat.sequence);
+            let accepted = self.shared.update(|registry| {
+                registry.heartbeat(&self.node_id, self.generation, Moment::now())
+            });
+            if let Err(rejected) = accepted {
+                return Ended::Refused(rejection(&self.node_id, self.generation, rejected));
+            }
+            let ack = CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Ack(proto::Ack {
+                    sequence: heartbeat.sequence,
+                })),
+            };
+            if outbound.send(Ok(ack)).await.is_err() {
+                return Ended::Stream("the agent stopped reading".to_owned());
+            }
+        }
+    }
+}
+
+enum Ended {
+    Shutdown,
+    Stream(String),
+    Refused(ServiceError),
+}
+
+fn rejection(node_id: &NodeId, generation: u64, rejected: SessionRejected) -> ServiceError {
+    match rejected {
+        SessionRejected::Superseded { current } => ServiceError::Superseded {
+            node_id: node_id.clone(),
+            stale: generation,
+            current,
+        },
+        SessionRejected::Forgotten => ServiceError::Forgotten(node_id.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::stream;
+    use tonic::Code;
+
+    use super::*;
+
+    fn register(node_id: &str) -> AgentMessage {
+        AgentMessage {
+            kind: Some(agent_message::Kind::Register(proto::Register {
+                node_id: node_id.to_owned(),
+                agent_url: "http://127.0.0.1:7701".to_owned(),
+                boot_id: "boot".to_owned(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn heartbeat(sequence: u64) -> AgentMessage {
+        AgentMessage {
+            kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat {
+                sequence,
+            })),
+        }
+    }
+
+    async fn first_message_code(messages: Vec<AgentMessage>) -> Result<Registration, Code> {
+        let mut inbound = stream::iter(messages.into_iter().map(Ok));
+        read_registration(&mut inbound, Duration::from_secs(1))
+            .await
+            .map_err(|e| Status::from(e).code())
+    }
+
+    #[tokio::test]
+    async fn a_register_first_is_accepted() {
+        let registration = first_message_code(vec![register("gpu-1"), heartbeat(1)])
+            .await
+            .unwrap();
+        assert_eq!(registration.node_id.as_str(), "gpu-1");
+    }
+
+    #[tokio::test]
+    async fn anything_else_first_is_refused_with_a_clear_status() {
+        assert_eq!(
+            first_message_code(vec![heartbeat(1)]).await.unwrap_err(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            first_message_code(vec![AgentMessage { kind: None }])
+                .await
+                .unwrap_err(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            first_message_code(vec![]).await.unwrap_err(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            first_message_code(vec![register("Not Valid")])
+                .await
+                .unwrap_err(),
+            Code::InvalidArgument
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_stream_times_out() {
+        let mut inbound = stream::pending::<Result<AgentMessage, Status>>();
+        let error = read_registration(&mut inbound, Duration::from_millis(10))
+            .await
+            .unwrap_err();
+        assert_eq!(Status::from(error).code(), Code::DeadlineExceeded);
+    }
+}

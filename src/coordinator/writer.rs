@@ -1,0 +1,69 @@
+//! The store writer: the one task that writes registry changes to the store.
+//!
+//! Being the only writer keeps changes in the order the registry made them.
+//! State changes are written as soon as they happen; `last_seen` of every
+//! node that heartbeated is written in one transaction per flush interval, so
+//! heartbeats never cost a write each. A failed write is retried on the next
+//! round, never dropped.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::{MissedTickBehavior, interval};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::Shared;
+use crate::{error::display_chain, registry::Change};
+
+pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: CancellationToken) {
+    let mut flush = interval(flush_interval);
+    flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut unwritten: Vec<Change> = Vec::new();
+    loop {
+        let (stopping, flush_last_seen) = tokio::select! {
+            biased;
+            () = stop.cancelled() => (true, true),
+            () = shared.changes_pending.notified() => (false, false),
+            _ = flush.tick() => (false, true),
+        };
+        let last_seen = {
+            let mut registry = shared.lock();
+            unwritten.extend(registry.take_changes());
+            if flush_last_seen {
+                registry.take_last_seen()
+            } else {
+                Vec::new()
+            }
+        };
+        let changes = std::mem::take(&mut unwritten);
+        for change in &changes {
+            log_change(change);
+        }
+        if let Err(error) = shared.store.write(changes.clone(), last_seen.clone()).await {
+            warn!(error = %display_chain(&error), changes = changes.len(), "store write failed; will retry");
+            unwritten = changes;
+            shared.lock().restore_last_seen(&last_seen);
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+fn log_change(change: &Change) {
+    match change {
+        Change::WentOffline {
+            node_id,
+            generation,
+            ..
+        } => info!(%node_id, generation, "node offline"),
+        Change::CameOnline {
+            node_id,
+            generation,
+        } => info!(%node_id, generation, "node back online"),
+        Change::Expired {
+            node_id,
+            generation,
+        } => info!(%node_id, generation, "node expired and removed"),
+    }
+}

@@ -1,0 +1,117 @@
+//! Errors above the store.
+//!
+//! [`ServiceError`] is what every gRPC handler and heartbeat session returns;
+//! its `From` impl is the single place where our errors become a
+//! [`tonic::Status`]. [`RunError`] is what ends a coordinator or agent process.
+
+use std::{io, net::SocketAddr, path::PathBuf};
+
+use tonic::{Code, Status};
+
+use crate::{node::NodeId, store::StoreError};
+
+/// A field of a request that breaks a documented rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} {reason}")]
+pub struct InvalidInput {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl InvalidInput {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("invalid argument")]
+    InvalidArgument(#[from] InvalidInput),
+    #[error("node {0} is not registered")]
+    NodeNotFound(NodeId),
+    /// The request is well-formed but not allowed at this point of a stream.
+    #[error("{0}")]
+    OutOfOrder(String),
+    #[error(
+        "node {node_id}: this stream (generation {stale}) was superseded by generation {current}"
+    )]
+    Superseded {
+        node_id: NodeId,
+        stale: u64,
+        current: u64,
+    },
+    #[error("node {0} expired while its stream was open; reconnect to register again")]
+    Forgotten(NodeId),
+    #[error("no register message within {0:?}")]
+    RegistrationTimeout(std::time::Duration),
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+    #[error("storage unavailable")]
+    Store(#[from] StoreError),
+}
+
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        let code = match &error {
+            ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+            ServiceError::NodeNotFound(_) => Code::NotFound,
+            ServiceError::OutOfOrder(_) => Code::FailedPrecondition,
+            ServiceError::Superseded { .. } | ServiceError::Forgotten(_) => Code::Aborted,
+            ServiceError::RegistrationTimeout(_) => Code::DeadlineExceeded,
+            ServiceError::ShuttingDown | ServiceError::Store(_) => Code::Unavailable,
+        };
+        Status::new(code, display_chain(&error))
+    }
+}
+
+/// An error and its sources on one line, `outer: inner: innermost`. Messages
+/// never repeat their source, so each cause appears once.
+pub fn display_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
+
+/// Why a coordinator or agent process could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {address}")]
+    Bind {
+        address: SocketAddr,
+        source: io::Error,
+    },
+    #[error("gRPC server failed")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("cannot build the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("state directory {path}")]
+    StateDir { path: PathBuf, source: io::Error },
+    #[error("invalid configuration")]
+    Config(#[from] InvalidInput),
+    #[error("cannot install signal handler")]
+    Signal(#[source] io::Error),
+    #[error("cannot connect to {url}")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    #[error("{url} answered {code:?}: {message}")]
+    Rpc {
+        url: String,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("cannot write output")]
+    Output(#[from] io::Error),
+}

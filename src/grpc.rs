@@ -1,0 +1,57 @@
+//! Server plumbing shared by the coordinator and the agent: binding, HTTP/2
+//! keepalive, reflection (v1 and v1alpha) and serving until cancelled.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{
+    Server,
+    server::{Router, TcpIncoming},
+};
+
+use crate::{error::RunError, proto};
+
+/// Binds `address`; port 0 picks a free port, reported in the result.
+pub async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), RunError> {
+    let bind_error = |source| RunError::Bind { address, source };
+    let listener = TcpListener::bind(address).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
+}
+
+/// A server builder whose HTTP/2 keepalive notices a peer that has gone
+/// silent even while no request is in flight.
+pub fn server(keepalive: Duration) -> Server {
+    Server::builder()
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive))
+        .tcp_nodelay(true)
+}
+
+/// Adds gRPC server reflection, both `v1` and `v1alpha`: many tools in daily
+/// use (grpcurl before 1.8.8, Postman, k6, evans) speak only `v1alpha`.
+pub fn with_reflection(router: Router) -> Result<Router, RunError> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok(router.add_service(v1).add_service(v1alpha))
+}
+
+/// Serves until `shutdown` is cancelled, then drains in-flight calls.
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    router
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! muster: a control plane that keeps a fleet of agent nodes registered with a
+//! coordinator through restarts of either side.
+//!
+//! - [`registry`] is the node state machine: pure, driven by time passed in.
+//! - [`store`] owns the database; nothing else touches diesel.
+//! - [`coordinator`] wires the gRPC service, heartbeat sessions, prober,
+//!   sweeper and store writer together.
+//! - [`agent`] is the daemon on each node: identity, Status service and the
+//!   reconnecting heartbeat link.
+//! - [`cli`] holds the operator commands.
+
+pub mod agent;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod coordinator;
+pub mod error;
+pub mod grpc;
+pub mod node;
+pub mod proto;
+pub mod registry;
+pub mod shutdown;
+pub mod store;

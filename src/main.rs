@@ -1,0 +1,65 @@
+//! The `muster` binary: parses the command line, sets up logging and runs
+//! one subcommand. Any error ends the process with one line on stderr.
+
+use std::{io::IsTerminal, process::ExitCode};
+
+use clap::Parser;
+use muster::{
+    agent, cli,
+    config::{Cli, Command},
+    coordinator,
+    error::{RunError, display_chain},
+    shutdown,
+};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
+        eprintln!(
+            "warning: invalid --log filter {:?} ({e}); using info",
+            cli.log
+        );
+        EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", display_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), RunError> {
+    match command {
+        Command::Coordinator(config) => {
+            let token = CancellationToken::new();
+            shutdown::cancel_on_signal(token.clone())?;
+            coordinator::run(config, token).await
+        }
+        Command::Agent(config) => {
+            let token = CancellationToken::new();
+            shutdown::cancel_on_signal(token.clone())?;
+            agent::run(config, token).await
+        }
+        Command::Nodes { command } => cli::run_nodes(command, &mut std::io::stdout().lock()).await,
+    }
+}

@@ -1,0 +1,663 @@
+//! The node registry: the coordinator's in-memory view of the fleet, as a
+//! state machine with no I/O. Time is passed in as a [`Moment`].
+//!
+//! Invariants:
+//! - Every node has exactly one current session generation. A call carrying
+//!   an older generation never changes the node: an older session never
+//!   overwrites a newer one.
+//! - A node is ONLINE only while it has proven itself alive (a heartbeat, a
+//!   registration or a passed probe) within `offline_after`.
+//! - A node loaded from the store starts UNKNOWN; it becomes ONLINE only when
+//!   proven alive, and OFFLINE when `reload_grace` passes without proof.
+//! - An OFFLINE node is removed `expire_after` after it went offline. The
+//!   moment it went offline is persisted, so restarts do not reset the clock.
+//! - Every change the store must know about is queued, in order, for
+//!   [`Registry::take_changes`]. `last_seen` is collected separately by
+//!   [`Registry::take_last_seen`], so heartbeats cost no write of their own.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant, SystemTime},
+};
+
+use crate::{
+    clock::Moment,
+    node::{NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
+};
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Silence after which an ONLINE node becomes OFFLINE.
+    pub offline_after: Duration,
+    /// Time an OFFLINE node is kept before it is forgotten.
+    pub expire_after: Duration,
+    /// Time a node loaded after a restart may stay UNKNOWN before it is OFFLINE.
+    pub reload_grace: Duration,
+}
+
+/// What the store must record, in the order it happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    WentOffline {
+        node_id: NodeId,
+        generation: u64,
+        since: SystemTime,
+    },
+    CameOnline {
+        node_id: NodeId,
+        generation: u64,
+    },
+    Expired {
+        node_id: NodeId,
+        generation: u64,
+    },
+}
+
+/// The durable part of a registration, as the store committed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enrollment {
+    pub generation: u64,
+    pub registered_at: SystemTime,
+}
+
+/// Why a session's call was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionRejected {
+    /// A newer session of the node exists.
+    Superseded { current: u64 },
+    /// The node expired and was removed while this session was silent.
+    Forgotten,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub went_offline: usize,
+    pub expired: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    registration: Registration,
+    registered_at: SystemTime,
+    generation: u64,
+    state: NodeState,
+    last_seen: SystemTime,
+    /// The node becomes OFFLINE if not proven alive again before this.
+    live_until: Instant,
+    offline_since: Option<SystemTime>,
+    last_seen_dirty: bool,
+}
+
+impl Entry {
+    fn snapshot(&self) -> NodeSnapshot {
+        NodeSnapshot {
+            registration: self.registration.clone(),
+            state: self.state,
+            registered_at: self.registered_at,
+            last_seen: self.last_seen,
+            generation: self.generation,
+            offline_since: self.offline_since,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    timing: Timing,
+    nodes: BTreeMap<NodeId, Entry>,
+    changes: Vec<Change>,
+}
+
+impl Registry {
+    pub fn new(timing: Timing) -> Self {
+        Self {
+            timing,
+            nodes: BTreeMap::new(),
+            changes: Vec::new(),
+        }
+    }
+
+    /// Adds nodes read from the store after a restart. They are UNKNOWN until
+    /// proven alive, and OFFLINE if `reload_grace` passes without proof.
+    pub fn load(&mut self, stored: impl IntoIterator<Item = StoredNode>, now: Moment) {
+        let live_until = now.monotonic + self.timing.reload_grace;
+        for node in stored {
+            self.nodes.insert(
+                node.registration.node_id.clone(),
+                Entry {
+                    registration: node.registration,
+                    registered_at: node.registered_at,
+                    generation: node.generation,
+                    state: NodeState::Unknown,
+                    last_seen: node.last_seen,
+                    live_until,
+                    offline_since: node.offline_since,
+                    last_seen_dirty: false,
+                },
+            );
+        }
+    }
+
+    /// Applies a registration the store has committed. A registration older
+    /// than the node's current generation is refused.
+    pub fn register(
+        &mut self,
+        registration: Registration,
+        enrollment: Enrollment,
+        now: Moment,
+    ) -> Result<(), SessionRejected> {
+        if let Some(entry) = self.nodes.get(&registration.node_id)
+            && entry.generation >= enrollment.generation
+        {
+            return Err(SessionRejected::Superseded {
+                current: entry.generation,
+            });
+        }
+        self.nodes.insert(
+            registration.node_id.clone(),
+            Entry {
+                registration,
+                registered_at: enrollment.registered_at,
+                generation: enrollment.generation,
+                state: NodeState::Online,
+                last_seen: now.wall,
+                live_until: now.monotonic + self.timing.offline_after,
+                offline_since: None,
+                last_seen_dirty: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Records a heartbeat from the session holding `generation`.
+    pub fn heartbeat(
+        &mut self,
+        node_id: &NodeId,
+        generation: u64,
+        now: Moment,
+    ) -> Result<(), SessionRejected> {
+        let offline_after = self.timing.offline_after;
+        let entry = self.current_entry(node_id, generation)?;
+        entry.last_seen = now.wall;
+        entry.last_seen_dirty = true;
+        entry.live_until = now.monotonic + offline_after;
+        let generation = entry.generation;
+        if entry.state != NodeState::Online {
+            entry.state = NodeState::Online;
+            if entry.offline_since.take().is_some() {
+                self.changes.push(Change::CameOnline {
+                    node_id: node_id.clone(),
+                    generation,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream of the session holding `generation` has ended. The node goes
+    /// OFFLINE at once unless a newer session has replaced it.
+    pub fn session_ended(&mut self, node_id: &NodeId, generation: u64, now: Moment) {
+        if let Ok(entry) = self.current_entry(node_id, generation)
+            && entry.state != NodeState::Offline
+        {
+            let since = entry.offline_since.unwrap_or(now.wall);
+            entry.state = NodeState::Offline;
+            entry.offline_since = Some(since);
+            self.changes.push(Change::WentOffline {
+                node_id: node_id.clone(),
+                generation,
+                since,
+            });
+        }
+    }
+
+    /// A Status probe reached the node and it answered with its own id.
+    /// Returns whether the node's state changed.
+    pub fn probe_succeeded(&mut self, node_id: &NodeId, now: Moment) -> bool {
+        let offline_after = self.timing.offline_after;
+        let Some(entry) = self.nodes.get_mut(node_id) else {
+            return false;
+        };
+        if entry.state == NodeState::Online {
+            return false;
+        }
+        entry.state = NodeState::Online;
+        entry.last_seen = now.wall;
+        entry.last_seen_dirty = true;
+        entry.live_until = now.monotonic + offline_after;
+        if entry.offline_since.take().is_some() {
+            self.changes.push(Change::CameOnline {
+                node_id: node_id.clone(),
+                generation: entry.generation,
+            });
+        }
+        true
+    }
+
+    /// Marks silent nodes OFFLINE and removes nodes that have been OFFLINE for
+    /// `expire_after`.
+    pub fn sweep(&mut self, now: Moment) -> SweepReport {
+        let mut report = SweepReport::default();
+        let expire_after = self.timing.expire_after;
+        let changes = &mut self.changes;
+        self.nodes.retain(|node_id, entry| {
+            if entry.state != NodeState::Offline && now.monotonic >= entry.live_until {
+                entry.state = NodeState::Offline;
+                report.went_offline += 1;
+                if entry.offline_since.is_none() {
+                    entry.offline_since = Some(now.wall);
+                    changes.push(Change::WentOffline {
+                        node_id: node_id.clone(),
+                        generation: entry.generation,
+                        since: now.wall,
+                    });
+                }
+            }
+            let expired = entry.state == NodeState::Offline
+                && entry
+                    .offline_since
+                    .is_some_and(|since| now.wall >= since + expire_after);
+            if expired {
+                report.expired += 1;
+                changes.push(Change::Expired {
+                    node_id: node_id.clone(),
+                    generation: entry.generation,
+                });
+            }
+            !expired
+        });
+        report
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.changes.is_empty()
+    }
+
+    /// Changes not yet handed to the store, oldest first.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// `last_seen` of every node that heartbeated since the previous call.
+    pub fn take_last_seen(&mut self) -> Vec<(NodeId, SystemTime)> {
+        self.nodes
+            .iter_mut()
+            .filter(|(_, entry)| entry.last_seen_dirty)
+            .map(|(node_id, entry)| {
+                entry.last_seen_dirty = false;
+                (node_id.clone(), entry.last_seen)
+            })
+            .collect()
+    }
+
+    /// Hands back `last_seen` values the store failed to write, so the next
+    /// flush retries them.
+    pub fn restore_last_seen(&mut self, unwritten: &[(NodeId, SystemTime)]) {
+        for (node_id, _) in unwritten {
+            if let Some(entry) = self.nodes.get_mut(node_id) {
+                entry.last_seen_dirty = true;
+            }
+        }
+    }
+
+    pub fn get(&self, node_id: &NodeId) -> Option<NodeSnapshot> {
+        self.nodes.get(node_id).map(Entry::snapshot)
+    }
+
+    /// Every node, ordered by id.
+    pub fn list(&self) -> Vec<NodeSnapshot> {
+        self.nodes.values().map(Entry::snapshot).collect()
+    }
+
+    /// Nodes not yet proven alive since the coordinator started, with the URL
+    /// to probe them at.
+    pub fn unproven(&self) -> Vec<(NodeId, String)> {
+        self.nodes
+            .iter()
+            .filter(|(_, entry)| entry.state == NodeState::Unknown)
+            .map(|(node_id, entry)| (node_id.clone(), entry.registration.agent_url.clone()))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    fn current_entry(
+        &mut self,
+        node_id: &NodeId,
+        generation: u64,
+    ) -> Result<&mut Entry, SessionRejected> {
+        match self.nodes.get_mut(node_id) {
+            None => Err(SessionRejected::Forgotten),
+            Some(entry) if entry.generation != generation => Err(SessionRejected::Superseded {
+                current: entry.generation,
+            }),
+            Some(entry) => Ok(entry),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    const OFFLINE_AFTER: Duration = Duration::from_secs(15);
+    const EXPIRE_AFTER: Duration = Duration::from_secs(3600);
+    const GRACE: Duration = Duration::from_secs(30);
+
+    fn registry() -> Registry {
+        Registry::new(Timing {
+            offline_after: OFFLINE_AFTER,
+            expire_after: EXPIRE_AFTER,
+            reload_grace: GRACE,
+        })
+    }
+
+    fn id(raw: &str) -> NodeId {
+        NodeId::parse("node_id", raw).unwrap()
+    }
+
+    fn registration(node: &str, boot: &str) -> Registration {
+        Registration {
+            node_id: id(node),
+            agent_url: format!("http://{node}:7701"),
+            boot_id: boot.to_owned(),
+            version: "1".to_owned(),
+            hostname: node.to_owned(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn enroll(generation: u64, now: Moment) -> Enrollment {
+        Enrollment {
+            generation,
+            registered_at: now.wall,
+        }
+    }
+
+    fn state(registry: &Registry, node: &str) -> Option<NodeState> {
+        registry.get(&id(node)).map(|n| n.state)
+    }
+
+    fn stored(
+        node: &str,
+        generation: u64,
+        offline_since: Option<SystemTime>,
+        at: Moment,
+    ) -> StoredNode {
+        StoredNode {
+            registration: registration(node, "old-boot"),
+            registered_at: at.wall,
+            last_seen: at.wall,
+            generation,
+            offline_since,
+        }
+    }
+
+    #[test]
+    fn registration_makes_a_node_online() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b1"), enroll(1, t0), t0)
+            .unwrap();
+        let node = registry.get(&id("a")).unwrap();
+        assert_eq!(node.state, NodeState::Online);
+        assert_eq!(node.generation, 1);
+        assert_eq!(node.last_seen, t0.wall);
+        assert!(
+            registry.take_changes().is_empty(),
+            "a registration is persisted by the store itself"
+        );
+    }
+
+    #[test]
+    fn heartbeats_keep_a_node_online_and_silence_takes_it_offline() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b1"), enroll(1, t0), t0)
+            .unwrap();
+
+        let t1 = t0.after(OFFLINE_AFTER - Duration::from_secs(1));
+        registry.heartbeat(&id("a"), 1, t1).unwrap();
+        assert_eq!(
+            registry.sweep(t1.after(OFFLINE_AFTER - Duration::from_millis(1))),
+            SweepReport::default()
+        );
+        assert_eq!(state(&registry, "a"), Some(NodeState::Online));
+
+        let silent = t1.after(OFFLINE_AFTER);
+        assert_eq!(registry.sweep(silent).went_offline, 1);
+        assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
+        assert_eq!(
+            registry.take_changes(),
+            vec![Change::WentOffline {
+                node_id: id("a"),
+                generation: 1,
+                since: silent.wall
+            }]
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_after_going_offline_brings_the_node_back() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b1"), enroll(1, t0), t0)
+            .unwrap();
+        registry.sweep(t0.after(OFFLINE_AFTER));
+        registry.take_changes();
+
+        registry
+            .heartbeat(&id("a"), 1, t0.after(OFFLINE_AFTER * 2))
+            .unwrap();
+        let node = registry.get(&id("a")).unwrap();
+        assert_eq!(node.state, NodeState::Online);
+        assert_eq!(node.offline_since, None);
+        assert_eq!(
+            registry.take_changes(),
+            vec![Change::CameOnline {
+                node_id: id("a"),
+                generation: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn a_stream_that_ends_takes_its_node_offline_at_once() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b1"), enroll(1, t0), t0)
+            .unwrap();
+        registry.session_ended(&id("a"), 1, t0.after(Duration::from_millis(10)));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
+        assert_eq!(registry.take_changes().len(), 1);
+    }
+
+    #[test]
+    fn an_older_session_never_overwrites_a_newer_one() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b1"), enroll(1, t0), t0)
+            .unwrap();
+        registry
+            .register(registration("a", "b2"), enroll(2, t0), t0)
+            .unwrap();
+
+        assert_eq!(
+            registry.heartbeat(&id("a"), 1, t0),
+            Err(SessionRejected::Superseded { current: 2 })
+        );
+        registry.session_ended(&id("a"), 1, t0);
+        let node = registry.get(&id("a")).unwrap();
+        assert_eq!(node.state, NodeState::Online);
+        assert_eq!(node.registration.boot_id, "b2");
+        assert!(registry.take_changes().is_empty());
+    }
+
+    #[test]
+    fn a_registration_committed_before_a_newer_one_is_refused_when_applied_late() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b2"), enroll(2, t0), t0)
+            .unwrap();
+        assert_eq!(
+            registry.register(registration("a", "b1"), enroll(1, t0), t0),
+            Err(SessionRejected::Superseded { current: 2 })
+        );
+        assert_eq!(registry.get(&id("a")).unwrap().registration.boot_id, "b2");
+    }
+
+    #[test]
+    fn offline_nodes_expire_after_expire_after() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b1"), enroll(1, t0), t0)
+            .unwrap();
+        registry.session_ended(&id("a"), 1, t0);
+        registry.take_changes();
+
+        assert_eq!(
+            registry
+                .sweep(t0.after(EXPIRE_AFTER - Duration::from_millis(1)))
+                .expired,
+            0
+        );
+        assert_eq!(registry.sweep(t0.after(EXPIRE_AFTER)).expired, 1);
+        assert_eq!(state(&registry, "a"), None);
+        assert_eq!(
+            registry.take_changes(),
+            vec![Change::Expired {
+                node_id: id("a"),
+                generation: 1
+            }]
+        );
+        assert_eq!(
+            registry.heartbeat(&id("a"), 1, t0),
+            Err(SessionRejected::Forgotten)
+        );
+    }
+
+    #[test]
+    fn reloaded_nodes_are_unknown_until_proven_then_offline_after_the_grace() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry.load([stored("a", 4, None, t0), stored("b", 2, None, t0)], t0);
+        assert_eq!(state(&registry, "a"), Some(NodeState::Unknown));
+        assert_eq!(registry.unproven().len(), 2);
+
+        assert!(registry.probe_succeeded(&id("a"), t0.after(Duration::from_secs(1))));
+        assert!(!registry.probe_succeeded(&id("a"), t0.after(Duration::from_secs(1))));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Online));
+        assert_eq!(
+            registry.unproven(),
+            vec![(id("b"), "http://b:7701".to_owned())]
+        );
+
+        registry.sweep(t0.after(GRACE - Duration::from_millis(1)));
+        assert_eq!(state(&registry, "b"), Some(NodeState::Unknown));
+        registry.sweep(t0.after(GRACE));
+        assert_eq!(state(&registry, "b"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_reloaded_node_re_registers_with_a_higher_generation() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry.load([stored("a", 4, None, t0)], t0);
+        assert!(
+            registry
+                .register(registration("a", "b"), enroll(4, t0), t0)
+                .is_err()
+        );
+        registry
+            .register(registration("a", "b"), enroll(5, t0), t0)
+            .unwrap();
+        assert_eq!(state(&registry, "a"), Some(NodeState::Online));
+    }
+
+    #[test]
+    fn expiry_counts_from_the_persisted_offline_moment_across_restarts() {
+        let t0 = Moment::now();
+        let went_offline = t0.wall - (EXPIRE_AFTER - Duration::from_secs(60));
+        let mut registry = registry();
+        registry.load([stored("a", 1, Some(went_offline), t0)], t0);
+
+        registry.sweep(t0.after(GRACE));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
+        assert!(
+            registry.take_changes().is_empty(),
+            "offline_since was already persisted"
+        );
+        assert_eq!(registry.sweep(t0.after(Duration::from_secs(60))).expired, 1);
+    }
+
+    #[test]
+    fn a_probe_clears_a_persisted_offline_moment() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry.load([stored("a", 3, Some(t0.wall), t0)], t0);
+        assert!(registry.probe_succeeded(&id("a"), t0));
+        assert_eq!(
+            registry.take_changes(),
+            vec![Change::CameOnline {
+                node_id: id("a"),
+                generation: 3
+            }]
+        );
+    }
+
+    #[test]
+    fn last_seen_is_collected_once_per_heartbeat_batch() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b"), enroll(1, t0), t0)
+            .unwrap();
+        registry
+            .register(registration("b", "b"), enroll(1, t0), t0)
+            .unwrap();
+        assert!(registry.take_last_seen().is_empty());
+
+        let t1 = t0.after(Duration::from_secs(1));
+        for _ in 0..3 {
+            registry.heartbeat(&id("a"), 1, t1).unwrap();
+        }
+        let batch = registry.take_last_seen();
+        assert_eq!(batch, vec![(id("a"), t1.wall)]);
+        assert!(registry.take_last_seen().is_empty());
+
+        registry.restore_last_seen(&batch);
+        assert_eq!(registry.take_last_seen(), batch);
+    }
+
+    #[test]
+    fn list_is_ordered_by_node_id() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        for node in ["c", "a", "b"] {
+            registry
+                .register(registration(node, "b"), enroll(1, t0), t0)
+                .unwrap();
+        }
+        let ids: Vec<_> = registry
+            .list()
+            .into_iter()
+            .map(|n| n.registration.node_id.to_string())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+    }
+}

@@ -1,0 +1,366 @@
+//! The store: the only module that touches diesel.
+//!
+//! The coordinator serves every read from memory; the store is read once at
+//! start-up and written on change. Every call runs on tokio's blocking pool
+//! with a connection from an r2d2 pool, so no database call ever blocks the
+//! async runtime.
+//!
+//! Writes that follow a session carry its generation, and match only the row
+//! of that generation: a write from a superseded session changes nothing.
+
+mod rows;
+mod schema;
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use diesel::{
+    connection::SimpleConnection,
+    prelude::*,
+    r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection},
+};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+use self::{
+    rows::{NodeRow, generation_to_column},
+    schema::known_nodes,
+};
+use crate::{
+    clock::to_unix_millis,
+    node::{NodeId, Registration, StoredNode},
+    registry::{Change, Enrollment},
+};
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+const POOL_SIZE: u32 = 4;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {path}")]
+    Open {
+        path: PathBuf,
+        source: diesel::ConnectionError,
+    },
+    #[error("database {path} is not writable")]
+    NotWritable {
+        path: PathBuf,
+        source: diesel::result::Error,
+    },
+    #[error("cannot migrate database {path}: {reason}")]
+    Migration { path: PathBuf, reason: String },
+    #[error("no database connection available")]
+    Pool(#[from] diesel::r2d2::PoolError),
+    #[error("database query failed")]
+    Query(#[from] diesel::result::Error),
+    #[error("stored node {node_id:?} is unreadable: {reason}")]
+    Corrupt { node_id: String, reason: String },
+    #[error("database task did not finish")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
+type PooledSqlite = PooledConnection<ConnectionManager<SqliteConnection>>;
+
+/// Settings applied to every connection. WAL lets reads proceed during a
+/// write; `synchronous = NORMAL` keeps every commit across a process crash
+/// (a power loss may lose the last commits, which agents re-register).
+#[derive(Debug)]
+struct ConnectionSettings;
+
+impl ConnectionSettings {
+    fn apply(conn: &mut SqliteConnection) -> Result<(), diesel::result::Error> {
+        conn.batch_execute(&format!(
+            "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
+            BUSY_TIMEOUT.as_millis()
+        ))
+    }
+}
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionSettings {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        Self::apply(conn).map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite file at `path`, checks that it is
+    /// writable and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&path)).await?
+    }
+
+    fn open_blocking(path: &Path) -> Result<Self, StoreError> {
+        let url = path.to_string_lossy().into_owned();
+        let mut conn = SqliteConnection::establish(&url).map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        ConnectionSettings::apply(&mut conn)
+            .and_then(|()| conn.immediate_transaction(|_| Ok(())))
+            .map_err(|source| StoreError::NotWritable {
+                path: path.to_owned(),
+                source,
+            })?;
+        conn.run_pending_migrations(MIGRATIONS)
+            .map_err(|e| StoreError::Migration {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        drop(conn);
+
+        let pool = Pool::builder()
+            .max_size(POOL_SIZE)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(10))
+            .connection_customizer(Box::new(ConnectionSettings))
+            .build(ConnectionManager::new(url))?;
+        Ok(Self { pool })
+    }
+
+    async fn run<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut PooledSqlite) -> Result<T, StoreError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || work(&mut pool.get()?)).await?
+    }
+
+    /// Every node in the store. A row that cannot be read is an error rather
+    /// than silently dropped.
+    pub async fn load_nodes(&self) -> Result<Vec<StoredNode>, StoreError> {
+        self.run(|conn| {
+            known_nodes::table
+                .select(NodeRow::as_select())
+                .order(known_nodes::node_id)
+                .load(conn)?
+                .into_iter()
+                .map(StoredNode::try_from)
+                .collect()
+        })
+        .await
+    }
+
+    /// Records a registration and returns its session generation, one more
+    /// than the node's previous one. Returns only once the row is committed.
+    pub async fn enroll(
+        &self,
+        registration: Registration,
+        now: SystemTime,
+    ) -> Result<Enrollment, StoreError> {
+        self.run(move |conn| {
+            conn.immediate_transaction(|conn| {
+                let previous: Option<(i64, i64)> = known_nodes::table
+                    .find(registration.node_id.as_str())
+                    .select((known_nodes::session_generation, known_nodes::registered_at))
+                    .first(conn)
+                    .optional()?;
+                let enrollment = match previous {
+                    Some((generation, registered_at)) => Enrollment {
+                        generation: u64::try_from(generation).unwrap_or(0) + 1,
+                        registered_at: crate::clock::from_unix_millis(registered_at),
+                    },
+                    None => Enrollment {
+                        generation: 1,
+                        registered_at: now,
+                    },
+                };
+                let row = NodeRow::new(&registration, enrollment, now)?;
+                diesel::insert_into(known_nodes::table)
+                    .values(&row)
+                    .on_conflict(known_nodes::node_id)
+                    .do_update()
+                    .set(&row)
+                    .execute(conn)?;
+                Ok(enrollment)
+            })
+        })
+        .await
+    }
+
+    /// Writes registry changes and heartbeat times in one transaction.
+    pub async fn write(
+        &self,
+        changes: Vec<Change>,
+        last_seen: Vec<(NodeId, SystemTime)>,
+    ) -> Result<(), StoreError> {
+        if changes.is_empty() && last_seen.is_empty() {
+            return Ok(());
+        }
+        self.run(move |conn| {
+            conn.immediate_transaction(|conn| {
+                for (node_id, seen) in &last_seen {
+                    diesel::update(known_nodes::table.find(node_id.as_str()))
+                        .set(known_nodes::last_seen.eq(to_unix_millis(*seen)))
+                        .execute(conn)?;
+                }
+                for change in &changes {
+                    apply_change(conn, change)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+}
+
+fn apply_change(conn: &mut SqliteConnection, change: &Change) -> Result<(), StoreError> {
+    use known_nodes::dsl;
+    let of_session = |node_id: &NodeId, generation: u64| {
+        dsl::known_nodes
+            .filter(dsl::node_id.eq(node_id.to_string()))
+            .filter(dsl::session_generation.eq(generation_to_column(generation)))
+    };
+    match change {
+        Change::WentOffline {
+            node_id,
+            generation,
+            since,
+        } => diesel::update(of_session(node_id, *generation))
+            .set(dsl::offline_since.eq(Some(to_unix_millis(*since))))
+            .execute(conn)?,
+        Change::CameOnline {
+            node_id,
+            generation,
+        } => diesel::update(of_session(node_id, *generation))
+            .set(dsl::offline_since.eq(None::<i64>))
+            .execute(conn)?,
+        Change::Expired {
+            node_id,
+            generation,
+        } => diesel::delete(of_session(node_id, *generation)).execute(conn)?,
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn registration(node: &str, boot: &str) -> Registration {
+        Registration {
+            node_id: NodeId::parse("node_id", node).unwrap(),
+            agent_url: format!("http://{node}:7701"),
+            boot_id: boot.to_owned(),
+            version: "v".to_owned(),
+            hostname: node.to_owned(),
+            labels: BTreeMap::from([("gpu".to_owned(), "a100".to_owned())]),
+        }
+    }
+
+    async fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("muster.db")).await.unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn enroll_increments_the_generation_and_keeps_the_first_registration_time() {
+        let (_dir, store) = temp_store().await;
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let t1 = t0 + Duration::from_secs(60);
+        let first = store.enroll(registration("a", "b1"), t0).await.unwrap();
+        let second = store.enroll(registration("a", "b2"), t1).await.unwrap();
+        assert_eq!((first.generation, second.generation), (1, 2));
+        assert_eq!(second.registered_at, t0);
+
+        let nodes = store.load_nodes().await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].registration, registration("a", "b2"));
+        assert_eq!(nodes[0].last_seen, t1);
+        assert_eq!(nodes[0].generation, 2);
+    }
+
+    #[tokio::test]
+    async fn writes_from_a_superseded_generation_change_nothing() {
+        let (_dir, store) = temp_store().await;
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        store.enroll(registration("a", "b1"), now).await.unwrap();
+        store.enroll(registration("a", "b2"), now).await.unwrap();
+        let a = NodeId::parse("node_id", "a").unwrap();
+        store
+            .write(
+                vec![
+                    Change::WentOffline {
+                        node_id: a.clone(),
+                        generation: 1,
+                        since: now,
+                    },
+                    Change::Expired {
+                        node_id: a.clone(),
+                        generation: 1,
+                    },
+                ],
+                vec![],
+            )
+            .await
+            .unwrap();
+        let nodes = store.load_nodes().await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].offline_since, None);
+
+        store
+            .write(
+                vec![Change::WentOffline {
+                    node_id: a.clone(),
+                    generation: 2,
+                    since: now,
+                }],
+                vec![(a.clone(), now + Duration::from_secs(5))],
+            )
+            .await
+            .unwrap();
+        let nodes = store.load_nodes().await.unwrap();
+        assert_eq!(nodes[0].offline_since, Some(now));
+        assert_eq!(nodes[0].last_seen, now + Duration::from_secs(5));
+
+        store
+            .write(
+                vec![Change::Expired {
+                    node_id: a,
+                    generation: 2,
+                }],
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert!(store.load_nodes().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Store::open(&dir.path().join("absent/muster.db"))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        assert!(err.to_string().contains("absent/muster.db"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_the_rows_and_does_not_migrate_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        store
+            .enroll(registration("a", "b1"), SystemTime::now())
+            .await
+            .unwrap();
+        drop(store);
+        let store = Store::open(&path).await.unwrap();
+        assert_eq!(store.load_nodes().await.unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,90 @@
+//! Row types, kept apart from the domain types they convert to and from.
+
+use diesel::prelude::*;
+
+use super::{StoreError, schema::known_nodes};
+use crate::{
+    clock::{from_unix_millis, to_unix_millis},
+    node::{NodeId, Registration, StoredNode},
+    registry::Enrollment,
+};
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = known_nodes, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(treat_none_as_null = true)]
+pub struct NodeRow {
+    pub node_id: String,
+    pub agent_url: String,
+    pub boot_id: String,
+    pub version: String,
+    pub hostname: String,
+    pub labels: String,
+    pub registered_at: i64,
+    pub last_seen: i64,
+    pub session_generation: i64,
+    pub offline_since: Option<i64>,
+}
+
+impl NodeRow {
+    pub fn new(
+        registration: &Registration,
+        enrollment: Enrollment,
+        last_seen: std::time::SystemTime,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            node_id: registration.node_id.to_string(),
+            agent_url: registration.agent_url.clone(),
+            boot_id: registration.boot_id.clone(),
+            version: registration.version.clone(),
+            hostname: registration.hostname.clone(),
+            labels: serde_json::to_string(&registration.labels).map_err(|e| {
+                StoreError::Corrupt {
+                    node_id: registration.node_id.to_string(),
+                    reason: format!("labels cannot be encoded: {e}"),
+                }
+            })?,
+            registered_at: to_unix_millis(enrollment.registered_at),
+            last_seen: to_unix_millis(last_seen),
+            session_generation: generation_to_column(enrollment.generation),
+            offline_since: None,
+        })
+    }
+}
+
+impl TryFrom<NodeRow> for StoredNode {
+    type Error = StoreError;
+
+    fn try_from(row: NodeRow) -> Result<Self, Self::Error> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            node_id: row.node_id.clone(),
+            reason,
+        };
+        let node_id = NodeId::parse("node_id", &row.node_id).map_err(|e| corrupt(e.to_string()))?;
+        let labels = serde_json::from_str(&row.labels)
+            .map_err(|e| corrupt(format!("labels are not a JSON object of strings: {e}")))?;
+        let generation = u64::try_from(row.session_generation).map_err(|_| {
+            corrupt(format!(
+                "negative session_generation {}",
+                row.session_generation
+            ))
+        })?;
+        Ok(Self {
+            registration: Registration {
+                node_id,
+                agent_url: row.agent_url,
+                boot_id: row.boot_id,
+                version: row.version,
+                hostname: row.hostname,
+                labels,
+            },
+            registered_at: from_unix_millis(row.registered_at),
+            last_seen: from_unix_millis(row.last_seen),
+            generation,
+            offline_since: row.offline_since.map(from_unix_millis),
+        })
+    }
+}
+
+pub fn generation_to_column(generation: u64) -> i64 {
+    i64::try_from(generation).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,16 @@
+// The diesel view of `migrations/`. Keep the two in step.
+
+diesel::table! {
+    known_nodes (node_id) {
+        node_id -> Text,
+        agent_url -> Text,
+        boot_id -> Text,
+        version -> Text,
+        hostname -> Text,
+        labels -> Text,
+        registered_at -> BigInt,
+        last_seen -> BigInt,
+        session_generation -> BigInt,
+        offline_since -> Nullable<BigInt>,
+    }
+}
