@@ -87,7 +87,7 @@ impl TryFrom<proto::Register> for Registration {
 
     fn try_from(register: proto::Register) -> Result<Self, Self::Error> {
         let node_id = NodeId::parse("register.node_id", &register.node_id)?;
-        validate_agent_url(&register.agent_url)?;
+        validate_agent_url("register.agent_url", &register.agent_url)?;
         if register.boot_id.is_empty() {
             return Err(InvalidInput::new("register.boot_id", "must not be empty"));
         }
@@ -132,11 +132,10 @@ impl From<&Registration> for proto::Register {
 }
 
 /// Accepts an `http` or `https` URL with a host and an explicit port.
-pub fn validate_agent_url(url: &str) -> Result<(), InvalidInput> {
-    const FIELD: &str = "register.agent_url";
+pub fn validate_agent_url(field: &'static str, url: &str) -> Result<(), InvalidInput> {
     if url.len() > MAX_AGENT_URL_LEN {
         return Err(InvalidInput::new(
-            FIELD,
+            field,
             format!(
                 "must be at most {MAX_AGENT_URL_LEN} bytes, got {}",
                 url.len()
@@ -145,12 +144,12 @@ pub fn validate_agent_url(url: &str) -> Result<(), InvalidInput> {
     }
     let uri: tonic::codegen::http::Uri = url
         .parse()
-        .map_err(|e| InvalidInput::new(FIELD, format!("is not a valid URL ({e}): {url:?}")))?;
+        .map_err(|e| InvalidInput::new(field, format!("is not a valid URL ({e}): {url:?}")))?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
         _ => {
             return Err(InvalidInput::new(
-                FIELD,
+                field,
                 format!("must use http or https: {url:?}"),
             ));
         }
@@ -158,10 +157,10 @@ pub fn validate_agent_url(url: &str) -> Result<(), InvalidInput> {
     let authority = uri
         .authority()
         .filter(|a| !a.host().is_empty())
-        .ok_or_else(|| InvalidInput::new(FIELD, format!("must name a host: {url:?}")))?;
+        .ok_or_else(|| InvalidInput::new(field, format!("must name a host: {url:?}")))?;
     if authority.port_u16().is_none() {
         return Err(InvalidInput::new(
-            FIELD,
+            field,
             format!("must name a port: {url:?}"),
         ));
     }

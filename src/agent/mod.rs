@@ -34,7 +34,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let (listener, address) = grpc::bind(config.listen).await?;
     let advertise_url = match config.advertise_url {
         Some(url) => {
-            validate_agent_url(&url)?;
+            validate_agent_url("--advertise-url", &url)?;
             url
         }
         None => default_advertise_url(address, &hostname),

@@ -28,7 +28,7 @@ use self::{
     schema::known_nodes,
 };
 use crate::{
-    clock::to_unix_millis,
+    clock::{from_unix_millis, to_unix_millis},
     node::{NodeId, Registration, StoredNode},
     registry::{Change, Enrollment},
 };
@@ -45,8 +45,8 @@ pub enum StoreError {
         path: PathBuf,
         source: diesel::ConnectionError,
     },
-    #[error("database {path} is not writable")]
-    NotWritable {
+    #[error("cannot use database {path}")]
+    Unusable {
         path: PathBuf,
         source: diesel::result::Error,
     },
@@ -107,7 +107,7 @@ impl Store {
         })?;
         ConnectionSettings::apply(&mut conn)
             .and_then(|()| conn.immediate_transaction(|_| Ok(())))
-            .map_err(|source| StoreError::NotWritable {
+            .map_err(|source| StoreError::Unusable {
                 path: path.to_owned(),
                 source,
             })?;
@@ -168,11 +168,11 @@ impl Store {
                 let enrollment = match previous {
                     Some((generation, registered_at)) => Enrollment {
                         generation: u64::try_from(generation).unwrap_or(0) + 1,
-                        registered_at: crate::clock::from_unix_millis(registered_at),
+                        registered_at: from_unix_millis(registered_at),
                     },
                     None => Enrollment {
                         generation: 1,
-                        registered_at: now,
+                        registered_at: from_unix_millis(to_unix_millis(now)),
                     },
                 };
                 let row = NodeRow::new(&registration, enrollment, now)?;

@@ -1,0 +1,317 @@
+//! Test harness: starts real `muster` coordinator and agent processes on
+//! ephemeral loopback ports with a temporary database, and waits on
+//! conditions with deadlines instead of sleeping.
+
+#![allow(dead_code)]
+
+use std::{
+    future::Future,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use muster::proto::{self, NodeState, agent_message, coordinator_client::CoordinatorClient};
+use nix::{sys::signal::Signal, unistd::Pid};
+use tonic::transport::Channel;
+
+pub const START_DEADLINE: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(25);
+
+/// Heartbeat timing that keeps tests quick.
+pub const FAST_TIMING: &[&str] = &[
+    "--heartbeat-interval",
+    "200ms",
+    "--offline-after",
+    "1s",
+    "--probe-timeout",
+    "1s",
+];
+
+/// A `muster` child process, killed when dropped.
+pub struct Process {
+    child: Child,
+    name: String,
+    pub address: SocketAddr,
+}
+
+impl Process {
+    /// Starts `muster ARGS` and waits for its "listening" log line, which
+    /// carries the address it bound.
+    fn start(name: &str, args: &[String]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
+            .args(args)
+            .env("MUSTER_LOG", "info,muster=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn muster");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (address_tx, address_rx) = mpsc::channel();
+        let prefix = name.to_owned();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(" listening ")
+                    && let Some(address) = field(&line, "address=")
+                {
+                    let _ = address_tx.send(address);
+                }
+                eprintln!("[{prefix}] {line}");
+            }
+        });
+        let address = match address_rx.recv_timeout(START_DEADLINE) {
+            Ok(address) => address.parse().expect("listening address"),
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!("{name} did not start listening within {START_DEADLINE:?} ({status:?})");
+            }
+        };
+        Self {
+            child,
+            name: name.to_owned(),
+            address,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        nix::sys::signal::kill(Pid::from_raw(self.child.id() as i32), signal).expect("send signal");
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` and waits for the process to exit.
+    pub fn stop_with(mut self, signal: Signal, deadline: Duration) -> ExitStatus {
+        self.signal(signal);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "{} did not exit within {deadline:?}",
+                self.name
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(key)? + key.len();
+    Some(line[start..].split_whitespace().next()?.to_owned())
+}
+
+/// A coordinator with its own temporary database.
+pub struct Coordinator {
+    pub process: Process,
+    pub db: PathBuf,
+}
+
+impl Coordinator {
+    pub fn start(db: &Path, listen: &str, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = ["coordinator", "--listen", listen, "--db"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(db.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self {
+            process: Process::start("coordinator", &args),
+            db: db.to_owned(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.process.url()
+    }
+
+    pub async fn client(&self) -> CoordinatorClient<Channel> {
+        connect(&self.url()).await.expect("connect to coordinator")
+    }
+}
+
+pub async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned())
+        .expect("valid url")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+pub async fn connect(url: &str) -> Result<CoordinatorClient<Channel>, tonic::transport::Error> {
+    CoordinatorClient::connect(url.to_owned()).await
+}
+
+/// Starts an agent registering with `coordinator_url` as `node_id`.
+pub fn start_agent(coordinator_url: &str, node_id: &str, state_dir: &Path) -> Process {
+    let args: Vec<String> = [
+        "agent",
+        "--coordinator",
+        coordinator_url,
+        "--listen",
+        "127.0.0.1:0",
+        "--node-id",
+        node_id,
+        "--state-dir",
+        &state_dir.display().to_string(),
+        "--label",
+        "gpu=test",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Process::start(&format!("agent {node_id}"), &args)
+}
+
+/// Polls `check` until it returns `Some`, or panics after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Every node the coordinator at `url` lists, or `None` if it cannot answer.
+pub async fn list_nodes(url: &str) -> Option<Vec<proto::Node>> {
+    let mut client = connect(url).await.ok()?;
+    Some(
+        client
+            .list_nodes(proto::ListNodesRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .nodes,
+    )
+}
+
+pub async fn node(url: &str, node_id: &str) -> Option<proto::Node> {
+    list_nodes(url)
+        .await?
+        .into_iter()
+        .find(|n| n.node_id == node_id)
+}
+
+pub fn state_of(node: &proto::Node) -> NodeState {
+    NodeState::try_from(node.state).unwrap_or(NodeState::Unspecified)
+}
+
+/// Waits until every node in `node_ids` is in `state`.
+pub async fn wait_for_state(
+    url: &str,
+    node_ids: &[&str],
+    state: NodeState,
+    deadline: Duration,
+) -> Vec<proto::Node> {
+    let what = format!("{node_ids:?} to be {state:?}");
+    wait_for(&what, deadline, || async {
+        let nodes = list_nodes(url).await?;
+        let matching: Vec<_> = nodes
+            .into_iter()
+            .filter(|n| node_ids.contains(&n.node_id.as_str()) && state_of(n) == state)
+            .collect();
+        (matching.len() == node_ids.len()).then_some(matching)
+    })
+    .await
+}
+
+pub fn register_message(node_id: &str, agent_url: &str, boot_id: &str) -> proto::AgentMessage {
+    proto::AgentMessage {
+        kind: Some(agent_message::Kind::Register(proto::Register {
+            node_id: node_id.to_owned(),
+            agent_url: agent_url.to_owned(),
+            boot_id: boot_id.to_owned(),
+            version: "test".to_owned(),
+            hostname: "test".to_owned(),
+            labels: Default::default(),
+        })),
+    }
+}
+
+pub fn heartbeat_message(sequence: u64) -> proto::AgentMessage {
+    proto::AgentMessage {
+        kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat {
+            sequence,
+        })),
+    }
+}
+
+/// A Heartbeat stream driven by the test itself, message by message.
+pub struct RawStream {
+    pub outbound: tokio::sync::mpsc::Sender<proto::AgentMessage>,
+    pub inbound: tonic::Streaming<proto::CoordinatorMessage>,
+}
+
+impl RawStream {
+    /// Opens a stream whose first message is `first`. Returns the status if
+    /// the coordinator refuses the stream outright.
+    pub async fn open(url: &str, first: proto::AgentMessage) -> Result<Self, tonic::Status> {
+        let (outbound, receiver) = tokio::sync::mpsc::channel(8);
+        outbound.send(first).await.expect("queue first message");
+        let mut client = connect(url).await.expect("connect");
+        let inbound = client
+            .heartbeat(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await?
+            .into_inner();
+        Ok(Self { outbound, inbound })
+    }
+
+    /// Opens a stream and registers; returns the stream and its generation.
+    pub async fn register(url: &str, node_id: &str, agent_url: &str, boot_id: &str) -> (Self, u64) {
+        let mut stream = Self::open(url, register_message(node_id, agent_url, boot_id))
+            .await
+            .expect("registration accepted");
+        match stream.next().await {
+            Ok(Some(proto::CoordinatorMessage {
+                kind: Some(proto::coordinator_message::Kind::Registered(registered)),
+            })) => (stream, registered.session_generation),
+            other => panic!("expected registered, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&self, message: proto::AgentMessage) {
+        self.outbound.send(message).await.expect("stream open");
+    }
+
+    pub async fn next(&mut self) -> Result<Option<proto::CoordinatorMessage>, tonic::Status> {
+        tokio::time::timeout(Duration::from_secs(10), self.inbound.message())
+            .await
+            .expect("coordinator answered within 10s")
+    }
+}

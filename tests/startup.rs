@@ -1,0 +1,65 @@
+//! Start-up failures end the process with one line on stderr, not a panic.
+
+use std::{net::TcpListener, process::Command};
+
+fn run_coordinator(args: &[&str]) -> (Option<i32>, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_muster"))
+        .arg("coordinator")
+        .args(args)
+        .env("MUSTER_LOG", "off")
+        .output()
+        .expect("run muster");
+    (
+        output.status.code(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+fn assert_one_line_error(stderr: &str, expected: &str) {
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_db_in_a_missing_directory_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("missing/muster.db");
+    let (code, stderr) =
+        run_coordinator(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert_one_line_error(&stderr, "cannot open database");
+}
+
+#[test]
+fn a_db_that_is_not_a_database_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("muster.db");
+    std::fs::write(&db, vec![b'x'; 4096]).unwrap();
+    let (code, stderr) =
+        run_coordinator(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert_one_line_error(&stderr, "muster.db");
+}
+
+#[test]
+fn a_busy_port_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let db = dir.path().join("muster.db");
+    let (code, stderr) = run_coordinator(&["--listen", &address, "--db", db.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert_one_line_error(&stderr, &format!("cannot listen on {address}"));
+}
+
+#[test]
+fn inconsistent_timing_is_a_one_line_error() {
+    let (code, stderr) = run_coordinator(&["--heartbeat-interval", "10s", "--offline-after", "5s"]);
+    assert_eq!(code, Some(1));
+    assert_one_line_error(&stderr, "--offline-after");
+}
