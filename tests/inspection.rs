@@ -6,55 +6,37 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use muster::proto::NodeState;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-async fn reflected_services_v1(url: &str) -> Vec<String> {
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let mut client = ServerReflectionClient::new(channel(url).await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    match responses.message().await.unwrap().unwrap().message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
+/// Asks a server's reflection service, in the given protocol version, for
+/// the services it offers.
+macro_rules! reflected_services {
+    ($version:ident, $url:expr) => {{
+        use tonic_reflection::pb::$version::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let mut client = ServerReflectionClient::new(channel($url).await);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        match responses.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => list
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("unexpected reflection answer {other:?}"),
         }
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
-}
-
-async fn reflected_services_v1alpha(url: &str) -> Vec<String> {
-    use tonic_reflection::pb::v1alpha::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let mut client = ServerReflectionClient::new(channel(url).await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = client
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    match responses.message().await.unwrap().unwrap().message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
-        }
-        other => panic!("unexpected reflection answer {other:?}"),
-    }
+    }};
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -65,8 +47,8 @@ async fn both_servers_offer_reflection_v1_and_v1alpha_and_health() {
 
     for url in [coordinator.url(), agent.url()] {
         for services in [
-            reflected_services_v1(&url).await,
-            reflected_services_v1alpha(&url).await,
+            reflected_services!(v1, &url),
+            reflected_services!(v1alpha, &url),
         ] {
             for expected in [
                 "muster.v1.Coordinator",
@@ -131,15 +113,7 @@ async fn grpcurl_lists_services_and_nodes() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
-    let _agent = start_agent(&coordinator.url(), "gpu-1", &dir.path().join("a1"));
-    wait_for_state(
-        &coordinator.url(),
-        &["gpu-1"],
-        NodeState::Online,
-        START_DEADLINE,
-    )
-    .await;
+    let (coordinator, _agent) = coordinator_with_agent(dir.path(), "gpu-1").await;
 
     let address = coordinator.process.address.to_string();
     let grpcurl = |args: &[&str]| {
@@ -165,15 +139,7 @@ async fn grpcurl_lists_services_and_nodes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_nodes_commands_print_tables_and_json() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
-    let _agent = start_agent(&coordinator.url(), "gpu-1", &dir.path().join("a1"));
-    wait_for_state(
-        &coordinator.url(),
-        &["gpu-1"],
-        NodeState::Online,
-        START_DEADLINE,
-    )
-    .await;
+    let (coordinator, _agent) = coordinator_with_agent(dir.path(), "gpu-1").await;
 
     let muster = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_muster"))

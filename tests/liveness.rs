@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use muster::{proto::NodeState, store::Store};
+use muster::proto::NodeState;
 use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -13,14 +13,7 @@ async fn a_killed_agent_goes_offline_when_its_stream_ends_and_then_expires() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("muster.db");
     // offline-after is long, so OFFLINE can only come from the stream ending.
-    let timing = [
-        "--heartbeat-interval",
-        "200ms",
-        "--offline-after",
-        "60s",
-        "--expire-after",
-        "2s",
-    ];
+    let timing = timing("200ms", "60s", "2s");
     let coordinator = Coordinator::start(&db, "127.0.0.1:0", &timing);
     let url = coordinator.url();
     let doomed = start_agent(&url, "gpu-doomed", &dir.path().join("a1"));
@@ -57,11 +50,7 @@ async fn a_killed_agent_goes_offline_when_its_stream_ends_and_then_expires() {
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
 
-    let rows = Store::open(&db).await.unwrap().load_nodes().await.unwrap();
-    let ids: Vec<_> = rows
-        .iter()
-        .map(|n| n.registration.node_id.to_string())
-        .collect();
+    let ids = stored_node_ids(&db).await;
     assert_eq!(
         ids,
         ["gpu-survivor"],
@@ -107,14 +96,7 @@ async fn a_hung_agent_goes_offline_after_offline_after_and_returns_when_resumed(
 async fn an_offline_node_expires_even_across_coordinator_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("muster.db");
-    let timing = [
-        "--heartbeat-interval",
-        "200ms",
-        "--offline-after",
-        "1s",
-        "--expire-after",
-        "3s",
-    ];
+    let timing = timing("200ms", "1s", "3s");
     let first = Coordinator::start(&db, "127.0.0.1:0", &timing);
     let (stream, _) =
         RawStream::register(&first.url(), "gpu-gone", "http://127.0.0.1:9", "b").await;
@@ -138,22 +120,14 @@ async fn an_offline_node_expires_even_across_coordinator_restarts() {
         },
     )
     .await;
-    assert!(
-        Store::open(&db)
-            .await
-            .unwrap()
-            .load_nodes()
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(stored_node_ids(&db).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_both_processes_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("muster.db");
-    let timing = ["--heartbeat-interval", "200ms", "--offline-after", "60s"];
+    let timing = timing("200ms", "60s", "24h");
     let coordinator = Coordinator::start(&db, "127.0.0.1:0", &timing);
     let url = coordinator.url();
     let agent = start_agent(&url, "gpu-1", &dir.path().join("a1"));
@@ -167,14 +141,5 @@ async fn sigterm_stops_both_processes_gracefully() {
         .process
         .stop_with(Signal::SIGINT, Duration::from_secs(10));
     assert!(status.success(), "coordinator exit: {status:?}");
-    assert_eq!(
-        Store::open(&db)
-            .await
-            .unwrap()
-            .load_nodes()
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(stored_node_ids(&db).await.len(), 1);
 }

@@ -4,10 +4,7 @@
 mod common;
 
 use common::*;
-use muster::{
-    proto::{self, NodeState, coordinator_message},
-    store::Store,
-};
+use muster::proto::{self, NodeState, coordinator_message};
 use tonic::Code;
 
 async fn refusal(url: &str, messages: Vec<proto::AgentMessage>) -> tonic::Status {
@@ -60,16 +57,7 @@ async fn bad_streams_are_refused_with_a_clear_status_and_write_nothing() {
         vec![],
         "no node was admitted"
     );
-    assert!(
-        Store::open(&db)
-            .await
-            .unwrap()
-            .load_nodes()
-            .await
-            .unwrap()
-            .is_empty(),
-        "no row was written"
-    );
+    assert!(stored_node_ids(&db).await.is_empty(), "no row was written");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -31,6 +31,32 @@ pub const FAST_TIMING: &[&str] = &[
     "1s",
 ];
 
+/// Coordinator flags for heartbeat interval, offline-after and expire-after.
+pub fn timing<'a>(
+    heartbeat: &'a str,
+    offline_after: &'a str,
+    expire_after: &'a str,
+) -> [&'a str; 6] {
+    [
+        "--heartbeat-interval",
+        heartbeat,
+        "--offline-after",
+        offline_after,
+        "--expire-after",
+        expire_after,
+    ]
+}
+
+/// Node ids of the rows in the database file at `db`.
+pub async fn stored_node_ids(db: &Path) -> Vec<String> {
+    let store = muster::store::Store::open(db).await.expect("open store");
+    let nodes = store.load_nodes().await.expect("load nodes");
+    nodes
+        .into_iter()
+        .map(|n| n.registration.node_id.to_string())
+        .collect()
+}
+
 /// A `muster` child process, killed when dropped.
 pub struct Process {
     child: Child,
@@ -187,6 +213,21 @@ pub fn start_agent(coordinator_url: &str, node_id: &str, state_dir: &Path) -> Pr
     .map(|s| s.to_string())
     .collect();
     Process::start(&format!("agent {node_id}"), &args)
+}
+
+/// A coordinator with [`FAST_TIMING`] in `dir`, and one agent registered as
+/// `node_id` and already ONLINE.
+pub async fn coordinator_with_agent(dir: &Path, node_id: &str) -> (Coordinator, Process) {
+    let coordinator = Coordinator::start(&dir.join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+    let agent = start_agent(&coordinator.url(), node_id, &dir.join(node_id));
+    wait_for_state(
+        &coordinator.url(),
+        &[node_id],
+        NodeState::Online,
+        START_DEADLINE,
+    )
+    .await;
+    (coordinator, agent)
 }
 
 /// Polls `check` until it returns `Some`, or panics after `deadline`.
