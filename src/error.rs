@@ -58,9 +58,9 @@ impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
         let code = match &error {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::NodeNotFound(_) => Code::NotFound,
+            ServiceError::NodeNotFound(_) | ServiceError::Forgotten(_) => Code::NotFound,
             ServiceError::OutOfOrder(_) => Code::FailedPrecondition,
-            ServiceError::Superseded { .. } | ServiceError::Forgotten(_) => Code::Aborted,
+            ServiceError::Superseded { .. } => Code::Aborted,
             ServiceError::RegistrationTimeout(_) => Code::DeadlineExceeded,
             ServiceError::ShuttingDown | ServiceError::Store(_) => Code::Unavailable,
         };

@@ -143,3 +143,23 @@ async fn sigterm_stops_both_processes_gracefully() {
     assert!(status.success(), "coordinator exit: {status:?}");
     assert_eq!(stored_node_ids(&db).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_stopped_with_agents_connected_exits_cleanly_and_marks_no_node_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _agent) = coordinator_with_agent(dir.path(), "gpu-1").await;
+    let db = coordinator.db.clone();
+
+    let status = coordinator
+        .process
+        .stop_with(Signal::SIGTERM, Duration::from_secs(10));
+    assert!(status.success(), "coordinator exit: {status:?}");
+
+    let store = muster::store::Store::open(&db).await.unwrap();
+    let rows = store.load_nodes().await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].offline_since, None,
+        "a shutdown is not evidence that a node died"
+    );
+}

@@ -5,8 +5,8 @@
 //! coordinator goes silent (no ack for three heartbeat intervals; HTTP/2
 //! keepalive covers a dead connection), the link waits an exponentially
 //! growing delay with full jitter (the first within a second, capped at 30 s)
-//! and tries again. The delay starts over after every successful
-//! registration.
+//! and tries again. The delay starts over after a stream that stayed
+//! registered for a while.
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, transport::Endpoint};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     error::display_chain,
@@ -33,6 +33,10 @@ const FALLBACK_INTERVAL: Duration = Duration::from_secs(5);
 const MIN_INTERVAL: Duration = Duration::from_millis(50);
 /// Acks missed in a row before the coordinator counts as silent.
 const SILENT_AFTER_INTERVALS: u32 = 3;
+/// A stream registered at least this long counts as healthy: the backoff
+/// starts over after it. A shorter one (say, two agents fighting over one
+/// node id) keeps backing off.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
@@ -50,6 +54,12 @@ enum LinkError {
     Silent(Duration),
     #[error("unexpected message from the coordinator: {0}")]
     Unexpected(&'static str),
+}
+
+impl LinkError {
+    fn is_superseded(&self) -> bool {
+        matches!(self, Self::Stream(status) if status.code() == tonic::Code::Aborted)
+    }
 }
 
 /// Full-jitter exponential backoff: each delay is uniform between zero and a
@@ -85,16 +95,24 @@ pub struct Link {
 pub async fn run(link: Link, shutdown: CancellationToken) {
     let mut backoff = ReconnectBackoff::new();
     loop {
-        let mut registered = false;
+        let mut registered_at = None;
         let error = tokio::select! {
             () = shutdown.cancelled() => return,
-            error = hold_stream(&link, &mut registered) => error,
+            error = hold_stream(&link, &mut registered_at) => error,
         };
-        if registered {
+        if registered_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER) {
             backoff = ReconnectBackoff::new();
         }
         let delay = backoff.next_delay();
-        warn!(error = %display_chain(&error), retry_in = ?delay, "coordinator link down");
+        if error.is_superseded() {
+            error!(
+                error = %display_chain(&error),
+                retry_in = ?delay,
+                "another stream registered as this node; is a second agent using the same node id?"
+            );
+        } else {
+            warn!(error = %display_chain(&error), retry_in = ?delay, "coordinator link down");
+        }
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
@@ -103,8 +121,8 @@ pub async fn run(link: Link, shutdown: CancellationToken) {
 }
 
 /// Opens one stream, registers and heartbeats until something goes wrong.
-/// Sets `registered` once the coordinator has accepted the registration.
-async fn hold_stream(link: &Link, registered: &mut bool) -> LinkError {
+/// Sets `registered_at` once the coordinator has accepted the registration.
+async fn hold_stream(link: &Link, registered_at: &mut Option<Instant>) -> LinkError {
     let channel = match link.coordinator.connect().await {
         Ok(channel) => channel,
         Err(error) => return LinkError::Connect(error),
@@ -133,7 +151,7 @@ async fn hold_stream(link: &Link, registered: &mut bool) -> LinkError {
         }))) => accepted,
         Ok(Ok(Some(_))) => return LinkError::Unexpected("expected registered as the first reply"),
     };
-    *registered = true;
+    *registered_at = Some(Instant::now());
     let interval = accepted
         .heartbeat_interval
         .and_then(|d| Duration::try_from(d).ok())

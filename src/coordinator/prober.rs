@@ -20,7 +20,10 @@ use crate::{
     clock::Moment,
     error::display_chain,
     node::NodeId,
-    proto::{StatusRequest, agent_client::AgentClient, coordinator_server::CoordinatorServer},
+    proto::{
+        StatusRequest, StatusResponse, agent_client::AgentClient,
+        coordinator_server::CoordinatorServer,
+    },
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,21 +38,11 @@ pub enum ProbeOutcome {
 
 /// Calls `Agent/Status` at `agent_url` and checks that it is `expected`.
 pub async fn probe(agent_url: &str, expected: &NodeId, timeout: Duration) -> ProbeOutcome {
-    let call = async {
-        let endpoint = Endpoint::from_shared(agent_url.to_owned())?
-            .connect_timeout(timeout)
-            .timeout(timeout);
-        let channel = endpoint.connect().await?;
-        let status = AgentClient::new(channel).status(StatusRequest {}).await?;
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(status.into_inner())
-    };
-    match tokio::time::timeout(timeout, call).await {
+    match tokio::time::timeout(timeout, call_status(agent_url, timeout)).await {
         Err(_) => ProbeOutcome::Unreachable {
             reason: format!("no answer within {timeout:?}"),
         },
-        Ok(Err(error)) => ProbeOutcome::Unreachable {
-            reason: display_chain(error.as_ref()),
-        },
+        Ok(Err(reason)) => ProbeOutcome::Unreachable { reason },
         Ok(Ok(status)) if status.node_id == expected.as_str() => ProbeOutcome::Alive {
             boot_id: status.boot_id,
         },
@@ -57,6 +50,19 @@ pub async fn probe(agent_url: &str, expected: &NodeId, timeout: Duration) -> Pro
             answered: status.node_id,
         },
     }
+}
+
+async fn call_status(agent_url: &str, timeout: Duration) -> Result<StatusResponse, String> {
+    let endpoint = Endpoint::from_shared(agent_url.to_owned())
+        .map_err(|e| display_chain(&e))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let channel = endpoint.connect().await.map_err(|e| display_chain(&e))?;
+    let response = AgentClient::new(channel)
+        .status(StatusRequest {})
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
+    Ok(response.into_inner())
 }
 
 pub(super) async fn initial_round(
