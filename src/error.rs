@@ -46,6 +46,9 @@ pub enum ServiceError {
     },
     #[error("node {0} expired while its stream was open; reconnect to register again")]
     Forgotten(NodeId),
+    /// The agent's stream failed, e.g. a message too large to decode.
+    #[error("{}", .0.message())]
+    Inbound(Status),
     #[error("no register message within {0:?}")]
     RegistrationTimeout(std::time::Duration),
     #[error("the coordinator is shutting down")]
@@ -61,6 +64,7 @@ impl From<ServiceError> for Status {
             ServiceError::NodeNotFound(_) | ServiceError::Forgotten(_) => Code::NotFound,
             ServiceError::OutOfOrder(_) => Code::FailedPrecondition,
             ServiceError::Superseded { .. } => Code::Aborted,
+            ServiceError::Inbound(status) => status.code(),
             ServiceError::RegistrationTimeout(_) => Code::DeadlineExceeded,
             ServiceError::ShuttingDown | ServiceError::Store(_) => Code::Unavailable,
         };

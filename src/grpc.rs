@@ -12,6 +12,10 @@ use tonic::transport::{
 
 use crate::{error::RunError, proto};
 
+/// The largest request message our services accept. Every valid message is
+/// far smaller; anything bigger is refused before it is decoded.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// Binds `address`; port 0 picks a free port, reported in the result.
 pub async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), RunError> {
     let bind_error = |source| RunError::Bind { address, source };

@@ -64,7 +64,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let status = StatusService::new(node_id.to_string(), boot_id.clone(), hostname);
     let router = grpc::server(KEEPALIVE)
         .add_service(health_service)
-        .add_service(AgentServer::new(status));
+        .add_service(AgentServer::new(status).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES));
     let router = grpc::with_reflection(router)?;
     info!(%address, %node_id, %boot_id, %advertise_url, coordinator = %config.coordinator, "agent listening");
 

@@ -44,10 +44,7 @@ where
         None => Err(ServiceError::OutOfOrder(
             "the stream ended before its register message".to_owned(),
         )),
-        Some(Err(status)) => Err(ServiceError::OutOfOrder(format!(
-            "the stream failed before its register message: {}",
-            status.message()
-        ))),
+        Some(Err(status)) => Err(ServiceError::Inbound(status)),
         Some(Ok(AgentMessage {
             kind: Some(agent_message::Kind::Register(register)),
         })) => Ok(Registration::try_from(register)?),
