@@ -53,8 +53,10 @@ pub enum ServiceError {
     RegistrationTimeout(std::time::Duration),
     #[error("the coordinator is shutting down")]
     ShuttingDown,
-    #[error("storage unavailable")]
+    #[error("storage failed")]
     Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<ServiceError> for Status {
@@ -66,7 +68,9 @@ impl From<ServiceError> for Status {
             ServiceError::Superseded { .. } => Code::Aborted,
             ServiceError::Inbound(status) => status.code(),
             ServiceError::RegistrationTimeout(_) => Code::DeadlineExceeded,
-            ServiceError::ShuttingDown | ServiceError::Store(_) => Code::Unavailable,
+            ServiceError::ShuttingDown => Code::Unavailable,
+            ServiceError::Store(store) if store.is_transient() => Code::Unavailable,
+            ServiceError::Store(_) | ServiceError::Internal(_) => Code::Internal,
         };
         Status::new(code, display_chain(&error))
     }

@@ -24,12 +24,17 @@ pub async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), RunE
     Ok((listener, local))
 }
 
+/// How often HTTP/2 keepalive pings an idle peer, and how long it waits for
+/// the answer. Liveness of nodes is judged by heartbeats; keepalive only
+/// clears away connections whose peer is gone, so it is deliberately lenient.
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+
 /// A server builder whose HTTP/2 keepalive notices a peer that has gone
 /// silent even while no request is in flight.
-pub fn server(keepalive: Duration) -> Server {
+pub fn server() -> Server {
     Server::builder()
-        .http2_keepalive_interval(Some(keepalive))
-        .http2_keepalive_timeout(Some(keepalive))
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
         .tcp_nodelay(true)
 }
 

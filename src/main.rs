@@ -52,13 +52,11 @@ async fn run(command: Command) -> Result<(), RunError> {
     match command {
         Command::Coordinator(config) => {
             let token = CancellationToken::new();
-            shutdown::cancel_on_signal(token.clone())?;
-            coordinator::run(config, token).await
+            shutdown::run_until_signal(token.clone(), coordinator::run(config, token)).await
         }
         Command::Agent(config) => {
             let token = CancellationToken::new();
-            shutdown::cancel_on_signal(token.clone())?;
-            agent::run(config, token).await
+            shutdown::run_until_signal(token.clone(), agent::run(config, token)).await
         }
         Command::Nodes { command } => cli::run_nodes(command, &mut std::io::stdout().lock()).await,
     }

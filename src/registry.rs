@@ -69,6 +69,14 @@ pub enum SessionRejected {
     Forgotten,
 }
 
+/// A node to prove alive with a Status probe, as it was when the probe began.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeTarget {
+    pub node_id: NodeId,
+    pub agent_url: String,
+    pub generation: u64,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
     pub went_offline: usize,
@@ -211,23 +219,25 @@ impl Registry {
         }
     }
 
-    /// A Status probe reached the node and it answered with its own id.
-    /// Returns whether the node's state changed.
-    pub fn probe_succeeded(&mut self, node_id: &NodeId, now: Moment) -> bool {
-        let offline_after = self.timing.offline_after;
-        let Some(entry) = self.nodes.get_mut(node_id) else {
+    /// A Status probe sent to `target` was answered with the node's own id.
+    /// Only an UNKNOWN node of the probed generation changes: a late answer
+    /// never overrides what a session has reported since. Returns whether
+    /// the node became ONLINE.
+    pub fn probe_succeeded(&mut self, target: &ProbeTarget, now: Moment) -> bool {
+        let live_for = self.timing.offline_after.max(self.timing.reload_grace);
+        let Some(entry) = self.nodes.get_mut(&target.node_id) else {
             return false;
         };
-        if entry.state == NodeState::Online {
+        if entry.state != NodeState::Unknown || entry.generation != target.generation {
             return false;
         }
         entry.state = NodeState::Online;
         entry.last_seen = now.wall;
         entry.last_seen_dirty = true;
-        entry.live_until = now.monotonic + offline_after;
+        entry.live_until = now.monotonic + live_for;
         if entry.offline_since.take().is_some() {
             self.changes.push(Change::CameOnline {
-                node_id: node_id.clone(),
+                node_id: target.node_id.clone(),
                 generation: entry.generation,
             });
         }
@@ -309,13 +319,16 @@ impl Registry {
         self.nodes.values().map(Entry::snapshot).collect()
     }
 
-    /// Nodes not yet proven alive since the coordinator started, with the URL
-    /// to probe them at.
-    pub fn unproven(&self) -> Vec<(NodeId, String)> {
+    /// Nodes not yet proven alive since the coordinator started.
+    pub fn unproven(&self) -> Vec<ProbeTarget> {
         self.nodes
             .iter()
             .filter(|(_, entry)| entry.state == NodeState::Unknown)
-            .map(|(node_id, entry)| (node_id.clone(), entry.registration.agent_url.clone()))
+            .map(|(node_id, entry)| ProbeTarget {
+                node_id: node_id.clone(),
+                agent_url: entry.registration.agent_url.clone(),
+                generation: entry.generation,
+            })
             .collect()
     }
 
@@ -557,14 +570,19 @@ mod tests {
         let mut registry = registry();
         registry.load([stored("a", 4, None, t0), stored("b", 2, None, t0)], t0);
         assert_eq!(state(&registry, "a"), Some(NodeState::Unknown));
-        assert_eq!(registry.unproven().len(), 2);
+        let targets = registry.unproven();
+        assert_eq!(targets.len(), 2);
 
-        assert!(registry.probe_succeeded(&id("a"), t0.after(Duration::from_secs(1))));
-        assert!(!registry.probe_succeeded(&id("a"), t0.after(Duration::from_secs(1))));
+        assert!(registry.probe_succeeded(&targets[0], t0.after(Duration::from_secs(1))));
+        assert!(!registry.probe_succeeded(&targets[0], t0.after(Duration::from_secs(1))));
         assert_eq!(state(&registry, "a"), Some(NodeState::Online));
         assert_eq!(
             registry.unproven(),
-            vec![(id("b"), "http://b:7701".to_owned())]
+            vec![ProbeTarget {
+                node_id: id("b"),
+                agent_url: "http://b:7701".to_owned(),
+                generation: 2
+            }]
         );
 
         registry.sweep(t0.after(GRACE - Duration::from_millis(1)));
@@ -610,7 +628,8 @@ mod tests {
         let t0 = Moment::now();
         let mut registry = registry();
         registry.load([stored("a", 3, Some(t0.wall), t0)], t0);
-        assert!(registry.probe_succeeded(&id("a"), t0));
+        let target = registry.unproven().remove(0);
+        assert!(registry.probe_succeeded(&target, t0));
         assert_eq!(
             registry.take_changes(),
             vec![Change::CameOnline {
@@ -642,6 +661,34 @@ mod tests {
 
         registry.restore_last_seen(&batch);
         assert_eq!(registry.take_last_seen(), batch);
+    }
+
+    #[test]
+    fn a_late_probe_answer_never_overrides_a_session() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry.load([stored("a", 4, None, t0)], t0);
+        let target = registry.unproven().remove(0);
+
+        registry
+            .register(registration("a", "b"), enroll(5, t0), t0)
+            .unwrap();
+        registry.session_ended(&id("a"), 5, t0);
+        assert!(!registry.probe_succeeded(&target, t0));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_probe_keeps_a_node_online_for_the_reload_grace() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry.load([stored("a", 4, None, t0)], t0);
+        let target = registry.unproven().remove(0);
+        assert!(registry.probe_succeeded(&target, t0));
+        registry.sweep(t0.after(GRACE - Duration::from_millis(1)));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Online));
+        registry.sweep(t0.after(GRACE));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
     }
 
     #[test]

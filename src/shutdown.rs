@@ -1,16 +1,22 @@
 //! Turns SIGINT and SIGTERM into cancellation of the process's root token.
 
+use std::future::Future;
+
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::RunError;
 
-/// Cancels `token` on the first SIGINT or SIGTERM. Handlers are installed
-/// before this returns, so a signal that arrives during start-up is not lost.
-pub fn cancel_on_signal(token: CancellationToken) -> Result<(), RunError> {
+/// Runs `work` until it finishes, cancelling `token` on the first SIGINT or
+/// SIGTERM so that `work` can shut down gracefully. The handlers are
+/// installed before `work` starts, so a signal during start-up is not lost.
+pub async fn run_until_signal<F>(token: CancellationToken, work: F) -> Result<(), RunError>
+where
+    F: Future<Output = Result<(), RunError>>,
+{
     let mut interrupt = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
-    tokio::spawn(async move {
+    let watch = async {
         let name = tokio::select! {
             _ = interrupt.recv() => "SIGINT",
             _ = terminate.recv() => "SIGTERM",
@@ -18,6 +24,12 @@ pub fn cancel_on_signal(token: CancellationToken) -> Result<(), RunError> {
         };
         tracing::info!(signal = name, "shutting down");
         token.cancel();
-    });
-    Ok(())
+    };
+    let work = async {
+        let result = work.await;
+        token.cancel();
+        result
+    };
+    let (result, ()) = tokio::join!(work, watch);
+    result
 }

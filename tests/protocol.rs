@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use muster::proto::{self, NodeState, coordinator_message};
 use tonic::Code;
@@ -106,6 +108,22 @@ async fn a_stale_session_cannot_overwrite_a_newer_one() {
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert!(status.message().contains("superseded"), "{status:?}");
     drop(old);
+
+    // The old stream's end must not take the node OFFLINE, now or at any
+    // later sweep.
+    let url_ref = url.as_str();
+    hold_for(
+        "the newer session's node ONLINE",
+        Duration::from_secs(1),
+        || async move {
+            let node = node(url_ref, "gpu-1").await.ok_or("gpu-1 vanished")?;
+            match state_of(&node) {
+                NodeState::Online if node.boot_id == "boot-new" => Ok(()),
+                _ => Err(format!("{node:?}")),
+            }
+        },
+    )
+    .await;
 
     new.send(heartbeat_message(1)).await;
     assert!(

@@ -16,52 +16,78 @@ use tokio::time::Instant;
 
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_killed_coordinator_recovers_every_node_on_the_same_port_without_touching_agents() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("muster.db");
-    let coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
-    let listen = coordinator.process.address.to_string();
-    let url = coordinator.url();
-    let agents = [
-        start_agent(&url, "gpu-1", &dir.path().join("a1")),
-        start_agent(&url, "gpu-2", &dir.path().join("a2")),
-    ];
-    let agent_pids: Vec<u32> = agents.iter().map(Process::pid).collect();
-    let before = wait_for_state(&url, &["gpu-1", "gpu-2"], NodeState::Online, START_DEADLINE).await;
+/// Offline-after in [`FAST_TIMING`], plus a margin: how long recovered nodes
+/// are watched to prove that none goes OFFLINE after the fact.
+const WATCH_AFTER_RECOVERY: Duration = Duration::from_secs(4);
 
-    let mut coordinator = coordinator;
-    for restart in 1..=3 {
-        coordinator.process.kill();
-        coordinator = Coordinator::start(&db, &listen, FAST_TIMING);
+/// Fails if any of `nodes` is shown OFFLINE.
+fn none_offline(nodes: &[muster::proto::Node]) -> Result<(), String> {
+    match nodes.iter().find(|n| state_of(n) == NodeState::Offline) {
+        Some(node) => Err(format!("{} shown OFFLINE", node.node_id)),
+        None => Ok(()),
+    }
+}
+
+/// A fleet of two agents registered with a coordinator on `db`.
+struct Fleet {
+    coordinator: Coordinator,
+    agents: Vec<Process>,
+    registered: Vec<muster::proto::Node>,
+}
+
+impl Fleet {
+    async fn start(dir: &std::path::Path) -> Self {
+        let coordinator = Coordinator::start(&dir.join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+        let agents = vec![
+            start_agent(&coordinator.url(), "gpu-1", &dir.join("a1")),
+            start_agent(&coordinator.url(), "gpu-2", &dir.join("a2")),
+        ];
+        let registered = wait_for_state(
+            &coordinator.url(),
+            &["gpu-1", "gpu-2"],
+            NodeState::Online,
+            START_DEADLINE,
+        )
+        .await;
+        Self {
+            coordinator,
+            agents,
+            registered,
+        }
+    }
+
+    /// SIGKILLs the coordinator, leaves it down for `downtime`, starts it on
+    /// the same port and database, and checks that every node is ONLINE
+    /// again within the deadline, was never shown OFFLINE, and is the same
+    /// agent process as before.
+    async fn kill_and_restart_coordinator(&mut self, downtime: Duration) {
+        let listen = self.coordinator.process.address.to_string();
+        let db = self.coordinator.db.clone();
+        self.coordinator.process.kill();
+        tokio::time::sleep(downtime).await;
+        self.coordinator = Coordinator::restart(&db, &listen, FAST_TIMING);
         let restarted = Instant::now();
-        let seen_offline = RefCell::new(Vec::new());
-        let (url, seen) = (url.as_str(), &seen_offline);
+
+        let url = self.coordinator.url();
+        let url = url.as_str();
+        let broken = RefCell::new(None);
+        let broken_ref = &broken;
         let after = wait_for(
-            "both nodes ONLINE after the restart",
+            "every node ONLINE after the restart",
             RECOVERY_DEADLINE,
             || async move {
                 let nodes = list_nodes(url).await?;
-                seen.borrow_mut().extend(
-                    nodes
-                        .iter()
-                        .filter(|n| state_of(n) == NodeState::Offline)
-                        .map(|n| n.node_id.clone()),
-                );
+                if let Err(why) = none_offline(&nodes) {
+                    broken_ref.borrow_mut().get_or_insert(why);
+                }
                 (nodes.len() == 2 && nodes.iter().all(|n| state_of(n) == NodeState::Online))
                     .then_some(nodes)
             },
         )
         .await;
-        eprintln!(
-            "restart {restart}: all ONLINE after {:?}",
-            restarted.elapsed()
-        );
-        assert!(
-            seen_offline.borrow().is_empty(),
-            "restart {restart} showed {seen_offline:?} OFFLINE"
-        );
-        for (node, old) in after.iter().zip(&before) {
+        eprintln!("all ONLINE {:?} after the restart", restarted.elapsed());
+        assert_eq!(broken.into_inner(), None, "during recovery");
+        for (node, old) in after.iter().zip(&self.registered) {
             assert_eq!(node.node_id, old.node_id);
             assert_eq!(
                 node.boot_id, old.boot_id,
@@ -70,15 +96,58 @@ async fn a_killed_coordinator_recovers_every_node_on_the_same_port_without_touch
             assert_eq!(node.registered_at, old.registered_at);
         }
     }
-    let pids_now: Vec<u32> = agents.iter().map(Process::pid).collect();
-    assert_eq!(pids_now, agent_pids);
 
-    // Agents re-register on their own: the generation moves past the original.
-    wait_for("agents to re-register", START_DEADLINE, || async {
-        let nodes = list_nodes(&url).await?;
-        nodes.iter().all(|n| n.session_generation > 1).then_some(())
-    })
-    .await;
+    /// Watches the recovered fleet long enough for a node that was only
+    /// probed, and never re-registered, to have gone OFFLINE; then checks
+    /// that every agent has registered again on its own.
+    async fn expect_stable_and_re_registered(&self) {
+        let url = self.coordinator.url();
+        let url = url.as_str();
+        hold_for(
+            "no node OFFLINE after recovery",
+            WATCH_AFTER_RECOVERY,
+            || async move {
+                match list_nodes(url).await {
+                    Some(nodes) => none_offline(&nodes),
+                    None => Err("the coordinator stopped answering".to_owned()),
+                }
+            },
+        )
+        .await;
+        let nodes = list_nodes(url).await.unwrap();
+        for (node, old) in nodes.iter().zip(&self.registered) {
+            assert!(
+                node.session_generation > old.session_generation,
+                "{} has not re-registered: {node:?}",
+                node.node_id
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_coordinator_recovers_every_node_on_the_same_port_without_touching_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::start(dir.path()).await;
+    let agent_pids: Vec<u32> = fleet.agents.iter().map(Process::pid).collect();
+    for _ in 0..3 {
+        fleet.kill_and_restart_coordinator(Duration::ZERO).await;
+    }
+    fleet.expect_stable_and_re_registered().await;
+    let pids_now: Vec<u32> = fleet.agents.iter().map(Process::pid).collect();
+    assert_eq!(pids_now, agent_pids);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_recover_after_a_long_outage_while_agents_are_backing_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fleet = Fleet::start(dir.path()).await;
+    // Long enough for every agent to fail several reconnects and back off
+    // for seconds: the probe must wake them, or they go OFFLINE.
+    fleet
+        .kill_and_restart_coordinator(Duration::from_secs(6))
+        .await;
+    fleet.expect_stable_and_re_registered().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -93,9 +162,9 @@ async fn reloaded_nodes_are_unknown_until_a_probe_proves_them_alive() {
         "--probe-timeout",
         "500ms",
     ];
-    let first = Coordinator::start(&db, "127.0.0.1:0", &slow_offline);
+    let mut first = Coordinator::start(&db, "127.0.0.1:0", &slow_offline);
     let agent = start_agent(&first.url(), "gpu-1", &dir.path().join("a1"));
-    let dead = start_agent(&first.url(), "gpu-dead", &dir.path().join("a2"));
+    let mut dead = start_agent(&first.url(), "gpu-dead", &dir.path().join("a2"));
     let registered = wait_for_state(
         &first.url(),
         &["gpu-1", "gpu-dead"],
@@ -131,7 +200,7 @@ async fn reloaded_nodes_are_unknown_until_a_probe_proves_them_alive() {
 async fn a_probe_that_reaches_a_different_node_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("muster.db");
-    let first = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
+    let mut first = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
     let impostor = start_agent(&first.url(), "gpu-1", &dir.path().join("a1"));
     wait_for_state(&first.url(), &["gpu-1"], NodeState::Online, START_DEADLINE).await;
 
@@ -191,7 +260,7 @@ async fn a_probe_that_reaches_a_different_node_is_rejected() {
 async fn a_registration_is_committed_before_it_is_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("muster.db");
-    let coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
+    let mut coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
     let (_stream, generation) =
         RawStream::register(&coordinator.url(), "gpu-9", "http://127.0.0.1:9", "b").await;
     coordinator.process.kill();

@@ -1,1 +1,2 @@
+DROP TABLE session_generations;
 DROP TABLE known_nodes;

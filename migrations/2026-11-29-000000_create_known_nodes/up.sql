@@ -15,3 +15,12 @@ CREATE TABLE known_nodes (
     -- Set while the node is offline, so expiry survives coordinator restarts.
     offline_since      BIGINT
 );
+
+-- The last session generation issued to any node. Generations are issued
+-- fleet-wide and this row outlives expired nodes, so a node id registered
+-- again after expiry still gets a generation above any it ever held.
+CREATE TABLE session_generations (
+    id          INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
+    last_issued BIGINT  NOT NULL
+);
+INSERT INTO session_generations (id, last_issued) VALUES (1, 0);

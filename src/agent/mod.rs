@@ -6,8 +6,9 @@ mod identity;
 mod reconnect;
 mod status;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::Endpoint;
 use tracing::info;
@@ -24,7 +25,6 @@ use crate::{
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// Runs an agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
@@ -54,15 +54,21 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             source,
         })?
         .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE)
+        .http2_keep_alive_interval(grpc::KEEPALIVE)
+        .keep_alive_timeout(grpc::KEEPALIVE)
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<StatusService>>().await;
-    let status = StatusService::new(node_id.to_string(), boot_id.clone(), hostname);
-    let router = grpc::server(KEEPALIVE)
+    let probed = Arc::new(Notify::new());
+    let status = StatusService::new(
+        node_id.to_string(),
+        boot_id.clone(),
+        hostname,
+        probed.clone(),
+    );
+    let router = grpc::server()
         .add_service(health_service)
         .add_service(AgentServer::new(status).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES));
     let router = grpc::with_reflection(router)?;
@@ -74,6 +80,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             coordinator,
             register,
         },
+        probed,
         shutdown.clone(),
     ));
     let served = grpc::serve(router, listener, shutdown.clone()).await;

@@ -6,12 +6,16 @@
 //! keepalive covers a dead connection), the link waits an exponentially
 //! growing delay with full jitter (the first within a second, capped at 30 s)
 //! and tries again. The delay starts over after a stream that stayed
-//! registered for a while.
+//! registered for a while, and is cut short when a coordinator probes the
+//! agent's Status service: a coordinator that probes is back.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{Notify, mpsc},
+    time::Instant,
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, transport::Endpoint};
@@ -91,8 +95,9 @@ pub struct Link {
     pub register: proto::Register,
 }
 
-/// Keeps the agent registered until `shutdown` is cancelled.
-pub async fn run(link: Link, shutdown: CancellationToken) {
+/// Keeps the agent registered until `shutdown` is cancelled. A notification
+/// on `probed` cuts a backoff short.
+pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
     let mut backoff = ReconnectBackoff::new();
     loop {
         let mut registered_at = None;
@@ -116,6 +121,7 @@ pub async fn run(link: Link, shutdown: CancellationToken) {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
+            () = probed.notified() => info!("probed by a coordinator; reconnecting now"),
         }
     }
 }

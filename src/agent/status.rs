@@ -1,7 +1,12 @@
 //! The agent's Status service, which the coordinator probes after it
 //! restarts. It answers with this process's node id and boot id.
+//!
+//! A probe means a coordinator is back: each call wakes the reconnect loop,
+//! so an agent waiting out a long backoff re-registers at once.
 
-use std::time::SystemTime;
+use std::{sync::Arc, time::SystemTime};
+
+use tokio::sync::Notify;
 
 use tonic::{Request, Response, Status};
 
@@ -12,15 +17,17 @@ pub struct StatusService {
     boot_id: String,
     hostname: String,
     started_at: SystemTime,
+    probed: Arc<Notify>,
 }
 
 impl StatusService {
-    pub fn new(node_id: String, boot_id: String, hostname: String) -> Self {
+    pub fn new(node_id: String, boot_id: String, hostname: String, probed: Arc<Notify>) -> Self {
         Self {
             node_id,
             boot_id,
             hostname,
             started_at: SystemTime::now(),
+            probed,
         }
     }
 }
@@ -31,6 +38,7 @@ impl Agent for StatusService {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        self.probed.notify_one();
         Ok(Response::new(StatusResponse {
             node_id: self.node_id.clone(),
             boot_id: self.boot_id.clone(),

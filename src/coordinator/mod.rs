@@ -122,11 +122,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
 
     let service =
         service::CoordinatorService::new(shared.clone(), sessions.clone(), shutdown.clone());
-    let router = grpc::server(config.heartbeat_interval)
-        .add_service(health_service)
-        .add_service(
-            CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
-        );
+    let router = grpc::server().add_service(health_service).add_service(
+        CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
+    );
     let router = grpc::with_reflection(router)?;
     info!(%address, %boot_id, reloaded, db = %config.db.display(), "coordinator listening");
 

@@ -24,6 +24,7 @@ use crate::{
         StatusRequest, StatusResponse, agent_client::AgentClient,
         coordinator_server::CoordinatorServer,
     },
+    registry::ProbeTarget,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,9 +77,9 @@ pub(super) async fn initial_round(
     let total = targets.len();
     let deadline = tokio::time::Instant::now() + timeout * 2;
     let mut outcomes = futures::stream::iter(targets)
-        .map(|(node_id, agent_url)| async move {
-            let outcome = probe(&agent_url, &node_id, timeout).await;
-            (node_id, agent_url, outcome)
+        .map(|target| async move {
+            let outcome = probe(&target.agent_url, &target.node_id, timeout).await;
+            (target, outcome)
         })
         .buffer_unordered(concurrency);
 
@@ -95,13 +96,16 @@ pub(super) async fn initial_round(
             }
             next = outcomes.next() => next,
         };
-        let Some((node_id, agent_url, outcome)) = next else {
+        let Some((target, outcome)) = next else {
             break;
         };
+        let ProbeTarget {
+            node_id, agent_url, ..
+        } = &target;
         match outcome {
             ProbeOutcome::Alive { boot_id } => {
                 proven += 1;
-                if shared.update(|registry| registry.probe_succeeded(&node_id, Moment::now())) {
+                if shared.update(|registry| registry.probe_succeeded(&target, Moment::now())) {
                     info!(%node_id, %boot_id, "probe passed; node online");
                 }
             }

@@ -59,13 +59,24 @@ impl Coordinator for CoordinatorService {
             return Err(ServiceError::ShuttingDown.into());
         }
         let mut inbound = request.into_inner();
-        let registration = read_registration(&mut inbound, REGISTRATION_TIMEOUT).await?;
-        let session = Session::admit(self.shared.clone(), registration).await?;
+        let registration = tokio::select! {
+            () = self.shutdown.cancelled() => return Err(ServiceError::ShuttingDown.into()),
+            registration = read_registration(&mut inbound, REGISTRATION_TIMEOUT) => registration?,
+        };
+        // Admission is a task of its own: once the store has committed the
+        // registration, memory must follow even if the agent hangs up first.
+        let session = self
+            .sessions
+            .spawn(Session::admit(self.shared.clone(), registration))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("registration task failed: {e}")))??;
 
         let (outbound, receiver) = mpsc::channel(OUTBOUND_CAPACITY);
         outbound
             .try_send(Ok(session.registered_message()))
-            .map_err(|_| Status::internal("a new session's outbound queue is full"))?;
+            .map_err(|_| {
+                ServiceError::Internal("a new session's outbound queue is full".to_owned())
+            })?;
         let span = tracing::info_span!("session", node_id = %session.node_id(), generation = session.generation());
         self.sessions.spawn(
             session

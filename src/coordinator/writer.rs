@@ -8,7 +8,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::time::{MissedTickBehavior, interval};
+use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -18,18 +18,23 @@ use crate::{error::display_chain, registry::Change};
 pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: CancellationToken) {
     let mut flush = interval(flush_interval);
     flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_flush = Instant::now();
     let mut unwritten: Vec<Change> = Vec::new();
     loop {
-        let (stopping, flush_last_seen) = tokio::select! {
+        let stopping = tokio::select! {
             biased;
-            () = stop.cancelled() => (true, true),
-            () = shared.changes_pending.notified() => (false, false),
-            _ = flush.tick() => (false, true),
+            () = stop.cancelled() => true,
+            () = shared.changes_pending.notified() => false,
+            _ = flush.tick() => false,
         };
+        // Decided by the clock, not by which branch fired, so a steady stream
+        // of state changes can never starve the `last_seen` flush.
+        let flush_last_seen = stopping || last_flush.elapsed() >= flush_interval;
         let last_seen = {
             let mut registry = shared.lock();
             unwritten.extend(registry.take_changes());
             if flush_last_seen {
+                last_flush = Instant::now();
                 registry.take_last_seen()
             } else {
                 Vec::new()

@@ -62,6 +62,21 @@ pub enum StoreError {
     Task(#[from] tokio::task::JoinError),
 }
 
+impl StoreError {
+    /// Whether retrying later may succeed: no connection was available, or
+    /// the database was busy.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Pool(_) | Self::Task(_) => true,
+            Self::Query(diesel::result::Error::DatabaseError(_, info)) => {
+                let message = info.message();
+                message.contains("locked") || message.contains("busy")
+            }
+            _ => false,
+        }
+    }
+}
+
 type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
 type PooledSqlite = PooledConnection<ConnectionManager<SqliteConnection>>;
 
@@ -151,8 +166,9 @@ impl Store {
         .await
     }
 
-    /// Records a registration and returns its session generation, one more
-    /// than the node's previous one. Returns only once the row is committed.
+    /// Records a registration and returns its session generation, issued
+    /// from a fleet-wide counter, so it is above any generation the node ever
+    /// held. Returns only once the row is committed.
     pub async fn enroll(
         &self,
         registration: Registration,
@@ -160,20 +176,24 @@ impl Store {
     ) -> Result<Enrollment, StoreError> {
         self.run(move |conn| {
             conn.immediate_transaction(|conn| {
-                let previous: Option<(i64, i64)> = known_nodes::table
+                use schema::session_generations::dsl::{last_issued, session_generations};
+                diesel::update(session_generations)
+                    .set(last_issued.eq(last_issued + 1))
+                    .execute(conn)?;
+                let issued: i64 = session_generations.select(last_issued).first(conn)?;
+                let first_registered: Option<i64> = known_nodes::table
                     .find(registration.node_id.as_str())
-                    .select((known_nodes::session_generation, known_nodes::registered_at))
+                    .select(known_nodes::registered_at)
                     .first(conn)
                     .optional()?;
-                let enrollment = match previous {
-                    Some((generation, registered_at)) => Enrollment {
-                        generation: u64::try_from(generation).unwrap_or(0) + 1,
-                        registered_at: from_unix_millis(registered_at),
-                    },
-                    None => Enrollment {
-                        generation: 1,
-                        registered_at: from_unix_millis(to_unix_millis(now)),
-                    },
+                let enrollment = Enrollment {
+                    generation: u64::try_from(issued).map_err(|_| StoreError::Corrupt {
+                        node_id: registration.node_id.to_string(),
+                        reason: format!("negative session generation counter {issued}"),
+                    })?,
+                    registered_at: from_unix_millis(
+                        first_registered.unwrap_or_else(|| to_unix_millis(now)),
+                    ),
                 };
                 let row = NodeRow::new(&registration, enrollment, now)?;
                 diesel::insert_into(known_nodes::table)
@@ -348,6 +368,33 @@ mod tests {
             .unwrap();
         assert!(matches!(err, StoreError::Open { .. }), "{err}");
         assert!(err.to_string().contains("absent/muster.db"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn generations_keep_rising_after_a_node_expires() {
+        let (_dir, store) = temp_store().await;
+        let now = SystemTime::now();
+        let a = NodeId::parse("node_id", "a").unwrap();
+        let first = store.enroll(registration("a", "b1"), now).await.unwrap();
+        store
+            .enroll(registration("other", "b1"), now)
+            .await
+            .unwrap();
+        store
+            .write(
+                vec![Change::Expired {
+                    node_id: a,
+                    generation: first.generation,
+                }],
+                vec![],
+            )
+            .await
+            .unwrap();
+        let again = store.enroll(registration("a", "b2"), now).await.unwrap();
+        assert!(
+            again.generation > first.generation + 1,
+            "{again:?} after {first:?}"
+        );
     }
 
     #[tokio::test]

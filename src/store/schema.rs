@@ -14,3 +14,10 @@ diesel::table! {
         offline_since -> Nullable<BigInt>,
     }
 }
+
+diesel::table! {
+    session_generations (id) {
+        id -> Integer,
+        last_issued -> BigInt,
+    }
+}

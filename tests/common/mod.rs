@@ -20,16 +20,33 @@ use tonic::transport::Channel;
 
 pub const START_DEADLINE: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(25);
+const RESTART_ATTEMPTS: usize = 40;
 
-/// Heartbeat timing that keeps tests quick.
+/// Heartbeat timing that keeps tests quick, yet lets a loaded two-core
+/// machine stall for a second or two without a node being shown OFFLINE.
 pub const FAST_TIMING: &[&str] = &[
     "--heartbeat-interval",
-    "200ms",
+    "500ms",
     "--offline-after",
-    "1s",
+    "3s",
     "--probe-timeout",
     "1s",
 ];
+
+/// Asserts `invariant` at every poll for the whole of `window`.
+pub async fn hold_for<F, Fut>(what: &str, window: Duration, mut invariant: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let started = Instant::now();
+    while started.elapsed() < window {
+        if let Err(broken) = invariant().await {
+            panic!("{what} broke after {:?}: {broken}", started.elapsed());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
 
 /// Coordinator flags for heartbeat interval, offline-after and expire-after.
 pub fn timing<'a>(
@@ -68,6 +85,12 @@ impl Process {
     /// Starts `muster ARGS` and waits for its "listening" log line, which
     /// carries the address it bound.
     fn start(name: &str, args: &[String]) -> Self {
+        Self::try_start(name, args).unwrap_or_else(|failure| panic!("{failure}"))
+    }
+
+    /// Like [`Process::start`], but a process that exits before listening is
+    /// an error carrying its last log line.
+    fn try_start(name: &str, args: &[String]) -> Result<Self, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
             .args(args)
             .env("MUSTER_LOG", "info,muster=debug")
@@ -76,30 +99,39 @@ impl Process {
             .spawn()
             .expect("spawn muster");
         let stderr = child.stderr.take().expect("stderr is piped");
-        let (address_tx, address_rx) = mpsc::channel();
+        let (lines_tx, lines_rx) = mpsc::channel();
         let prefix = name.to_owned();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains(" listening ")
-                    && let Some(address) = field(&line, "address=")
-                {
-                    let _ = address_tx.send(address);
-                }
                 eprintln!("[{prefix}] {line}");
+                let _ = lines_tx.send(line);
             }
         });
-        let address = match address_rx.recv_timeout(START_DEADLINE) {
-            Ok(address) => address.parse().expect("listening address"),
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait();
-                panic!("{name} did not start listening within {START_DEADLINE:?} ({status:?})");
+        let started = Instant::now();
+        let mut last_line = String::new();
+        loop {
+            let remaining = START_DEADLINE.saturating_sub(started.elapsed());
+            match lines_rx.recv_timeout(remaining) {
+                Ok(line) => {
+                    if line.contains(" listening ")
+                        && let Some(address) = field(&line, "address=")
+                    {
+                        return Ok(Self {
+                            child,
+                            name: name.to_owned(),
+                            address: address.parse().expect("listening address"),
+                        });
+                    }
+                    last_line = line;
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    return Err(format!(
+                        "{name} did not start listening ({status:?}); last line: {last_line}"
+                    ));
+                }
             }
-        };
-        Self {
-            child,
-            name: name.to_owned(),
-            address,
         }
     }
 
@@ -116,7 +148,7 @@ impl Process {
     }
 
     /// SIGKILL, then reap.
-    pub fn kill(mut self) {
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -161,16 +193,44 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn start(db: &Path, listen: &str, extra: &[&str]) -> Self {
+        Self {
+            process: Process::start("coordinator", &Self::args(db, listen, extra)),
+            db: db.to_owned(),
+        }
+    }
+
+    /// Starts again on the address of a coordinator that was just killed.
+    /// Another process may briefly hold that port (it is in the ephemeral
+    /// range), so a bind failure is retried, a bounded number of times.
+    pub fn restart(db: &Path, listen: &str, extra: &[&str]) -> Self {
+        let args = Self::args(db, listen, extra);
+        let mut failures = Vec::new();
+        for _ in 0..RESTART_ATTEMPTS {
+            match Process::try_start("coordinator", &args) {
+                Ok(process) => {
+                    return Self {
+                        process,
+                        db: db.to_owned(),
+                    };
+                }
+                Err(failure) if failure.contains("cannot listen") => {
+                    failures.push(failure);
+                    std::thread::sleep(POLL * 4);
+                }
+                Err(failure) => panic!("{failure}"),
+            }
+        }
+        panic!("coordinator could not listen on {listen} again: {failures:?}");
+    }
+
+    fn args(db: &Path, listen: &str, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = ["coordinator", "--listen", listen, "--db"]
             .iter()
             .map(|s| s.to_string())
             .collect();
         args.push(db.display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self {
-            process: Process::start("coordinator", &args),
-            db: db.to_owned(),
-        }
+        args
     }
 
     pub fn url(&self) -> String {
