@@ -138,16 +138,49 @@ async fn a_killed_coordinator_recovers_every_node_on_the_same_port_without_touch
     assert_eq!(pids_now, agent_pids);
 }
 
+/// A `Duration`'s debug form, as in `retry_in=3.21s` or `retry_in=812ms`.
+fn parse_debug_duration(text: &str) -> Option<Duration> {
+    if let Some(ms) = text.strip_suffix("ms") {
+        return ms
+            .parse::<f64>()
+            .ok()
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+    }
+    let secs = text.strip_suffix('s')?;
+    secs.parse::<f64>().ok().map(Duration::from_secs_f64)
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn nodes_recover_after_a_long_outage_while_agents_are_backing_off() {
+async fn an_agent_waiting_out_a_long_backoff_re_registers_as_soon_as_it_is_probed() {
     let dir = tempfile::tempdir().unwrap();
     let mut fleet = Fleet::start(dir.path()).await;
-    // Long enough for every agent to fail several reconnects and back off
-    // for seconds: the probe must wake them, or they go OFFLINE.
-    fleet
-        .kill_and_restart_coordinator(Duration::from_secs(6))
+    let listen = fleet.coordinator.process.address.to_string();
+    let db = fleet.coordinator.db.clone();
+    fleet.coordinator.process.kill();
+
+    // Wait until an agent has just gone to sleep for several seconds.
+    let long_sleep = Duration::from_secs(3);
+    let agent = &fleet.agents[0];
+    let asleep_for = agent
+        .wait_for_log(agent.log_len(), Duration::from_secs(60), |line| {
+            let delay = parse_debug_duration(&field(line, "retry_in=")?)?;
+            (delay >= long_sleep).then_some(delay)
+        })
         .await;
-    fleet.expect_stable_and_re_registered().await;
+
+    fleet.coordinator = Coordinator::restart(&db, &listen, FAST_TIMING);
+    let url = fleet.coordinator.url();
+    let before = fleet.registered[0].session_generation;
+    wait_for(
+        "gpu-1 to re-register before its backoff ends",
+        long_sleep / 2,
+        || async {
+            let node = node(&url, "gpu-1").await?;
+            (node.session_generation > before).then_some(())
+        },
+    )
+    .await;
+    eprintln!("re-registered although the backoff had {asleep_for:?} to run");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc,
+    sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
 
@@ -79,6 +79,8 @@ pub struct Process {
     child: Child,
     name: String,
     pub address: SocketAddr,
+    /// Every line the process has logged so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Process {
@@ -101,9 +103,12 @@ impl Process {
         let stderr = child.stderr.take().expect("stderr is piped");
         let (lines_tx, lines_rx) = mpsc::channel();
         let prefix = name.to_owned();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log_writer = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[{prefix}] {line}");
+                log_writer.lock().unwrap().push(line.clone());
                 let _ = lines_tx.send(line);
             }
         });
@@ -120,6 +125,7 @@ impl Process {
                             child,
                             name: name.to_owned(),
                             address: address.parse().expect("listening address"),
+                            log,
                         });
                     }
                     last_line = line;
@@ -137,6 +143,33 @@ impl Process {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.address)
+    }
+
+    /// Waits for a log line, logged after the first `skip` lines, that
+    /// `matches` accepts; returns what `matches` made of it.
+    pub async fn wait_for_log<T>(
+        &self,
+        skip: usize,
+        deadline: Duration,
+        matches: impl Fn(&str) -> Option<T>,
+    ) -> T {
+        let what = format!("a matching log line from {}", self.name);
+        wait_for(&what, deadline, || {
+            let found = self
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(skip)
+                .find_map(|l| matches(l));
+            async move { found }
+        })
+        .await
+    }
+
+    /// How many lines the process has logged so far.
+    pub fn log_len(&self) -> usize {
+        self.log.lock().unwrap().len()
     }
 
     pub fn pid(&self) -> u32 {
@@ -180,7 +213,8 @@ impl Drop for Process {
     }
 }
 
-fn field(line: &str, key: &str) -> Option<String> {
+/// The value after `key` in a log line, up to the next space.
+pub fn field(line: &str, key: &str) -> Option<String> {
     let start = line.find(key)? + key.len();
     Some(line[start..].split_whitespace().next()?.to_owned())
 }
