@@ -1,18 +1,33 @@
 //! Start-up failures end the process with one line on stderr, not a panic.
 
-use std::{net::TcpListener, process::Command};
+use std::{
+    net::TcpListener,
+    os::unix::{
+        fs::{MetadataExt, PermissionsExt},
+        process::CommandExt,
+    },
+    process::Command,
+};
 
-fn run_coordinator(args: &[&str]) -> (Option<i32>, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_muster"))
+fn coordinator_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));
+    command
         .arg("coordinator")
         .args(args)
-        .env("MUSTER_LOG", "off")
-        .output()
-        .expect("run muster");
+        .env("MUSTER_LOG", "off");
+    command
+}
+
+fn run(mut command: Command) -> (Option<i32>, String) {
+    let output = command.output().expect("run muster");
     (
         output.status.code(),
         String::from_utf8(output.stderr).unwrap(),
     )
+}
+
+fn run_coordinator(args: &[&str]) -> (Option<i32>, String) {
+    run(coordinator_command(args))
 }
 
 fn assert_one_line_error(stderr: &str, expected: &str) {
@@ -42,6 +57,26 @@ fn a_db_that_is_not_a_database_is_a_one_line_error() {
     std::fs::write(&db, vec![b'x'; 4096]).unwrap();
     let (code, stderr) =
         run_coordinator(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert_one_line_error(&stderr, "muster.db");
+}
+
+#[test]
+fn a_read_only_db_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("muster.db");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&db, b"").unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
+
+    let mut command =
+        coordinator_command(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()]);
+    let running_as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    if running_as_root {
+        // Permissions do not bind root; run as nobody so they do.
+        command.uid(65534).gid(65534);
+    }
+    let (code, stderr) = run(command);
     assert_eq!(code, Some(1));
     assert_one_line_error(&stderr, "muster.db");
 }
