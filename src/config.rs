@@ -128,7 +128,7 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
 
     /// Labels reported to the coordinator, as `key=value`; repeatable, or
-    /// comma-separated in the environment.
+    /// several separated by commas (so a value cannot contain a comma).
     #[arg(long = "label", env = "MUSTER_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
 }
@@ -156,6 +156,7 @@ pub struct NodesClientConfig {
     )]
     pub coordinator: String,
 
+    /// How to print nodes: an aligned table, or JSON for scripts.
     #[arg(long, env = "MUSTER_OUTPUT", value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
 }

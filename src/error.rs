@@ -29,7 +29,7 @@ impl InvalidInput {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("invalid argument")]
+    #[error(transparent)]
     InvalidArgument(#[from] InvalidInput),
     #[error("node {0} is not registered")]
     NodeNotFound(NodeId),
@@ -80,10 +80,16 @@ impl From<ServiceError> for Status {
 /// never repeat their source, so each cause appears once.
 pub fn display_chain(error: &dyn std::error::Error) -> String {
     let mut line = error.to_string();
+    let mut previous = line.clone();
     let mut source = error.source();
     while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
+        let text = cause.to_string();
+        // Some libraries wrap an error in another that displays the same.
+        if text != previous && !text.is_empty() {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        previous = text;
         source = cause.source();
     }
     line
@@ -103,9 +109,9 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("cannot build the reflection service")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("state directory {path}")]
+    #[error("cannot keep the node id in {path}")]
     StateDir { path: PathBuf, source: io::Error },
-    #[error("invalid configuration")]
+    #[error(transparent)]
     Config(#[from] InvalidInput),
     #[error("cannot install signal handler")]
     Signal(#[source] io::Error),

@@ -40,16 +40,31 @@ pub fn server() -> Server {
 
 /// Adds gRPC server reflection, both `v1` and `v1alpha`: many tools in daily
 /// use (grpcurl before 1.8.8, Postman, k6, evans) speak only `v1alpha`.
-pub fn with_reflection(router: Router) -> Result<Router, RunError> {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    Ok(router.add_service(v1).add_service(v1alpha))
+/// Only `service` (the one muster service this server implements), health
+/// and reflection itself are advertised.
+pub fn with_reflection(router: Router, service: &str) -> Result<Router, RunError> {
+    let advertised = [
+        service,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let builder = || {
+        let builder = tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            );
+        advertised
+            .iter()
+            .fold(builder, |builder, name| builder.with_service_name(*name))
+    };
+    Ok(router
+        .add_service(builder().build_v1()?)
+        .add_service(builder().build_v1alpha()?))
 }
 
 /// Serves until `shutdown` is cancelled, then drains in-flight calls.

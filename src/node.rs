@@ -87,7 +87,7 @@ impl TryFrom<proto::Register> for Registration {
 
     fn try_from(register: proto::Register) -> Result<Self, Self::Error> {
         let node_id = NodeId::parse("register.node_id", &register.node_id)?;
-        validate_agent_url("register.agent_url", &register.agent_url)?;
+        validate_url("register.agent_url", &register.agent_url)?;
         if register.boot_id.is_empty() {
             return Err(InvalidInput::new("register.boot_id", "must not be empty"));
         }
@@ -131,8 +131,10 @@ impl From<&Registration> for proto::Register {
     }
 }
 
-/// Accepts an `http` or `https` URL with a host and an explicit port.
-pub fn validate_agent_url(field: &'static str, url: &str) -> Result<(), InvalidInput> {
+/// Accepts an `http` or `https` URL with a host and an explicit port. The
+/// port is required: muster's ports are not the scheme's defaults, so a URL
+/// without one is almost always a mistake.
+pub fn validate_url(field: &'static str, url: &str) -> Result<(), InvalidInput> {
     if url.len() > MAX_AGENT_URL_LEN {
         return Err(InvalidInput::new(
             field,

@@ -45,21 +45,29 @@ async fn both_servers_offer_reflection_v1_and_v1alpha_and_health() {
     let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
     let agent = start_agent(&coordinator.url(), "gpu-1", &dir.path().join("a1"));
 
-    for url in [coordinator.url(), agent.url()] {
+    let servers = [
+        (
+            coordinator.url(),
+            "muster.v1.Coordinator",
+            "muster.v1.Agent",
+        ),
+        (agent.url(), "muster.v1.Agent", "muster.v1.Coordinator"),
+    ];
+    for (url, own, other) in servers {
         for services in [
             reflected_services!(v1, &url),
             reflected_services!(v1alpha, &url),
         ] {
-            for expected in [
-                "muster.v1.Coordinator",
-                "muster.v1.Agent",
+            let mut services = services;
+            services.sort();
+            let mut expected = vec![
+                own,
                 "grpc.health.v1.Health",
-            ] {
-                assert!(
-                    services.iter().any(|s| s == expected),
-                    "{url} lacks {expected}: {services:?}"
-                );
-            }
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ];
+            expected.sort();
+            assert_eq!(services, expected, "{url} does not serve {other}");
         }
     }
 
@@ -139,15 +147,16 @@ async fn grpcurl_lists_services_and_nodes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_nodes_commands_print_tables_and_json() {
     let dir = tempfile::tempdir().unwrap();
-    let (coordinator, _agent) = coordinator_with_agent(dir.path(), "gpu-1").await;
+    let (coordinator, agent) = coordinator_with_agent(dir.path(), "gpu-1").await;
 
-    let muster = |args: &[&str]| {
+    let muster_at = |url: &str, args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_muster"))
             .args(args)
-            .args(["--coordinator", &coordinator.url()])
+            .args(["--coordinator", url])
             .output()
             .expect("run muster")
     };
+    let muster = |args: &[&str]| muster_at(&coordinator.url(), args);
     let table = muster(&["nodes", "list"]);
     assert!(table.status.success());
     let table = String::from_utf8(table.stdout).unwrap();
@@ -173,4 +182,31 @@ async fn the_nodes_commands_print_tables_and_json() {
         stderr.contains("NotFound") && stderr.contains("nope"),
         "{stderr}"
     );
+
+    let one_line_error = |output: std::process::Output, expected: &str| {
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in {stderr}"
+        );
+    };
+    one_line_error(
+        muster_at(&agent.url(), &["nodes", "list"]),
+        "is this the coordinator's address?",
+    );
+    let address = coordinator.process.address.to_string();
+    one_line_error(muster_at(&address, &["nodes", "list"]), "--coordinator");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let refused = muster_at(&format!("http://{closed}"), &["nodes", "list"]);
+    let stderr = String::from_utf8(refused.stderr.clone()).unwrap();
+    assert!(
+        !stderr.contains("tcp connect error: tcp connect error"),
+        "{stderr}"
+    );
+    one_line_error(refused, "cannot connect");
 }

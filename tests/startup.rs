@@ -98,3 +98,23 @@ fn inconsistent_timing_is_a_one_line_error() {
     assert_eq!(code, Some(1));
     assert_one_line_error(&stderr, "--offline-after");
 }
+
+#[test]
+fn an_agent_with_a_malformed_coordinator_url_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args([
+            "agent",
+            "--coordinator",
+            "coordinator:7700",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--node-id", "gpu-1", "--state-dir"])
+        .arg(dir.path())
+        .env("MUSTER_LOG", "off")
+        .output()
+        .expect("run muster");
+    assert_eq!(output.status.code(), Some(1));
+    assert_one_line_error(&String::from_utf8(output.stderr).unwrap(), "--coordinator");
+}

@@ -20,7 +20,7 @@ use crate::{
     config::AgentConfig,
     error::RunError,
     grpc,
-    node::{Registration, validate_agent_url},
+    node::{Registration, validate_url},
     proto::{self, agent_server::AgentServer},
 };
 
@@ -34,7 +34,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let (listener, address) = grpc::bind(config.listen).await?;
     let advertise_url = match config.advertise_url {
         Some(url) => {
-            validate_agent_url("--advertise-url", &url)?;
+            validate_url("--advertise-url", &url)?;
             url
         }
         None => default_advertise_url(address, &hostname),
@@ -48,6 +48,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         labels: config.labels.into_iter().collect(),
     };
     Registration::try_from(register.clone())?;
+    validate_url("--coordinator", &config.coordinator)?;
     let coordinator = Endpoint::from_shared(config.coordinator.clone())
         .map_err(|source| RunError::Connect {
             url: config.coordinator.clone(),
@@ -71,7 +72,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let router = grpc::server()
         .add_service(health_service)
         .add_service(AgentServer::new(status).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES));
-    let router = grpc::with_reflection(router)?;
+    let router = grpc::with_reflection(router, "muster.v1.Agent")?;
     info!(%address, %node_id, %boot_id, %advertise_url, coordinator = %config.coordinator, "agent listening");
 
     let tasks = TaskTracker::new();

@@ -1,8 +1,9 @@
 //! The agent's Status service, which the coordinator probes after it
 //! restarts. It answers with this process's node id and boot id.
 //!
-//! A probe means a coordinator is back: each call wakes the reconnect loop,
-//! so an agent waiting out a long backoff re-registers at once.
+//! A probe means a coordinator is back: each call wakes the reconnect loop if
+//! it is waiting out a backoff, so the agent re-registers at once. A call
+//! while the loop is not waiting leaves nothing behind.
 
 use std::{sync::Arc, time::SystemTime};
 
@@ -38,7 +39,7 @@ impl Agent for StatusService {
         &self,
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        self.probed.notify_one();
+        self.probed.notify_waiters();
         Ok(Response::new(StatusResponse {
             node_id: self.node_id.clone(),
             boot_id: self.boot_id.clone(),

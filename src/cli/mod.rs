@@ -9,6 +9,7 @@ use tonic::transport::Endpoint;
 use crate::{
     config::{NodesClientConfig, NodesCommand},
     error::RunError,
+    node::validate_url,
     proto::{self, coordinator_client::CoordinatorClient},
 };
 
@@ -40,6 +41,7 @@ pub async fn run_nodes(command: NodesCommand, out: &mut impl Write) -> Result<()
 async fn connect(
     client: &NodesClientConfig,
 ) -> Result<CoordinatorClient<tonic::transport::Channel>, RunError> {
+    validate_url("--coordinator", &client.coordinator)?;
     let connect_error = |source| RunError::Connect {
         url: client.coordinator.clone(),
         source,
@@ -54,9 +56,16 @@ async fn connect(
 }
 
 fn rpc_error(client: &NodesClientConfig, status: tonic::Status) -> RunError {
+    let message = match status.code() {
+        tonic::Code::Unimplemented => {
+            "it does not serve muster.v1.Coordinator; is this the coordinator's address?".to_owned()
+        }
+        _ if status.message().is_empty() => "no details given".to_owned(),
+        _ => status.message().to_owned(),
+    };
     RunError::Rpc {
         url: client.coordinator.clone(),
         code: status.code(),
-        message: status.message().to_owned(),
+        message,
     }
 }

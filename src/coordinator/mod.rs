@@ -125,7 +125,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let router = grpc::server().add_service(health_service).add_service(
         CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
     );
-    let router = grpc::with_reflection(router)?;
+    let router = grpc::with_reflection(router, "muster.v1.Coordinator")?;
     info!(%address, %boot_id, reloaded, db = %config.db.display(), "coordinator listening");
 
     let served = grpc::serve(router, listener, shutdown.clone()).await;
