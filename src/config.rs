@@ -66,14 +66,37 @@ pub struct CoordinatorConfig {
     pub probe_timeout: Duration,
 }
 
+/// Upper bounds that keep every deadline computed from a flag far from
+/// overflow, and catch a mistyped unit.
+const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
+const MAX_OFFLINE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_EXPIRE_AFTER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+fn check_range(flag: &'static str, value: Duration, max: Duration) -> Result<(), InvalidInput> {
+    if value.is_zero() || value > max {
+        return Err(InvalidInput::new(
+            flag,
+            format!(
+                "must be greater than zero and at most {}, got {}",
+                humantime::format_duration(max),
+                humantime::format_duration(value)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl CoordinatorConfig {
     pub fn validate(&self) -> Result<(), InvalidInput> {
-        if self.heartbeat_interval.is_zero() {
-            return Err(InvalidInput::new(
-                "--heartbeat-interval",
-                "must be greater than zero",
-            ));
-        }
+        check_range(
+            "--heartbeat-interval",
+            self.heartbeat_interval,
+            MAX_HEARTBEAT_INTERVAL,
+        )?;
+        check_range("--offline-after", self.offline_after, MAX_OFFLINE_AFTER)?;
+        check_range("--expire-after", self.expire_after, MAX_EXPIRE_AFTER)?;
+        check_range("--probe-timeout", self.probe_timeout, MAX_PROBE_TIMEOUT)?;
         if self.offline_after <= self.heartbeat_interval {
             return Err(InvalidInput::new(
                 "--offline-after",
@@ -81,18 +104,6 @@ impl CoordinatorConfig {
                     "must be longer than --heartbeat-interval ({}), or every node would flap",
                     humantime::format_duration(self.heartbeat_interval)
                 ),
-            ));
-        }
-        if self.expire_after.is_zero() {
-            return Err(InvalidInput::new(
-                "--expire-after",
-                "must be greater than zero",
-            ));
-        }
-        if self.probe_timeout.is_zero() {
-            return Err(InvalidInput::new(
-                "--probe-timeout",
-                "must be greater than zero",
             ));
         }
         Ok(())
@@ -219,6 +230,20 @@ mod tests {
     fn offline_after_must_exceed_the_heartbeat_interval() {
         let config = coordinator(&["--heartbeat-interval", "5s", "--offline-after", "5s"]).unwrap();
         assert_eq!(config.validate().unwrap_err().field, "--offline-after");
+    }
+
+    #[test]
+    fn durations_out_of_range_are_refused() {
+        for (flag, value) in [
+            ("--expire-after", "300000000000y"),
+            ("--expire-after", "0s"),
+            ("--offline-after", "30days"),
+            ("--heartbeat-interval", "2h"),
+            ("--probe-timeout", "0s"),
+        ] {
+            let config = coordinator(&[flag, value]).unwrap();
+            assert_eq!(config.validate().unwrap_err().field, flag, "{flag} {value}");
+        }
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub enum ServiceError {
     Inbound(Status),
     #[error("no register message within {0:?}")]
     RegistrationTimeout(std::time::Duration),
+    #[error("no heartbeat within {0:?}; closing the stream")]
+    HeartbeatTimeout(std::time::Duration),
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error("storage failed")]
@@ -67,7 +69,9 @@ impl From<ServiceError> for Status {
             ServiceError::OutOfOrder(_) => Code::FailedPrecondition,
             ServiceError::Superseded { .. } => Code::Aborted,
             ServiceError::Inbound(status) => status.code(),
-            ServiceError::RegistrationTimeout(_) => Code::DeadlineExceeded,
+            ServiceError::RegistrationTimeout(_) | ServiceError::HeartbeatTimeout(_) => {
+                Code::DeadlineExceeded
+            }
             ServiceError::ShuttingDown => Code::Unavailable,
             ServiceError::Store(store) if store.is_transient() => Code::Unavailable,
             ServiceError::Store(_) | ServiceError::Internal(_) => Code::Internal,
@@ -113,6 +117,8 @@ pub enum RunError {
     StateDir { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Config(#[from] InvalidInput),
+    #[error("the {task} task failed: {reason}")]
+    TaskFailed { task: &'static str, reason: String },
     #[error("cannot install signal handler")]
     Signal(#[source] io::Error),
     #[error("cannot connect to {url}")]

@@ -12,6 +12,10 @@ use tonic::transport::{
 
 use crate::{error::RunError, proto};
 
+/// Request metadata with which the coordinator marks its Status probes, so
+/// an agent can tell a returning coordinator from a monitoring tool.
+pub const PROBE_METADATA: &str = "x-muster-probe";
+
 /// The largest request message our services accept. Every valid message is
 /// far smaller; anything bigger is refused before it is decoded.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -67,15 +71,30 @@ pub fn with_reflection(router: Router, service: &str) -> Result<Router, RunError
         .add_service(builder().build_v1alpha()?))
 }
 
-/// Serves until `shutdown` is cancelled, then drains in-flight calls.
+/// How long in-flight calls and streams may take to finish after shutdown
+/// begins, before their connections are closed regardless.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves until `shutdown` is cancelled, then lets in-flight calls finish for
+/// up to [`DRAIN_TIMEOUT`]. Long-lived streams a client keeps open (a health
+/// watch, grpcurl's reflection stream, a half-open connection) cannot hold
+/// the process up beyond that.
 pub async fn serve(
     router: Router,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    router
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await?;
+    let server = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let drain_deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = drain_deadline => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "connections still open after the drain timeout; closing them");
+        }
+    }
     Ok(())
 }

@@ -53,6 +53,16 @@ pub enum Change {
     },
 }
 
+impl Change {
+    pub fn node_id(&self) -> &NodeId {
+        match self {
+            Self::WentOffline { node_id, .. }
+            | Self::CameOnline { node_id, .. }
+            | Self::Expired { node_id, .. } => node_id,
+        }
+    }
+}
+
 /// The durable part of a registration, as the store committed it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Enrollment {

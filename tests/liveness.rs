@@ -182,3 +182,40 @@ async fn a_coordinator_stopped_with_agents_connected_exits_cleanly_and_marks_no_
         "a shutdown is not evidence that a node died"
     );
 }
+
+/// Opens a Health/Watch stream, which a client may keep open forever.
+async fn watch_health(url: &str) -> tonic::Streaming<tonic_health::pb::HealthCheckResponse> {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(url).await);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    health.watch(request).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_stream_delays_shutdown_only_for_the_drain_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _agent) = coordinator_with_agent(dir.path(), "gpu-1").await;
+    let _watch = watch_health(&coordinator.url()).await;
+    let drain_timeout = Duration::from_secs(5);
+    let status = coordinator
+        .process
+        .stop_with(Signal::SIGTERM, drain_timeout + MARGIN * 2);
+    assert!(status.success(), "coordinator exit: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_ends_the_process_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _agent) = coordinator_with_agent(dir.path(), "gpu-1").await;
+    let _watch = watch_health(&coordinator.url()).await;
+    coordinator.process.signal(Signal::SIGTERM);
+    coordinator
+        .process
+        .wait_for_log(0, MARGIN, |line| {
+            line.contains("shutting down").then_some(())
+        })
+        .await;
+    let status = coordinator.process.stop_with(Signal::SIGTERM, MARGIN);
+    assert_eq!(status.code(), Some(130), "{status:?}");
+}

@@ -161,3 +161,20 @@ async fn get_node_answers_not_found_and_invalid_argument() {
         .unwrap_err();
     assert_eq!(invalid.code(), Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registered_stream_that_goes_quiet_is_closed_and_its_node_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(
+        &dir.path().join("muster.db"),
+        "127.0.0.1:0",
+        &timing("200ms", "1s", "24h"),
+    );
+    let (mut quiet, _) =
+        RawStream::register(&coordinator.url(), "gpu-quiet", "http://127.0.0.1:9", "b").await;
+    let status = quiet.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("no heartbeat"), "{status:?}");
+    let node = node(&coordinator.url(), "gpu-quiet").await.unwrap();
+    assert_eq!(state_of(&node), NodeState::Offline);
+}

@@ -1,9 +1,10 @@
 //! The agent's Status service, which the coordinator probes after it
 //! restarts. It answers with this process's node id and boot id.
 //!
-//! A probe means a coordinator is back: each call wakes the reconnect loop if
-//! it is waiting out a backoff, so the agent re-registers at once. A call
-//! while the loop is not waiting leaves nothing behind.
+//! A coordinator's probe (marked with [`grpc::PROBE_METADATA`]) means it is
+//! back: it wakes the reconnect loop if that is waiting out a backoff, so the
+//! agent re-registers at once. Other callers, such as monitoring tools, and
+//! probes while the loop is not waiting leave nothing behind.
 
 use std::{sync::Arc, time::SystemTime};
 
@@ -11,7 +12,10 @@ use tokio::sync::Notify;
 
 use tonic::{Request, Response, Status};
 
-use crate::proto::{StatusRequest, StatusResponse, agent_server::Agent};
+use crate::{
+    grpc,
+    proto::{StatusRequest, StatusResponse, agent_server::Agent},
+};
 
 pub struct StatusService {
     node_id: String,
@@ -37,9 +41,11 @@ impl StatusService {
 impl Agent for StatusService {
     async fn status(
         &self,
-        _request: Request<StatusRequest>,
+        request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        self.probed.notify_waiters();
+        if request.metadata().contains_key(grpc::PROBE_METADATA) {
+            self.probed.notify_waiters();
+        }
         Ok(Response::new(StatusResponse {
             node_id: self.node_id.clone(),
             boot_id: self.boot_id.clone(),

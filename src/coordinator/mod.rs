@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     changes_pending: Notify,
     boot_id: String,
     heartbeat_interval: Duration,
+    /// Silence after which a node is OFFLINE and its stream is closed.
+    offline_after: Duration,
 }
 
 impl Shared {
@@ -89,6 +91,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         changes_pending: Notify::new(),
         boot_id: boot_id.clone(),
         heartbeat_interval: config.heartbeat_interval,
+        offline_after: config.offline_after,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -102,12 +105,12 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let sessions = TaskTracker::new();
     let background = TaskTracker::new();
     let writer_stop = CancellationToken::new();
-    background.spawn(writer::run(
+    let mut writer = background.spawn(writer::run(
         shared.clone(),
         config.heartbeat_interval,
         writer_stop.clone(),
     ));
-    background.spawn(sweeper::run(
+    let mut sweeper = background.spawn(sweeper::run(
         shared.clone(),
         sweeper::period(config.offline_after),
         shutdown.clone(),
@@ -128,7 +131,27 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let router = grpc::with_reflection(router, "muster.v1.Coordinator")?;
     info!(%address, %boot_id, reloaded, db = %config.db.display(), "coordinator listening");
 
-    let served = grpc::serve(router, listener, shutdown.clone()).await;
+    // The writer and the sweeper end only when told to. If either ends
+    // sooner it has panicked, and a coordinator that can no longer persist or
+    // detect failures must not go on looking healthy.
+    let serve = grpc::serve(router, listener, shutdown.clone());
+    tokio::pin!(serve);
+    let mut sweeper_stopped = false;
+    let served = loop {
+        tokio::select! {
+            served = &mut serve => break served,
+            ended = &mut sweeper, if !sweeper_stopped => {
+                sweeper_stopped = true;
+                if let Err(error) = ended {
+                    break Err(RunError::TaskFailed { task: "sweeper", reason: error.to_string() });
+                }
+            }
+            ended = &mut writer => {
+                let reason = ended.err().map_or_else(|| "it stopped".to_owned(), |e| e.to_string());
+                break Err(RunError::TaskFailed { task: "store writer", reason });
+            }
+        }
+    };
     shutdown.cancel();
     sessions.close();
     sessions.wait().await;

@@ -19,6 +19,7 @@ use super::{Shared, service::CoordinatorService};
 use crate::{
     clock::Moment,
     error::display_chain,
+    grpc,
     node::NodeId,
     proto::{
         StatusRequest, StatusResponse, agent_client::AgentClient,
@@ -59,8 +60,13 @@ async fn call_status(agent_url: &str, timeout: Duration) -> Result<StatusRespons
         .connect_timeout(timeout)
         .timeout(timeout);
     let channel = endpoint.connect().await.map_err(|e| display_chain(&e))?;
+    let mut request = tonic::Request::new(StatusRequest {});
+    request.metadata_mut().insert(
+        grpc::PROBE_METADATA,
+        tonic::metadata::MetadataValue::from_static("coordinator"),
+    );
     let response = AgentClient::new(channel)
-        .status(StatusRequest {})
+        .status(request)
         .await
         .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
     Ok(response.into_inner())

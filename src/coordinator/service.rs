@@ -1,10 +1,10 @@
 //! The Coordinator gRPC service. Reads are served from the registry in
-//! memory; each Heartbeat stream becomes a tracked [`Session`] task.
+//! memory; each Heartbeat stream becomes a tracked session task.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming};
@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use super::{
     Shared,
-    session::{Session, read_registration},
+    session::{read_registration, serve_stream},
 };
 use crate::{
     error::ServiceError,
@@ -63,26 +63,27 @@ impl Coordinator for CoordinatorService {
             () = self.shutdown.cancelled() => return Err(ServiceError::ShuttingDown.into()),
             registration = read_registration(&mut inbound, REGISTRATION_TIMEOUT) => registration?,
         };
-        // Admission is a task of its own: once the store has committed the
-        // registration, memory must follow even if the agent hangs up first.
-        let session = self
-            .sessions
-            .spawn(Session::admit(self.shared.clone(), registration))
-            .await
-            .map_err(|e| ServiceError::Internal(format!("registration task failed: {e}")))??;
-
         let (outbound, receiver) = mpsc::channel(OUTBOUND_CAPACITY);
-        outbound
-            .try_send(Ok(session.registered_message()))
-            .map_err(|_| {
-                ServiceError::Internal("a new session's outbound queue is full".to_owned())
-            })?;
-        let span = tracing::info_span!("session", node_id = %session.node_id(), generation = session.generation());
-        self.sessions.spawn(
-            session
-                .run(inbound, outbound, self.shutdown.clone())
-                .instrument(span),
+        let (admitted, admission) = oneshot::channel();
+        let span = tracing::info_span!(
+            "session",
+            node_id = %registration.node_id,
+            generation = tracing::field::Empty
         );
+        self.sessions.spawn(
+            serve_stream(
+                self.shared.clone(),
+                registration,
+                inbound,
+                outbound,
+                admitted,
+                self.shutdown.clone(),
+            )
+            .instrument(span),
+        );
+        admission.await.map_err(|_| {
+            ServiceError::Internal("the registration task ended early".to_owned())
+        })??;
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 

@@ -7,12 +7,13 @@
 //!
 //! However the stream ends, its node goes OFFLINE at once, unless a newer
 //! session of the node exists or the coordinator itself is shutting down
-//! (a restart must not show any node as dead).
+//! (a restart must not show any node as dead). A stream silent for
+//! `offline_after` is closed, so no session outlives its node's liveness.
 
 use std::{sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{debug, info, warn};
@@ -61,6 +62,43 @@ where
     }
 }
 
+/// Serves one Heartbeat stream whose `register` has been read: admits it,
+/// reports the outcome on `admitted` (the gRPC call waits for it), then runs
+/// the session. Admission and session are one task, so once the store has
+/// committed a registration the session's cleanup always follows, even if
+/// the agent hangs up before the call returns.
+pub(super) async fn serve_stream<S>(
+    shared: Arc<Shared>,
+    registration: Registration,
+    inbound: S,
+    outbound: Outbound,
+    admitted: oneshot::Sender<Result<(), ServiceError>>,
+    shutdown: CancellationToken,
+) where
+    S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
+{
+    let session = match Session::admit(shared, registration).await {
+        Ok(session) => session,
+        Err(error) => {
+            let _ = admitted.send(Err(error));
+            return;
+        }
+    };
+    tracing::Span::current().record("generation", session.generation);
+    let accepted = match outbound.try_send(Ok(session.registered_message())) {
+        Ok(()) => Ok(()),
+        Err(_) => Err(ServiceError::Internal(
+            "a new session's outbound queue is full".to_owned(),
+        )),
+    };
+    let failed = accepted.is_err();
+    if admitted.send(accepted).is_err() || failed {
+        session.end("the agent hung up during registration".to_owned());
+        return;
+    }
+    session.run(inbound, outbound, shutdown).await;
+}
+
 /// A registered session, ready to run.
 pub(super) struct Session {
     shared: Arc<Shared>,
@@ -89,14 +127,6 @@ impl Session {
         })
     }
 
-    pub(super) fn node_id(&self) -> &NodeId {
-        &self.node_id
-    }
-
-    pub(super) fn generation(&self) -> u64 {
-        self.generation
-    }
-
     pub(super) fn registered_message(&self) -> CoordinatorMessage {
         CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Registered(proto::Registered {
@@ -123,25 +153,29 @@ impl Session {
             () = shutdown.cancelled() => Ended::Shutdown,
             ended = self.serve(&mut inbound, &outbound) => ended,
         };
+        // `try_send`: a final status must never wait on an agent that has
+        // stopped reading.
         match ended {
             Ended::Shutdown => {
                 debug!("session closed by coordinator shutdown");
                 let _ = outbound.try_send(Err(ServiceError::ShuttingDown.into()));
             }
-            Ended::Stream(reason) => {
-                info!(%reason, "session ended");
-                self.shared.update(|registry| {
-                    registry.session_ended(&self.node_id, self.generation, Moment::now());
-                });
-            }
+            Ended::Stream(reason) => self.end(reason),
             Ended::Refused(error) => {
                 warn!(error = %error, "session refused a message");
-                let _ = outbound.send(Err(error.into())).await;
-                self.shared.update(|registry| {
-                    registry.session_ended(&self.node_id, self.generation, Moment::now());
-                });
+                self.end("refused".to_owned());
+                let _ = outbound.try_send(Err(error.into()));
             }
         }
+    }
+
+    /// The stream is over: the node goes OFFLINE unless a newer session has
+    /// replaced this one.
+    fn end(&self, reason: String) {
+        info!(%reason, "session ended");
+        self.shared.update(|registry| {
+            registry.session_ended(&self.node_id, self.generation, Moment::now());
+        });
     }
 
     async fn serve<S>(&self, inbound: &mut S, outbound: &Outbound) -> Ended
@@ -150,8 +184,12 @@ impl Session {
     {
         let mut last_sequence: Option<u64> = None;
         loop {
+            let silence_limit = self.shared.offline_after;
             let message = tokio::select! {
                 () = outbound.closed() => return Ended::Stream("the agent stopped reading".to_owned()),
+                () = tokio::time::sleep(silence_limit) => {
+                    return Ended::Refused(ServiceError::HeartbeatTimeout(silence_limit));
+                }
                 message = inbound.next() => message,
             };
             let heartbeat = match message {
@@ -195,7 +233,8 @@ impl Session {
                     sequence: heartbeat.sequence,
                 })),
             };
-            if outbound.send(Ok(ack)).await.is_err() {
+            // An agent that leaves this many acks unread is not reading at all.
+            if outbound.try_send(Ok(ack)).is_err() {
                 return Ended::Stream("the agent stopped reading".to_owned());
             }
         }

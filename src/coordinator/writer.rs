@@ -6,20 +6,23 @@
 //! heartbeats never cost a write each. A failed write is retried on the next
 //! round, never dropped.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::Shared;
-use crate::{error::display_chain, registry::Change};
+use crate::{error::display_chain, node::NodeId, registry::Change};
 
 pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: CancellationToken) {
     let mut flush = interval(flush_interval);
     flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_flush = Instant::now();
-    let mut unwritten: Vec<Change> = Vec::new();
+    // Only a node's latest change matters: store writes are guarded by
+    // generation, so an older one would change nothing. Keeping one per node
+    // also bounds what piles up while the store is failing.
+    let mut unwritten: BTreeMap<NodeId, Change> = BTreeMap::new();
     loop {
         let stopping = tokio::select! {
             biased;
@@ -32,7 +35,9 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
         let flush_last_seen = stopping || last_flush.elapsed() >= flush_interval;
         let last_seen = {
             let mut registry = shared.lock();
-            unwritten.extend(registry.take_changes());
+            for change in registry.take_changes() {
+                unwritten.insert(change.node_id().clone(), change);
+            }
             if flush_last_seen {
                 last_flush = Instant::now();
                 registry.take_last_seen()
@@ -40,13 +45,16 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
                 Vec::new()
             }
         };
-        let changes = std::mem::take(&mut unwritten);
+        let changes: Vec<Change> = std::mem::take(&mut unwritten).into_values().collect();
         for change in &changes {
             log_change(change);
         }
         if let Err(error) = shared.store.write(changes.clone(), last_seen.clone()).await {
             warn!(error = %display_chain(&error), changes = changes.len(), "store write failed; will retry");
-            unwritten = changes;
+            unwritten = changes
+                .into_iter()
+                .map(|change| (change.node_id().clone(), change))
+                .collect();
             shared.lock().restore_last_seen(&last_seen);
         }
         if stopping {
