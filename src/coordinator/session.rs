@@ -85,14 +85,13 @@ pub(super) async fn serve_stream<S>(
         }
     };
     tracing::Span::current().record("generation", session.generation);
-    let accepted = match outbound.try_send(Ok(session.registered_message())) {
-        Ok(()) => Ok(()),
-        Err(_) => Err(ServiceError::Internal(
-            "a new session's outbound queue is full".to_owned(),
-        )),
-    };
-    let failed = accepted.is_err();
-    if admitted.send(accepted).is_err() || failed {
+    if outbound.try_send(Ok(session.registered_message())).is_err() {
+        session.end("could not queue registered".to_owned());
+        let error = ServiceError::Internal("a new session's outbound queue is full".to_owned());
+        let _ = admitted.send(Err(error));
+        return;
+    }
+    if admitted.send(Ok(())).is_err() {
         session.end("the agent hung up during registration".to_owned());
         return;
     }
