@@ -6,7 +6,8 @@
 //!   an older generation never changes the node: an older session never
 //!   overwrites a newer one.
 //! - A node is ONLINE only while it has proven itself alive (a heartbeat, a
-//!   registration or a passed probe) within `offline_after`.
+//!   registration or a passed probe) within `offline_after`, not counting
+//!   time the coordinator itself stood still.
 //! - A node loaded from the store starts UNKNOWN; it becomes ONLINE only when
 //!   proven alive, and OFFLINE when `reload_grace` passes without proof.
 //! - An OFFLINE node is removed `expire_after` after it went offline. The
@@ -254,6 +255,17 @@ impl Registry {
         true
     }
 
+    /// The coordinator itself was stalled for `stalled` (paused, suspended,
+    /// starved of CPU) and heard nobody in that time, through no fault of the
+    /// nodes: every liveness deadline moves back by as much.
+    pub fn pardon_stall(&mut self, stalled: Duration) {
+        for entry in self.nodes.values_mut() {
+            if entry.state != NodeState::Offline {
+                entry.live_until += stalled;
+            }
+        }
+    }
+
     /// Marks silent nodes OFFLINE and removes nodes that have been OFFLINE for
     /// `expire_after`.
     pub fn sweep(&mut self, now: Moment) -> SweepReport {
@@ -317,6 +329,21 @@ impl Registry {
             if let Some(entry) = self.nodes.get_mut(node_id) {
                 entry.last_seen_dirty = true;
             }
+        }
+    }
+
+    /// The state of a node as seen by its session holding `generation`.
+    pub fn session_state(
+        &self,
+        node_id: &NodeId,
+        generation: u64,
+    ) -> Result<NodeState, SessionRejected> {
+        match self.nodes.get(node_id) {
+            None => Err(SessionRejected::Forgotten),
+            Some(entry) if entry.generation != generation => Err(SessionRejected::Superseded {
+                current: entry.generation,
+            }),
+            Some(entry) => Ok(entry.state),
         }
     }
 
@@ -699,6 +726,50 @@ mod tests {
         assert_eq!(state(&registry, "a"), Some(NodeState::Online));
         registry.sweep(t0.after(GRACE));
         assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_stall_of_the_coordinator_is_not_held_against_nodes() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b"), enroll(1, t0), t0)
+            .unwrap();
+        registry
+            .register(registration("gone", "b"), enroll(2, t0), t0)
+            .unwrap();
+        registry.session_ended(&id("gone"), 2, t0);
+
+        let stall = Duration::from_secs(60);
+        registry.pardon_stall(stall);
+        registry.sweep(t0.after(OFFLINE_AFTER + stall - Duration::from_millis(1)));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Online));
+        registry.sweep(t0.after(OFFLINE_AFTER + stall));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
+        assert_eq!(state(&registry, "gone"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_session_learns_whether_it_still_speaks_for_its_node() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b"), enroll(1, t0), t0)
+            .unwrap();
+        assert_eq!(registry.session_state(&id("a"), 1), Ok(NodeState::Online));
+        registry.sweep(t0.after(OFFLINE_AFTER));
+        assert_eq!(registry.session_state(&id("a"), 1), Ok(NodeState::Offline));
+        registry
+            .register(registration("a", "b"), enroll(2, t0), t0)
+            .unwrap();
+        assert_eq!(
+            registry.session_state(&id("a"), 1),
+            Err(SessionRejected::Superseded { current: 2 })
+        );
+        assert_eq!(
+            registry.session_state(&id("z"), 1),
+            Err(SessionRejected::Forgotten)
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use muster::{
     proto::NodeState,
     store::Store,
 };
+use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
@@ -181,6 +182,61 @@ async fn an_agent_waiting_out_a_long_backoff_re_registers_as_soon_as_it_is_probe
     )
     .await;
     eprintln!("re-registered although the backoff had {asleep_for:?} to run");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_frozen_past_offline_after_shows_no_node_offline_when_it_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::start(dir.path()).await;
+    // Longer than offline-after (3 s) and than the agents' patience (three
+    // 500 ms intervals): agents give up on their streams and reconnect.
+    let freeze = Duration::from_secs(4);
+    fleet.coordinator.process.signal(Signal::SIGSTOP);
+    tokio::time::sleep(freeze).await;
+    fleet.coordinator.process.signal(Signal::SIGCONT);
+    fleet.expect_stable_and_re_registered().await;
+    let stored = Store::open(&fleet.coordinator.db)
+        .await
+        .unwrap()
+        .load_nodes()
+        .await
+        .unwrap();
+    assert!(
+        stored.iter().all(|n| n.offline_since.is_none()),
+        "{stored:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn time_the_coordinator_stood_still_is_not_held_against_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = Fleet::start(dir.path()).await;
+    // Freeze an agent, then the coordinator, so that no heartbeat is waiting
+    // when the coordinator resumes: only the allowance for its own stall keeps
+    // the node from being judged at once on a deadline that passed while the
+    // coordinator itself was stopped.
+    fleet.agents[0].signal(Signal::SIGSTOP);
+    fleet.coordinator.process.signal(Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    fleet.coordinator.process.signal(Signal::SIGCONT);
+
+    let url = fleet.coordinator.url();
+    let url = url.as_str();
+    hold_for(
+        "gpu-1 not judged on the stall",
+        Duration::from_secs(1),
+        || async move {
+            let node = node(url, "gpu-1").await.ok_or("gpu-1 not listed")?;
+            match state_of(&node) {
+                NodeState::Offline => Err("gpu-1 shown OFFLINE right after the stall".to_owned()),
+                _ => Ok(()),
+            }
+        },
+    )
+    .await;
+    // The agent really is frozen, so the node does go OFFLINE after that.
+    wait_for_state(url, &["gpu-1"], NodeState::Offline, START_DEADLINE).await;
+    fleet.agents[0].signal(Signal::SIGCONT);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -99,11 +99,12 @@ pub struct Link {
 /// on `probed` cuts a backoff short.
 pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
     let mut backoff = ReconnectBackoff::new();
+    let mut abandoned = None;
     loop {
         let mut registered_at = None;
         let error = tokio::select! {
             () = shutdown.cancelled() => return,
-            error = hold_stream(&link, &mut registered_at) => error,
+            error = hold_stream(&link, &mut registered_at, &mut abandoned) => error,
         };
         if registered_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER) {
             backoff = ReconnectBackoff::new();
@@ -126,9 +127,24 @@ pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
     }
 }
 
+/// A stream given up on because the coordinator went silent. It stays open,
+/// without heartbeats, until a new stream has registered: a coordinator that
+/// was only paused then sees the newer session before the older one ends, so
+/// the node is never shown OFFLINE for the switch.
+struct AbandonedStream {
+    _outbound: mpsc::Sender<AgentMessage>,
+    _inbound: tonic::Streaming<proto::CoordinatorMessage>,
+}
+
 /// Opens one stream, registers and heartbeats until something goes wrong.
-/// Sets `registered_at` once the coordinator has accepted the registration.
-async fn hold_stream(link: &Link, registered_at: &mut Option<Instant>) -> LinkError {
+/// Sets `registered_at` once the coordinator has accepted the registration;
+/// then lets go of any `abandoned` stream, and leaves this one there if the
+/// coordinator goes silent.
+async fn hold_stream(
+    link: &Link,
+    registered_at: &mut Option<Instant>,
+    abandoned: &mut Option<AbandonedStream>,
+) -> LinkError {
     let channel = match link.coordinator.connect().await {
         Ok(channel) => channel,
         Err(error) => return LinkError::Connect(error),
@@ -140,24 +156,31 @@ async fn hold_stream(link: &Link, registered_at: &mut Option<Instant>) -> LinkEr
     if outbound.send(register).await.is_err() {
         return LinkError::Closed;
     }
-    let mut inbound = match CoordinatorClient::new(channel)
-        .heartbeat(ReceiverStream::new(receiver))
-        .await
-    {
-        Ok(response) => response.into_inner(),
-        Err(status) => return LinkError::Refused(status),
+    let registration = async {
+        let mut inbound = CoordinatorClient::new(channel)
+            .heartbeat(ReceiverStream::new(receiver))
+            .await
+            .map_err(LinkError::Refused)?
+            .into_inner();
+        match inbound.message().await {
+            Err(status) => Err(LinkError::Refused(status)),
+            Ok(None) => Err(LinkError::Closed),
+            Ok(Some(proto::CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Registered(accepted)),
+            })) => Ok((inbound, accepted)),
+            Ok(Some(_)) => Err(LinkError::Unexpected(
+                "expected registered as the first reply",
+            )),
+        }
     };
-
-    let accepted = match tokio::time::timeout(REGISTERED_TIMEOUT, inbound.message()).await {
+    let (mut inbound, accepted) = match tokio::time::timeout(REGISTERED_TIMEOUT, registration).await
+    {
         Err(_) => return LinkError::NoReply(REGISTERED_TIMEOUT),
-        Ok(Err(status)) => return LinkError::Refused(status),
-        Ok(Ok(None)) => return LinkError::Closed,
-        Ok(Ok(Some(proto::CoordinatorMessage {
-            kind: Some(coordinator_message::Kind::Registered(accepted)),
-        }))) => accepted,
-        Ok(Ok(Some(_))) => return LinkError::Unexpected("expected registered as the first reply"),
+        Ok(Err(error)) => return error,
+        Ok(Ok(registered)) => registered,
     };
     *registered_at = Some(Instant::now());
+    *abandoned = None;
     let interval = accepted
         .heartbeat_interval
         .and_then(|d| Duration::try_from(d).ok())
@@ -196,7 +219,10 @@ async fn hold_stream(link: &Link, registered_at: &mut Option<Instant>) -> LinkEr
                 Ok(None) => return LinkError::Closed,
                 Err(status) => return LinkError::Stream(status),
             },
-            () = tokio::time::sleep_until(last_ack + silent_after) => return LinkError::Silent(silent_after),
+            () = tokio::time::sleep_until(last_ack + silent_after) => {
+                *abandoned = Some(AbandonedStream { _outbound: outbound, _inbound: inbound });
+                return LinkError::Silent(silent_after);
+            }
         }
     }
 }

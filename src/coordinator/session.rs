@@ -7,13 +7,17 @@
 //!
 //! However the stream ends, its node goes OFFLINE at once, unless a newer
 //! session of the node exists or the coordinator itself is shutting down
-//! (a restart must not show any node as dead). A stream silent for
-//! `offline_after` is closed, so no session outlives its node's liveness.
+//! (a restart must not show any node as dead). A stream whose node the
+//! sweeper has marked OFFLINE, or which a newer session has replaced, is
+//! closed once it has been silent for `offline_after`, so no session lingers.
 
 use std::{sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{debug, info, warn};
@@ -22,7 +26,7 @@ use super::Shared;
 use crate::{
     clock::Moment,
     error::{InvalidInput, ServiceError},
-    node::{NodeId, Registration},
+    node::{NodeId, NodeState, Registration},
     proto::{self, AgentMessage, CoordinatorMessage, agent_message, coordinator_message},
     registry::SessionRejected,
 };
@@ -182,15 +186,28 @@ impl Session {
         S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
     {
         let mut last_sequence: Option<u64> = None;
+        let silence_limit = self.shared.offline_after;
+        let mut next_check = Instant::now() + silence_limit;
         loop {
-            let silence_limit = self.shared.offline_after;
             let message = tokio::select! {
                 () = outbound.closed() => return Ended::Stream("the agent stopped reading".to_owned()),
-                () = tokio::time::sleep(silence_limit) => {
-                    return Ended::Refused(ServiceError::HeartbeatTimeout(silence_limit));
+                () = tokio::time::sleep_until(next_check) => {
+                    // The sweeper alone judges silence (it allows for the
+                    // coordinator's own stalls); the session only closes a
+                    // stream whose node it has given up on.
+                    let state = self.shared.lock().session_state(&self.node_id, self.generation);
+                    match state {
+                        Err(rejected) => return Ended::Refused(rejection(&self.node_id, self.generation, rejected)),
+                        Ok(NodeState::Offline) => return Ended::Refused(ServiceError::HeartbeatTimeout(silence_limit)),
+                        Ok(_) => {
+                            next_check = Instant::now() + silence_limit / 10;
+                            continue;
+                        }
+                    }
                 }
                 message = inbound.next() => message,
             };
+            next_check = Instant::now() + silence_limit;
             let heartbeat = match message {
                 None => return Ended::Stream("the agent closed the stream".to_owned()),
                 Some(Err(status)) => {

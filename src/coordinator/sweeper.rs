@@ -1,11 +1,16 @@
 //! The sweeper: periodically moves silent nodes to OFFLINE and removes nodes
-//! that have been OFFLINE for `expire-after`.
+//! that have been OFFLINE for `expire-after`. Time the coordinator itself
+//! stood still (seen as a sweep that came far too late) is not held against
+//! the nodes.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::time::{MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::Shared;
 use crate::clock::Moment;
@@ -20,11 +25,25 @@ pub(super) fn period(offline_after: Duration) -> Duration {
 pub(super) async fn run(shared: Arc<Shared>, period: Duration, shutdown: CancellationToken) {
     let mut tick = interval(period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_sweep = Instant::now();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {
-                let report = shared.update(|registry| registry.sweep(Moment::now()));
+                let now = Moment::now();
+                // A sweep far later than its period means the whole process
+                // stood still; nobody could be heard meanwhile.
+                let stalled = now.monotonic.duration_since(last_sweep).saturating_sub(period * 2);
+                last_sweep = now.monotonic;
+                let report = shared.update(|registry| {
+                    if !stalled.is_zero() {
+                        registry.pardon_stall(stalled);
+                    }
+                    registry.sweep(now)
+                });
+                if !stalled.is_zero() {
+                    warn!(?stalled, "the coordinator stood still; liveness deadlines moved back");
+                }
                 if report.went_offline > 0 || report.expired > 0 {
                     debug!(went_offline = report.went_offline, expired = report.expired, "sweep");
                 }
