@@ -93,7 +93,7 @@ pub async fn serve(
     tokio::select! {
         served = server => served?,
         () = drain_deadline => {
-            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "connections still open after the drain timeout; closing them");
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "connections still open after the drain timeout; not waiting for them");
         }
     }
     Ok(())

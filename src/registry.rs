@@ -105,6 +105,10 @@ struct Entry {
     live_until: Instant,
     offline_since: Option<SystemTime>,
     last_seen_dirty: bool,
+    /// A stall of the coordinator has already been pardoned since the node
+    /// was last heard; one pardon per silence, so a dead node is not kept
+    /// alive by a coordinator that keeps running late.
+    pardoned: bool,
 }
 
 impl Entry {
@@ -152,6 +156,7 @@ impl Registry {
                     live_until,
                     offline_since: node.offline_since,
                     last_seen_dirty: false,
+                    pardoned: false,
                 },
             );
         }
@@ -183,6 +188,7 @@ impl Registry {
                 live_until: now.monotonic + self.timing.offline_after,
                 offline_since: None,
                 last_seen_dirty: false,
+                pardoned: false,
             },
         );
         Ok(())
@@ -200,6 +206,7 @@ impl Registry {
         entry.last_seen = now.wall;
         entry.last_seen_dirty = true;
         entry.live_until = now.monotonic + offline_after;
+        entry.pardoned = false;
         let generation = entry.generation;
         if entry.state != NodeState::Online {
             entry.state = NodeState::Online;
@@ -246,6 +253,7 @@ impl Registry {
         entry.last_seen = now.wall;
         entry.last_seen_dirty = true;
         entry.live_until = now.monotonic + live_for;
+        entry.pardoned = false;
         if entry.offline_since.take().is_some() {
             self.changes.push(Change::CameOnline {
                 node_id: target.node_id.clone(),
@@ -256,12 +264,18 @@ impl Registry {
     }
 
     /// The coordinator itself was stalled for `stalled` (paused, suspended,
-    /// starved of CPU) and heard nobody in that time, through no fault of the
-    /// nodes: every liveness deadline moves back by as much.
-    pub fn pardon_stall(&mut self, stalled: Duration) {
+    /// starved of CPU) until `now`, and heard nobody in that time through no
+    /// fault of the nodes. Each node not heard since gets its deadline moved
+    /// back by as much, but never beyond a full `offline_after` from `now`,
+    /// and only once per silence.
+    pub fn pardon_stall(&mut self, stalled: Duration, now: Moment) {
+        let latest = now.monotonic + self.timing.offline_after;
         for entry in self.nodes.values_mut() {
-            if entry.state != NodeState::Offline {
-                entry.live_until += stalled;
+            if entry.state != NodeState::Offline && !entry.pardoned {
+                entry.live_until = entry
+                    .live_until
+                    .max((entry.live_until + stalled).min(latest));
+                entry.pardoned = true;
             }
         }
     }
@@ -740,13 +754,51 @@ mod tests {
             .unwrap();
         registry.session_ended(&id("gone"), 2, t0);
 
-        let stall = Duration::from_secs(60);
-        registry.pardon_stall(stall);
+        let stall = Duration::from_secs(10);
+        let resumed = t0.after(OFFLINE_AFTER + stall - Duration::from_secs(1));
+        registry.pardon_stall(stall, resumed);
         registry.sweep(t0.after(OFFLINE_AFTER + stall - Duration::from_millis(1)));
         assert_eq!(state(&registry, "a"), Some(NodeState::Online));
         registry.sweep(t0.after(OFFLINE_AFTER + stall));
         assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
         assert_eq!(state(&registry, "gone"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_stall_is_pardoned_once_and_never_beyond_offline_after() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b"), enroll(1, t0), t0)
+            .unwrap();
+
+        // An hour-long pause earns at most a full offline_after from the resume.
+        let resumed = t0.after(Duration::from_secs(3600));
+        registry.pardon_stall(Duration::from_secs(3600), resumed);
+        registry.sweep(resumed.after(OFFLINE_AFTER - Duration::from_millis(1)));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Online));
+
+        // A coordinator that keeps running late does not keep a silent node alive.
+        registry.pardon_stall(
+            Duration::from_secs(3600),
+            resumed.after(Duration::from_secs(1)),
+        );
+        registry.sweep(resumed.after(OFFLINE_AFTER));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_node_heard_after_a_stall_is_not_credited_for_it() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry
+            .register(registration("a", "b"), enroll(1, t0), t0)
+            .unwrap();
+        let resumed = t0.after(Duration::from_secs(60));
+        registry.heartbeat(&id("a"), 1, resumed).unwrap();
+        registry.pardon_stall(Duration::from_secs(60), resumed);
+        registry.sweep(resumed.after(OFFLINE_AFTER));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
     }
 
     #[test]

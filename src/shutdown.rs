@@ -25,7 +25,7 @@ where
         let name = tokio::select! {
             _ = interrupt.recv() => "SIGINT",
             _ = terminate.recv() => "SIGTERM",
-            () = token.cancelled() => return,
+            () = finished.cancelled() => return,
         };
         tracing::info!(
             signal = name,

@@ -55,9 +55,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             source,
         })?
         .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(grpc::KEEPALIVE)
-        .keep_alive_timeout(grpc::KEEPALIVE)
-        .keep_alive_while_idle(true)
         .tcp_nodelay(true);
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -5,7 +5,9 @@
 //! coordinator goes silent (no ack for three heartbeat intervals; HTTP/2
 //! keepalive covers a dead connection), the link waits an exponentially
 //! growing delay with full jitter (the first within a second, capped at 30 s)
-//! and tries again. The delay starts over after a stream that stayed
+//! and tries again. Missing acks, not HTTP/2 keepalive, are what judge the
+//! coordinator: keepalive would also tear down a stream the agent is keeping
+//! open across a coordinator's pause (see [`AbandonedStream`]). The delay starts over after a stream that stayed
 //! registered for a while, and is cut short when a coordinator probes the
 //! agent's Status service: a coordinator that probes is back.
 
@@ -31,7 +33,10 @@ use crate::{
 
 const FIRST_RETRY_CEILING: Duration = Duration::from_secs(1);
 const MAX_RETRY_CEILING: Duration = Duration::from_secs(30);
-const REGISTERED_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a coordinator may take to answer `register`. Generous, so that a
+/// coordinator that was paused for a while answers the attempt already made
+/// rather than finding a pile of abandoned ones when it resumes.
+const REGISTERED_TIMEOUT: Duration = Duration::from_secs(30);
 /// Used if the coordinator's `registered` carries no usable interval.
 const FALLBACK_INTERVAL: Duration = Duration::from_secs(5);
 const MIN_INTERVAL: Duration = Duration::from_millis(50);

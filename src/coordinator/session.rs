@@ -81,6 +81,11 @@ pub(super) async fn serve_stream<S>(
 ) where
     S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
 {
+    if admitted.is_closed() {
+        // The agent gave up before anything was written, as the attempts it
+        // abandoned while this coordinator was paused do.
+        return;
+    }
     let session = match Session::admit(shared, registration).await {
         Ok(session) => session,
         Err(error) => {

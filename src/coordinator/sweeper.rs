@@ -37,7 +37,7 @@ pub(super) async fn run(shared: Arc<Shared>, period: Duration, shutdown: Cancell
                 last_sweep = now.monotonic;
                 let report = shared.update(|registry| {
                     if !stalled.is_zero() {
-                        registry.pardon_stall(stalled);
+                        registry.pardon_stall(stalled, now);
                     }
                     registry.sweep(now)
                 });
