@@ -69,13 +69,24 @@ fn a_read_only_db_is_a_one_line_error() {
     std::fs::write(&db, b"").unwrap();
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
 
-    let mut command =
-        coordinator_command(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()]);
     let running_as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
-    if running_as_root {
-        // Permissions do not bind root; run as nobody so they do.
-        command.uid(65534).gid(65534);
-    }
+    let command = if running_as_root {
+        // Permissions do not bind root; run as nobody so they do, from a copy
+        // of the binary that nobody can reach wherever the checkout lives.
+        let binary = dir.path().join("muster");
+        std::fs::copy(env!("CARGO_BIN_EXE_muster"), &binary).unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut command = Command::new(&binary);
+        command
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
+            .arg(&db)
+            .env("MUSTER_LOG", "off")
+            .uid(65534)
+            .gid(65534);
+        command
+    } else {
+        coordinator_command(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()])
+    };
     let (code, stderr) = run(command);
     assert_eq!(code, Some(1));
     assert_one_line_error(&stderr, "muster.db");
