@@ -383,14 +383,6 @@ impl Registry {
             .collect()
     }
 
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
     fn current_entry(
         &mut self,
         node_id: &NodeId,
@@ -446,6 +438,15 @@ mod tests {
         }
     }
 
+    /// A registry where `node` has just registered with `generation`.
+    fn with_online(node: &str, generation: u64, now: Moment) -> Registry {
+        let mut registry = registry();
+        registry
+            .register(registration(node, "b1"), enroll(generation, now), now)
+            .unwrap();
+        registry
+    }
+
     fn state(registry: &Registry, node: &str) -> Option<NodeState> {
         registry.get(&id(node)).map(|n| n.state)
     }
@@ -468,10 +469,7 @@ mod tests {
     #[test]
     fn registration_makes_a_node_online() {
         let t0 = Moment::now();
-        let mut registry = registry();
-        registry
-            .register(registration("a", "b1"), enroll(1, t0), t0)
-            .unwrap();
+        let mut registry = with_online("a", 1, t0);
         let node = registry.get(&id("a")).unwrap();
         assert_eq!(node.state, NodeState::Online);
         assert_eq!(node.generation, 1);
@@ -485,10 +483,7 @@ mod tests {
     #[test]
     fn heartbeats_keep_a_node_online_and_silence_takes_it_offline() {
         let t0 = Moment::now();
-        let mut registry = registry();
-        registry
-            .register(registration("a", "b1"), enroll(1, t0), t0)
-            .unwrap();
+        let mut registry = with_online("a", 1, t0);
 
         let t1 = t0.after(OFFLINE_AFTER - Duration::from_secs(1));
         registry.heartbeat(&id("a"), 1, t1).unwrap();
@@ -514,10 +509,7 @@ mod tests {
     #[test]
     fn a_heartbeat_after_going_offline_brings_the_node_back() {
         let t0 = Moment::now();
-        let mut registry = registry();
-        registry
-            .register(registration("a", "b1"), enroll(1, t0), t0)
-            .unwrap();
+        let mut registry = with_online("a", 1, t0);
         registry.sweep(t0.after(OFFLINE_AFTER));
         registry.take_changes();
 
@@ -539,10 +531,7 @@ mod tests {
     #[test]
     fn a_stream_that_ends_takes_its_node_offline_at_once() {
         let t0 = Moment::now();
-        let mut registry = registry();
-        registry
-            .register(registration("a", "b1"), enroll(1, t0), t0)
-            .unwrap();
+        let mut registry = with_online("a", 1, t0);
         registry.session_ended(&id("a"), 1, t0.after(Duration::from_millis(10)));
         assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
         assert_eq!(registry.take_changes().len(), 1);
@@ -551,10 +540,7 @@ mod tests {
     #[test]
     fn an_older_session_never_overwrites_a_newer_one() {
         let t0 = Moment::now();
-        let mut registry = registry();
-        registry
-            .register(registration("a", "b1"), enroll(1, t0), t0)
-            .unwrap();
+        let mut registry = with_online("a", 1, t0);
         registry
             .register(registration("a", "b2"), enroll(2, t0), t0)
             .unwrap();
@@ -587,10 +573,7 @@ mod tests {
     #[test]
     fn offline_nodes_expire_after_expire_after() {
         let t0 = Moment::now();
-        let mut registry = registry();
-        registry
-            .register(registration("a", "b1"), enroll(1, t0), t0)
-            .unwrap();
+        let mut registry = with_online("a", 1, t0);
         registry.session_ended(&id("a"), 1, t0);
         registry.take_changes();
 
@@ -693,10 +676,7 @@ mod tests {
     #[test]
     fn last_seen_is_collected_once_per_heartbeat_batch() {
         let t0 = Moment::now();
-        let mut registry = registry();
-        registry
-            .register(registration("a", "b"), enroll(1, t0), t0)
-            .unwrap();
+        let mut registry = with_online("a", 1, t0);
         registry
             .register(registration("b", "b"), enroll(1, t0), t0)
             .unwrap();
@@ -745,10 +725,7 @@ mod tests {
     #[test]
     fn a_stall_of_the_coordinator_is_not_held_against_nodes() {
         let t0 = Moment::now();
-        let mut registry = registry();
-        registry
-            .register(registration("a", "b"), enroll(1, t0), t0)
-            .unwrap();
+        let mut registry = with_online("a", 1, t0);
         registry
             .register(registration("gone", "b"), enroll(2, t0), t0)
             .unwrap();
@@ -767,10 +744,7 @@ mod tests {
     #[test]
     fn a_stall_is_pardoned_once_and_never_beyond_offline_after() {
         let t0 = Moment::now();
-        let mut registry = registry();
-        registry
-            .register(registration("a", "b"), enroll(1, t0), t0)
-            .unwrap();
+        let mut registry = with_online("a", 1, t0);
 
         // An hour-long pause earns at most a full offline_after from the resume.
         let resumed = t0.after(Duration::from_secs(3600));
@@ -790,10 +764,7 @@ mod tests {
     #[test]
     fn a_node_heard_after_a_stall_is_not_credited_for_it() {
         let t0 = Moment::now();
-        let mut registry = registry();
-        registry
-            .register(registration("a", "b"), enroll(1, t0), t0)
-            .unwrap();
+        let mut registry = with_online("a", 1, t0);
         let resumed = t0.after(Duration::from_secs(60));
         registry.heartbeat(&id("a"), 1, resumed).unwrap();
         registry.pardon_stall(Duration::from_secs(60), resumed);
@@ -804,10 +775,7 @@ mod tests {
     #[test]
     fn a_session_learns_whether_it_still_speaks_for_its_node() {
         let t0 = Moment::now();
-        let mut registry = registry();
-        registry
-            .register(registration("a", "b"), enroll(1, t0), t0)
-            .unwrap();
+        let mut registry = with_online("a", 1, t0);
         assert_eq!(registry.session_state(&id("a"), 1), Ok(NodeState::Online));
         registry.sweep(t0.after(OFFLINE_AFTER));
         assert_eq!(registry.session_state(&id("a"), 1), Ok(NodeState::Offline));

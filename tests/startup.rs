@@ -26,8 +26,12 @@ fn run(mut command: Command) -> (Option<i32>, String) {
     )
 }
 
-fn run_coordinator(args: &[&str]) -> (Option<i32>, String) {
-    run(coordinator_command(args))
+/// Runs a coordinator with `args` and checks it fails with one line
+/// mentioning `expected`.
+fn assert_coordinator_refuses(args: &[&str], expected: &str) {
+    let (code, stderr) = run(coordinator_command(args));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_one_line_error(&stderr, expected);
 }
 
 fn assert_one_line_error(stderr: &str, expected: &str) {
@@ -44,10 +48,10 @@ fn assert_one_line_error(stderr: &str, expected: &str) {
 fn a_db_in_a_missing_directory_is_a_one_line_error() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("missing/muster.db");
-    let (code, stderr) =
-        run_coordinator(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()]);
-    assert_eq!(code, Some(1));
-    assert_one_line_error(&stderr, "cannot open database");
+    assert_coordinator_refuses(
+        &["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()],
+        "cannot open database",
+    );
 }
 
 #[test]
@@ -55,10 +59,10 @@ fn a_db_that_is_not_a_database_is_a_one_line_error() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("muster.db");
     std::fs::write(&db, vec![b'x'; 4096]).unwrap();
-    let (code, stderr) =
-        run_coordinator(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()]);
-    assert_eq!(code, Some(1));
-    assert_one_line_error(&stderr, "muster.db");
+    assert_coordinator_refuses(
+        &["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()],
+        "muster.db",
+    );
 }
 
 #[test]
@@ -98,16 +102,18 @@ fn a_busy_port_is_a_one_line_error() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap().to_string();
     let db = dir.path().join("muster.db");
-    let (code, stderr) = run_coordinator(&["--listen", &address, "--db", db.to_str().unwrap()]);
-    assert_eq!(code, Some(1));
-    assert_one_line_error(&stderr, &format!("cannot listen on {address}"));
+    assert_coordinator_refuses(
+        &["--listen", &address, "--db", db.to_str().unwrap()],
+        &format!("cannot listen on {address}"),
+    );
 }
 
 #[test]
 fn inconsistent_timing_is_a_one_line_error() {
-    let (code, stderr) = run_coordinator(&["--heartbeat-interval", "10s", "--offline-after", "5s"]);
-    assert_eq!(code, Some(1));
-    assert_one_line_error(&stderr, "--offline-after");
+    assert_coordinator_refuses(
+        &["--heartbeat-interval", "10s", "--offline-after", "5s"],
+        "--offline-after",
+    );
 }
 
 #[test]

@@ -1,12 +1,17 @@
 //! The store writer: the one task that writes registry changes to the store.
 //!
-//! Being the only writer keeps changes in the order the registry made them.
+//! Being the only writer keeps each node's changes in the order the registry
+//! made them.
 //! State changes are written as soon as they happen; `last_seen` of every
 //! node that heartbeated is written in one transaction per flush interval, so
 //! heartbeats never cost a write each. A failed write is retried on the next
 //! round, never dropped.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
@@ -45,17 +50,18 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
                 Vec::new()
             }
         };
-        let changes: Vec<Change> = std::mem::take(&mut unwritten).into_values().collect();
-        for change in &changes {
-            log_change(change);
-        }
-        if let Err(error) = shared.store.write(changes.clone(), last_seen.clone()).await {
-            warn!(error = %display_chain(&error), changes = changes.len(), "store write failed; will retry");
-            unwritten = changes
-                .into_iter()
-                .map(|change| (change.node_id().clone(), change))
-                .collect();
-            shared.lock().restore_last_seen(&last_seen);
+        let changes: Arc<[Change]> = std::mem::take(&mut unwritten).into_values().collect();
+        let last_seen: Arc<[(NodeId, SystemTime)]> = last_seen.into();
+        match shared.store.write(changes.clone(), last_seen.clone()).await {
+            Ok(()) => changes.iter().for_each(log_change),
+            Err(error) => {
+                warn!(error = %display_chain(&error), changes = changes.len(), "store write failed; will retry");
+                unwritten = changes
+                    .iter()
+                    .map(|change| (change.node_id().clone(), change.clone()))
+                    .collect();
+                shared.lock().restore_last_seen(&last_seen);
+            }
         }
         if stopping {
             return;

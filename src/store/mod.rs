@@ -13,6 +13,7 @@ mod schema;
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -208,23 +209,24 @@ impl Store {
         .await
     }
 
-    /// Writes registry changes and heartbeat times in one transaction.
+    /// Writes registry changes and heartbeat times in one transaction. Shared
+    /// slices let a caller keep the batch for a retry without copying it.
     pub async fn write(
         &self,
-        changes: Vec<Change>,
-        last_seen: Vec<(NodeId, SystemTime)>,
+        changes: Arc<[Change]>,
+        last_seen: Arc<[(NodeId, SystemTime)]>,
     ) -> Result<(), StoreError> {
         if changes.is_empty() && last_seen.is_empty() {
             return Ok(());
         }
         self.run(move |conn| {
             conn.immediate_transaction(|conn| {
-                for (node_id, seen) in &last_seen {
+                for (node_id, seen) in last_seen.iter() {
                     diesel::update(known_nodes::table.find(node_id.as_str()))
                         .set(known_nodes::last_seen.eq(to_unix_millis(*seen)))
                         .execute(conn)?;
                 }
-                for change in &changes {
+                for change in changes.iter() {
                     apply_change(conn, change)?;
                 }
                 Ok(())
@@ -280,6 +282,14 @@ mod tests {
         }
     }
 
+    async fn write_batch(
+        store: &Store,
+        changes: Vec<Change>,
+        last_seen: Vec<(NodeId, SystemTime)>,
+    ) -> Result<(), StoreError> {
+        store.write(changes.into(), last_seen.into()).await
+    }
+
     async fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("muster.db")).await.unwrap();
@@ -310,52 +320,52 @@ mod tests {
         store.enroll(registration("a", "b1"), now).await.unwrap();
         store.enroll(registration("a", "b2"), now).await.unwrap();
         let a = NodeId::parse("node_id", "a").unwrap();
-        store
-            .write(
-                vec![
-                    Change::WentOffline {
-                        node_id: a.clone(),
-                        generation: 1,
-                        since: now,
-                    },
-                    Change::Expired {
-                        node_id: a.clone(),
-                        generation: 1,
-                    },
-                ],
-                vec![],
-            )
-            .await
-            .unwrap();
+        write_batch(
+            &store,
+            vec![
+                Change::WentOffline {
+                    node_id: a.clone(),
+                    generation: 1,
+                    since: now,
+                },
+                Change::Expired {
+                    node_id: a.clone(),
+                    generation: 1,
+                },
+            ],
+            vec![],
+        )
+        .await
+        .unwrap();
         let nodes = store.load_nodes().await.unwrap();
         assert_eq!(nodes.len(), 1);
         assert_eq!(nodes[0].offline_since, None);
 
-        store
-            .write(
-                vec![Change::WentOffline {
-                    node_id: a.clone(),
-                    generation: 2,
-                    since: now,
-                }],
-                vec![(a.clone(), now + Duration::from_secs(5))],
-            )
-            .await
-            .unwrap();
+        write_batch(
+            &store,
+            vec![Change::WentOffline {
+                node_id: a.clone(),
+                generation: 2,
+                since: now,
+            }],
+            vec![(a.clone(), now + Duration::from_secs(5))],
+        )
+        .await
+        .unwrap();
         let nodes = store.load_nodes().await.unwrap();
         assert_eq!(nodes[0].offline_since, Some(now));
         assert_eq!(nodes[0].last_seen, now + Duration::from_secs(5));
 
-        store
-            .write(
-                vec![Change::Expired {
-                    node_id: a,
-                    generation: 2,
-                }],
-                vec![],
-            )
-            .await
-            .unwrap();
+        write_batch(
+            &store,
+            vec![Change::Expired {
+                node_id: a,
+                generation: 2,
+            }],
+            vec![],
+        )
+        .await
+        .unwrap();
         assert!(store.load_nodes().await.unwrap().is_empty());
     }
 
@@ -380,16 +390,16 @@ mod tests {
             .enroll(registration("other", "b1"), now)
             .await
             .unwrap();
-        store
-            .write(
-                vec![Change::Expired {
-                    node_id: a,
-                    generation: first.generation,
-                }],
-                vec![],
-            )
-            .await
-            .unwrap();
+        write_batch(
+            &store,
+            vec![Change::Expired {
+                node_id: a,
+                generation: first.generation,
+            }],
+            vec![],
+        )
+        .await
+        .unwrap();
         let again = store.enroll(registration("a", "b2"), now).await.unwrap();
         assert!(
             again.generation > first.generation + 1,
