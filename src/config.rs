@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::error::InvalidInput;
+use crate::{error::InvalidInput, tls::TlsArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,6 +64,38 @@ pub struct CoordinatorConfig {
     /// Time limit of one Status probe to an agent after a restart.
     #[arg(long, env = "MUSTER_PROBE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub probe_timeout: Duration,
+
+    /// File holding the cluster's join token. When set, Heartbeat streams
+    /// must carry it, and Status probes present it to the agents.
+    #[arg(long, env = "MUSTER_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+
+    /// File holding the operators' token. When set, ListNodes, GetNode and
+    /// RemoveNode need it as `authorization: Bearer <token>`.
+    #[arg(long, env = "MUSTER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Heartbeat streams open at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MUSTER_MAX_STREAMS", default_value_t = 50_000)]
+    pub max_streams: u32,
+
+    /// New Heartbeat streams (registrations) accepted per second, with a
+    /// burst of as many; more are refused with RESOURCE_EXHAUSTED and the
+    /// agents back off.
+    #[arg(
+        long,
+        env = "MUSTER_MAX_REGISTRATIONS_PER_SECOND",
+        default_value_t = 2_000
+    )]
+    pub max_registrations_per_second: u32,
+
+    /// Address to serve Prometheus metrics on, at `/metrics`; off if unset.
+    #[arg(long, env = "MUSTER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Upper bounds that keep every deadline computed from a flag far from
@@ -97,6 +129,15 @@ impl CoordinatorConfig {
         check_range("--offline-after", self.offline_after, MAX_OFFLINE_AFTER)?;
         check_range("--expire-after", self.expire_after, MAX_EXPIRE_AFTER)?;
         check_range("--probe-timeout", self.probe_timeout, MAX_PROBE_TIMEOUT)?;
+        if self.max_streams == 0 {
+            return Err(InvalidInput::new("--max-streams", "must be at least 1"));
+        }
+        if self.max_registrations_per_second == 0 {
+            return Err(InvalidInput::new(
+                "--max-registrations-per-second",
+                "must be at least 1",
+            ));
+        }
         if self.offline_after <= self.heartbeat_interval {
             return Err(InvalidInput::new(
                 "--offline-after",
@@ -142,6 +183,14 @@ pub struct AgentConfig {
     /// several separated by commas (so a value cannot contain a comma).
     #[arg(long = "label", env = "MUSTER_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+
+    /// File holding the cluster's join token, presented to the coordinator
+    /// and required of the coordinator's Status probes.
+    #[arg(long, env = "MUSTER_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +199,14 @@ pub enum NodesCommand {
     List(NodesClientConfig),
     /// Show one node.
     Get {
+        /// The node id.
+        node_id: String,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
+    /// Forget a node, so that its id can be claimed afresh. Stop its agent
+    /// first, or it registers again.
+    Remove {
         /// The node id.
         node_id: String,
         #[command(flatten)]
@@ -170,6 +227,18 @@ pub struct NodesClientConfig {
     /// How to print nodes: an aligned table, or JSON for scripts.
     #[arg(long, env = "MUSTER_OUTPUT", value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
+
+    /// File holding the admin token, sent as `authorization: Bearer`.
+    #[arg(long, env = "MUSTER_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// The admin token itself; prefer the environment or --admin-token-file,
+    /// which other users cannot see in the process list.
+    #[arg(long, env = "MUSTER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -8,7 +8,11 @@ use std::{io, net::SocketAddr, path::PathBuf};
 
 use tonic::{Code, Status};
 
-use crate::{node::NodeId, store::StoreError};
+use crate::{
+    auth::{Denied, TokenFileError},
+    node::NodeId,
+    store::StoreError,
+};
 
 /// A field of a request that breaks a documented rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,8 +48,19 @@ pub enum ServiceError {
         stale: u64,
         current: u64,
     },
-    #[error("node {0} expired while its stream was open; reconnect to register again")]
+    #[error(
+        "node {0} was removed (it expired, or an operator removed it) while its stream was open; reconnect to register again"
+    )]
     Forgotten(NodeId),
+    #[error(
+        "node id {0} is registered with a different node secret (another machine, or a copied disk image); remove it with `muster nodes remove {0}` to claim it afresh, or pick another --node-id"
+    )]
+    NodeIdHeld(NodeId),
+    #[error(transparent)]
+    Unauthenticated(#[from] Denied),
+    /// A limit on load was reached; the message names it.
+    #[error("{0}")]
+    Overloaded(String),
     /// The agent's stream failed, e.g. a message too large to decode.
     #[error("{}", .0.message())]
     Inbound(Status),
@@ -67,6 +82,9 @@ impl From<ServiceError> for Status {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
             ServiceError::NodeNotFound(_) | ServiceError::Forgotten(_) => Code::NotFound,
             ServiceError::OutOfOrder(_) => Code::FailedPrecondition,
+            ServiceError::NodeIdHeld(_) => Code::PermissionDenied,
+            ServiceError::Unauthenticated(_) => Code::Unauthenticated,
+            ServiceError::Overloaded(_) => Code::ResourceExhausted,
             ServiceError::Superseded { .. } => Code::Aborted,
             ServiceError::Inbound(status) => status.code(),
             ServiceError::RegistrationTimeout(_) | ServiceError::HeartbeatTimeout(_) => {
@@ -134,4 +152,16 @@ pub enum RunError {
     },
     #[error("cannot write output")]
     Output(#[from] io::Error),
+    #[error(transparent)]
+    TokenFile(#[from] TokenFileError),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(String),
+    #[error("TLS: {reason}")]
+    Tls { reason: String },
+    #[error("cannot read {flag} {path}")]
+    TlsFile {
+        flag: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }

@@ -1,16 +1,21 @@
-//! Server plumbing shared by the coordinator and the agent: binding, HTTP/2
-//! keepalive, reflection (v1 and v1alpha) and serving until cancelled.
+//! gRPC plumbing shared by the coordinator, the agent and the CLI: binding,
+//! HTTP/2 keepalive, TLS, reflection (v1 and v1alpha), serving until
+//! cancelled, and dialling a peer's URL.
 
 use std::{net::SocketAddr, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{
-    Server,
+    Endpoint, Server,
     server::{Router, TcpIncoming},
 };
 
-use crate::{error::RunError, proto};
+use crate::{
+    error::{RunError, display_chain},
+    proto,
+    tls::Tls,
+};
 
 /// Request metadata with which the coordinator marks its Status probes, so
 /// an agent can tell a returning coordinator from a monitoring tool.
@@ -34,12 +39,46 @@ pub async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), RunE
 pub const KEEPALIVE: Duration = Duration::from_secs(10);
 
 /// A server builder whose HTTP/2 keepalive notices a peer that has gone
-/// silent even while no request is in flight.
-pub fn server() -> Server {
-    Server::builder()
+/// silent even while no request is in flight, serving TLS when `tls` is set.
+pub fn server(tls: Option<&Tls>) -> Result<Server, RunError> {
+    let server = Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE))
-        .tcp_nodelay(true)
+        .tcp_nodelay(true);
+    match tls {
+        None => Ok(server),
+        Some(tls) => server
+            .tls_config(tls.server_config()?)
+            .map_err(|e| RunError::Tls {
+                reason: display_chain(&e),
+            }),
+    }
+}
+
+/// An endpoint for `url`, which must be `https` exactly when this process
+/// has TLS configured: credentials never travel in plaintext from a process
+/// set up for TLS, and an `https` URL is never dialled unverified.
+pub fn endpoint(url: &str, tls: Option<&Tls>) -> Result<Endpoint, RunError> {
+    let connect_error = |source| RunError::Connect {
+        url: url.to_owned(),
+        source,
+    };
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(connect_error)?
+        .tcp_nodelay(true);
+    let https = endpoint.uri().scheme_str() == Some("https");
+    match (https, tls) {
+        (false, None) => Ok(endpoint),
+        (true, Some(tls)) => endpoint
+            .tls_config(tls.client_config(url)?)
+            .map_err(connect_error),
+        (true, None) => Err(RunError::Tls {
+            reason: format!("{url} uses https: give --tls-ca, the CA that signed its certificate"),
+        }),
+        (false, Some(_)) => Err(RunError::Tls {
+            reason: format!("{url} is plain http, but TLS is configured; use an https URL"),
+        }),
+    }
 }
 
 /// Adds gRPC server reflection, both `v1` and `v1alpha`: many tools in daily

@@ -10,6 +10,7 @@
 //! - [`cli`] holds the operator commands.
 
 pub mod agent;
+pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -21,3 +22,5 @@ pub mod proto;
 pub mod registry;
 pub mod shutdown;
 pub mod store;
+pub mod telemetry;
+pub mod tls;

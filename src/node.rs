@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, fmt, time::SystemTime};
 
-use crate::{error::InvalidInput, proto};
+use crate::{auth::NodeSecret, error::InvalidInput, proto};
 
 pub const MAX_NODE_ID_LEN: usize = 63;
 pub const MAX_AGENT_URL_LEN: usize = 2048;
@@ -82,11 +82,20 @@ pub struct Registration {
     pub labels: BTreeMap<String, String>,
 }
 
-impl TryFrom<proto::Register> for Registration {
+/// A validated `register`: what the agent declares about its node, and the
+/// secret that proves its claim to the node id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub registration: Registration,
+    pub secret: NodeSecret,
+}
+
+impl TryFrom<proto::Register> for Claim {
     type Error = InvalidInput;
 
     fn try_from(register: proto::Register) -> Result<Self, Self::Error> {
         let node_id = NodeId::parse("register.node_id", &register.node_id)?;
+        let secret = NodeSecret::parse("register.node_secret", &register.node_secret)?;
         validate_url("register.agent_url", &register.agent_url)?;
         if register.boot_id.is_empty() {
             return Err(InvalidInput::new("register.boot_id", "must not be empty"));
@@ -108,30 +117,20 @@ impl TryFrom<proto::Register> for Registration {
         }
         let labels = validate_labels(register.labels)?;
         Ok(Self {
-            node_id,
-            agent_url: register.agent_url,
-            boot_id: register.boot_id,
-            version: register.version,
-            hostname: register.hostname,
-            labels,
+            registration: Registration {
+                node_id,
+                agent_url: register.agent_url,
+                boot_id: register.boot_id,
+                version: register.version,
+                hostname: register.hostname,
+                labels,
+            },
+            secret,
         })
     }
 }
 
-impl From<&Registration> for proto::Register {
-    fn from(registration: &Registration) -> Self {
-        Self {
-            node_id: registration.node_id.to_string(),
-            agent_url: registration.agent_url.clone(),
-            boot_id: registration.boot_id.clone(),
-            version: registration.version.clone(),
-            hostname: registration.hostname.clone(),
-            labels: registration.labels.clone().into_iter().collect(),
-        }
-    }
-}
-
-/// Accepts an `http` URL with a host and an explicit port. The
+/// Accepts an `http` or `https` URL with a host and an explicit port. The
 /// port is required: muster's ports are not the scheme's defaults, so a URL
 /// without one is almost always a mistake.
 pub fn validate_url(field: &'static str, url: &str) -> Result<(), InvalidInput> {
@@ -147,20 +146,11 @@ pub fn validate_url(field: &'static str, url: &str) -> Result<(), InvalidInput> 
     let uri: tonic::codegen::http::Uri = url
         .parse()
         .map_err(|e| InvalidInput::new(field, format!("is not a valid URL ({e}): {url:?}")))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(InvalidInput::new(
-                field,
-                format!("uses https, which this build does not support yet; use http: {url:?}"),
-            ));
-        }
-        _ => {
-            return Err(InvalidInput::new(
-                field,
-                format!("must be an http URL: {url:?}"),
-            ));
-        }
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(InvalidInput::new(
+            field,
+            format!("must be an http or https URL: {url:?}"),
+        ));
     }
     let authority = uri
         .authority()
@@ -275,6 +265,7 @@ mod tests {
             node_id: node_id.to_owned(),
             agent_url: agent_url.to_owned(),
             boot_id: "boot".to_owned(),
+            node_secret: "0123456789abcdef".to_owned(),
             ..Default::default()
         }
     }
@@ -305,9 +296,9 @@ mod tests {
 
     #[test]
     fn agent_url_rules() {
-        assert!(Registration::try_from(register("n", "http://10.0.0.1:7701")).is_ok());
+        assert!(Claim::try_from(register("n", "http://10.0.0.1:7701")).is_ok());
+        assert!(Claim::try_from(register("n", "https://gpu.example:443")).is_ok());
         for bad in [
-            "https://gpu.example:443",
             "",
             "10.0.0.1:7701",
             "ftp://h:1",
@@ -315,11 +306,11 @@ mod tests {
             "http://:80",
             "http://h:notaport",
         ] {
-            let err = Registration::try_from(register("n", bad)).expect_err(bad);
+            let err = Claim::try_from(register("n", bad)).expect_err(bad);
             assert_eq!(err.field, "register.agent_url", "{bad}");
         }
         let long = format!("http://h:1/{}", "x".repeat(MAX_AGENT_URL_LEN));
-        assert!(Registration::try_from(register("n", &long)).is_err());
+        assert!(Claim::try_from(register("n", &long)).is_err());
     }
 
     #[test]
@@ -328,13 +319,25 @@ mod tests {
         too_many.labels = (0..=MAX_LABELS)
             .map(|i| (format!("k{i}"), String::new()))
             .collect();
-        assert!(Registration::try_from(too_many).is_err());
+        assert!(Claim::try_from(too_many).is_err());
 
         let mut long_value = register("n", "http://h:1");
         long_value
             .labels
             .insert("gpu".into(), "x".repeat(MAX_LABEL_VALUE_LEN + 1));
-        assert!(Registration::try_from(long_value).is_err());
+        assert!(Claim::try_from(long_value).is_err());
+    }
+
+    #[test]
+    fn node_secret_is_required_and_bounded() {
+        for bad in ["", "short", &"s".repeat(257), "with spaces inside it"] {
+            let mut message = register("n", "http://h:1");
+            message.node_secret = bad.to_owned();
+            assert_eq!(
+                Claim::try_from(message).unwrap_err().field,
+                "register.node_secret"
+            );
+        }
     }
 
     #[test]
@@ -342,7 +345,7 @@ mod tests {
         let mut message = register("n", "http://h:1");
         message.boot_id.clear();
         assert_eq!(
-            Registration::try_from(message).unwrap_err().field,
+            Claim::try_from(message).unwrap_err().field,
             "register.boot_id"
         );
     }

@@ -76,7 +76,8 @@ pub struct Enrollment {
 pub enum SessionRejected {
     /// A newer session of the node exists.
     Superseded { current: u64 },
-    /// The node expired and was removed while this session was silent.
+    /// The node expired, or an operator removed it, while this session was
+    /// open.
     Forgotten,
 }
 
@@ -359,6 +360,15 @@ impl Registry {
             }),
             Some(entry) => Ok(entry.state),
         }
+    }
+
+    /// Forgets a node whose row the store has deleted at `removed_generation`.
+    /// A node registered again since then (a newer generation) is kept.
+    pub fn remove(&mut self, node_id: &NodeId, removed_generation: u64) -> Option<NodeSnapshot> {
+        if self.nodes.get(node_id)?.generation > removed_generation {
+            return None;
+        }
+        self.nodes.remove(node_id).map(|entry| entry.snapshot())
     }
 
     pub fn get(&self, node_id: &NodeId) -> Option<NodeSnapshot> {
@@ -807,5 +817,23 @@ mod tests {
             .map(|n| n.registration.node_id.to_string())
             .collect();
         assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn removal_forgets_the_node_and_ends_its_session() {
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 3, t0);
+        assert!(
+            registry.remove(&id("a"), 2).is_none(),
+            "a newer registration is kept"
+        );
+        let removed = registry.remove(&id("a"), 3).unwrap();
+        assert_eq!(removed.generation, 3);
+        assert_eq!(state(&registry, "a"), None);
+        assert_eq!(
+            registry.heartbeat(&id("a"), 3, t0),
+            Err(SessionRejected::Forgotten)
+        );
+        assert!(registry.remove(&id("a"), 3).is_none());
     }
 }

@@ -7,7 +7,7 @@ use std::{cell::RefCell, time::Duration};
 
 use common::*;
 use muster::{
-    coordinator::{ProbeOutcome, probe},
+    coordinator::{ProbeCredentials, ProbeOutcome, probe},
     node::NodeId,
     proto::NodeState,
     store::Store,
@@ -294,7 +294,13 @@ async fn a_probe_that_reaches_a_different_node_is_rejected() {
 
     // The prober itself: the agent answers, but as another node.
     let expected = NodeId::parse("node_id", "gpu-ghost").unwrap();
-    let outcome = probe(&impostor.url(), &expected, Duration::from_secs(2)).await;
+    let outcome = probe(
+        &impostor.url(),
+        &expected,
+        Duration::from_secs(2),
+        ProbeCredentials::default(),
+    )
+    .await;
     assert_eq!(
         outcome,
         ProbeOutcome::WrongNode {
@@ -303,7 +309,13 @@ async fn a_probe_that_reaches_a_different_node_is_rejected() {
     );
     let real = NodeId::parse("node_id", "gpu-1").unwrap();
     assert!(matches!(
-        probe(&impostor.url(), &real, Duration::from_secs(2)).await,
+        probe(
+            &impostor.url(),
+            &real,
+            Duration::from_secs(2),
+            ProbeCredentials::default()
+        )
+        .await,
         ProbeOutcome::Alive { .. }
     ));
 

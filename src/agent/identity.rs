@@ -1,14 +1,55 @@
-//! The agent's identity on disk: its node id, kept in the state directory so
-//! that it survives restarts of the agent and changes of the host name.
+//! The agent's identity on disk: its node id and its node secret, kept in
+//! the state directory so that they survive restarts of the agent and changes
+//! of the host name.
+//!
+//! The secret is created once, readable by its owner alone (mode 0600), and
+//! never replaced: a new secret would lock the node out of its own id. A
+//! secret file that others may read is refused, as ssh refuses such keys.
 
 use std::{
     io,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
-use crate::{error::RunError, node::NodeId};
+use crate::{auth::NodeSecret, error::RunError, node::NodeId};
 
 const NODE_ID_FILE: &str = "node_id";
+const NODE_SECRET_FILE: &str = "node_secret";
+const SECRET_MODE: u32 = 0o600;
+
+/// Reads the node secret kept in `state_dir`, creating it on first use.
+pub async fn resolve_node_secret(state_dir: &Path) -> Result<NodeSecret, RunError> {
+    let path = state_dir.join(NODE_SECRET_FILE);
+    let state_error = |source: io::Error| RunError::StateDir {
+        path: path.clone(),
+        source,
+    };
+    match tokio::fs::metadata(&path).await {
+        Ok(metadata) => {
+            let mode = metadata.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(state_error(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "the node secret is readable by others (mode {mode:o}); run `chmod 600` on it"
+                    ),
+                )));
+            }
+            let kept = tokio::fs::read_to_string(&path)
+                .await
+                .map_err(state_error)?;
+            return Ok(NodeSecret::parse("node_secret file", kept.trim())?);
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(state_error(e)),
+    }
+    let secret = NodeSecret::generate();
+    write_atomically(state_dir, &path, secret.expose(), SECRET_MODE)
+        .await
+        .map_err(state_error)?;
+    Ok(secret)
+}
 
 /// Picks the node id: the flag if given; otherwise the id kept in
 /// `state_dir`; otherwise the host name, which is then kept.
@@ -31,18 +72,28 @@ pub async fn resolve_node_id(
         Err(e) => return Err(state_error(e)),
     }
     let node_id = NodeId::from_hostname(hostname)?;
-    write_atomically(state_dir, &path, node_id.as_str())
+    write_atomically(state_dir, &path, node_id.as_str(), 0o644)
         .await
         .map_err(state_error)?;
     Ok(node_id)
 }
 
-/// Writes `contents` to a temporary file beside `path`, then renames it, so a
-/// crash never leaves a half-written identity.
-async fn write_atomically(dir: &Path, path: &Path, contents: &str) -> io::Result<()> {
+/// Writes `contents` to a new temporary file of `mode` beside `path`, then
+/// renames it, so a crash never leaves a half-written identity and the file
+/// is never visible with wider permissions.
+async fn write_atomically(dir: &Path, path: &Path, contents: &str, mode: u32) -> io::Result<()> {
     tokio::fs::create_dir_all(dir).await?;
     let temporary: PathBuf = path.with_extension("tmp");
-    tokio::fs::write(&temporary, format!("{contents}\n")).await?;
+    let _ = tokio::fs::remove_file(&temporary).await;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temporary)
+        .await?;
+    tokio::io::AsyncWriteExt::write_all(&mut file, format!("{contents}\n").as_bytes()).await?;
+    file.sync_all().await?;
+    drop(file);
     tokio::fs::rename(&temporary, path).await
 }
 
@@ -71,6 +122,25 @@ mod tests {
             resolve_node_id(Some("Bad Id"), dir.path(), "host").await,
             Err(RunError::Config(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn the_secret_is_created_once_private_and_then_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let first = resolve_node_secret(&state).await.unwrap();
+        let path = state.join(NODE_SECRET_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, SECRET_MODE);
+        assert_eq!(resolve_node_secret(&state).await.unwrap(), first);
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = resolve_node_secret(&state).await.unwrap_err();
+        assert!(err.to_string().contains("node_secret"), "{err}");
+        assert!(
+            crate::error::display_chain(&err).contains("chmod 600"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

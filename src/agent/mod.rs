@@ -10,18 +10,19 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tonic::transport::Endpoint;
 use tracing::info;
 
-pub use identity::resolve_node_id;
+pub use identity::{resolve_node_id, resolve_node_secret};
 pub use status::StatusService;
 
 use crate::{
+    auth::Token,
     config::AgentConfig,
     error::RunError,
     grpc,
-    node::{Registration, validate_url},
+    node::{Claim, validate_url},
     proto::{self, agent_server::AgentServer},
+    tls::Tls,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,6 +31,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     let hostname = gethostname::gethostname().to_string_lossy().into_owned();
     let node_id = resolve_node_id(config.node_id.as_deref(), &config.state_dir, &hostname).await?;
+    let node_secret = resolve_node_secret(&config.state_dir).await?;
+    let join_token =
+        Token::from_optional_file("--join-token-file", config.join_token_file.as_deref())?;
+    let tls = Tls::load(&config.tls)?;
+    let server = grpc::server(tls.as_ref())?;
     let boot_id = uuid::Uuid::new_v4().to_string();
     let (listener, address) = grpc::bind(config.listen).await?;
     let advertise_url = match config.advertise_url {
@@ -37,7 +43,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             validate_url("--advertise-url", &url)?;
             url
         }
-        None => default_advertise_url(address, &hostname),
+        None => default_advertise_url(address, &hostname, tls.is_some()),
     };
     let register = proto::Register {
         node_id: node_id.to_string(),
@@ -46,16 +52,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         hostname: hostname.clone(),
         labels: config.labels.into_iter().collect(),
+        node_secret: node_secret.expose().to_owned(),
     };
-    Registration::try_from(register.clone())?;
+    Claim::try_from(register.clone())?;
     validate_url("--coordinator", &config.coordinator)?;
-    let coordinator = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|source| RunError::Connect {
-            url: config.coordinator.clone(),
-            source,
-        })?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
+    let coordinator =
+        grpc::endpoint(&config.coordinator, tls.as_ref())?.connect_timeout(CONNECT_TIMEOUT);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<StatusService>>().await;
@@ -65,8 +67,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         boot_id.clone(),
         hostname,
         probed.clone(),
+        join_token.clone(),
     );
-    let router = grpc::server()
+    let mut server = server;
+    let router = server
         .add_service(health_service)
         .add_service(AgentServer::new(status).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES));
     let router = grpc::with_reflection(router, "muster.v1.Agent")?;
@@ -77,6 +81,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         reconnect::Link {
             coordinator,
             register,
+            join_token,
         },
         probed,
         shutdown.clone(),
@@ -91,11 +96,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
 
 /// The listen address as a URL, with the host name in place of an
 /// unspecified IP such as `0.0.0.0`.
-fn default_advertise_url(listen: SocketAddr, hostname: &str) -> String {
+fn default_advertise_url(listen: SocketAddr, hostname: &str, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
     if listen.ip().is_unspecified() {
-        format!("http://{hostname}:{}", listen.port())
+        format!("{scheme}://{hostname}:{}", listen.port())
     } else {
-        format!("http://{listen}")
+        format!("{scheme}://{listen}")
     }
 }
 
@@ -106,16 +112,16 @@ mod tests {
     #[test]
     fn advertise_url_defaults() {
         assert_eq!(
-            default_advertise_url("0.0.0.0:7701".parse().unwrap(), "gpu1"),
+            default_advertise_url("0.0.0.0:7701".parse().unwrap(), "gpu1", false),
             "http://gpu1:7701"
         );
         assert_eq!(
-            default_advertise_url("127.0.0.1:9".parse().unwrap(), "gpu1"),
+            default_advertise_url("127.0.0.1:9".parse().unwrap(), "gpu1", false),
             "http://127.0.0.1:9"
         );
         assert_eq!(
-            default_advertise_url("[::1]:9".parse().unwrap(), "gpu1"),
-            "http://[::1]:9"
+            default_advertise_url("[::1]:9".parse().unwrap(), "gpu1", true),
+            "https://[::1]:9"
         );
     }
 }

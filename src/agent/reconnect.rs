@@ -24,6 +24,7 @@ use tonic::{Status, transport::Endpoint};
 use tracing::{error, info, warn};
 
 use crate::{
+    auth::Token,
     error::display_chain,
     proto::{
         self, AgentMessage, agent_message, coordinator_client::CoordinatorClient,
@@ -66,8 +67,28 @@ enum LinkError {
 }
 
 impl LinkError {
-    fn is_superseded(&self) -> bool {
-        matches!(self, Self::Stream(status) if status.code() == tonic::Code::Aborted)
+    /// What the operator must do about this error, if it will not go away by
+    /// retrying alone.
+    fn needs_attention(&self) -> Option<&'static str> {
+        let code = match self {
+            Self::Stream(status) | Self::Refused(status) => status.code(),
+            _ => return None,
+        };
+        match code {
+            tonic::Code::Aborted => Some(
+                "another stream registered as this node; is a second agent using the same node id?",
+            ),
+            tonic::Code::PermissionDenied => Some(
+                "the coordinator holds this node id for another machine (a different node secret)",
+            ),
+            tonic::Code::Unauthenticated => {
+                Some("the coordinator refused this agent's credentials; check --join-token-file")
+            }
+            tonic::Code::InvalidArgument => {
+                Some("the coordinator refused this agent's registration")
+            }
+            _ => None,
+        }
     }
 }
 
@@ -98,6 +119,7 @@ impl ReconnectBackoff {
 pub struct Link {
     pub coordinator: Endpoint,
     pub register: proto::Register,
+    pub join_token: Option<Token>,
 }
 
 /// Keeps the agent registered until `shutdown` is cancelled. A notification
@@ -115,12 +137,8 @@ pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
             backoff = ReconnectBackoff::new();
         }
         let delay = backoff.next_delay();
-        if error.is_superseded() {
-            error!(
-                error = %display_chain(&error),
-                retry_in = ?delay,
-                "another stream registered as this node; is a second agent using the same node id?"
-            );
+        if let Some(attention) = error.needs_attention() {
+            error!(error = %display_chain(&error), retry_in = ?delay, "{attention}");
         } else {
             warn!(error = %display_chain(&error), retry_in = ?delay, "coordinator link down");
         }
@@ -162,8 +180,12 @@ async fn hold_stream(
         return LinkError::Closed;
     }
     let registration = async {
+        let mut request = tonic::Request::new(ReceiverStream::new(receiver));
+        if let Some(token) = &link.join_token {
+            token.attach_as_join(request.metadata_mut());
+        }
         let mut inbound = CoordinatorClient::new(channel)
-            .heartbeat(ReceiverStream::new(receiver))
+            .heartbeat(request)
             .await
             .map_err(LinkError::Refused)?
             .into_inner();

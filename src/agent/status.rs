@@ -5,6 +5,8 @@
 //! back: it wakes the reconnect loop if that is waiting out a backoff, so the
 //! agent re-registers at once. Other callers, such as monitoring tools, and
 //! probes while the loop is not waiting leave nothing behind.
+//!
+//! When the agent has a join token, every caller must present it.
 
 use std::{sync::Arc, time::SystemTime};
 
@@ -13,6 +15,8 @@ use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    auth::{self, Token},
+    error::ServiceError,
     grpc,
     proto::{StatusRequest, StatusResponse, agent_server::Agent},
 };
@@ -23,16 +27,24 @@ pub struct StatusService {
     hostname: String,
     started_at: SystemTime,
     probed: Arc<Notify>,
+    join_token: Option<Token>,
 }
 
 impl StatusService {
-    pub fn new(node_id: String, boot_id: String, hostname: String, probed: Arc<Notify>) -> Self {
+    pub fn new(
+        node_id: String,
+        boot_id: String,
+        hostname: String,
+        probed: Arc<Notify>,
+        join_token: Option<Token>,
+    ) -> Self {
         Self {
             node_id,
             boot_id,
             hostname,
             started_at: SystemTime::now(),
             probed,
+            join_token,
         }
     }
 }
@@ -43,6 +55,12 @@ impl Agent for StatusService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        auth::require_join_token(self.join_token.as_ref(), request.metadata()).map_err(
+            |denied| {
+                tracing::warn!(peer = ?request.remote_addr(), %denied, "refused a Status call");
+                ServiceError::from(denied)
+            },
+        )?;
         if request.metadata().contains_key(grpc::PROBE_METADATA) {
             self.probed.notify_waiters();
         }

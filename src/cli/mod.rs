@@ -1,71 +1,124 @@
-//! Operator commands: `muster nodes list` and `muster nodes get`.
+//! Operator commands: `muster nodes list`, `get` and `remove`.
 
 mod output;
 
 use std::io::Write;
 
-use tonic::transport::Endpoint;
+use tonic::{Request, transport::Channel};
 
 use crate::{
+    auth::Token,
     config::{NodesClientConfig, NodesCommand},
     error::RunError,
+    grpc,
     node::validate_url,
     proto::{self, coordinator_client::CoordinatorClient},
+    tls::Tls,
 };
 
 pub async fn run_nodes(command: NodesCommand, out: &mut impl Write) -> Result<(), RunError> {
     match command {
         NodesCommand::List(client) => {
-            let mut coordinator = connect(&client).await?;
-            let nodes = coordinator
-                .list_nodes(proto::ListNodesRequest {})
+            let operator = Operator::connect(&client).await?;
+            let request = operator.request(proto::ListNodesRequest {});
+            let nodes = operator
+                .coordinator()
+                .list_nodes(request)
                 .await
-                .map_err(|status| rpc_error(&client, status))?
+                .map_err(|status| operator.rpc_error(status))?
                 .into_inner()
                 .nodes;
             output::write_nodes(out, client.output, &nodes)?;
         }
         NodesCommand::Get { node_id, client } => {
-            let mut coordinator = connect(&client).await?;
-            let node = coordinator
-                .get_node(proto::GetNodeRequest { node_id })
+            let operator = Operator::connect(&client).await?;
+            let request = operator.request(proto::GetNodeRequest { node_id });
+            let node = operator
+                .coordinator()
+                .get_node(request)
                 .await
-                .map_err(|status| rpc_error(&client, status))?
+                .map_err(|status| operator.rpc_error(status))?
                 .into_inner();
             output::write_node(out, client.output, &node)?;
+        }
+        NodesCommand::Remove { node_id, client } => {
+            let operator = Operator::connect(&client).await?;
+            let request = operator.request(proto::RemoveNodeRequest { node_id });
+            let removed = operator
+                .coordinator()
+                .remove_node(request)
+                .await
+                .map_err(|status| operator.rpc_error(status))?
+                .into_inner();
+            if let Some(node) = removed.node {
+                output::write_node(out, client.output, &node)?;
+            }
         }
     }
     Ok(())
 }
 
-async fn connect(
-    client: &NodesClientConfig,
-) -> Result<CoordinatorClient<tonic::transport::Channel>, RunError> {
-    validate_url("--coordinator", &client.coordinator)?;
-    let connect_error = |source| RunError::Connect {
-        url: client.coordinator.clone(),
-        source,
-    };
-    let channel = Endpoint::from_shared(client.coordinator.clone())
-        .map_err(connect_error)?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(connect_error)?;
-    Ok(CoordinatorClient::new(channel))
+/// A connection to the coordinator, with the credentials to present.
+struct Operator {
+    url: String,
+    channel: Channel,
+    admin_token: Option<Token>,
 }
 
-fn rpc_error(client: &NodesClientConfig, status: tonic::Status) -> RunError {
-    let message = match status.code() {
-        tonic::Code::Unimplemented => {
-            "it does not serve muster.v1.Coordinator; is this the coordinator's address?".to_owned()
+impl Operator {
+    async fn connect(client: &NodesClientConfig) -> Result<Self, RunError> {
+        validate_url("--coordinator", &client.coordinator)?;
+        let admin_token = match &client.admin_token {
+            Some(token) => Some(Token::new("MUSTER_ADMIN_TOKEN", token)?),
+            None => {
+                Token::from_optional_file("--admin-token-file", client.admin_token_file.as_deref())?
+            }
+        };
+        let tls = Tls::load(&client.tls)?;
+        let channel = grpc::endpoint(&client.coordinator, tls.as_ref())?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|source| RunError::Connect {
+                url: client.coordinator.clone(),
+                source,
+            })?;
+        Ok(Self {
+            url: client.coordinator.clone(),
+            channel,
+            admin_token,
+        })
+    }
+
+    fn coordinator(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(self.channel.clone())
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.admin_token {
+            token.attach_as_bearer(request.metadata_mut());
         }
-        _ if status.message().is_empty() => "no details given".to_owned(),
-        _ => status.message().to_owned(),
-    };
-    RunError::Rpc {
-        url: client.coordinator.clone(),
-        code: status.code(),
-        message,
+        request
+    }
+
+    fn rpc_error(&self, status: tonic::Status) -> RunError {
+        let message = match status.code() {
+            tonic::Code::Unimplemented => {
+                "it does not serve muster.v1.Coordinator; is this the coordinator's address?"
+                    .to_owned()
+            }
+            tonic::Code::Unauthenticated if self.admin_token.is_none() => format!(
+                "{}; give the admin token with --admin-token-file or MUSTER_ADMIN_TOKEN",
+                status.message()
+            ),
+            _ if status.message().is_empty() => "no details given".to_owned(),
+            _ => status.message().to_owned(),
+        };
+        RunError::Rpc {
+            url: self.url.clone(),
+            code: status.code(),
+            message,
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! through one cancellation token: sessions end first, then the writer makes
 //! its final flush.
 
+mod admission;
 mod prober;
 mod service;
 mod session;
@@ -14,6 +15,7 @@ mod sweeper;
 mod writer;
 
 use std::{
+    num::NonZeroU32,
     sync::{Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
@@ -23,6 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
 use crate::{
+    auth::Token,
     clock::Moment,
     config::CoordinatorConfig,
     error::RunError,
@@ -30,9 +33,11 @@ use crate::{
     proto::coordinator_server::CoordinatorServer,
     registry::{Registry, Timing},
     store::Store,
+    telemetry,
+    tls::Tls,
 };
 
-pub use prober::{ProbeOutcome, probe};
+pub use prober::{ProbeCredentials, ProbeOutcome, probe};
 pub use session::read_registration;
 
 /// How many Status probes run at once after a restart.
@@ -48,6 +53,12 @@ pub(crate) struct Shared {
     heartbeat_interval: Duration,
     /// Silence after which a node is OFFLINE and its stream is closed.
     offline_after: Duration,
+    /// Required of Heartbeat streams, and presented by Status probes.
+    join_token: Option<Token>,
+    /// Required of operator calls.
+    admin_token: Option<Token>,
+    /// Serves the coordinator, and dials agents for probes.
+    tls: Option<Tls>,
 }
 
 impl Shared {
@@ -72,6 +83,12 @@ impl Shared {
 /// Runs a coordinator until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
+    let join_token =
+        Token::from_optional_file("--join-token-file", config.join_token_file.as_deref())?;
+    let admin_token =
+        Token::from_optional_file("--admin-token-file", config.admin_token_file.as_deref())?;
+    let tls = Tls::load(&config.tls)?;
+    let server = grpc::server(tls.as_ref())?;
     let store = Store::open(&config.db).await?;
     let stored = store.load_nodes().await?;
     let (listener, address) = grpc::bind(config.listen).await?;
@@ -92,6 +109,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         boot_id: boot_id.clone(),
         heartbeat_interval: config.heartbeat_interval,
         offline_after: config.offline_after,
+        join_token,
+        admin_token,
+        tls,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -125,11 +145,34 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
 
     let service =
         service::CoordinatorService::new(shared.clone(), sessions.clone(), shutdown.clone());
-    let router = grpc::server().add_service(health_service).add_service(
-        CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
+    let admission = admission::AdmissionLayer::new(
+        config.max_streams,
+        NonZeroU32::new(config.max_registrations_per_second).unwrap_or(NonZeroU32::MIN),
     );
+    let mut server = server;
+    let router = server
+        .add_service(health_service)
+        .add_service(tower::Layer::layer(
+            &admission,
+            CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
+        ));
     let router = grpc::with_reflection(router, "muster.v1.Coordinator")?;
-    info!(%address, %boot_id, reloaded, db = %config.db.display(), "coordinator listening");
+    if let Some(metrics_address) = config.metrics_listen {
+        background.spawn(telemetry::serve(
+            telemetry::bind(metrics_address).await?,
+            shutdown.clone(),
+        ));
+    }
+    info!(
+        %address,
+        %boot_id,
+        reloaded,
+        db = %config.db.display(),
+        tls = shared.tls.is_some(),
+        join_token = shared.join_token.is_some(),
+        admin_token = shared.admin_token.is_some(),
+        "coordinator listening"
+    );
 
     // The writer and the sweeper end only when told to. If either ends
     // sooner it has panicked, and a coordinator that can no longer persist or

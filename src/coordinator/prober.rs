@@ -11,12 +11,12 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
 use super::{Shared, service::CoordinatorService};
 use crate::{
+    auth::Token,
     clock::Moment,
     error::display_chain,
     grpc,
@@ -26,7 +26,16 @@ use crate::{
         coordinator_server::CoordinatorServer,
     },
     registry::ProbeTarget,
+    tls::Tls,
 };
+
+/// What a probe presents to an agent: the cluster's join token, and over
+/// TLS, the coordinator's certificate.
+#[derive(Clone, Copy, Default)]
+pub struct ProbeCredentials<'a> {
+    pub tls: Option<&'a Tls>,
+    pub join_token: Option<&'a Token>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeOutcome {
@@ -39,8 +48,14 @@ pub enum ProbeOutcome {
 }
 
 /// Calls `Agent/Status` at `agent_url` and checks that it is `expected`.
-pub async fn probe(agent_url: &str, expected: &NodeId, timeout: Duration) -> ProbeOutcome {
-    match tokio::time::timeout(timeout, call_status(agent_url, timeout)).await {
+pub async fn probe(
+    agent_url: &str,
+    expected: &NodeId,
+    timeout: Duration,
+    credentials: ProbeCredentials<'_>,
+) -> ProbeOutcome {
+    let call = call_status(agent_url, timeout, credentials);
+    match tokio::time::timeout(timeout, call).await {
         Err(_) => ProbeOutcome::Unreachable {
             reason: format!("no answer within {timeout:?}"),
         },
@@ -54,8 +69,12 @@ pub async fn probe(agent_url: &str, expected: &NodeId, timeout: Duration) -> Pro
     }
 }
 
-async fn call_status(agent_url: &str, timeout: Duration) -> Result<StatusResponse, String> {
-    let endpoint = Endpoint::from_shared(agent_url.to_owned())
+async fn call_status(
+    agent_url: &str,
+    timeout: Duration,
+    credentials: ProbeCredentials<'_>,
+) -> Result<StatusResponse, String> {
+    let endpoint = grpc::endpoint(agent_url, credentials.tls)
         .map_err(|e| display_chain(&e))?
         .connect_timeout(timeout)
         .timeout(timeout);
@@ -65,6 +84,9 @@ async fn call_status(agent_url: &str, timeout: Duration) -> Result<StatusRespons
         grpc::PROBE_METADATA,
         tonic::metadata::MetadataValue::from_static("coordinator"),
     );
+    if let Some(token) = credentials.join_token {
+        token.attach_as_join(request.metadata_mut());
+    }
     let response = AgentClient::new(channel)
         .status(request)
         .await
@@ -82,9 +104,13 @@ pub(super) async fn initial_round(
     let targets = shared.lock().unproven();
     let total = targets.len();
     let deadline = tokio::time::Instant::now() + timeout * 2;
+    let credentials = ProbeCredentials {
+        tls: shared.tls.as_ref(),
+        join_token: shared.join_token.as_ref(),
+    };
     let mut outcomes = futures::stream::iter(targets)
         .map(|target| async move {
-            let outcome = probe(&target.agent_url, &target.node_id, timeout).await;
+            let outcome = probe(&target.agent_url, &target.node_id, timeout, credentials).await;
             (target, outcome)
         })
         .buffer_unordered(concurrency);

@@ -8,13 +8,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
+use tracing::{Instrument, info, warn};
 
 use super::{
     Shared,
+    admission::StreamPermit,
     session::{read_registration, serve_stream},
 };
 use crate::{
+    auth,
     error::ServiceError,
     node::NodeId,
     proto::{self, AgentMessage, CoordinatorMessage, coordinator_server::Coordinator},
@@ -53,30 +55,40 @@ impl Coordinator for CoordinatorService {
 
     async fn heartbeat(
         &self,
-        request: Request<Streaming<AgentMessage>>,
+        mut request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         if self.shutdown.is_cancelled() {
             return Err(ServiceError::ShuttingDown.into());
         }
+        if let Err(denied) =
+            auth::require_join_token(self.shared.join_token.as_ref(), request.metadata())
+        {
+            metrics::counter!("muster_registrations_refused_total", "reason" => "join_token")
+                .increment(1);
+            warn!(peer = ?request.remote_addr(), %denied, "refused a Heartbeat stream without the join token");
+            return Err(ServiceError::from(denied).into());
+        }
+        let permit = request.extensions_mut().remove::<StreamPermit>();
         let mut inbound = request.into_inner();
-        let registration = tokio::select! {
+        let claim = tokio::select! {
             () = self.shutdown.cancelled() => return Err(ServiceError::ShuttingDown.into()),
-            registration = read_registration(&mut inbound, REGISTRATION_TIMEOUT) => registration?,
+            claim = read_registration(&mut inbound, REGISTRATION_TIMEOUT) => claim?,
         };
         let (outbound, receiver) = mpsc::channel(OUTBOUND_CAPACITY);
         let (admitted, admission) = oneshot::channel();
         let span = tracing::info_span!(
             "session",
-            node_id = %registration.node_id,
+            node_id = %claim.registration.node_id,
             generation = tracing::field::Empty
         );
         self.sessions.spawn(
             serve_stream(
                 self.shared.clone(),
-                registration,
+                claim,
                 inbound,
                 outbound,
                 admitted,
+                permit,
                 self.shutdown.clone(),
             )
             .instrument(span),
@@ -89,8 +101,9 @@ impl Coordinator for CoordinatorService {
 
     async fn list_nodes(
         &self,
-        _request: Request<proto::ListNodesRequest>,
+        request: Request<proto::ListNodesRequest>,
     ) -> Result<Response<proto::ListNodesResponse>, Status> {
+        self.require_admin(&request)?;
         let nodes = self.shared.lock().list();
         Ok(Response::new(proto::ListNodesResponse {
             nodes: nodes.into_iter().map(proto::Node::from).collect(),
@@ -101,10 +114,48 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<proto::GetNodeRequest>,
     ) -> Result<Response<proto::Node>, Status> {
+        self.require_admin(&request)?;
         let node_id =
             NodeId::parse("node_id", &request.into_inner().node_id).map_err(ServiceError::from)?;
         let node = self.shared.lock().get(&node_id);
         let node = node.ok_or(ServiceError::NodeNotFound(node_id))?;
         Ok(Response::new(node.into()))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<proto::RemoveNodeRequest>,
+    ) -> Result<Response<proto::RemoveNodeResponse>, Status> {
+        self.require_admin(&request)?;
+        let node_id =
+            NodeId::parse("node_id", &request.into_inner().node_id).map_err(ServiceError::from)?;
+        // The row goes first: once this call returns, a registration with
+        // another secret must find the id free.
+        let removed_generation = self
+            .shared
+            .store
+            .remove(node_id.clone())
+            .await
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| ServiceError::NodeNotFound(node_id.clone()))?;
+        let removed = self
+            .shared
+            .update(|registry| registry.remove(&node_id, removed_generation));
+        info!(%node_id, generation = removed_generation, "node removed by an operator");
+        Ok(Response::new(proto::RemoveNodeResponse {
+            node: removed.map(proto::Node::from),
+        }))
+    }
+}
+
+impl CoordinatorService {
+    fn require_admin<T>(&self, request: &Request<T>) -> Result<(), ServiceError> {
+        auth::require_admin_token(self.shared.admin_token.as_ref(), request.metadata()).map_err(
+            |denied| {
+                metrics::counter!("muster_admin_requests_refused_total").increment(1);
+                warn!(peer = ?request.remote_addr(), %denied, "refused an operator call");
+                ServiceError::from(denied)
+            },
+        )
     }
 }

@@ -26,19 +26,19 @@ use super::Shared;
 use crate::{
     clock::Moment,
     error::{InvalidInput, ServiceError},
-    node::{NodeId, NodeState, Registration},
+    node::{Claim, NodeId, NodeState},
     proto::{self, AgentMessage, CoordinatorMessage, agent_message, coordinator_message},
     registry::SessionRejected,
+    store::Enrolled,
 };
+
+use super::admission::StreamPermit;
 
 pub(super) type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
 /// Waits at most `timeout` for the stream's first message, which must be a
 /// valid `register`.
-pub async fn read_registration<S>(
-    inbound: &mut S,
-    timeout: Duration,
-) -> Result<Registration, ServiceError>
+pub async fn read_registration<S>(inbound: &mut S, timeout: Duration) -> Result<Claim, ServiceError>
 where
     S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
 {
@@ -52,7 +52,7 @@ where
         Some(Err(status)) => Err(ServiceError::Inbound(status)),
         Some(Ok(AgentMessage {
             kind: Some(agent_message::Kind::Register(register)),
-        })) => Ok(Registration::try_from(register)?),
+        })) => Ok(Claim::try_from(register)?),
         Some(Ok(AgentMessage {
             kind: Some(agent_message::Kind::Heartbeat(_)),
         })) => Err(ServiceError::OutOfOrder(
@@ -73,10 +73,11 @@ where
 /// the agent hangs up before the call returns.
 pub(super) async fn serve_stream<S>(
     shared: Arc<Shared>,
-    registration: Registration,
+    claim: Claim,
     inbound: S,
     outbound: Outbound,
     admitted: oneshot::Sender<Result<(), ServiceError>>,
+    permit: Option<StreamPermit>,
     shutdown: CancellationToken,
 ) where
     S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
@@ -86,7 +87,8 @@ pub(super) async fn serve_stream<S>(
         // abandoned while this coordinator was paused do.
         return;
     }
-    let session = match Session::admit(shared, registration).await {
+    let _permit = permit;
+    let session = match Session::admit(shared, claim).await {
         Ok(session) => session,
         Err(error) => {
             let _ = admitted.send(Err(error));
@@ -116,15 +118,42 @@ pub(super) struct Session {
 
 impl Session {
     /// Commits the registration to the store, then applies it to the registry.
-    pub(super) async fn admit(
-        shared: Arc<Shared>,
-        registration: Registration,
-    ) -> Result<Self, ServiceError> {
+    /// A node id held under another node secret is refused, and nothing
+    /// about the node changes.
+    pub(super) async fn admit(shared: Arc<Shared>, claim: Claim) -> Result<Self, ServiceError> {
+        let Claim {
+            registration,
+            secret,
+        } = claim;
         let node_id = registration.node_id.clone();
-        let enrollment = shared
+        if shared.tls.is_some() && !registration.agent_url.starts_with("https://") {
+            return Err(InvalidInput::new(
+                "register.agent_url",
+                format!(
+                    "must be https: this coordinator uses TLS, and its probes carry credentials; got {:?}",
+                    registration.agent_url
+                ),
+            )
+            .into());
+        }
+        let enrolled = shared
             .store
-            .enroll(registration.clone(), Moment::now().wall)
+            .enroll(registration.clone(), secret.hash(), Moment::now().wall)
             .await?;
+        let enrollment = match enrolled {
+            Enrolled::Admitted(enrollment) => enrollment,
+            Enrolled::HeldByAnotherSecret => {
+                metrics::counter!("muster_registrations_refused_total", "reason" => "node_secret")
+                    .increment(1);
+                warn!(
+                    agent_url = %registration.agent_url,
+                    hostname = %registration.hostname,
+                    boot_id = %registration.boot_id,
+                    "refused a registration: the node id is held by another node secret"
+                );
+                return Err(ServiceError::NodeIdHeld(node_id));
+            }
+        };
         shared
             .update(|registry| registry.register(registration, enrollment, Moment::now()))
             .map_err(|rejected| rejection(&node_id, enrollment.generation, rejected))?;
@@ -292,6 +321,7 @@ mod tests {
                 node_id: node_id.to_owned(),
                 agent_url: "http://127.0.0.1:7701".to_owned(),
                 boot_id: "boot".to_owned(),
+                node_secret: "0123456789abcdef".to_owned(),
                 ..Default::default()
             })),
         }
@@ -305,7 +335,7 @@ mod tests {
         }
     }
 
-    async fn first_message_code(messages: Vec<AgentMessage>) -> Result<Registration, Code> {
+    async fn first_message_code(messages: Vec<AgentMessage>) -> Result<Claim, Code> {
         let mut inbound = stream::iter(messages.into_iter().map(Ok));
         read_registration(&mut inbound, Duration::from_secs(1))
             .await
@@ -317,7 +347,7 @@ mod tests {
         let registration = first_message_code(vec![register("gpu-1"), heartbeat(1)])
             .await
             .unwrap();
-        assert_eq!(registration.node_id.as_str(), "gpu-1");
+        assert_eq!(registration.registration.node_id.as_str(), "gpu-1");
     }
 
     #[tokio::test]

@@ -29,6 +29,7 @@ use self::{
     schema::known_nodes,
 };
 use crate::{
+    auth::SecretHash,
     clock::{from_unix_millis, to_unix_millis},
     node::{NodeId, Registration, StoredNode},
     registry::{Change, Enrollment},
@@ -76,6 +77,14 @@ impl StoreError {
             _ => false,
         }
     }
+}
+
+/// The outcome of [`Store::enroll`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Enrolled {
+    Admitted(Enrollment),
+    /// The node id was first registered with another node secret.
+    HeldByAnotherSecret,
 }
 
 type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
@@ -169,24 +178,37 @@ impl Store {
 
     /// Records a registration and returns its session generation, issued
     /// from a fleet-wide counter, so it is above any generation the node ever
-    /// held. Returns only once the row is committed.
+    /// held. Returns only once the row is committed. A node id already held
+    /// under another secret is refused, and nothing is written.
     pub async fn enroll(
         &self,
         registration: Registration,
+        secret_hash: SecretHash,
         now: SystemTime,
-    ) -> Result<Enrollment, StoreError> {
+    ) -> Result<Enrolled, StoreError> {
         self.run(move |conn| {
             conn.immediate_transaction(|conn| {
                 use schema::session_generations::dsl::{last_issued, session_generations};
+                let existing: Option<(i64, Option<String>)> = known_nodes::table
+                    .find(registration.node_id.as_str())
+                    .select((known_nodes::registered_at, known_nodes::secret_hash))
+                    .first(conn)
+                    .optional()?;
+                let held_by_another = existing
+                    .as_ref()
+                    .and_then(|(_, stored)| stored.as_deref())
+                    .is_some_and(|stored| {
+                        SecretHash::from_hex(stored)
+                            .is_none_or(|stored| !stored.matches(&secret_hash))
+                    });
+                if held_by_another {
+                    return Ok(Enrolled::HeldByAnotherSecret);
+                }
+                let first_registered = existing.map(|(registered_at, _)| registered_at);
                 diesel::update(session_generations)
                     .set(last_issued.eq(last_issued + 1))
                     .execute(conn)?;
                 let issued: i64 = session_generations.select(last_issued).first(conn)?;
-                let first_registered: Option<i64> = known_nodes::table
-                    .find(registration.node_id.as_str())
-                    .select(known_nodes::registered_at)
-                    .first(conn)
-                    .optional()?;
                 let enrollment = Enrollment {
                     generation: u64::try_from(issued).map_err(|_| StoreError::Corrupt {
                         node_id: registration.node_id.to_string(),
@@ -196,14 +218,31 @@ impl Store {
                         first_registered.unwrap_or_else(|| to_unix_millis(now)),
                     ),
                 };
-                let row = NodeRow::new(&registration, enrollment, now)?;
+                let row = NodeRow::new(&registration, secret_hash, enrollment, now)?;
                 diesel::insert_into(known_nodes::table)
                     .values(&row)
                     .on_conflict(known_nodes::node_id)
                     .do_update()
                     .set(&row)
                     .execute(conn)?;
-                Ok(enrollment)
+                Ok(Enrolled::Admitted(enrollment))
+            })
+        })
+        .await
+    }
+
+    /// Deletes a node's row, whatever its generation, and returns the
+    /// generation it held; `None` if there was no such row.
+    pub async fn remove(&self, node_id: NodeId) -> Result<Option<u64>, StoreError> {
+        self.run(move |conn| {
+            conn.immediate_transaction(|conn| {
+                let row = known_nodes::table.find(node_id.as_str());
+                let generation: Option<i64> = row
+                    .select(known_nodes::session_generation)
+                    .first(conn)
+                    .optional()?;
+                diesel::delete(row).execute(conn)?;
+                Ok(generation.map(|g| u64::try_from(g).unwrap_or(0)))
             })
         })
         .await
@@ -290,6 +329,20 @@ mod tests {
         store.write(changes.into(), last_seen.into()).await
     }
 
+    fn secret_of(node: &str) -> SecretHash {
+        crate::auth::NodeSecret::parse("secret", &format!("secret-of-{node}-0123456789"))
+            .unwrap()
+            .hash()
+    }
+
+    async fn admit(store: &Store, registration: Registration, now: SystemTime) -> Enrollment {
+        let secret = secret_of(registration.node_id.as_str());
+        match store.enroll(registration, secret, now).await.unwrap() {
+            Enrolled::Admitted(enrollment) => enrollment,
+            Enrolled::HeldByAnotherSecret => panic!("refused"),
+        }
+    }
+
     async fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("muster.db")).await.unwrap();
@@ -301,8 +354,8 @@ mod tests {
         let (_dir, store) = temp_store().await;
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         let t1 = t0 + Duration::from_secs(60);
-        let first = store.enroll(registration("a", "b1"), t0).await.unwrap();
-        let second = store.enroll(registration("a", "b2"), t1).await.unwrap();
+        let first = admit(&store, registration("a", "b1"), t0).await;
+        let second = admit(&store, registration("a", "b2"), t1).await;
         assert_eq!((first.generation, second.generation), (1, 2));
         assert_eq!(second.registered_at, t0);
 
@@ -317,8 +370,8 @@ mod tests {
     async fn writes_from_a_superseded_generation_change_nothing() {
         let (_dir, store) = temp_store().await;
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        store.enroll(registration("a", "b1"), now).await.unwrap();
-        store.enroll(registration("a", "b2"), now).await.unwrap();
+        admit(&store, registration("a", "b1"), now).await;
+        admit(&store, registration("a", "b2"), now).await;
         let a = NodeId::parse("node_id", "a").unwrap();
         write_batch(
             &store,
@@ -370,6 +423,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_node_id_held_by_another_secret_is_refused_and_nothing_is_written() {
+        let (_dir, store) = temp_store().await;
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let first = admit(&store, registration("a", "b1"), now).await;
+        let refused = store
+            .enroll(registration("a", "intruder"), secret_of("intruder"), now)
+            .await
+            .unwrap();
+        assert_eq!(refused, Enrolled::HeldByAnotherSecret);
+        let nodes = store.load_nodes().await.unwrap();
+        assert_eq!(nodes[0].registration, registration("a", "b1"));
+        assert_eq!(nodes[0].generation, first.generation);
+
+        let removed = store
+            .remove(NodeId::parse("node_id", "a").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(removed, Some(first.generation));
+        let claimed = store
+            .enroll(registration("a", "intruder"), secret_of("intruder"), now)
+            .await
+            .unwrap();
+        assert!(matches!(claimed, Enrolled::Admitted(e) if e.generation > first.generation));
+        let absent = NodeId::parse("node_id", "absent").unwrap();
+        assert_eq!(store.remove(absent).await.unwrap(), None);
+    }
+
+    #[tokio::test]
     async fn a_missing_directory_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let err = Store::open(&dir.path().join("absent/muster.db"))
@@ -385,11 +466,8 @@ mod tests {
         let (_dir, store) = temp_store().await;
         let now = SystemTime::now();
         let a = NodeId::parse("node_id", "a").unwrap();
-        let first = store.enroll(registration("a", "b1"), now).await.unwrap();
-        store
-            .enroll(registration("other", "b1"), now)
-            .await
-            .unwrap();
+        let first = admit(&store, registration("a", "b1"), now).await;
+        admit(&store, registration("other", "b1"), now).await;
         write_batch(
             &store,
             vec![Change::Expired {
@@ -400,7 +478,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let again = store.enroll(registration("a", "b2"), now).await.unwrap();
+        let again = admit(&store, registration("a", "b2"), now).await;
         assert!(
             again.generation > first.generation + 1,
             "{again:?} after {first:?}"
@@ -412,10 +490,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("muster.db");
         let store = Store::open(&path).await.unwrap();
-        store
-            .enroll(registration("a", "b1"), SystemTime::now())
-            .await
-            .unwrap();
+        admit(&store, registration("a", "b1"), SystemTime::now()).await;
         drop(store);
         let store = Store::open(&path).await.unwrap();
         assert_eq!(store.load_nodes().await.unwrap().len(), 1);

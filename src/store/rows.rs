@@ -4,6 +4,7 @@ use diesel::prelude::*;
 
 use super::{StoreError, schema::known_nodes};
 use crate::{
+    auth::SecretHash,
     clock::{from_unix_millis, to_unix_millis},
     node::{NodeId, Registration, StoredNode},
     registry::Enrollment,
@@ -23,11 +24,13 @@ pub struct NodeRow {
     pub last_seen: i64,
     pub session_generation: i64,
     pub offline_since: Option<i64>,
+    pub secret_hash: Option<String>,
 }
 
 impl NodeRow {
     pub fn new(
         registration: &Registration,
+        secret_hash: SecretHash,
         enrollment: Enrollment,
         last_seen: std::time::SystemTime,
     ) -> Result<Self, StoreError> {
@@ -47,6 +50,7 @@ impl NodeRow {
             last_seen: to_unix_millis(last_seen),
             session_generation: generation_to_column(enrollment.generation),
             offline_since: None,
+            secret_hash: Some(secret_hash.to_hex()),
         })
     }
 }

@@ -12,6 +12,7 @@ diesel::table! {
         last_seen -> BigInt,
         session_generation -> BigInt,
         offline_since -> Nullable<BigInt>,
+        secret_hash -> Nullable<Text>,
     }
 }
 

@@ -395,8 +395,14 @@ pub fn register_message(node_id: &str, agent_url: &str, boot_id: &str) -> proto:
             version: "test".to_owned(),
             hostname: "test".to_owned(),
             labels: Default::default(),
+            node_secret: secret_of(node_id),
         })),
     }
+}
+
+/// The node secret the raw test streams present for `node_id`.
+pub fn secret_of(node_id: &str) -> String {
+    format!("test-secret-of-{node_id}")
 }
 
 pub fn heartbeat_message(sequence: u64) -> proto::AgentMessage {

@@ -1,0 +1,172 @@
+//! TLS for every channel, through tonic's rustls support.
+//!
+//! One set of flags serves each process, both as a server and as a client:
+//! - `--tls-cert` / `--tls-key`: the certificate this process presents, to
+//!   its clients when serving and to servers that ask for a client
+//!   certificate when dialling. It needs both the serverAuth and clientAuth
+//!   usages where it plays both roles (or no extended key usage at all).
+//! - `--tls-ca`: the CA that signed the peers' certificates. A server given a
+//!   CA requires and verifies client certificates (mutual TLS); a client
+//!   verifies the server against it.
+//!
+//! Invariant: once a process has TLS flags, nothing it dials or serves is
+//! plaintext; a mismatched URL is refused with a message saying why.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use crate::error::RunError;
+
+/// Time allowed for a TLS handshake, so a peer that stalls mid-handshake
+/// cannot hold a connection slot.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsArgs {
+    /// PEM certificate (chain) this process presents; needs --tls-key.
+    #[arg(long = "tls-cert", env = "MUSTER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long = "tls-key", env = "MUSTER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate that signed the peers' certificates. A server given
+    /// one requires client certificates signed by it.
+    #[arg(long = "tls-ca", env = "MUSTER_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// Loaded TLS material.
+#[derive(Clone, Debug)]
+pub struct Tls {
+    identity: Option<Identity>,
+    ca: Option<Certificate>,
+}
+
+impl Tls {
+    /// Reads the files the flags name; `None` when no TLS flag is set.
+    pub fn load(args: &TlsArgs) -> Result<Option<Self>, RunError> {
+        let identity = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(Identity::from_pem(
+                read_pem("--tls-cert", cert, "CERTIFICATE")?,
+                read_pem("--tls-key", key, "PRIVATE KEY")?,
+            )),
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(RunError::Tls {
+                    reason: "--tls-cert and --tls-key must be given together".to_owned(),
+                });
+            }
+        };
+        let ca = args
+            .tls_ca
+            .as_deref()
+            .map(|ca| read_pem("--tls-ca", ca, "CERTIFICATE").map(Certificate::from_pem))
+            .transpose()?;
+        Ok((identity.is_some() || ca.is_some()).then_some(Self { identity, ca }))
+    }
+
+    /// The server side: this process's certificate, and client certificates
+    /// required when a CA is given.
+    pub fn server_config(&self) -> Result<ServerTlsConfig, RunError> {
+        let identity = self.identity.clone().ok_or_else(|| RunError::Tls {
+            reason: "--tls-ca was given without --tls-cert and --tls-key; a TLS server needs a certificate".to_owned(),
+        })?;
+        let config = ServerTlsConfig::new()
+            .identity(identity)
+            .timeout(HANDSHAKE_TIMEOUT);
+        Ok(match &self.ca {
+            Some(ca) => config.client_ca_root(ca.clone()),
+            None => config,
+        })
+    }
+
+    /// The client side: verify servers against the CA, and present this
+    /// process's certificate to servers that ask for one.
+    pub fn client_config(&self, url: &str) -> Result<ClientTlsConfig, RunError> {
+        let ca = self.ca.clone().ok_or_else(|| RunError::Tls {
+            reason: format!("{url} uses https: give --tls-ca, the CA that signed its certificate"),
+        })?;
+        let config = ClientTlsConfig::new()
+            .ca_certificate(ca)
+            .timeout(HANDSHAKE_TIMEOUT);
+        Ok(match &self.identity {
+            Some(identity) => config.identity(identity.clone()),
+            None => config,
+        })
+    }
+}
+
+/// Reads a PEM file and checks that it holds a block of the expected kind,
+/// so a swapped or empty file is reported by name rather than as a handshake
+/// failure later.
+fn read_pem(flag: &'static str, path: &Path, kind: &str) -> Result<Vec<u8>, RunError> {
+    let pem = std::fs::read(path).map_err(|source| RunError::TlsFile {
+        flag,
+        path: path.to_owned(),
+        source,
+    })?;
+    let text = String::from_utf8_lossy(&pem);
+    let holds_kind = text
+        .lines()
+        .any(|line| line.starts_with("-----BEGIN ") && line.contains(kind));
+    if !holds_kind {
+        return Err(RunError::Tls {
+            reason: format!("{flag} {} holds no PEM {kind} block", path.display()),
+        });
+    }
+    Ok(pem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(cert: Option<&Path>, key: Option<&Path>, ca: Option<&Path>) -> TlsArgs {
+        TlsArgs {
+            tls_cert: cert.map(Path::to_owned),
+            tls_key: key.map(Path::to_owned),
+            tls_ca: ca.map(Path::to_owned),
+        }
+    }
+
+    #[test]
+    fn no_flags_means_no_tls() {
+        assert!(Tls::load(&TlsArgs::default()).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = Tls::load(&args(None, None, Some(&missing))).unwrap_err();
+        assert!(err.to_string().contains("--tls-ca"), "{err}");
+
+        let key_as_ca = dir.path().join("key.pem");
+        std::fs::write(&key_as_ca, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        let err = Tls::load(&args(None, None, Some(&key_as_ca))).unwrap_err();
+        assert!(err.to_string().contains("no PEM CERTIFICATE"), "{err}");
+
+        let err = Tls::load(&args(Some(&key_as_ca), None, None)).unwrap_err();
+        assert!(err.to_string().contains("together"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_alone_cannot_serve_and_https_needs_a_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let tls = Tls::load(&args(None, None, Some(&ca))).unwrap().unwrap();
+        assert!(tls.server_config().is_err());
+        assert!(tls.client_config("https://h:1").is_ok());
+        let no_ca = Tls {
+            identity: None,
+            ca: None,
+        };
+        let err = no_ca.client_config("https://h:1").unwrap_err();
+        assert!(err.to_string().contains("--tls-ca"), "{err}");
+    }
+}
