@@ -86,6 +86,11 @@ impl From<ServiceError> for Status {
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,
             ServiceError::Overloaded(_) => Code::ResourceExhausted,
             ServiceError::Superseded { .. } => Code::Aborted,
+            // tonic reports a message over the decoding limit as OUT_OF_RANGE;
+            // to the agent it is a resource limit like any other.
+            ServiceError::Inbound(status) if status.code() == Code::OutOfRange => {
+                Code::ResourceExhausted
+            }
             ServiceError::Inbound(status) => status.code(),
             ServiceError::RegistrationTimeout(_) | ServiceError::HeartbeatTimeout(_) => {
                 Code::DeadlineExceeded

@@ -26,7 +26,7 @@ pub async fn bind(address: SocketAddr) -> Result<MetricsListener, RunError> {
         .install_recorder()
         .map_err(|e| RunError::Metrics(e.to_string()))?;
     let (listener, local) = grpc::bind(address).await?;
-    info!(address = %local, "metrics listening at /metrics");
+    info!(metrics_address = %local, "serving Prometheus metrics at /metrics");
     Ok(MetricsListener { listener, handle })
 }
 

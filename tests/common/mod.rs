@@ -86,13 +86,13 @@ pub struct Process {
 impl Process {
     /// Starts `muster ARGS` and waits for its "listening" log line, which
     /// carries the address it bound.
-    fn start(name: &str, args: &[String]) -> Self {
+    pub fn start(name: &str, args: &[String]) -> Self {
         Self::try_start(name, args).unwrap_or_else(|failure| panic!("{failure}"))
     }
 
     /// Like [`Process::start`], but a process that exits before listening is
     /// an error carrying its last log line.
-    fn try_start(name: &str, args: &[String]) -> Result<Self, String> {
+    pub fn try_start(name: &str, args: &[String]) -> Result<Self, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
             .args(args)
             .env("MUSTER_LOG", "info,muster=debug")
@@ -165,6 +165,11 @@ impl Process {
             async move { found }
         })
         .await
+    }
+
+    /// Whether any line logged so far contains `needle`.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 
     /// How many lines the process has logged so far.
@@ -290,6 +295,16 @@ pub async fn connect(url: &str) -> Result<CoordinatorClient<Channel>, tonic::tra
 
 /// Starts an agent registering with `coordinator_url` as `node_id`.
 pub fn start_agent(coordinator_url: &str, node_id: &str, state_dir: &Path) -> Process {
+    start_agent_with(coordinator_url, node_id, state_dir, &[])
+}
+
+/// Like [`start_agent`], with `extra` arguments.
+pub fn start_agent_with(
+    coordinator_url: &str,
+    node_id: &str,
+    state_dir: &Path,
+    extra: &[&str],
+) -> Process {
     let args: Vec<String> = [
         "agent",
         "--coordinator",
@@ -304,6 +319,7 @@ pub fn start_agent(coordinator_url: &str, node_id: &str, state_dir: &Path) -> Pr
         "gpu=test",
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     Process::start(&format!("agent {node_id}"), &args)
@@ -423,27 +439,49 @@ impl RawStream {
     /// Opens a stream whose first message is `first`. Returns the status if
     /// the coordinator refuses the stream outright.
     pub async fn open(url: &str, first: proto::AgentMessage) -> Result<Self, tonic::Status> {
+        Self::open_on(channel(url).await, first, &[]).await
+    }
+
+    /// Opens a stream on `channel`, with `metadata` on the call.
+    pub async fn open_on(
+        channel: Channel,
+        first: proto::AgentMessage,
+        metadata: &[(&'static str, String)],
+    ) -> Result<Self, tonic::Status> {
         let (outbound, receiver) = tokio::sync::mpsc::channel(8);
         outbound.send(first).await.expect("queue first message");
-        let mut client = connect(url).await.expect("connect");
-        let inbound = client
-            .heartbeat(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        let mut request =
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(receiver));
+        for (key, value) in metadata {
+            request
+                .metadata_mut()
+                .insert(*key, value.parse().expect("metadata value"));
+        }
+        let inbound = CoordinatorClient::new(channel)
+            .heartbeat(request)
             .await?
             .into_inner();
         Ok(Self { outbound, inbound })
     }
 
-    /// Opens a stream and registers; returns the stream and its generation.
-    pub async fn register(url: &str, node_id: &str, agent_url: &str, boot_id: &str) -> (Self, u64) {
-        let mut stream = Self::open(url, register_message(node_id, agent_url, boot_id))
-            .await
-            .expect("registration accepted");
-        match stream.next().await {
-            Ok(Some(proto::CoordinatorMessage {
+    /// Waits for `registered` and returns its generation, or the refusal.
+    pub async fn registered(mut self) -> Result<(Self, u64), tonic::Status> {
+        match self.next().await? {
+            Some(proto::CoordinatorMessage {
                 kind: Some(proto::coordinator_message::Kind::Registered(registered)),
-            })) => (stream, registered.session_generation),
+            }) => Ok((self, registered.session_generation)),
             other => panic!("expected registered, got {other:?}"),
         }
+    }
+
+    /// Opens a stream and registers; returns the stream and its generation.
+    pub async fn register(url: &str, node_id: &str, agent_url: &str, boot_id: &str) -> (Self, u64) {
+        Self::open(url, register_message(node_id, agent_url, boot_id))
+            .await
+            .expect("stream accepted")
+            .registered()
+            .await
+            .expect("registration accepted")
     }
 
     pub async fn send(&self, message: proto::AgentMessage) {
