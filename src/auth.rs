@@ -133,33 +133,37 @@ pub enum Denied {
     Wrong(&'static str),
 }
 
-/// Checks that `metadata` carries the join token, when one is required.
-pub fn require_join_token(required: Option<&Token>, metadata: &MetadataMap) -> Result<(), Denied> {
+/// Checks the join token a caller `presented` (the value of its
+/// [`JOIN_TOKEN_METADATA`]), when one is required.
+pub fn require_join_token(
+    required: Option<&Token>,
+    presented: Option<&[u8]>,
+) -> Result<(), Denied> {
     let Some(token) = required else {
         return Ok(());
     };
-    let presented = metadata
-        .get(JOIN_TOKEN_METADATA)
-        .ok_or(Denied::Missing(JOIN_TOKEN_METADATA))?;
-    if token.matches(presented.as_bytes()) {
+    let presented = presented.ok_or(Denied::Missing(JOIN_TOKEN_METADATA))?;
+    if token.matches(presented) {
         Ok(())
     } else {
         Err(Denied::Wrong(JOIN_TOKEN_METADATA))
     }
 }
 
-/// Checks that `metadata` carries `authorization: Bearer <admin token>`, when
-/// one is required.
-pub fn require_admin_token(required: Option<&Token>, metadata: &MetadataMap) -> Result<(), Denied> {
+/// Checks that a caller's `authorization` value is `Bearer <admin token>`
+/// (the scheme in any case), when an admin token is required.
+pub fn require_admin_token(
+    required: Option<&Token>,
+    authorization: Option<&[u8]>,
+) -> Result<(), Denied> {
     let Some(token) = required else {
         return Ok(());
     };
-    let presented = metadata
-        .get(AUTHORIZATION_METADATA)
-        .ok_or(Denied::Missing(AUTHORIZATION_METADATA))?;
-    let bearer = presented
-        .as_bytes()
-        .strip_prefix(b"Bearer ")
+    let authorization = authorization.ok_or(Denied::Missing(AUTHORIZATION_METADATA))?;
+    let bearer = authorization
+        .split_at_checked(BEARER.len())
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(BEARER))
+        .map(|(_, presented)| presented)
         .ok_or(Denied::Wrong(AUTHORIZATION_METADATA))?;
     if token.matches(bearer) {
         Ok(())
@@ -167,6 +171,8 @@ pub fn require_admin_token(required: Option<&Token>, metadata: &MetadataMap) -> 
         Err(Denied::Wrong(AUTHORIZATION_METADATA))
     }
 }
+
+const BEARER: &[u8] = b"Bearer ";
 
 /// A node's secret: created once by its agent, kept beside the node id, and
 /// presented at every registration. It binds the node id to that machine.
@@ -259,35 +265,37 @@ mod tests {
     #[test]
     fn join_token_is_checked() {
         let token = Token::new("t", TOKEN).unwrap();
-        let mut metadata = MetadataMap::new();
         assert_eq!(
-            require_join_token(Some(&token), &metadata),
+            require_join_token(Some(&token), None),
             Err(Denied::Missing(JOIN_TOKEN_METADATA))
         );
-        assert_eq!(require_join_token(None, &metadata), Ok(()));
-        metadata.insert(
-            JOIN_TOKEN_METADATA,
-            "0123456789abcdef-other".parse().unwrap(),
-        );
+        assert_eq!(require_join_token(None, None), Ok(()));
         assert_eq!(
-            require_join_token(Some(&token), &metadata),
+            require_join_token(Some(&token), Some(b"0123456789abcdef-other")),
             Err(Denied::Wrong(JOIN_TOKEN_METADATA))
         );
+        let mut metadata = MetadataMap::new();
         token.attach_as_join(&mut metadata);
-        assert_eq!(require_join_token(Some(&token), &metadata), Ok(()));
+        let presented = metadata.get(JOIN_TOKEN_METADATA).map(|v| v.as_bytes());
+        assert_eq!(require_join_token(Some(&token), presented), Ok(()));
     }
 
     #[test]
     fn admin_token_is_a_bearer_token() {
         let token = Token::new("t", TOKEN).unwrap();
-        let mut metadata = MetadataMap::new();
-        metadata.insert(AUTHORIZATION_METADATA, TOKEN.parse().unwrap());
         assert_eq!(
-            require_admin_token(Some(&token), &metadata),
+            require_admin_token(Some(&token), Some(TOKEN.as_bytes())),
             Err(Denied::Wrong(AUTHORIZATION_METADATA))
         );
+        let lower = format!("bearer {TOKEN}");
+        assert_eq!(
+            require_admin_token(Some(&token), Some(lower.as_bytes())),
+            Ok(())
+        );
+        let mut metadata = MetadataMap::new();
         token.attach_as_bearer(&mut metadata);
-        assert_eq!(require_admin_token(Some(&token), &metadata), Ok(()));
+        let presented = metadata.get(AUTHORIZATION_METADATA).map(|v| v.as_bytes());
+        assert_eq!(require_admin_token(Some(&token), presented), Ok(()));
     }
 
     #[test]

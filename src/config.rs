@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{error::InvalidInput, tls::TlsArgs};
+use crate::{auth::Token, error::InvalidInput, tls::TlsArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -234,8 +234,8 @@ pub struct NodesClientConfig {
 
     /// The admin token itself; prefer the environment or --admin-token-file,
     /// which other users cannot see in the process list.
-    #[arg(long, env = "MUSTER_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    #[arg(long, env = "MUSTER_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_admin_token)]
+    pub admin_token: Option<Token>,
 
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -250,6 +250,10 @@ pub enum OutputFormat {
 fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw)
         .map_err(|e| format!("{e} (write durations like 500ms, 5s or 24h)"))
+}
+
+fn parse_admin_token(raw: &str) -> Result<Token, String> {
+    Token::new("admin token", raw).map_err(|e| e.to_string())
 }
 
 fn parse_label(raw: &str) -> Result<(String, String), String> {

@@ -136,7 +136,7 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("cannot build the reflection service")]
     Reflection(#[from] tonic_reflection::server::Error),
-    #[error("cannot keep the node id in {path}")]
+    #[error("cannot keep the agent's identity in {path}")]
     StateDir { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Config(#[from] InvalidInput),

@@ -106,8 +106,16 @@ pub fn with_reflection(router: Router, service: &str) -> Result<Router, RunError
             .fold(builder, |builder, name| builder.with_service_name(*name))
     };
     Ok(router
-        .add_service(builder().build_v1()?)
-        .add_service(builder().build_v1alpha()?))
+        .add_service(
+            builder()
+                .build_v1()?
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            builder()
+                .build_v1alpha()?
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        ))
 }
 
 /// How long in-flight calls and streams may take to finish after shutdown

@@ -105,6 +105,7 @@ impl TryFrom<proto::Register> for Claim {
             ("register.version", &register.version),
             ("register.hostname", &register.hostname),
         ] {
+            refuse_control_characters(field, value)?;
             if value.len() > MAX_SHORT_FIELD_LEN {
                 return Err(InvalidInput::new(
                     field,
@@ -165,6 +166,18 @@ pub fn validate_url(field: &'static str, url: &str) -> Result<(), InvalidInput> 
     Ok(())
 }
 
+/// Text that reaches logs and terminals must not carry line breaks or
+/// escape sequences.
+fn refuse_control_characters(field: &'static str, value: &str) -> Result<(), InvalidInput> {
+    match value.chars().find(|c| c.is_control()) {
+        Some(c) => Err(InvalidInput::new(
+            field,
+            format!("must not contain control characters, found {c:?}"),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn validate_labels(
     labels: impl IntoIterator<Item = (String, String)>,
 ) -> Result<BTreeMap<String, String>, InvalidInput> {
@@ -179,6 +192,8 @@ fn validate_labels(
         ));
     }
     for (key, value) in &labels {
+        refuse_control_characters("register.labels", key)?;
+        refuse_control_characters("register.labels", value)?;
         if key.is_empty() || key.len() > MAX_LABEL_KEY_LEN {
             return Err(InvalidInput::new(
                 "register.labels",
@@ -338,6 +353,22 @@ mod tests {
                 "register.node_secret"
             );
         }
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        let mut message = register("n", "http://h:1");
+        message.hostname = "gpu\n2026-01-01 INFO forged".into();
+        assert_eq!(
+            Claim::try_from(message).unwrap_err().field,
+            "register.hostname"
+        );
+        let mut message = register("n", "http://h:1");
+        message.labels.insert("gpu".into(), "\u{1b}[31mred".into());
+        assert_eq!(
+            Claim::try_from(message).unwrap_err().field,
+            "register.labels"
+        );
     }
 
     #[test]

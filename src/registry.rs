@@ -130,6 +130,10 @@ pub struct Registry {
     timing: Timing,
     nodes: BTreeMap<NodeId, Entry>,
     changes: Vec<Change>,
+    /// The generation at which an operator removed each node. A registration
+    /// the store committed at or below it was deleted with the row, so it
+    /// must not be applied, even if it arrives after the removal.
+    removed_at: BTreeMap<NodeId, u64>,
 }
 
 impl Registry {
@@ -138,6 +142,7 @@ impl Registry {
             timing,
             nodes: BTreeMap::new(),
             changes: Vec::new(),
+            removed_at: BTreeMap::new(),
         }
     }
 
@@ -164,13 +169,20 @@ impl Registry {
     }
 
     /// Applies a registration the store has committed. A registration older
-    /// than the node's current generation is refused.
+    /// than the node's current generation, or one whose row an operator has
+    /// since removed, is refused.
     pub fn register(
         &mut self,
         registration: Registration,
         enrollment: Enrollment,
         now: Moment,
     ) -> Result<(), SessionRejected> {
+        if let Some(&removed_at) = self.removed_at.get(&registration.node_id) {
+            if enrollment.generation <= removed_at {
+                return Err(SessionRejected::Forgotten);
+            }
+            self.removed_at.remove(&registration.node_id);
+        }
         if let Some(entry) = self.nodes.get(&registration.node_id)
             && entry.generation >= enrollment.generation
         {
@@ -363,8 +375,11 @@ impl Registry {
     }
 
     /// Forgets a node whose row the store has deleted at `removed_generation`.
-    /// A node registered again since then (a newer generation) is kept.
+    /// A registration committed at that generation or below, but not yet
+    /// applied, will be refused when it arrives.
     pub fn remove(&mut self, node_id: &NodeId, removed_generation: u64) -> Option<NodeSnapshot> {
+        let recorded = self.removed_at.entry(node_id.clone()).or_insert(0);
+        *recorded = (*recorded).max(removed_generation);
         if self.nodes.get(node_id)?.generation > removed_generation {
             return None;
         }
@@ -835,5 +850,23 @@ mod tests {
             Err(SessionRejected::Forgotten)
         );
         assert!(registry.remove(&id("a"), 3).is_none());
+    }
+
+    #[test]
+    fn a_registration_whose_row_was_removed_before_it_applied_is_refused() {
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 1, t0);
+        // Generation 2 was committed, then the operator's removal deleted
+        // its row before the registration reached the registry.
+        registry.remove(&id("a"), 2);
+        assert_eq!(
+            registry.register(registration("a", "b2"), enroll(2, t0), t0),
+            Err(SessionRejected::Forgotten)
+        );
+        assert_eq!(state(&registry, "a"), None);
+        registry
+            .register(registration("a", "b3"), enroll(3, t0), t0)
+            .unwrap();
+        assert_eq!(state(&registry, "a"), Some(NodeState::Online));
     }
 }

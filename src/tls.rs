@@ -9,8 +9,9 @@
 //!   CA requires and verifies client certificates (mutual TLS); a client
 //!   verifies the server against it.
 //!
-//! Invariant: once a process has TLS flags, nothing it dials or serves is
-//! plaintext; a mismatched URL is refused with a message saying why.
+//! Invariant: once a process has TLS flags, no gRPC channel it dials or
+//! serves is plaintext; a mismatched URL is refused with a message saying
+//! why. (The optional metrics endpoint is plain HTTP; see the README.)
 
 use std::path::{Path, PathBuf};
 
@@ -40,10 +41,19 @@ pub struct TlsArgs {
 }
 
 /// Loaded TLS material.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Tls {
     identity: Option<Identity>,
     ca: Option<Certificate>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca.is_some())
+            .finish()
+    }
 }
 
 impl Tls {

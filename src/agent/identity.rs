@@ -3,8 +3,9 @@
 //! of the host name.
 //!
 //! The secret is created once, readable by its owner alone (mode 0600), and
-//! never replaced: a new secret would lock the node out of its own id. A
-//! secret file that others may read is refused, as ssh refuses such keys.
+//! never replaced, not even by a concurrent first start: a new secret would
+//! lock the node out of its own id. A secret file that others may read is
+//! refused, as ssh refuses such keys.
 
 use std::{
     io,
@@ -44,11 +45,15 @@ pub async fn resolve_node_secret(state_dir: &Path) -> Result<NodeSecret, RunErro
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(state_error(e)),
     }
-    let secret = NodeSecret::generate();
-    write_atomically(state_dir, &path, secret.expose(), SECRET_MODE)
-        .await
-        .map_err(state_error)?;
-    Ok(secret)
+    let published = publish_once(
+        state_dir,
+        &path,
+        NodeSecret::generate().expose(),
+        SECRET_MODE,
+    )
+    .await
+    .map_err(state_error)?;
+    Ok(NodeSecret::parse("node_secret file", &published)?)
 }
 
 /// Picks the node id: the flag if given; otherwise the id kept in
@@ -72,29 +77,55 @@ pub async fn resolve_node_id(
         Err(e) => return Err(state_error(e)),
     }
     let node_id = NodeId::from_hostname(hostname)?;
-    write_atomically(state_dir, &path, node_id.as_str(), 0o644)
+    let published = publish_once(state_dir, &path, node_id.as_str(), 0o644)
         .await
         .map_err(state_error)?;
-    Ok(node_id)
+    Ok(NodeId::parse("node_id file", &published)?)
 }
 
-/// Writes `contents` to a new temporary file of `mode` beside `path`, then
-/// renames it, so a crash never leaves a half-written identity and the file
-/// is never visible with wider permissions.
-async fn write_atomically(dir: &Path, path: &Path, contents: &str, mode: u32) -> io::Result<()> {
-    tokio::fs::create_dir_all(dir).await?;
-    let temporary: PathBuf = path.with_extension("tmp");
-    let _ = tokio::fs::remove_file(&temporary).await;
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&temporary)
-        .await?;
-    tokio::io::AsyncWriteExt::write_all(&mut file, format!("{contents}\n").as_bytes()).await?;
-    file.sync_all().await?;
-    drop(file);
-    tokio::fs::rename(&temporary, path).await
+/// Publishes `contents` at `path` unless a file is already there, and
+/// returns what `path` holds afterwards: ours, or what another process
+/// published first. The contents go to a uniquely named temporary file of
+/// `mode`, synced, then linked into place (a link never replaces a file) and
+/// the directory synced, so neither a crash nor a concurrent start leaves a
+/// half-written identity or swaps one identity for another.
+async fn publish_once(dir: &Path, path: &Path, contents: &str, mode: u32) -> io::Result<String> {
+    let (dir, path, contents) = (dir.to_owned(), path.to_owned(), contents.to_owned());
+    tokio::task::spawn_blocking(move || publish_once_blocking(&dir, &path, &contents, mode))
+        .await
+        .map_err(io::Error::other)?
+}
+
+fn publish_once_blocking(dir: &Path, path: &Path, contents: &str, mode: u32) -> io::Result<String> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+
+    std::fs::create_dir_all(dir)?;
+    let temporary: PathBuf = path.with_extension(format!(
+        "tmp.{}.{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&temporary)?;
+        file.write_all(format!("{contents}\n").as_bytes())?;
+        file.sync_all()?;
+        std::fs::hard_link(&temporary, path)
+    })();
+    let _ = std::fs::remove_file(&temporary);
+    match written {
+        Ok(()) => {
+            std::fs::File::open(dir)?.sync_all()?;
+            Ok(contents.to_owned())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            Ok(std::fs::read_to_string(path)?.trim().to_owned())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -141,6 +172,23 @@ mod tests {
             crate::error::display_chain(&err).contains("chmod 600"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_starts_agree_on_one_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let starts = (0..8).map(|_| resolve_node_secret(&state));
+        let secrets: Vec<_> = futures::future::join_all(starts)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert!(secrets.iter().all(|s| *s == secrets[0]));
+        let on_disk = std::fs::read_to_string(state.join(NODE_SECRET_FILE)).unwrap();
+        assert_eq!(on_disk.trim(), secrets[0].expose());
+        let leftovers = std::fs::read_dir(&state).unwrap().count();
+        assert_eq!(leftovers, 1, "temporary files are cleaned up");
     }
 
     #[tokio::test]

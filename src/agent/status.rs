@@ -55,12 +55,12 @@ impl Agent for StatusService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        auth::require_join_token(self.join_token.as_ref(), request.metadata()).map_err(
-            |denied| {
-                tracing::warn!(peer = ?request.remote_addr(), %denied, "refused a Status call");
-                ServiceError::from(denied)
-            },
-        )?;
+        let presented = request.metadata().get(auth::JOIN_TOKEN_METADATA);
+        let presented = presented.map(|value| value.as_bytes());
+        auth::require_join_token(self.join_token.as_ref(), presented).map_err(|denied| {
+            tracing::warn!(peer = ?request.remote_addr(), %denied, "refused a Status call");
+            ServiceError::from(denied)
+        })?;
         if request.metadata().contains_key(grpc::PROBE_METADATA) {
             self.probed.notify_waiters();
         }

@@ -69,7 +69,7 @@ impl Operator {
     async fn connect(client: &NodesClientConfig) -> Result<Self, RunError> {
         validate_url("--coordinator", &client.coordinator)?;
         let admin_token = match &client.admin_token {
-            Some(token) => Some(Token::new("MUSTER_ADMIN_TOKEN", token)?),
+            Some(token) => Some(token.clone()),
             None => {
                 Token::from_optional_file("--admin-token-file", client.admin_token_file.as_deref())?
             }
@@ -109,7 +109,7 @@ impl Operator {
                     .to_owned()
             }
             tonic::Code::Unauthenticated if self.admin_token.is_none() => format!(
-                "{}; give the admin token with --admin-token-file or MUSTER_ADMIN_TOKEN",
+                "{}; give the admin token with --admin-token-file, or MUSTER_ADMIN_TOKEN in the environment",
                 status.message()
             ),
             _ if status.message().is_empty() => "no details given".to_owned(),

@@ -53,7 +53,8 @@ pub(crate) struct Shared {
     heartbeat_interval: Duration,
     /// Silence after which a node is OFFLINE and its stream is closed.
     offline_after: Duration,
-    /// Required of Heartbeat streams, and presented by Status probes.
+    /// Required of Heartbeat streams (checked by the admission layer), and
+    /// presented by Status probes.
     join_token: Option<Token>,
     /// Required of operator calls.
     admin_token: Option<Token>,
@@ -148,6 +149,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let admission = admission::AdmissionLayer::new(
         config.max_streams,
         NonZeroU32::new(config.max_registrations_per_second).unwrap_or(NonZeroU32::MIN),
+        shared.join_token.clone(),
     );
     let mut server = server;
     let router = server

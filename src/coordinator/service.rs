@@ -60,14 +60,6 @@ impl Coordinator for CoordinatorService {
         if self.shutdown.is_cancelled() {
             return Err(ServiceError::ShuttingDown.into());
         }
-        if let Err(denied) =
-            auth::require_join_token(self.shared.join_token.as_ref(), request.metadata())
-        {
-            metrics::counter!("muster_registrations_refused_total", "reason" => "join_token")
-                .increment(1);
-            warn!(peer = ?request.remote_addr(), %denied, "refused a Heartbeat stream without the join token");
-            return Err(ServiceError::from(denied).into());
-        }
         let permit = request.extensions_mut().remove::<StreamPermit>();
         let mut inbound = request.into_inner();
         let claim = tokio::select! {
@@ -150,7 +142,9 @@ impl Coordinator for CoordinatorService {
 
 impl CoordinatorService {
     fn require_admin<T>(&self, request: &Request<T>) -> Result<(), ServiceError> {
-        auth::require_admin_token(self.shared.admin_token.as_ref(), request.metadata()).map_err(
+        let authorization = request.metadata().get(auth::AUTHORIZATION_METADATA);
+        let authorization = authorization.map(|value| value.as_bytes());
+        auth::require_admin_token(self.shared.admin_token.as_ref(), authorization).map_err(
             |denied| {
                 metrics::counter!("muster_admin_requests_refused_total").increment(1);
                 warn!(peer = ?request.remote_addr(), %denied, "refused an operator call");

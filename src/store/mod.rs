@@ -242,7 +242,14 @@ impl Store {
                     .first(conn)
                     .optional()?;
                 diesel::delete(row).execute(conn)?;
-                Ok(generation.map(|g| u64::try_from(g).unwrap_or(0)))
+                generation
+                    .map(|g| {
+                        u64::try_from(g).map_err(|_| StoreError::Corrupt {
+                            node_id: node_id.to_string(),
+                            reason: format!("negative session_generation {g}"),
+                        })
+                    })
+                    .transpose()
             })
         })
         .await
