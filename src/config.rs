@@ -28,6 +28,8 @@ pub enum Command {
     Coordinator(CoordinatorConfig),
     /// Run the agent daemon on a node.
     Agent(AgentConfig),
+    /// Simulate a fleet of agents from one process, to measure a coordinator.
+    Swarm(SwarmConfig),
     /// Inspect the nodes a coordinator knows.
     Nodes {
         #[command(subcommand)]
@@ -142,6 +144,50 @@ pub struct AgentConfig {
     /// several separated by commas (so a value cannot contain a comma).
     #[arg(long = "label", env = "MUSTER_LABELS", value_delimiter = ',', value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SwarmConfig {
+    /// URL of the coordinator.
+    #[arg(
+        long,
+        env = "MUSTER_COORDINATOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub coordinator: String,
+
+    /// How many agents to simulate, each with its own connection and stream.
+    #[arg(long, env = "MUSTER_SWARM_AGENTS", default_value_t = 100)]
+    pub agents: u32,
+
+    /// Number of the first agent, so that several swarm processes make one
+    /// fleet without sharing node ids.
+    #[arg(long, env = "MUSTER_SWARM_FIRST_AGENT", default_value_t = 0)]
+    pub first_agent: u32,
+
+    /// Node ids are this prefix, a dash and the agent's number.
+    #[arg(long, env = "MUSTER_SWARM_NODE_PREFIX", default_value = "sim")]
+    pub node_prefix: String,
+
+    /// Loopback source addresses the connections are spread over (127.0.0.2
+    /// and up), each good for one ephemeral port range of connections.
+    #[arg(long, env = "MUSTER_SWARM_SOURCE_ADDRESSES", default_value_t = 4)]
+    pub source_addresses: u8,
+
+    /// Address of the one Status listener that answers for every simulated
+    /// agent. Its IP must accept connections to all of 127.0.0.0/8 (the
+    /// default does); agents advertise distinct loopback addresses on its
+    /// port, and are told apart by the address a probe reached.
+    #[arg(long, env = "MUSTER_SWARM_LISTEN", default_value = "0.0.0.0:0")]
+    pub listen: SocketAddr,
+
+    /// How often to print a report line (JSON, on stdout).
+    #[arg(long, env = "MUSTER_SWARM_REPORT_EVERY", default_value = "5s", value_parser = parse_duration)]
+    pub report_every: Duration,
+
+    /// Stop after this long; without it, run until interrupted.
+    #[arg(long, env = "MUSTER_SWARM_DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,6 +8,7 @@
 //! - [`agent`] is the daemon on each node: identity, Status service and the
 //!   reconnecting heartbeat link.
 //! - [`cli`] holds the operator commands.
+//! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
 
 pub mod agent;
 pub mod cli;
@@ -16,8 +17,10 @@ pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod grpc;
+pub mod limits;
 pub mod node;
 pub mod proto;
 pub mod registry;
 pub mod shutdown;
 pub mod store;
+pub mod swarm;

@@ -21,14 +21,6 @@ const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
 /// are watched to prove that none goes OFFLINE after the fact.
 const WATCH_AFTER_RECOVERY: Duration = Duration::from_secs(4);
 
-/// Fails if any of `nodes` is shown OFFLINE.
-fn none_offline(nodes: &[muster::proto::Node]) -> Result<(), String> {
-    match nodes.iter().find(|n| state_of(n) == NodeState::Offline) {
-        Some(node) => Err(format!("{} shown OFFLINE", node.node_id)),
-        None => Ok(()),
-    }
-}
-
 /// A fleet of two agents registered with a coordinator on `db`.
 struct Fleet {
     coordinator: Coordinator,

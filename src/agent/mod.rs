@@ -3,7 +3,7 @@
 //! coordinator through [`reconnect`].
 
 mod identity;
-mod reconnect;
+pub mod reconnect;
 mod status;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -14,13 +14,13 @@ use tonic::transport::Endpoint;
 use tracing::info;
 
 pub use identity::resolve_node_id;
-pub use status::StatusService;
+pub use status::{Identity, StatusService};
 
 use crate::{
     config::AgentConfig,
     error::RunError,
     grpc,
-    node::{Registration, validate_url},
+    node::{NodeId, Registration, validate_url},
     proto::{self, agent_server::AgentServer},
 };
 
@@ -39,14 +39,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
         None => default_advertise_url(address, &hostname),
     };
-    let register = proto::Register {
-        node_id: node_id.to_string(),
-        agent_url: advertise_url.clone(),
-        boot_id: boot_id.clone(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        hostname: hostname.clone(),
-        labels: config.labels.into_iter().collect(),
-    };
+    let register = register_message(
+        &node_id,
+        advertise_url.clone(),
+        boot_id.clone(),
+        hostname.clone(),
+        config.labels,
+    );
     Registration::try_from(register.clone())?;
     validate_url("--coordinator", &config.coordinator)?;
     let coordinator = Endpoint::from_shared(config.coordinator.clone())
@@ -60,12 +59,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<StatusService>>().await;
     let probed = Arc::new(Notify::new());
-    let status = StatusService::new(
+    let status = StatusService::new(Identity::new(
         node_id.to_string(),
         boot_id.clone(),
         hostname,
         probed.clone(),
-    );
+    ));
     let router = grpc::server()
         .add_service(health_service)
         .add_service(AgentServer::new(status).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES));
@@ -77,6 +76,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         reconnect::Link {
             coordinator,
             register,
+            events: Arc::new(reconnect::Unobserved),
         },
         probed,
         shutdown.clone(),
@@ -87,6 +87,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     tasks.wait().await;
     info!("agent stopped");
     served
+}
+
+/// The `register` message an agent of this version opens its streams with.
+pub fn register_message(
+    node_id: &NodeId,
+    agent_url: String,
+    boot_id: String,
+    hostname: String,
+    labels: Vec<(String, String)>,
+) -> proto::Register {
+    proto::Register {
+        node_id: node_id.to_string(),
+        agent_url,
+        boot_id,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        hostname,
+        labels: labels.into_iter().collect(),
+    }
 }
 
 /// The listen address as a URL, with the host name in place of an

@@ -98,7 +98,25 @@ impl ReconnectBackoff {
 pub struct Link {
     pub coordinator: Endpoint,
     pub register: proto::Register,
+    /// Told what happens on the link; the swarm simulator measures with it.
+    pub events: Arc<dyn LinkEvents>,
 }
+
+/// Hooks called as a link runs. They must return quickly: they run on the
+/// link's own task.
+pub trait LinkEvents: Send + Sync {
+    /// A stream registered, `attempt` after its connection was begun.
+    fn registered(&self, _attempt: Duration) {}
+    /// A heartbeat was acknowledged `round_trip` after it was sent.
+    fn acked(&self, _round_trip: Duration) {}
+    /// The link failed and will be tried again.
+    fn failed(&self, _error: &(dyn std::error::Error + 'static)) {}
+}
+
+/// For a link nobody watches.
+pub struct Unobserved;
+
+impl LinkEvents for Unobserved {}
 
 /// Keeps the agent registered until `shutdown` is cancelled. A notification
 /// on `probed` cuts a backoff short.
@@ -114,6 +132,7 @@ pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
         if registered_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER) {
             backoff = ReconnectBackoff::new();
         }
+        link.events.failed(&error);
         let delay = backoff.next_delay();
         if error.is_superseded() {
             error!(
@@ -150,6 +169,7 @@ async fn hold_stream(
     registered_at: &mut Option<Instant>,
     abandoned: &mut Option<AbandonedStream>,
 ) -> LinkError {
+    let attempt_began = Instant::now();
     let channel = match link.coordinator.connect().await {
         Ok(channel) => channel,
         Err(error) => return LinkError::Connect(error),
@@ -186,6 +206,7 @@ async fn hold_stream(
     };
     *registered_at = Some(Instant::now());
     *abandoned = None;
+    link.events.registered(attempt_began.elapsed());
     let interval = accepted
         .heartbeat_interval
         .and_then(|d| Duration::try_from(d).ok())
@@ -202,10 +223,12 @@ async fn hold_stream(
     let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
     let mut last_ack = Instant::now();
     let mut sequence = 0u64;
+    let mut sent_at = Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
                 sequence += 1;
+                sent_at = Instant::now();
                 let heartbeat = AgentMessage {
                     kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat { sequence })),
                 };
@@ -214,8 +237,11 @@ async fn hold_stream(
                 }
             }
             message = inbound.message() => match message {
-                Ok(Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Ack(_)) })) => {
+                Ok(Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Ack(ack)) })) => {
                     last_ack = Instant::now();
+                    if ack.sequence == sequence {
+                        link.events.acked(last_ack - sent_at);
+                    }
                 }
                 Ok(Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Registered(_)) })) => {
                     return LinkError::Unexpected("a second registered on one stream");

@@ -17,7 +17,9 @@ use crate::{
     proto::{StatusRequest, StatusResponse, agent_server::Agent},
 };
 
-pub struct StatusService {
+/// Who an agent is, as its Status answers tell. The swarm simulator keeps
+/// one per simulated agent behind a single listener.
+pub struct Identity {
     node_id: String,
     boot_id: String,
     hostname: String,
@@ -25,7 +27,7 @@ pub struct StatusService {
     probed: Arc<Notify>,
 }
 
-impl StatusService {
+impl Identity {
     pub fn new(node_id: String, boot_id: String, hostname: String, probed: Arc<Notify>) -> Self {
         Self {
             node_id,
@@ -35,6 +37,31 @@ impl StatusService {
             probed,
         }
     }
+
+    /// Answers `request` as this agent; a coordinator's probe wakes the
+    /// agent's reconnect loop.
+    pub fn answer(&self, request: &Request<StatusRequest>) -> StatusResponse {
+        if request.metadata().contains_key(grpc::PROBE_METADATA) {
+            self.probed.notify_waiters();
+        }
+        StatusResponse {
+            node_id: self.node_id.clone(),
+            boot_id: self.boot_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            hostname: self.hostname.clone(),
+            started_at: Some(self.started_at.into()),
+        }
+    }
+}
+
+pub struct StatusService {
+    identity: Identity,
+}
+
+impl StatusService {
+    pub fn new(identity: Identity) -> Self {
+        Self { identity }
+    }
 }
 
 #[tonic::async_trait]
@@ -43,15 +70,6 @@ impl Agent for StatusService {
         &self,
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        if request.metadata().contains_key(grpc::PROBE_METADATA) {
-            self.probed.notify_waiters();
-        }
-        Ok(Response::new(StatusResponse {
-            node_id: self.node_id.clone(),
-            boot_id: self.boot_id.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            hostname: self.hostname.clone(),
-            started_at: Some(self.started_at.into()),
-        }))
+        Ok(Response::new(self.identity.answer(&request)))
     }
 }

@@ -20,13 +20,13 @@ use std::{
 
 use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     clock::Moment,
     config::CoordinatorConfig,
     error::RunError,
-    grpc,
+    grpc, limits,
     proto::coordinator_server::CoordinatorServer,
     registry::{Registry, Timing},
     store::Store,
@@ -72,6 +72,11 @@ impl Shared {
 /// Runs a coordinator until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
+    // Every agent holds a connection, and every connection is a file.
+    match limits::raise_open_files() {
+        Ok(files) => info!(soft = files.soft, hard = files.hard, "open-file limit"),
+        Err(error) => warn!(%error, "cannot raise the open-file limit"),
+    }
     let store = Store::open(&config.db).await?;
     let stored = store.load_nodes().await?;
     let (listener, address) = grpc::bind(config.listen).await?;
