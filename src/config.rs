@@ -55,7 +55,19 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 
-    /// Silence after which a node is shown OFFLINE.
+    /// The fleet's heartbeats per second are kept at or below this: agents
+    /// of a larger fleet are given a longer interval than
+    /// --heartbeat-interval, in whole multiples of it.
+    #[arg(
+        long,
+        env = "MUSTER_MAX_HEARTBEATS_PER_SECOND",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_heartbeats_per_second: u32,
+
+    /// Silence after which a node is shown OFFLINE, for an agent at
+    /// --heartbeat-interval; it grows with an agent's interval.
     #[arg(long, env = "MUSTER_OFFLINE_AFTER", default_value = "15s", value_parser = parse_duration)]
     pub offline_after: Duration,
 
@@ -257,7 +269,9 @@ mod tests {
         assert_eq!(config.offline_after, Duration::from_secs(15));
         assert_eq!(config.expire_after, Duration::from_secs(24 * 3600));
         assert_eq!(config.probe_timeout, Duration::from_secs(2));
+        assert_eq!(config.max_heartbeats_per_second, 1000);
         config.validate().unwrap();
+        assert!(coordinator(&["--max-heartbeats-per-second", "0"]).is_err());
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
+    agent::reconnect,
     clock::Moment,
     config::CoordinatorConfig,
     error::RunError,
@@ -45,8 +46,8 @@ pub(crate) struct Shared {
     /// Woken when the registry has changes for the store.
     changes_pending: Notify,
     boot_id: String,
-    heartbeat_interval: Duration,
-    /// Silence after which a node is OFFLINE and its stream is closed.
+    /// How often a session checks whether the sweeper has given up on its
+    /// node (the shortest offline-after any node has).
     offline_after: Duration,
 }
 
@@ -81,13 +82,19 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let stored = store.load_nodes().await?;
     let (listener, address) = grpc::bind(config.listen).await?;
 
-    let timing = Timing {
+    let reloaded = stored.len();
+    let mut timing = Timing {
+        heartbeat_interval: config.heartbeat_interval,
+        max_heartbeats_per_second: config.max_heartbeats_per_second,
         offline_after: config.offline_after,
         expire_after: config.expire_after,
         reload_grace: config.offline_after,
     };
+    // An agent that kept failing to reach us may be waiting out its longest
+    // backoff when we come back; after that it gets the usual allowance.
+    timing.reload_grace =
+        reconnect::MAX_RETRY_CEILING + timing.offline_after_at(timing.interval_for(reloaded));
     let mut registry = Registry::new(timing);
-    let reloaded = stored.len();
     registry.load(stored, Moment::now());
     let boot_id = uuid::Uuid::new_v4().to_string();
     let shared = std::sync::Arc::new(Shared {
@@ -95,7 +102,6 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         store,
         changes_pending: Notify::new(),
         boot_id: boot_id.clone(),
-        heartbeat_interval: config.heartbeat_interval,
         offline_after: config.offline_after,
     });
 
@@ -112,7 +118,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let writer_stop = CancellationToken::new();
     let mut writer = background.spawn(writer::run(
         shared.clone(),
-        config.heartbeat_interval,
+        writer::flush_period(config.heartbeat_interval),
         writer_stop.clone(),
     ));
     let mut sweeper = background.spawn(sweeper::run(
@@ -134,7 +140,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
     );
     let router = grpc::with_reflection(router, "muster.v1.Coordinator")?;
-    info!(%address, %boot_id, reloaded, db = %config.db.display(), "coordinator listening");
+    info!(%address, %boot_id, reloaded, reload_grace = ?timing.reload_grace, db = %config.db.display(), "coordinator listening");
 
     // The writer and the sweeper end only when told to. If either ends
     // sooner it has panicked, and a coordinator that can no longer persist or
