@@ -2,8 +2,8 @@
 //! failures, gathered from every simulated agent's link and reported as one
 //! JSON line per period.
 //!
-//! Counters are totals since the start; latency percentiles cover only the
-//! period since the previous report.
+//! Counters, registration and reconnect times cover the whole run; ack
+//! round trips only the period since the previous report.
 
 use std::{
     sync::{
@@ -53,18 +53,14 @@ const EMFILE: i32 = nix::errno::Errno::EMFILE as i32;
 const EADDRINUSE: i32 = nix::errno::Errno::EADDRINUSE as i32;
 const EADDRNOTAVAIL: i32 = nix::errno::Errno::EADDRNOTAVAIL as i32;
 
-#[derive(Default)]
-struct Samples {
-    acks: Vec<Duration>,
-    reconnects: Vec<Duration>,
-}
-
 /// Totals and samples shared by every simulated agent of one swarm.
 pub struct Stats {
     started: Instant,
     agents: u64,
     first_registrations: Mutex<Vec<Duration>>,
-    samples: Mutex<Samples>,
+    reconnects: Mutex<Vec<Duration>>,
+    /// Ack round trips since the previous report.
+    acks_in_period: Mutex<Vec<Duration>>,
     connected: AtomicU64,
     acks: AtomicU64,
     failures: AtomicU64,
@@ -91,8 +87,8 @@ pub struct Report {
     pub failures: u64,
     pub open_file_failures: u64,
     pub port_failures: u64,
-    /// Streams registered again in this period after a failure, and how
-    /// long each agent was without a registered stream.
+    /// Streams registered again after a failure, and how long each agent
+    /// was without a registered stream.
     pub reconnects: usize,
     pub reconnect_p50_ms: Option<f64>,
     pub reconnect_p99_ms: Option<f64>,
@@ -105,7 +101,8 @@ impl Stats {
             started: Instant::now(),
             agents: agents.into(),
             first_registrations: Mutex::new(Vec::with_capacity(agents as usize)),
-            samples: Mutex::new(Samples::default()),
+            reconnects: Mutex::new(Vec::new()),
+            acks_in_period: Mutex::new(Vec::new()),
             connected: AtomicU64::new(0),
             acks: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -116,9 +113,8 @@ impl Stats {
 
     /// The report for the period since the previous call.
     pub fn report(&self) -> Report {
-        let samples = std::mem::take(&mut *lock(&self.samples));
-        let mut acks = samples.acks;
-        let mut reconnects = samples.reconnects;
+        let mut acks = std::mem::take(&mut *lock(&self.acks_in_period));
+        let mut reconnects = lock(&self.reconnects).clone();
         acks.sort_unstable();
         reconnects.sort_unstable();
         let mut registrations = lock(&self.first_registrations).clone();
@@ -190,13 +186,13 @@ impl LinkEvents for AgentEvents {
             lock(&self.stats.first_registrations).push(self.stats.started.elapsed());
         }
         if let Some(since) = lock(&self.down_since).take() {
-            lock(&self.stats.samples).reconnects.push(since.elapsed());
+            lock(&self.stats.reconnects).push(since.elapsed());
         }
     }
 
     fn acked(&self, round_trip: Duration) {
         self.stats.acks.fetch_add(1, Ordering::Relaxed);
-        lock(&self.stats.samples).acks.push(round_trip);
+        lock(&self.stats.acks_in_period).push(round_trip);
     }
 
     fn failed(&self, error: &(dyn std::error::Error + 'static)) {
