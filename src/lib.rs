@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod cli;
 pub mod clock;
+pub mod codec;
 pub mod config;
 pub mod coordinator;
 pub mod error;
