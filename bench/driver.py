@@ -20,6 +20,8 @@ import time
 MUSTER = os.path.abspath(sys.argv[1])
 SIZES = [int(n) for arg in sys.argv[2:] for n in arg.split()]
 HEARTBEAT = os.environ.get("HEARTBEAT", "1s")
+OFFLINE_AFTER = os.environ.get("OFFLINE_AFTER", "5s")
+MAX_HPS = os.environ.get("MAX_HEARTBEATS_PER_SECOND", "100000")
 WINDOW = float(os.environ.get("WINDOW", "30"))
 WARMUP = float(os.environ.get("WARMUP", "10"))
 PER_SWARM = int(os.environ.get("AGENTS_PER_SWARM", "9500"))
@@ -80,8 +82,8 @@ class Coordinator:
             "--listen", f"127.0.0.1:{self.port}",
             "--db", os.path.join(self.workdir, "muster.db"),
             "--heartbeat-interval", HEARTBEAT,
-            "--offline-after", "5s",
-            "--max-heartbeats-per-second", "100000",
+            "--offline-after", OFFLINE_AFTER,
+            "--max-heartbeats-per-second", MAX_HPS,
             "--log", "warn,muster::coordinator=info,muster::coordinator::writer=debug,muster::coordinator::session=warn",
         ])
         deadline = time.monotonic() + 30
@@ -218,10 +220,13 @@ def measure(n, coordinator, swarms, rss_empty, workdir):
 
     pid = coordinator.proc.pid
     start_reports = [s.last() for s in swarms]
+    swarm_cpu0 = sum(cpu_seconds(s.proc.pid) for s in swarms)
     cpu0, tx0, rows0, t0 = cpu_seconds(pid), *coordinator.writer_totals(), time.monotonic()
     time.sleep(WINDOW)
     end_reports = [s.last() for s in swarms]
     cpu1, tx1, rows1, t1 = cpu_seconds(pid), *coordinator.writer_totals(), time.monotonic()
+    swarm_cpu1 = sum(cpu_seconds(s.proc.pid) for s in swarms)
+    load = open("/proc/loadavg").read().split()[0]
     rss_full = rss_bytes(pid)
 
     acks = sum(e["acks"] - s["acks"] for s, e in zip(start_reports, end_reports))
@@ -238,6 +243,8 @@ def measure(n, coordinator, swarms, rss_empty, workdir):
         "heartbeats_per_s": heartbeats_per_s,
         "cpu_us_per_heartbeat": (cpu1 - cpu0) / (heartbeats_per_s * (t1 - t0)) * 1e6 if acks else None,
         "coordinator_cpu_share": (cpu1 - cpu0) / (t1 - t0),
+        "swarm_cpu_share": (swarm_cpu1 - swarm_cpu0) / (t1 - t0),
+        "load_average_1m": float(load),
         "rss_empty_mib": rss_empty / 2**20,
         "rss_full_mib": rss_full / 2**20,
         "rss_kib_per_agent": (rss_full - rss_empty) / n / 1024,
@@ -317,13 +324,15 @@ def main():
         f"- machine: {len(os.sched_getaffinity(0))} CPUs ({model}), "
         f"{os.sysconf('SC_PHYS_PAGES') * PAGE / 2**30:.0f} GiB; load average at the end {' '.join(load)}",
         f"- command: `bench/run.sh {' '.join(map(str, SIZES))}` with HEARTBEAT={HEARTBEAT} "
+        f"OFFLINE_AFTER={OFFLINE_AFTER} MAX_HEARTBEATS_PER_SECOND={MAX_HPS} "
         f"WINDOW={WINDOW:g} WARMUP={WARMUP:g} AGENTS_PER_SWARM={PER_SWARM}",
         f"- coordinator pinned to CPU {coordinator_cpus()}, swarms to CPUs {swarm_cpus()}",
         "",
         "| agents | swarms | heartbeats/s | CPU µs/heartbeat | coordinator CPU | RSS KiB/agent "
         "| ack p50 ms | ack p99 ms (worst s / median s) | DB tx/s | DB rows/heartbeat "
-        "| registration s | all ONLINE after restart s | reconnect p50 / p99 / max ms | ever OFFLINE |",
-        "|" + " --- |" * 14,
+        "| registration s | all ONLINE after restart s | reconnect p50 / p99 / max ms | ever OFFLINE "
+        "| swarm CPU | load avg |",
+        "|" + " --- |" * 16,
     ]
     for r in results:
         lines.append(
@@ -334,7 +343,7 @@ def main():
             f"| {fmt(r['db_transactions_per_s'], 2)} | {fmt(r['db_rows_per_heartbeat'], 3)} "
             f"| {fmt(r['registration_s'])} | {fmt(r['all_online_after_restart_s'])} "
             f"| {fmt(r['reconnect_p50_ms'], 0)} / {fmt(r['reconnect_p99_ms'], 0)} / {fmt(r['reconnect_max_ms'], 0)} "
-            f"| {r['ever_offline']} |")
+            f"| {r['ever_offline']} | {fmt(r['swarm_cpu_share'] * 100, 0)} % | {r['load_average_1m']} |")
     lines += ["", "Raw figures:", "", "```json", json.dumps(results, indent=1), "```", ""]
     text = "\n".join(lines)
     print(text)

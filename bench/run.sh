@@ -10,8 +10,9 @@
 # recovery after a SIGKILL of the coordinator. Results go to stdout and to
 # bench/results/<date>.md. See BENCHMARKS.md for what each figure means.
 #
-# Settings (environment): HEARTBEAT (1s), WINDOW (30, seconds measured),
-# WARMUP (10, seconds after all agents registered), AGENTS_PER_SWARM (9500).
+# Settings (environment): HEARTBEAT (1s), OFFLINE_AFTER (5s),
+# MAX_HEARTBEATS_PER_SECOND (100000), WINDOW (30, seconds measured), WARMUP
+# (10, seconds after all agents registered), AGENTS_PER_SWARM (9500).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

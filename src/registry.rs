@@ -460,6 +460,13 @@ impl Registry {
             .collect()
     }
 
+    /// Whether `target` is still UNKNOWN in the generation it was probed for.
+    pub fn is_unproven(&self, target: &ProbeTarget) -> bool {
+        self.nodes.get(&target.node_id).is_some_and(|entry| {
+            entry.state == NodeState::Unknown && entry.generation == target.generation
+        })
+    }
+
     fn current_entry(
         &mut self,
         node_id: &NodeId,
@@ -692,7 +699,9 @@ mod tests {
         let targets = registry.unproven();
         assert_eq!(targets.len(), 2);
 
+        assert!(registry.is_unproven(&targets[0]));
         assert!(registry.probe_succeeded(&targets[0], t0.after(Duration::from_secs(1))));
+        assert!(!registry.is_unproven(&targets[0]));
         assert!(!registry.probe_succeeded(&targets[0], t0.after(Duration::from_secs(1))));
         assert_eq!(state(&registry, "a"), Some(NodeState::Online));
         assert_eq!(
