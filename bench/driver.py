@@ -28,7 +28,7 @@ PER_SWARM = int(os.environ.get("AGENTS_PER_SWARM", "9500"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CPUS = sorted(os.sched_getaffinity(0))
-REGISTER_DEADLINE = 300.0
+REGISTER_DEADLINE = 120.0
 RECOVERY_DEADLINE = 180.0
 
 
@@ -201,6 +201,18 @@ def bench(n):
         swarms.append(Swarm(workdir, index, first, min(PER_SWARM, n - first), coordinator.url))
     try:
         return measure(n, coordinator, swarms, rss_empty, workdir)
+    except SystemExit as failure:
+        reports = totals(swarms) or []
+        log(f"   {n} agents: {failure}")
+        return {
+            "agents": n,
+            "swarm_processes": len(swarms),
+            "failed": str(failure),
+            "registered": sum(r["registered"] for r in reports),
+            "connected": sum(r["connected"] for r in reports),
+            "failures": sum(r["failures"] for r in reports),
+            "coordinator_rss_mib": rss_bytes(coordinator.proc.pid) / 2**20 if coordinator.proc.poll() is None else None,
+        }
     finally:
         for s in swarms:
             s.stop()
@@ -335,6 +347,11 @@ def main():
         "|" + " --- |" * 16,
     ]
     for r in results:
+        if "failed" in r:
+            lines.append(
+                f"| {r['agents']:,} | {r['swarm_processes']} | never steady: {r['failed']}; "
+                f"{r['connected']:,} connected, {r['failures']:,} link failures |" + " |" * 14)
+            continue
         lines.append(
             f"| {r['agents']:,} | {r['swarm_processes']} | {fmt(r['heartbeats_per_s'], 0)} "
             f"| {fmt(r['cpu_us_per_heartbeat'])} | {fmt(r['coordinator_cpu_share'] * 100, 0)} % "
