@@ -95,17 +95,7 @@ impl Fleet {
     async fn expect_stable_and_re_registered(&self) {
         let url = self.coordinator.url();
         let url = url.as_str();
-        hold_for(
-            "no node OFFLINE after recovery",
-            WATCH_AFTER_RECOVERY,
-            || async move {
-                match list_nodes(url).await {
-                    Some(nodes) => none_offline(&nodes),
-                    None => Err("the coordinator stopped answering".to_owned()),
-                }
-            },
-        )
-        .await;
+        hold_none_offline(url, WATCH_AFTER_RECOVERY).await;
         let nodes = list_nodes(url).await.unwrap();
         for (node, old) in nodes.iter().zip(&self.registered) {
             assert!(

@@ -395,6 +395,18 @@ pub fn none_offline(nodes: &[proto::Node]) -> Result<(), String> {
     }
 }
 
+/// Fails if the coordinator at `url` shows any node OFFLINE, or stops
+/// answering, at any poll during `window`.
+pub async fn hold_none_offline(url: &str, window: Duration) {
+    hold_for("no node OFFLINE after recovery", window, || async move {
+        match list_nodes(url).await {
+            Some(nodes) => none_offline(&nodes),
+            None => Err("the coordinator stopped answering".to_owned()),
+        }
+    })
+    .await;
+}
+
 /// Waits until every node in `node_ids` is in `state`.
 pub async fn wait_for_state(
     url: &str,
