@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let descriptor_path = PathBuf::from(env::var("OUT_DIR")?).join("muster_descriptor.bin");
     tonic_prost_build::configure()
         .file_descriptor_set_path(&descriptor_path)
+        .codec_path("crate::codec::LeanCodec")
         .compile_protos(
             &[PathBuf::from("proto/muster/v1/muster.proto")],
             &[PathBuf::from("proto"), well_known_types],

@@ -28,6 +28,8 @@ pub enum Command {
     Coordinator(CoordinatorConfig),
     /// Run the agent daemon on a node.
     Agent(AgentConfig),
+    /// Simulate a fleet of agents from one process, to measure a coordinator.
+    Swarm(SwarmConfig),
     /// Inspect the nodes a coordinator knows.
     Nodes {
         #[command(subcommand)]
@@ -53,7 +55,19 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 
-    /// Silence after which a node is shown OFFLINE.
+    /// The fleet's heartbeats per second are kept at or below this: agents
+    /// of a larger fleet are given a longer interval than
+    /// --heartbeat-interval, in whole multiples of it.
+    #[arg(
+        long,
+        env = "MUSTER_MAX_HEARTBEATS_PER_SECOND",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_heartbeats_per_second: u32,
+
+    /// Silence after which a node is shown OFFLINE, for an agent at
+    /// --heartbeat-interval; it grows with an agent's interval.
     #[arg(long, env = "MUSTER_OFFLINE_AFTER", default_value = "15s", value_parser = parse_duration)]
     pub offline_after: Duration,
 
@@ -193,6 +207,50 @@ pub struct AgentConfig {
     pub tls: TlsArgs,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct SwarmConfig {
+    /// URL of the coordinator.
+    #[arg(
+        long,
+        env = "MUSTER_COORDINATOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub coordinator: String,
+
+    /// How many agents to simulate, each with its own connection and stream.
+    #[arg(long, env = "MUSTER_SWARM_AGENTS", default_value_t = 100)]
+    pub agents: u32,
+
+    /// Number of the first agent, so that several swarm processes make one
+    /// fleet without sharing node ids.
+    #[arg(long, env = "MUSTER_SWARM_FIRST_AGENT", default_value_t = 0)]
+    pub first_agent: u32,
+
+    /// Node ids are this prefix, a dash and the agent's number.
+    #[arg(long, env = "MUSTER_SWARM_NODE_PREFIX", default_value = "sim")]
+    pub node_prefix: String,
+
+    /// Loopback source addresses the connections are spread over (127.0.0.2
+    /// and up), each good for one ephemeral port range of connections.
+    #[arg(long, env = "MUSTER_SWARM_SOURCE_ADDRESSES", default_value_t = 4)]
+    pub source_addresses: u8,
+
+    /// Address of the one Status listener that answers for every simulated
+    /// agent. Its IP must accept connections to all of 127.0.0.0/8 (the
+    /// default does); agents advertise distinct loopback addresses on its
+    /// port, and are told apart by the address a probe reached.
+    #[arg(long, env = "MUSTER_SWARM_LISTEN", default_value = "0.0.0.0:0")]
+    pub listen: SocketAddr,
+
+    /// How often to print a report line (JSON, on stdout).
+    #[arg(long, env = "MUSTER_SWARM_REPORT_EVERY", default_value = "5s", value_parser = parse_duration)]
+    pub report_every: Duration,
+
+    /// Stop after this long; without it, run until interrupted.
+    #[arg(long, env = "MUSTER_SWARM_DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum NodesCommand {
     /// List every node.
@@ -284,7 +342,9 @@ mod tests {
         assert_eq!(config.offline_after, Duration::from_secs(15));
         assert_eq!(config.expire_after, Duration::from_secs(24 * 3600));
         assert_eq!(config.probe_timeout, Duration::from_secs(2));
+        assert_eq!(config.max_heartbeats_per_second, 1000);
         config.validate().unwrap();
+        assert!(coordinator(&["--max-heartbeats-per-second", "0"]).is_err());
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub enum ServiceError {
     InvalidArgument(#[from] InvalidInput),
     #[error("node {0} is not registered")]
     NodeNotFound(NodeId),
+    #[error("no simulated agent listens at {0}")]
+    NoAgentAtAddress(String),
     /// The request is well-formed but not allowed at this point of a stream.
     #[error("{0}")]
     OutOfOrder(String),
@@ -80,7 +82,9 @@ impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
         let code = match &error {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::NodeNotFound(_) | ServiceError::Forgotten(_) => Code::NotFound,
+            ServiceError::NodeNotFound(_)
+            | ServiceError::NoAgentAtAddress(_)
+            | ServiceError::Forgotten(_) => Code::NotFound,
             ServiceError::OutOfOrder(_) => Code::FailedPrecondition,
             ServiceError::NodeIdHeld(_) => Code::PermissionDenied,
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,

@@ -8,19 +8,23 @@
 //! - [`agent`] is the daemon on each node: identity, Status service and the
 //!   reconnecting heartbeat link.
 //! - [`cli`] holds the operator commands.
+//! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
 
 pub mod agent;
 pub mod auth;
 pub mod cli;
 pub mod clock;
+pub mod codec;
 pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod grpc;
+pub mod limits;
 pub mod node;
 pub mod proto;
 pub mod registry;
 pub mod shutdown;
 pub mod store;
+pub mod swarm;
 pub mod telemetry;
 pub mod tls;

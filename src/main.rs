@@ -9,7 +9,7 @@ use muster::{
     config::{Cli, Command},
     coordinator,
     error::{RunError, display_chain},
-    shutdown,
+    shutdown, swarm,
 };
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -57,6 +57,10 @@ async fn run(command: Command) -> Result<(), RunError> {
         Command::Agent(config) => {
             let token = CancellationToken::new();
             shutdown::run_until_signal(token.clone(), agent::run(config, token)).await
+        }
+        Command::Swarm(config) => {
+            let token = CancellationToken::new();
+            shutdown::run_until_signal(token.clone(), swarm::run(config, token)).await
         }
         Command::Nodes { command } => cli::run_nodes(command, &mut std::io::stdout().lock()).await,
     }

@@ -12,6 +12,16 @@
 //!   proven alive, and OFFLINE when `reload_grace` passes without proof.
 //! - An OFFLINE node is removed `expire_after` after it went offline. The
 //!   moment it went offline is persisted, so restarts do not reset the clock.
+//! - Every node heartbeats at an interval the registry assigns: the
+//!   configured `heartbeat_interval`, stretched in whole multiples of it so
+//!   that the whole fleet stays within `max_heartbeats_per_second`. A node's
+//!   `offline_after` grows in proportion to its interval. When the fleet
+//!   grows past a step, each node is given the new interval on its next
+//!   heartbeat; it shrinks again only once the fleet is a tenth below the
+//!   step, so a fleet at a boundary does not flap.
+//! - A node that was not OFFLINE when the coordinator stopped gets the full
+//!   `reload_grace` after a restart (longer than the agents' longest
+//!   reconnect backoff); one already OFFLINE gets only `offline_after`.
 //! - Every change the store must know about is queued, in order, for
 //!   [`Registry::take_changes`]. `last_seen` is collected separately by
 //!   [`Registry::take_last_seen`], so heartbeats cost no write of their own.
@@ -28,12 +38,55 @@ use crate::{
 
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {
-    /// Silence after which an ONLINE node becomes OFFLINE.
+    /// The shortest heartbeat interval, which a small fleet gets.
+    pub heartbeat_interval: Duration,
+    /// The fleet's heartbeats per second stay at or below this.
+    pub max_heartbeats_per_second: u32,
+    /// Silence after which an ONLINE node becomes OFFLINE, for a node at
+    /// `heartbeat_interval`; it scales with the node's interval.
     pub offline_after: Duration,
     /// Time an OFFLINE node is kept before it is forgotten.
     pub expire_after: Duration,
-    /// Time a node loaded after a restart may stay UNKNOWN before it is OFFLINE.
+    /// Time a node that was live when the coordinator stopped may stay
+    /// UNKNOWN after a restart before it is OFFLINE.
     pub reload_grace: Duration,
+}
+
+/// The most an interval is stretched: beyond this a fleet's heartbeats go
+/// over the cap rather than nodes going unheard for absurdly long.
+const MAX_STRETCH: u32 = 10_000;
+
+impl Timing {
+    /// The interval that keeps a fleet of `nodes` within the cap: the
+    /// configured interval times the smallest whole number that does.
+    pub fn interval_for(&self, nodes: usize) -> Duration {
+        let per_interval = (f64::from(self.max_heartbeats_per_second)
+            * self.heartbeat_interval.as_secs_f64())
+        .floor()
+        .max(1.0);
+        let stretch = (nodes as f64 / per_interval)
+            .ceil()
+            .clamp(1.0, f64::from(MAX_STRETCH));
+        self.heartbeat_interval * stretch as u32
+    }
+
+    /// `offline_after` for a node heartbeating every `interval`.
+    pub fn offline_after_at(&self, interval: Duration) -> Duration {
+        self.offline_after
+            .mul_f64(interval.as_secs_f64() / self.heartbeat_interval.as_secs_f64())
+            .max(self.offline_after)
+    }
+
+    /// The interval a node at `current` should move to in a fleet of `nodes`:
+    /// longer at once when the fleet needs it, shorter only when the fleet is
+    /// a tenth below the step.
+    fn retune(&self, current: Duration, nodes: usize) -> Duration {
+        let wanted = self.interval_for(nodes);
+        if wanted >= current {
+            return wanted;
+        }
+        self.interval_for(nodes + nodes.div_ceil(10)).min(current)
+    }
 }
 
 /// What the store must record, in the order it happened.
@@ -102,6 +155,8 @@ struct Entry {
     generation: u64,
     state: NodeState,
     last_seen: SystemTime,
+    /// How often this node's agent was told to heartbeat.
+    interval: Duration,
     /// The node becomes OFFLINE if not proven alive again before this.
     live_until: Instant,
     offline_since: Option<SystemTime>,
@@ -149,8 +204,14 @@ impl Registry {
     /// Adds nodes read from the store after a restart. They are UNKNOWN until
     /// proven alive, and OFFLINE if `reload_grace` passes without proof.
     pub fn load(&mut self, stored: impl IntoIterator<Item = StoredNode>, now: Moment) {
-        let live_until = now.monotonic + self.timing.reload_grace;
+        let stored: Vec<StoredNode> = stored.into_iter().collect();
+        let interval = self.timing.interval_for(self.nodes.len() + stored.len());
         for node in stored {
+            let grace = if node.offline_since.is_some() {
+                self.timing.offline_after_at(interval)
+            } else {
+                self.timing.reload_grace
+            };
             self.nodes.insert(
                 node.registration.node_id.clone(),
                 Entry {
@@ -159,7 +220,8 @@ impl Registry {
                     generation: node.generation,
                     state: NodeState::Unknown,
                     last_seen: node.last_seen,
-                    live_until,
+                    interval,
+                    live_until: now.monotonic + grace,
                     offline_since: node.offline_since,
                     last_seen_dirty: false,
                     pardoned: false,
@@ -168,28 +230,32 @@ impl Registry {
         }
     }
 
-    /// Applies a registration the store has committed. A registration older
-    /// than the node's current generation, or one whose row an operator has
-    /// since removed, is refused.
+    /// Applies a registration the store has committed, and returns the
+    /// interval the agent is to heartbeat at. A registration older than the
+    /// node's current generation, or one whose row an operator has since
+    /// removed, is refused.
     pub fn register(
         &mut self,
         registration: Registration,
         enrollment: Enrollment,
         now: Moment,
-    ) -> Result<(), SessionRejected> {
+    ) -> Result<Duration, SessionRejected> {
         if let Some(&removed_at) = self.removed_at.get(&registration.node_id) {
             if enrollment.generation <= removed_at {
                 return Err(SessionRejected::Forgotten);
             }
             self.removed_at.remove(&registration.node_id);
         }
-        if let Some(entry) = self.nodes.get(&registration.node_id)
-            && entry.generation >= enrollment.generation
-        {
-            return Err(SessionRejected::Superseded {
-                current: entry.generation,
-            });
-        }
+        let known = match self.nodes.get(&registration.node_id) {
+            Some(entry) if entry.generation >= enrollment.generation => {
+                return Err(SessionRejected::Superseded {
+                    current: entry.generation,
+                });
+            }
+            Some(_) => self.nodes.len(),
+            None => self.nodes.len() + 1,
+        };
+        let interval = self.timing.interval_for(known);
         self.nodes.insert(
             registration.node_id.clone(),
             Entry {
@@ -198,27 +264,34 @@ impl Registry {
                 generation: enrollment.generation,
                 state: NodeState::Online,
                 last_seen: now.wall,
-                live_until: now.monotonic + self.timing.offline_after,
+                interval,
+                live_until: now.monotonic + self.timing.offline_after_at(interval),
                 offline_since: None,
                 last_seen_dirty: false,
                 pardoned: false,
             },
         );
-        Ok(())
+        Ok(interval)
     }
 
-    /// Records a heartbeat from the session holding `generation`.
+    /// Records a heartbeat from the session holding `generation`. Returns a
+    /// new interval when the fleet's size calls for one; the session passes
+    /// it on to the agent.
     pub fn heartbeat(
         &mut self,
         node_id: &NodeId,
         generation: u64,
         now: Moment,
-    ) -> Result<(), SessionRejected> {
-        let offline_after = self.timing.offline_after;
+    ) -> Result<Option<Duration>, SessionRejected> {
+        let timing = self.timing;
+        let nodes = self.nodes.len();
         let entry = self.current_entry(node_id, generation)?;
+        let interval = timing.retune(entry.interval, nodes);
+        let retuned = (interval != entry.interval).then_some(interval);
+        entry.interval = interval;
         entry.last_seen = now.wall;
         entry.last_seen_dirty = true;
-        entry.live_until = now.monotonic + offline_after;
+        entry.live_until = now.monotonic + timing.offline_after_at(interval);
         entry.pardoned = false;
         let generation = entry.generation;
         if entry.state != NodeState::Online {
@@ -230,7 +303,7 @@ impl Registry {
                 });
             }
         }
-        Ok(())
+        Ok(retuned)
     }
 
     /// The stream of the session holding `generation` has ended. The node goes
@@ -255,10 +328,13 @@ impl Registry {
     /// never overrides what a session has reported since. Returns whether
     /// the node became ONLINE.
     pub fn probe_succeeded(&mut self, target: &ProbeTarget, now: Moment) -> bool {
-        let live_for = self.timing.offline_after.max(self.timing.reload_grace);
+        let timing = self.timing;
         let Some(entry) = self.nodes.get_mut(&target.node_id) else {
             return false;
         };
+        let live_for = timing
+            .offline_after_at(entry.interval)
+            .max(timing.reload_grace);
         if entry.state != NodeState::Unknown || entry.generation != target.generation {
             return false;
         }
@@ -282,9 +358,10 @@ impl Registry {
     /// back by as much, but never beyond a full `offline_after` from `now`,
     /// and only once per silence.
     pub fn pardon_stall(&mut self, stalled: Duration, now: Moment) {
-        let latest = now.monotonic + self.timing.offline_after;
+        let timing = self.timing;
         for entry in self.nodes.values_mut() {
             if entry.state != NodeState::Offline && !entry.pardoned {
+                let latest = now.monotonic + timing.offline_after_at(entry.interval);
                 entry.live_until = entry
                     .live_until
                     .max((entry.live_until + stalled).min(latest));
@@ -408,6 +485,13 @@ impl Registry {
             .collect()
     }
 
+    /// Whether `target` is still UNKNOWN in the generation it was probed for.
+    pub fn is_unproven(&self, target: &ProbeTarget) -> bool {
+        self.nodes.get(&target.node_id).is_some_and(|entry| {
+            entry.state == NodeState::Unknown && entry.generation == target.generation
+        })
+    }
+
     fn current_entry(
         &mut self,
         node_id: &NodeId,
@@ -433,12 +517,20 @@ mod tests {
     const EXPIRE_AFTER: Duration = Duration::from_secs(3600);
     const GRACE: Duration = Duration::from_secs(30);
 
-    fn registry() -> Registry {
-        Registry::new(Timing {
+    const INTERVAL: Duration = Duration::from_secs(5);
+
+    fn timing(max_heartbeats_per_second: u32) -> Timing {
+        Timing {
+            heartbeat_interval: INTERVAL,
+            max_heartbeats_per_second,
             offline_after: OFFLINE_AFTER,
             expire_after: EXPIRE_AFTER,
             reload_grace: GRACE,
-        })
+        }
+    }
+
+    fn registry() -> Registry {
+        Registry::new(timing(1000))
     }
 
     fn id(raw: &str) -> NodeId {
@@ -632,7 +724,9 @@ mod tests {
         let targets = registry.unproven();
         assert_eq!(targets.len(), 2);
 
+        assert!(registry.is_unproven(&targets[0]));
         assert!(registry.probe_succeeded(&targets[0], t0.after(Duration::from_secs(1))));
+        assert!(!registry.is_unproven(&targets[0]));
         assert!(!registry.probe_succeeded(&targets[0], t0.after(Duration::from_secs(1))));
         assert_eq!(state(&registry, "a"), Some(NodeState::Online));
         assert_eq!(
@@ -815,6 +909,149 @@ mod tests {
             registry.session_state(&id("z"), 1),
             Err(SessionRejected::Forgotten)
         );
+    }
+
+    /// Registers nodes `n0`, `n1`, ... up to `count`, returning each one's
+    /// assigned interval.
+    fn register_fleet(registry: &mut Registry, count: usize, now: Moment) -> Vec<Duration> {
+        (0..count)
+            .map(|i| {
+                let generation = u64::try_from(i).unwrap() + 1;
+                registry
+                    .register(
+                        registration(&format!("n{i}"), "b"),
+                        enroll(generation, now),
+                        now,
+                    )
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_small_fleet_heartbeats_at_the_configured_interval() {
+        let timing = timing(1000);
+        assert_eq!(timing.interval_for(0), INTERVAL);
+        assert_eq!(timing.interval_for(5000), INTERVAL);
+        assert_eq!(timing.offline_after_at(INTERVAL), OFFLINE_AFTER);
+    }
+
+    #[test]
+    fn a_large_fleet_is_stretched_in_whole_intervals_to_stay_under_the_cap() {
+        let timing = timing(1000);
+        for nodes in [1, 4999, 5000, 5001, 10_000, 10_001, 123_456] {
+            let interval = timing.interval_for(nodes);
+            assert!(interval >= INTERVAL);
+            assert_eq!(interval.as_nanos() % INTERVAL.as_nanos(), 0, "{nodes}");
+            let rate = nodes as f64 / interval.as_secs_f64();
+            assert!(rate <= 1000.0, "{nodes} nodes at {interval:?}: {rate}/s");
+            // No longer than needed: one step shorter would break the cap.
+            if interval > INTERVAL {
+                assert!(nodes as f64 / (interval - INTERVAL).as_secs_f64() > 1000.0);
+            }
+        }
+        assert_eq!(timing.interval_for(5001), INTERVAL * 2);
+        assert_eq!(
+            timing.offline_after_at(INTERVAL * 2),
+            OFFLINE_AFTER * 2,
+            "offline-after scales with the interval"
+        );
+    }
+
+    #[test]
+    fn a_cap_below_one_heartbeat_per_interval_still_allows_one() {
+        let timing = Timing {
+            heartbeat_interval: Duration::from_millis(100),
+            ..timing(1)
+        };
+        assert_eq!(timing.interval_for(1), Duration::from_millis(100));
+        assert_eq!(timing.interval_for(3), Duration::from_millis(300));
+        assert_eq!(timing.interval_for(usize::MAX), Duration::from_secs(1000));
+    }
+
+    #[test]
+    fn registrations_get_the_interval_of_the_fleet_they_join() {
+        let t0 = Moment::now();
+        let mut registry = Registry::new(timing(1)); // 5 heartbeats per 5 s
+        let intervals = register_fleet(&mut registry, 11, t0);
+        assert_eq!(intervals[..5], [INTERVAL; 5]);
+        assert_eq!(intervals[5..10], [INTERVAL * 2; 5]);
+        assert_eq!(intervals[10], INTERVAL * 3);
+
+        // A re-registration does not count its node twice.
+        let again = registry
+            .register(registration("n0", "b2"), enroll(100, t0), t0)
+            .unwrap();
+        assert_eq!(again, INTERVAL * 3);
+    }
+
+    #[test]
+    fn earlier_nodes_are_told_the_longer_interval_on_their_next_heartbeat() {
+        let t0 = Moment::now();
+        let mut registry = Registry::new(timing(1));
+        register_fleet(&mut registry, 10, t0);
+        let t1 = t0.after(INTERVAL);
+        assert_eq!(registry.heartbeat(&id("n0"), 1, t1), Ok(Some(INTERVAL * 2)));
+        assert_eq!(registry.heartbeat(&id("n0"), 1, t1), Ok(None), "told once");
+        assert_eq!(registry.heartbeat(&id("n9"), 10, t1), Ok(None));
+
+        // Its silence is judged by the longer interval from then on.
+        registry.sweep(t1.after(OFFLINE_AFTER * 2 - Duration::from_millis(1)));
+        assert_eq!(state(&registry, "n0"), Some(NodeState::Online));
+        registry.sweep(t1.after(OFFLINE_AFTER * 2));
+        assert_eq!(state(&registry, "n0"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn the_fleet_rate_stays_under_the_cap_once_every_node_has_heartbeated() {
+        let t0 = Moment::now();
+        let mut registry = Registry::new(timing(100)); // 500 per 5 s
+        let mut intervals = register_fleet(&mut registry, 1234, t0);
+        let t1 = t0.after(INTERVAL);
+        for (i, interval) in intervals.iter_mut().enumerate() {
+            let generation = u64::try_from(i).unwrap() + 1;
+            if let Some(retuned) = registry
+                .heartbeat(&id(&format!("n{i}")), generation, t1)
+                .unwrap()
+            {
+                *interval = retuned;
+            }
+        }
+        let rate: f64 = intervals.iter().map(|i| 1.0 / i.as_secs_f64()).sum();
+        assert!(rate <= 100.0, "{rate} heartbeats/s");
+        assert!(intervals.iter().all(|i| *i == INTERVAL * 3));
+    }
+
+    #[test]
+    fn a_shrinking_fleet_gets_shorter_intervals_only_well_below_the_step() {
+        let timing = timing(1);
+        // Five nodes fit in one interval; the sixth needs two.
+        assert_eq!(timing.retune(INTERVAL, 6), INTERVAL * 2);
+        assert_eq!(
+            timing.retune(INTERVAL * 2, 5),
+            INTERVAL * 2,
+            "at the boundary"
+        );
+        assert_eq!(timing.retune(INTERVAL * 2, 4), INTERVAL);
+        assert_eq!(timing.retune(INTERVAL * 3, 8), INTERVAL * 2);
+    }
+
+    #[test]
+    fn nodes_live_at_a_restart_get_the_reload_grace_and_offline_ones_only_offline_after() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry.load(
+            [
+                stored("live", 1, None, t0),
+                stored("gone", 2, Some(t0.wall), t0),
+            ],
+            t0,
+        );
+        registry.sweep(t0.after(OFFLINE_AFTER));
+        assert_eq!(state(&registry, "live"), Some(NodeState::Unknown));
+        assert_eq!(state(&registry, "gone"), Some(NodeState::Offline));
+        registry.sweep(t0.after(GRACE));
+        assert_eq!(state(&registry, "live"), Some(NodeState::Offline));
     }
 
     #[test]

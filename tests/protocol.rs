@@ -80,7 +80,10 @@ async fn a_second_register_or_a_sequence_going_backwards_ends_the_session() {
     stream.send(heartbeat_message(5)).await;
     assert!(matches!(
         stream.next().await.unwrap().unwrap().kind,
-        Some(coordinator_message::Kind::Ack(proto::Ack { sequence: 5 }))
+        Some(coordinator_message::Kind::Ack(proto::Ack {
+            sequence: 5,
+            heartbeat_interval: None
+        }))
     ));
     stream.send(heartbeat_message(5)).await;
     let status = stream.next().await.unwrap_err();
@@ -177,4 +180,52 @@ async fn a_registered_stream_that_goes_quiet_is_closed_and_its_node_offline() {
     assert!(status.message().contains("no heartbeat"), "{status:?}");
     let node = node(&coordinator.url(), "gpu-quiet").await.unwrap();
     assert_eq!(state_of(&node), NodeState::Offline);
+}
+
+/// The `registered` or `ack` interval a coordinator message carries.
+fn interval_in(message: Option<proto::CoordinatorMessage>) -> Option<Duration> {
+    let interval = match message?.kind? {
+        coordinator_message::Kind::Registered(registered) => registered.heartbeat_interval,
+        coordinator_message::Kind::Ack(ack) => ack.heartbeat_interval,
+    };
+    Duration::try_from(interval?).ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_growing_fleet_is_given_longer_intervals_over_its_open_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    // One heartbeat per second allows one node at 1s, two at 2s.
+    let flags = [
+        "--heartbeat-interval",
+        "1s",
+        "--offline-after",
+        "3s",
+        "--max-heartbeats-per-second",
+        "1",
+    ];
+    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", &flags);
+    let url = coordinator.url();
+    let mut first = RawStream::open(&url, register_message("gpu-1", "http://127.0.0.1:9", "b1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        interval_in(first.next().await.unwrap()),
+        Some(Duration::from_secs(1))
+    );
+    let mut second = RawStream::open(&url, register_message("gpu-2", "http://127.0.0.1:9", "b2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        interval_in(second.next().await.unwrap()),
+        Some(Duration::from_secs(2))
+    );
+
+    first.send(heartbeat_message(1)).await;
+    assert_eq!(
+        interval_in(first.next().await.unwrap()),
+        Some(Duration::from_secs(2)),
+        "the earlier node is told on its next ack"
+    );
+    first.send(heartbeat_message(2)).await;
+    assert_eq!(interval_in(first.next().await.unwrap()), None, "told once");
 }

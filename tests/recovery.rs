@@ -21,14 +21,6 @@ const RECOVERY_DEADLINE: Duration = Duration::from_secs(5);
 /// are watched to prove that none goes OFFLINE after the fact.
 const WATCH_AFTER_RECOVERY: Duration = Duration::from_secs(4);
 
-/// Fails if any of `nodes` is shown OFFLINE.
-fn none_offline(nodes: &[muster::proto::Node]) -> Result<(), String> {
-    match nodes.iter().find(|n| state_of(n) == NodeState::Offline) {
-        Some(node) => Err(format!("{} shown OFFLINE", node.node_id)),
-        None => Ok(()),
-    }
-}
-
 /// A fleet of two agents registered with a coordinator on `db`.
 struct Fleet {
     coordinator: Coordinator,
@@ -103,17 +95,7 @@ impl Fleet {
     async fn expect_stable_and_re_registered(&self) {
         let url = self.coordinator.url();
         let url = url.as_str();
-        hold_for(
-            "no node OFFLINE after recovery",
-            WATCH_AFTER_RECOVERY,
-            || async move {
-                match list_nodes(url).await {
-                    Some(nodes) => none_offline(&nodes),
-                    None => Err("the coordinator stopped answering".to_owned()),
-                }
-            },
-        )
-        .await;
+        hold_none_offline(url, WATCH_AFTER_RECOVERY).await;
         let nodes = list_nodes(url).await.unwrap();
         for (node, old) in nodes.iter().zip(&self.registered) {
             assert!(

@@ -3,7 +3,7 @@
 //! coordinator through [`reconnect`].
 
 mod identity;
-mod reconnect;
+pub mod reconnect;
 mod status;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -13,14 +13,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::info;
 
 pub use identity::{resolve_node_id, resolve_node_secret};
-pub use status::StatusService;
+pub use status::{Identity, StatusService};
 
 use crate::{
-    auth::Token,
+    auth::{NodeSecret, Token},
     config::AgentConfig,
     error::RunError,
     grpc,
-    node::{Claim, validate_url},
+    node::{Claim, NodeId, validate_url},
     proto::{self, agent_server::AgentServer},
     tls::Tls,
 };
@@ -45,15 +45,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
         None => default_advertise_url(address, &hostname, tls.is_some()),
     };
-    let register = proto::Register {
-        node_id: node_id.to_string(),
-        agent_url: advertise_url.clone(),
-        boot_id: boot_id.clone(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        hostname: hostname.clone(),
-        labels: config.labels.into_iter().collect(),
-        node_secret: node_secret.expose().to_owned(),
-    };
+    let register = register_message(
+        &node_id,
+        advertise_url.clone(),
+        boot_id.clone(),
+        hostname.clone(),
+        config.labels,
+        &node_secret,
+    );
     Claim::try_from(register.clone())?;
     validate_url("--coordinator", &config.coordinator)?;
     let coordinator =
@@ -62,13 +61,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<StatusService>>().await;
     let probed = Arc::new(Notify::new());
-    let status = StatusService::new(
+    let status = StatusService::new(Identity::new(
         node_id.to_string(),
         boot_id.clone(),
         hostname,
         probed.clone(),
         join_token.clone(),
-    );
+    ));
     let mut server = server;
     let router = server
         .add_service(health_service.max_decoding_message_size(grpc::MAX_MESSAGE_BYTES))
@@ -82,6 +81,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             coordinator,
             register,
             join_token,
+            events: Arc::new(reconnect::Unobserved),
         },
         probed,
         shutdown.clone(),
@@ -92,6 +92,26 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     tasks.wait().await;
     info!("agent stopped");
     served
+}
+
+/// The `register` message an agent of this version opens its streams with.
+pub fn register_message(
+    node_id: &NodeId,
+    agent_url: String,
+    boot_id: String,
+    hostname: String,
+    labels: Vec<(String, String)>,
+    node_secret: &NodeSecret,
+) -> proto::Register {
+    proto::Register {
+        node_id: node_id.to_string(),
+        agent_url,
+        boot_id,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        hostname,
+        labels: labels.into_iter().collect(),
+        node_secret: node_secret.expose().to_owned(),
+    }
 }
 
 /// The listen address as a URL, with the host name in place of an

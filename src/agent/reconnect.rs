@@ -33,7 +33,8 @@ use crate::{
 };
 
 const FIRST_RETRY_CEILING: Duration = Duration::from_secs(1);
-const MAX_RETRY_CEILING: Duration = Duration::from_secs(30);
+/// The longest an agent waits between attempts to reach the coordinator.
+pub const MAX_RETRY_CEILING: Duration = Duration::from_secs(30);
 /// How long a coordinator may take to answer `register`. Generous, so that a
 /// coordinator that was paused for a while answers the attempt already made
 /// rather than finding a pile of abandoned ones when it resumes.
@@ -93,15 +94,20 @@ impl LinkError {
 }
 
 /// Full-jitter exponential backoff: each delay is uniform between zero and a
-/// ceiling that doubles from one second up to thirty.
+/// ceiling that doubles from `first_ceiling` up to thirty seconds.
 struct ReconnectBackoff {
     ceilings: ExponentialBackoff,
 }
 
 impl ReconnectBackoff {
-    fn new() -> Self {
+    /// The first ceiling is one second, or the heartbeat interval the
+    /// coordinator last gave if longer: a fleet it has slowed down to keep
+    /// its heartbeats under a cap spreads its reconnects as widely, so a
+    /// restart brings no more registrations per second than heartbeats.
+    fn new(interval: Duration) -> Self {
+        let first_ceiling = interval.clamp(FIRST_RETRY_CEILING, MAX_RETRY_CEILING);
         let ceilings = ExponentialBuilder::default()
-            .with_min_delay(FIRST_RETRY_CEILING)
+            .with_min_delay(first_ceiling)
             .with_max_delay(MAX_RETRY_CEILING)
             .with_factor(2.0)
             .without_max_times()
@@ -120,22 +126,42 @@ pub struct Link {
     pub coordinator: Endpoint,
     pub register: proto::Register,
     pub join_token: Option<Token>,
+    /// Told what happens on the link; the swarm simulator measures with it.
+    pub events: Arc<dyn LinkEvents>,
 }
+
+/// Hooks called as a link runs. They must return quickly: they run on the
+/// link's own task.
+pub trait LinkEvents: Send + Sync {
+    /// A stream registered, `attempt` after its connection was begun.
+    fn registered(&self, _attempt: Duration) {}
+    /// A heartbeat was acknowledged `round_trip` after it was sent.
+    fn acked(&self, _round_trip: Duration) {}
+    /// The link failed and will be tried again.
+    fn failed(&self, _error: &(dyn std::error::Error + 'static)) {}
+}
+
+/// For a link nobody watches.
+pub struct Unobserved;
+
+impl LinkEvents for Unobserved {}
 
 /// Keeps the agent registered until `shutdown` is cancelled. A notification
 /// on `probed` cuts a backoff short.
 pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
-    let mut backoff = ReconnectBackoff::new();
+    let mut interval = FIRST_RETRY_CEILING;
+    let mut backoff = ReconnectBackoff::new(interval);
     let mut abandoned = None;
     loop {
         let mut registered_at = None;
         let error = tokio::select! {
             () = shutdown.cancelled() => return,
-            error = hold_stream(&link, &mut registered_at, &mut abandoned) => error,
+            error = hold_stream(&link, &mut registered_at, &mut interval, &mut abandoned) => error,
         };
         if registered_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER) {
-            backoff = ReconnectBackoff::new();
+            backoff = ReconnectBackoff::new(interval);
         }
+        link.events.failed(&error);
         let delay = backoff.next_delay();
         if let Some(attention) = error.needs_attention() {
             error!(error = %display_chain(&error), retry_in = ?delay, "{attention}");
@@ -160,14 +186,17 @@ struct AbandonedStream {
 }
 
 /// Opens one stream, registers and heartbeats until something goes wrong.
-/// Sets `registered_at` once the coordinator has accepted the registration;
-/// then lets go of any `abandoned` stream, and leaves this one there if the
-/// coordinator goes silent.
+/// Sets `registered_at` once the coordinator has accepted the registration,
+/// and `interval` to the heartbeat interval it gives; then lets go of any
+/// `abandoned` stream, and leaves this one there if the coordinator goes
+/// silent.
 async fn hold_stream(
     link: &Link,
     registered_at: &mut Option<Instant>,
+    interval: &mut Duration,
     abandoned: &mut Option<AbandonedStream>,
 ) -> LinkError {
+    let attempt_began = Instant::now();
     let channel = match link.coordinator.connect().await {
         Ok(channel) => channel,
         Err(error) => return LinkError::Connect(error),
@@ -208,11 +237,8 @@ async fn hold_stream(
     };
     *registered_at = Some(Instant::now());
     *abandoned = None;
-    let interval = accepted
-        .heartbeat_interval
-        .and_then(|d| Duration::try_from(d).ok())
-        .unwrap_or(FALLBACK_INTERVAL)
-        .max(MIN_INTERVAL);
+    link.events.registered(attempt_began.elapsed());
+    *interval = usable_interval(accepted.heartbeat_interval).unwrap_or(FALLBACK_INTERVAL);
     info!(
         generation = accepted.session_generation,
         coordinator_boot_id = %accepted.coordinator_boot_id,
@@ -220,14 +246,16 @@ async fn hold_stream(
         "registered with the coordinator"
     );
 
-    let silent_after = interval * SILENT_AFTER_INTERVALS;
-    let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+    let mut silent_after = *interval * SILENT_AFTER_INTERVALS;
+    let mut ticker = tokio::time::interval_at(Instant::now() + *interval, *interval);
     let mut last_ack = Instant::now();
     let mut sequence = 0u64;
+    let mut sent_at = Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
                 sequence += 1;
+                sent_at = Instant::now();
                 let heartbeat = AgentMessage {
                     kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat { sequence })),
                 };
@@ -236,8 +264,17 @@ async fn hold_stream(
                 }
             }
             message = inbound.message() => match message {
-                Ok(Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Ack(_)) })) => {
+                Ok(Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Ack(ack)) })) => {
                     last_ack = Instant::now();
+                    if ack.sequence == sequence {
+                        link.events.acked(last_ack - sent_at);
+                    }
+                    if let Some(retuned) = usable_interval(ack.heartbeat_interval) {
+                        info!(interval = ?retuned, "the coordinator changed the heartbeat interval");
+                        *interval = retuned;
+                        silent_after = retuned * SILENT_AFTER_INTERVALS;
+                        ticker = tokio::time::interval_at(last_ack + retuned, retuned);
+                    }
                 }
                 Ok(Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Registered(_)) })) => {
                     return LinkError::Unexpected("a second registered on one stream");
@@ -254,6 +291,13 @@ async fn hold_stream(
     }
 }
 
+/// A heartbeat interval from the coordinator, no shorter than we accept.
+fn usable_interval(interval: Option<prost_types::Duration>) -> Option<Duration> {
+    interval
+        .and_then(|d| Duration::try_from(d).ok())
+        .map(|d| d.max(MIN_INTERVAL))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,7 +305,7 @@ mod tests {
     #[test]
     fn backoff_starts_within_a_second_and_is_capped_at_thirty() {
         for _ in 0..100 {
-            let mut backoff = ReconnectBackoff::new();
+            let mut backoff = ReconnectBackoff::new(Duration::from_millis(500));
             assert!(backoff.next_delay() <= FIRST_RETRY_CEILING);
             for _ in 0..20 {
                 assert!(backoff.next_delay() <= MAX_RETRY_CEILING);
@@ -270,8 +314,23 @@ mod tests {
     }
 
     #[test]
+    fn a_slowed_fleet_spreads_its_first_reconnect_over_its_interval() {
+        let interval = Duration::from_secs(8);
+        let delays: Vec<_> = (0..200)
+            .map(|_| ReconnectBackoff::new(interval).next_delay())
+            .collect();
+        assert!(delays.iter().all(|d| *d <= interval));
+        assert!(
+            delays.iter().any(|d| *d > FIRST_RETRY_CEILING),
+            "{delays:?}"
+        );
+        let capped = ReconnectBackoff::new(Duration::from_secs(600)).next_delay();
+        assert!(capped <= MAX_RETRY_CEILING);
+    }
+
+    #[test]
     fn backoff_is_jittered() {
-        let mut backoff = ReconnectBackoff::new();
+        let mut backoff = ReconnectBackoff::new(FIRST_RETRY_CEILING);
         let delays: Vec<_> = (0..10).map(|_| backoff.next_delay()).collect();
         let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
         assert!(distinct.len() > 1, "{delays:?}");

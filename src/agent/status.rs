@@ -21,7 +21,9 @@ use crate::{
     proto::{StatusRequest, StatusResponse, agent_server::Agent},
 };
 
-pub struct StatusService {
+/// Who an agent is, as its Status answers tell. The swarm simulator keeps
+/// one per simulated agent behind a single listener.
+pub struct Identity {
     node_id: String,
     boot_id: String,
     hostname: String,
@@ -30,7 +32,7 @@ pub struct StatusService {
     join_token: Option<Token>,
 }
 
-impl StatusService {
+impl Identity {
     pub fn new(
         node_id: String,
         boot_id: String,
@@ -47,14 +49,10 @@ impl StatusService {
             join_token,
         }
     }
-}
 
-#[tonic::async_trait]
-impl Agent for StatusService {
-    async fn status(
-        &self,
-        request: Request<StatusRequest>,
-    ) -> Result<Response<StatusResponse>, Status> {
+    /// Answers `request` as this agent, if it carries the join token the
+    /// agent requires; a coordinator's probe wakes the agent's reconnect loop.
+    pub fn answer(&self, request: &Request<StatusRequest>) -> Result<StatusResponse, ServiceError> {
         let presented = request.metadata().get(auth::JOIN_TOKEN_METADATA);
         let presented = presented.map(|value| value.as_bytes());
         auth::require_join_token(self.join_token.as_ref(), presented).map_err(|denied| {
@@ -64,12 +62,35 @@ impl Agent for StatusService {
         if request.metadata().contains_key(grpc::PROBE_METADATA) {
             self.probed.notify_waiters();
         }
-        Ok(Response::new(StatusResponse {
+        Ok(StatusResponse {
             node_id: self.node_id.clone(),
             boot_id: self.boot_id.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             hostname: self.hostname.clone(),
             started_at: Some(self.started_at.into()),
-        }))
+        })
+    }
+}
+
+pub struct StatusService {
+    identity: Identity,
+}
+
+impl StatusService {
+    pub fn new(identity: Identity) -> Self {
+        Self { identity }
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for StatusService {
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        self.identity
+            .answer(&request)
+            .map(Response::new)
+            .map_err(Into::into)
     }
 }

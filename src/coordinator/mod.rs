@@ -22,14 +22,15 @@ use std::{
 
 use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
+    agent::reconnect,
     auth::Token,
     clock::Moment,
     config::CoordinatorConfig,
     error::RunError,
-    grpc,
+    grpc, limits,
     proto::coordinator_server::CoordinatorServer,
     registry::{Registry, Timing},
     store::Store,
@@ -50,8 +51,8 @@ pub(crate) struct Shared {
     /// Woken when the registry has changes for the store.
     changes_pending: Notify,
     boot_id: String,
-    heartbeat_interval: Duration,
-    /// Silence after which a node is OFFLINE and its stream is closed.
+    /// How often a session checks whether the sweeper has given up on its
+    /// node (the shortest offline-after any node has).
     offline_after: Duration,
     /// Required of Heartbeat streams (checked by the admission layer), and
     /// presented by Status probes.
@@ -84,6 +85,11 @@ impl Shared {
 /// Runs a coordinator until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
+    // Every agent holds a connection, and every connection is a file.
+    match limits::raise_open_files() {
+        Ok(files) => info!(soft = files.soft, hard = files.hard, "open-file limit"),
+        Err(error) => warn!(%error, "cannot raise the open-file limit"),
+    }
     let join_token =
         Token::from_optional_file("--join-token-file", config.join_token_file.as_deref())?;
     let admin_token =
@@ -94,13 +100,19 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let stored = store.load_nodes().await?;
     let (listener, address) = grpc::bind(config.listen).await?;
 
-    let timing = Timing {
+    let reloaded = stored.len();
+    let mut timing = Timing {
+        heartbeat_interval: config.heartbeat_interval,
+        max_heartbeats_per_second: config.max_heartbeats_per_second,
         offline_after: config.offline_after,
         expire_after: config.expire_after,
         reload_grace: config.offline_after,
     };
+    // An agent that kept failing to reach us may be waiting out its longest
+    // backoff when we come back; after that it gets the usual allowance.
+    timing.reload_grace =
+        reconnect::MAX_RETRY_CEILING + timing.offline_after_at(timing.interval_for(reloaded));
     let mut registry = Registry::new(timing);
-    let reloaded = stored.len();
     registry.load(stored, Moment::now());
     let boot_id = uuid::Uuid::new_v4().to_string();
     let shared = std::sync::Arc::new(Shared {
@@ -108,7 +120,6 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         store,
         changes_pending: Notify::new(),
         boot_id: boot_id.clone(),
-        heartbeat_interval: config.heartbeat_interval,
         offline_after: config.offline_after,
         join_token,
         admin_token,
@@ -128,7 +139,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let writer_stop = CancellationToken::new();
     let mut writer = background.spawn(writer::run(
         shared.clone(),
-        config.heartbeat_interval,
+        writer::flush_period(config.heartbeat_interval),
         writer_stop.clone(),
     ));
     let mut sweeper = background.spawn(sweeper::run(
@@ -169,6 +180,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         %address,
         %boot_id,
         reloaded,
+        reload_grace = ?timing.reload_grace,
         db = %config.db.display(),
         tls = shared.tls.is_some(),
         join_token = shared.join_token.is_some(),

@@ -4,7 +4,8 @@
 //!
 //! A probe passes only when the agent answers with the expected node id:
 //! another process now listening at a node's old address proves nothing.
-//! Probes run concurrently, bounded in number and each in time. The health
+//! Probes run concurrently, bounded in number and each in time; a node whose
+//! agent has registered again before its turn is not probed. The health
 //! service reports SERVING once the round has finished or hit its deadline.
 
 use std::{sync::Arc, time::Duration};
@@ -109,13 +110,23 @@ pub(super) async fn initial_round(
         join_token: shared.join_token.as_ref(),
     };
     let mut outcomes = futures::stream::iter(targets)
-        .map(|target| async move {
-            let outcome = probe(&target.agent_url, &target.node_id, timeout, credentials).await;
-            (target, outcome)
+        .map(|target| {
+            let shared = shared.clone();
+            async move {
+                // Most agents of a fleet re-register on their own within a
+                // second or two; probing them too would only double the
+                // connections a restart costs both sides.
+                if !shared.lock().is_unproven(&target) {
+                    return (target, None);
+                }
+                let outcome = probe(&target.agent_url, &target.node_id, timeout, credentials).await;
+                (target, Some(outcome))
+            }
         })
         .buffer_unordered(concurrency);
 
     let mut proven = 0usize;
+    let mut skipped = 0usize;
     let mut serving = false;
     loop {
         let next = tokio::select! {
@@ -130,6 +141,10 @@ pub(super) async fn initial_round(
         };
         let Some((target, outcome)) = next else {
             break;
+        };
+        let Some(outcome) = outcome else {
+            skipped += 1;
+            continue;
         };
         let ProbeTarget {
             node_id, agent_url, ..
@@ -149,7 +164,7 @@ pub(super) async fn initial_round(
             }
         }
     }
-    info!(total, proven, "initial probe round finished");
+    info!(total, proven, skipped, "initial probe round finished");
     if !serving {
         report_serving(&health).await;
     }

@@ -114,6 +114,8 @@ pub(super) struct Session {
     shared: Arc<Shared>,
     node_id: NodeId,
     generation: u64,
+    /// The heartbeat interval the agent was given at registration.
+    interval: Duration,
 }
 
 impl Session {
@@ -154,13 +156,14 @@ impl Session {
                 return Err(ServiceError::NodeIdHeld(node_id));
             }
         };
-        shared
+        let interval = shared
             .update(|registry| registry.register(registration, enrollment, Moment::now()))
             .map_err(|rejected| rejection(&node_id, enrollment.generation, rejected))?;
         Ok(Self {
             shared,
             node_id,
             generation: enrollment.generation,
+            interval,
         })
     }
 
@@ -169,8 +172,7 @@ impl Session {
             kind: Some(coordinator_message::Kind::Registered(proto::Registered {
                 coordinator_boot_id: self.shared.boot_id.clone(),
                 session_generation: self.generation,
-                heartbeat_interval: prost_types::Duration::try_from(self.shared.heartbeat_interval)
-                    .ok(),
+                heartbeat_interval: prost_types::Duration::try_from(self.interval).ok(),
             })),
         }
     }
@@ -275,12 +277,23 @@ impl Session {
             let accepted = self.shared.update(|registry| {
                 registry.heartbeat(&self.node_id, self.generation, Moment::now())
             });
-            if let Err(rejected) = accepted {
-                return Ended::Refused(rejection(&self.node_id, self.generation, rejected));
+            let retuned = match accepted {
+                Ok(retuned) => retuned,
+                Err(rejected) => {
+                    return Ended::Refused(rejection(&self.node_id, self.generation, rejected));
+                }
+            };
+            if let Some(interval) = retuned {
+                debug!(
+                    ?interval,
+                    "heartbeat interval changed with the fleet's size"
+                );
             }
             let ack = CoordinatorMessage {
                 kind: Some(coordinator_message::Kind::Ack(proto::Ack {
                     sequence: heartbeat.sequence,
+                    heartbeat_interval: retuned
+                        .and_then(|interval| prost_types::Duration::try_from(interval).ok()),
                 })),
             };
             // An agent that leaves this many acks unread is not reading at all.

@@ -3,8 +3,9 @@
 //! Being the only writer keeps each node's changes in the order the registry
 //! made them.
 //! State changes are written as soon as they happen; `last_seen` of every
-//! node that heartbeated is written in one transaction per flush interval, so
-//! heartbeats never cost a write each. A failed write is retried on the next
+//! node that heartbeated is written in one transaction per flush period (the
+//! heartbeat interval, at least a second), so heartbeats never cost a write
+//! each. A failed write is retried on the next
 //! round, never dropped.
 
 use std::{
@@ -15,10 +16,17 @@ use std::{
 
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Shared;
 use crate::{error::display_chain, node::NodeId, registry::Change};
+
+/// How often `last_seen` is flushed: every heartbeat interval, but never
+/// more than once a second, so steady-state writes stay at one transaction
+/// per second or less whatever the fleet's size and interval.
+pub(super) fn flush_period(heartbeat_interval: Duration) -> Duration {
+    heartbeat_interval.max(Duration::from_secs(1))
+}
 
 pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: CancellationToken) {
     let mut flush = interval(flush_interval);
@@ -28,6 +36,7 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
     // generation, so an older one would change nothing. Keeping one per node
     // also bounds what piles up while the store is failing.
     let mut unwritten: BTreeMap<NodeId, Change> = BTreeMap::new();
+    let mut written = Written::default();
     loop {
         let stopping = tokio::select! {
             biased;
@@ -52,8 +61,21 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
         };
         let changes: Arc<[Change]> = std::mem::take(&mut unwritten).into_values().collect();
         let last_seen: Arc<[(NodeId, SystemTime)]> = last_seen.into();
+        let writes_anything = !changes.is_empty() || !last_seen.is_empty();
         match shared.store.write(changes.clone(), last_seen.clone()).await {
-            Ok(()) => changes.iter().for_each(log_change),
+            Ok(()) if writes_anything => {
+                changes.iter().for_each(log_change);
+                written.transactions += 1;
+                written.changes += changes.len() as u64;
+                written.last_seen += last_seen.len() as u64;
+                debug!(
+                    transactions = written.transactions,
+                    changes = written.changes,
+                    last_seen = written.last_seen,
+                    "store written (totals since start)"
+                );
+            }
+            Ok(()) => {}
             Err(error) => {
                 warn!(error = %display_chain(&error), changes = changes.len(), "store write failed; will retry");
                 unwritten = changes
@@ -67,6 +89,15 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
             return;
         }
     }
+}
+
+/// What the writer has written since the coordinator started; logged at
+/// debug level, for benchmarks.
+#[derive(Default)]
+struct Written {
+    transactions: u64,
+    changes: u64,
+    last_seen: u64,
 }
 
 fn log_change(change: &Change) {

@@ -8,6 +8,7 @@
 //! Writes that follow a session carry its generation, and match only the row
 //! of that generation: a write from a superseded session changes nothing.
 
+mod enroller;
 mod rows;
 mod schema;
 
@@ -62,6 +63,10 @@ pub enum StoreError {
     Corrupt { node_id: String, reason: String },
     #[error("database task did not finish")]
     Task(#[from] tokio::task::JoinError),
+    #[error("cannot start the registration thread")]
+    EnrollerStart(#[source] std::io::Error),
+    #[error("the registration thread has stopped")]
+    EnrollerStopped,
 }
 
 impl StoreError {
@@ -114,6 +119,7 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionSe
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+    enroller: enroller::Enroller,
 }
 
 impl Store {
@@ -149,7 +155,8 @@ impl Store {
             .connection_timeout(Duration::from_secs(10))
             .connection_customizer(Box::new(ConnectionSettings))
             .build(ConnectionManager::new(url))?;
-        Ok(Self { pool })
+        let enroller = enroller::Enroller::start(pool.clone())?;
+        Ok(Self { pool, enroller })
     }
 
     async fn run<T, F>(&self, work: F) -> Result<T, StoreError>
@@ -178,57 +185,16 @@ impl Store {
 
     /// Records a registration and returns its session generation, issued
     /// from a fleet-wide counter, so it is above any generation the node ever
-    /// held. Returns only once the row is committed. A node id already held
-    /// under another secret is refused, and nothing is written.
+    /// held. Returns only once the row is committed; registrations arriving
+    /// together share a transaction (see [`enroller`]). A node id already
+    /// held under another secret is refused, and nothing is written for it.
     pub async fn enroll(
         &self,
         registration: Registration,
         secret_hash: SecretHash,
         now: SystemTime,
     ) -> Result<Enrolled, StoreError> {
-        self.run(move |conn| {
-            conn.immediate_transaction(|conn| {
-                use schema::session_generations::dsl::{last_issued, session_generations};
-                let existing: Option<(i64, Option<String>)> = known_nodes::table
-                    .find(registration.node_id.as_str())
-                    .select((known_nodes::registered_at, known_nodes::secret_hash))
-                    .first(conn)
-                    .optional()?;
-                let held_by_another = existing
-                    .as_ref()
-                    .and_then(|(_, stored)| stored.as_deref())
-                    .is_some_and(|stored| {
-                        SecretHash::from_hex(stored)
-                            .is_none_or(|stored| !stored.matches(&secret_hash))
-                    });
-                if held_by_another {
-                    return Ok(Enrolled::HeldByAnotherSecret);
-                }
-                let first_registered = existing.map(|(registered_at, _)| registered_at);
-                diesel::update(session_generations)
-                    .set(last_issued.eq(last_issued + 1))
-                    .execute(conn)?;
-                let issued: i64 = session_generations.select(last_issued).first(conn)?;
-                let enrollment = Enrollment {
-                    generation: u64::try_from(issued).map_err(|_| StoreError::Corrupt {
-                        node_id: registration.node_id.to_string(),
-                        reason: format!("negative session generation counter {issued}"),
-                    })?,
-                    registered_at: from_unix_millis(
-                        first_registered.unwrap_or_else(|| to_unix_millis(now)),
-                    ),
-                };
-                let row = NodeRow::new(&registration, secret_hash, enrollment, now)?;
-                diesel::insert_into(known_nodes::table)
-                    .values(&row)
-                    .on_conflict(known_nodes::node_id)
-                    .do_update()
-                    .set(&row)
-                    .execute(conn)?;
-                Ok(Enrolled::Admitted(enrollment))
-            })
-        })
-        .await
+        self.enroller.enroll(registration, secret_hash, now).await
     }
 
     /// Deletes a node's row, whatever its generation, and returns the
@@ -280,6 +246,52 @@ impl Store {
         })
         .await
     }
+}
+
+/// Writes one registration inside the caller's transaction and issues its
+/// generation, unless the node id is held under another secret; then
+/// nothing is written.
+fn enroll_in(
+    conn: &mut SqliteConnection,
+    registration: &Registration,
+    secret_hash: SecretHash,
+    now: SystemTime,
+) -> Result<Enrolled, StoreError> {
+    use schema::session_generations::dsl::{last_issued, session_generations};
+    let existing: Option<(i64, Option<String>)> = known_nodes::table
+        .find(registration.node_id.as_str())
+        .select((known_nodes::registered_at, known_nodes::secret_hash))
+        .first(conn)
+        .optional()?;
+    let held_by_another = existing
+        .as_ref()
+        .and_then(|(_, stored)| stored.as_deref())
+        .is_some_and(|stored| {
+            SecretHash::from_hex(stored).is_none_or(|stored| !stored.matches(&secret_hash))
+        });
+    if held_by_another {
+        return Ok(Enrolled::HeldByAnotherSecret);
+    }
+    let first_registered = existing.map(|(registered_at, _)| registered_at);
+    diesel::update(session_generations)
+        .set(last_issued.eq(last_issued + 1))
+        .execute(conn)?;
+    let issued: i64 = session_generations.select(last_issued).first(conn)?;
+    let enrollment = Enrollment {
+        generation: u64::try_from(issued).map_err(|_| StoreError::Corrupt {
+            node_id: registration.node_id.to_string(),
+            reason: format!("negative session generation counter {issued}"),
+        })?,
+        registered_at: from_unix_millis(first_registered.unwrap_or_else(|| to_unix_millis(now))),
+    };
+    let row = NodeRow::new(registration, secret_hash, enrollment, now)?;
+    diesel::insert_into(known_nodes::table)
+        .values(&row)
+        .on_conflict(known_nodes::node_id)
+        .do_update()
+        .set(&row)
+        .execute(conn)?;
+    Ok(Enrolled::Admitted(enrollment))
 }
 
 fn apply_change(conn: &mut SqliteConnection, change: &Change) -> Result<(), StoreError> {
@@ -348,6 +360,36 @@ mod tests {
             Enrolled::Admitted(enrollment) => enrollment,
             Enrolled::HeldByAnotherSecret => panic!("refused"),
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn registrations_arriving_together_are_all_committed_with_distinct_generations() {
+        let (_dir, store) = temp_store().await;
+        let now = SystemTime::now();
+        let enrollments = futures::future::join_all((0..200).map(|i| {
+            let store = store.clone();
+            async move {
+                store
+                    .enroll(
+                        registration(&format!("n{i}"), "b"),
+                        secret_of(&format!("n{i}")),
+                        now,
+                    )
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        let mut generations: Vec<u64> = enrollments
+            .iter()
+            .map(|e| match e {
+                Enrolled::Admitted(e) => e.generation,
+                Enrolled::HeldByAnotherSecret => panic!("refused"),
+            })
+            .collect();
+        generations.sort_unstable();
+        assert_eq!(generations, (1..=200).collect::<Vec<u64>>());
+        assert_eq!(store.load_nodes().await.unwrap().len(), 200);
     }
 
     async fn temp_store() -> (tempfile::TempDir, Store) {

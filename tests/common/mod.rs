@@ -325,6 +325,26 @@ pub fn start_agent_with(
     Process::start(&format!("agent {node_id}"), &args)
 }
 
+/// Starts `muster swarm` with `agents` simulated agents registering with
+/// `coordinator_url`, its Status listener on an ephemeral port.
+pub fn start_swarm(coordinator_url: &str, agents: usize) -> Process {
+    let args: Vec<String> = [
+        "swarm",
+        "--coordinator",
+        coordinator_url,
+        "--agents",
+        &agents.to_string(),
+        "--listen",
+        "0.0.0.0:0",
+        "--report-every",
+        "1s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Process::start("swarm", &args)
+}
+
 /// A coordinator with [`FAST_TIMING`] in `dir`, and one agent registered as
 /// `node_id` and already ONLINE.
 pub async fn coordinator_with_agent(dir: &Path, node_id: &str) -> (Coordinator, Process) {
@@ -381,6 +401,26 @@ pub async fn node(url: &str, node_id: &str) -> Option<proto::Node> {
 
 pub fn state_of(node: &proto::Node) -> NodeState {
     NodeState::try_from(node.state).unwrap_or(NodeState::Unspecified)
+}
+
+/// Fails if any of `nodes` is shown OFFLINE.
+pub fn none_offline(nodes: &[proto::Node]) -> Result<(), String> {
+    match nodes.iter().find(|n| state_of(n) == NodeState::Offline) {
+        Some(node) => Err(format!("{} shown OFFLINE", node.node_id)),
+        None => Ok(()),
+    }
+}
+
+/// Fails if the coordinator at `url` shows any node OFFLINE, or stops
+/// answering, at any poll during `window`.
+pub async fn hold_none_offline(url: &str, window: Duration) {
+    hold_for("no node OFFLINE after recovery", window, || async move {
+        match list_nodes(url).await {
+            Some(nodes) => none_offline(&nodes),
+            None => Err("the coordinator stopped answering".to_owned()),
+        }
+    })
+    .await;
 }
 
 /// Waits until every node in `node_ids` is in `state`.

@@ -1,0 +1,130 @@
+//! Group commit for registrations. One thread, with one connection, takes
+//! every registration waiting and commits them in one transaction, so a
+//! storm of registrations (a whole fleet reconnecting after a restart) costs
+//! a few transactions instead of one each, and writers no longer queue on
+//! SQLite's lock.
+//!
+//! A registration refused for its node secret writes nothing and does not
+//! fail the batch; a later registration of the same id in the batch sees the
+//! rows written before it.
+//!
+//! Invariants: a caller is answered only after its row is committed; a
+//! batch that fails is retried one registration per transaction, so one bad
+//! registration fails only itself; a registration whose caller has gone is
+//! not written.
+
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Enrolled, SqlitePool, StoreError, enroll_in};
+use crate::{auth::SecretHash, node::Registration};
+
+/// Registrations committed together at most.
+const MAX_BATCH: usize = 1024;
+/// Registrations waiting before callers wait to queue theirs.
+const QUEUE: usize = 4096;
+
+struct Request {
+    registration: Registration,
+    secret_hash: SecretHash,
+    now: SystemTime,
+    reply: oneshot::Sender<Result<Enrolled, StoreError>>,
+}
+
+/// The handle; the thread ends once every handle is dropped.
+#[derive(Clone)]
+pub(super) struct Enroller {
+    requests: mpsc::Sender<Request>,
+}
+
+impl Enroller {
+    pub(super) fn start(pool: SqlitePool) -> Result<Self, StoreError> {
+        let (requests, receiver) = mpsc::channel(QUEUE);
+        std::thread::Builder::new()
+            .name("muster-enroll".to_owned())
+            .spawn(move || serve(&pool, receiver))
+            .map_err(StoreError::EnrollerStart)?;
+        Ok(Self { requests })
+    }
+
+    pub(super) async fn enroll(
+        &self,
+        registration: Registration,
+        secret_hash: SecretHash,
+        now: SystemTime,
+    ) -> Result<Enrolled, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let request = Request {
+            registration,
+            secret_hash,
+            now,
+            reply,
+        };
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| StoreError::EnrollerStopped)?;
+        answer.await.map_err(|_| StoreError::EnrollerStopped)?
+    }
+}
+
+fn serve(pool: &SqlitePool, mut requests: mpsc::Receiver<Request>) {
+    while let Some(first) = requests.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH
+            && let Ok(next) = requests.try_recv()
+        {
+            batch.push(next);
+        }
+        batch.retain(|request| !request.reply.is_closed());
+        if !batch.is_empty() {
+            commit(pool, batch);
+        }
+    }
+}
+
+fn commit(pool: &SqlitePool, batch: Vec<Request>) {
+    let together = pool.get().map_err(StoreError::from).and_then(|mut conn| {
+        conn.immediate_transaction(|conn| {
+            batch
+                .iter()
+                .map(|request| {
+                    enroll_in(
+                        conn,
+                        &request.registration,
+                        request.secret_hash,
+                        request.now,
+                    )
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+        })
+    });
+    match together {
+        Ok(enrollments) => {
+            for (request, enrollment) in batch.into_iter().zip(enrollments) {
+                let _ = request.reply.send(Ok(enrollment));
+            }
+        }
+        Err(error) if batch.len() == 1 => {
+            if let Some(request) = batch.into_iter().next() {
+                let _ = request.reply.send(Err(error));
+            }
+        }
+        Err(_) => {
+            for request in batch {
+                let alone = pool.get().map_err(StoreError::from).and_then(|mut conn| {
+                    conn.immediate_transaction(|conn| {
+                        enroll_in(
+                            conn,
+                            &request.registration,
+                            request.secret_hash,
+                            request.now,
+                        )
+                    })
+                });
+                let _ = request.reply.send(alone);
+            }
+        }
+    }
+}
