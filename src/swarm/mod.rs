@@ -232,6 +232,13 @@ fn check_capacity(config: &SwarmConfig) -> Result<(), InvalidInput> {
     Ok(())
 }
 
+/// A simulated agent's node secret, derived from its node id so that a swarm
+/// started again over the same database keeps its claim to every id. (Real
+/// agents keep a random secret on disk.)
+fn simulated_secret(node_id: &NodeId) -> Result<NodeSecret, InvalidInput> {
+    NodeSecret::parse("simulated node secret", &format!("muster-swarm-{node_id}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,11 +253,4 @@ mod tests {
         );
         assert!(agent_address(12_582_911).is_err());
     }
-}
-
-/// A simulated agent's node secret, derived from its node id so that a swarm
-/// started again over the same database keeps its claim to every id. (Real
-/// agents keep a random secret on disk.)
-fn simulated_secret(node_id: &NodeId) -> Result<NodeSecret, InvalidInput> {
-    NodeSecret::parse("simulated node secret", &format!("muster-swarm-{node_id}"))
 }
