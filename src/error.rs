@@ -155,6 +155,8 @@ pub enum RunError {
         code: tonic::Code,
         message: String,
     },
+    #[error("{url} is {status}")]
+    Unhealthy { url: String, status: &'static str },
     #[error("cannot write output")]
     Output(#[from] io::Error),
     #[error(transparent)]

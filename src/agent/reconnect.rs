@@ -4,8 +4,8 @@
 //! Every new stream starts with `register`. When a stream fails, ends, or the
 //! coordinator goes silent (no ack for three heartbeat intervals; HTTP/2
 //! keepalive covers a dead connection), the link waits an exponentially
-//! growing delay with full jitter (the first within a second, capped at 30 s)
-//! and tries again. Missing acks, not HTTP/2 keepalive, are what judge the
+//! growing delay with full jitter (the first within a second, capped at
+//! `--max-backoff`, 30 s by default) and tries again. Missing acks, not HTTP/2 keepalive, are what judge the
 //! coordinator: keepalive would also tear down a stream the agent is keeping
 //! open across a coordinator's pause (see [`AbandonedStream`]). The delay starts over after a stream that stayed
 //! registered for a while, and is cut short when a coordinator probes the
@@ -33,7 +33,6 @@ use crate::{
 };
 
 const FIRST_RETRY_CEILING: Duration = Duration::from_secs(1);
-const MAX_RETRY_CEILING: Duration = Duration::from_secs(30);
 /// How long a coordinator may take to answer `register`. Generous, so that a
 /// coordinator that was paused for a while answers the attempt already made
 /// rather than finding a pile of abandoned ones when it resumes.
@@ -93,24 +92,25 @@ impl LinkError {
 }
 
 /// Full-jitter exponential backoff: each delay is uniform between zero and a
-/// ceiling that doubles from one second up to thirty.
+/// ceiling that doubles from one second (or `max`, if smaller) up to `max`.
 struct ReconnectBackoff {
     ceilings: ExponentialBackoff,
+    max: Duration,
 }
 
 impl ReconnectBackoff {
-    fn new() -> Self {
+    fn new(max: Duration) -> Self {
         let ceilings = ExponentialBuilder::default()
-            .with_min_delay(FIRST_RETRY_CEILING)
-            .with_max_delay(MAX_RETRY_CEILING)
+            .with_min_delay(FIRST_RETRY_CEILING.min(max))
+            .with_max_delay(max)
             .with_factor(2.0)
             .without_max_times()
             .build();
-        Self { ceilings }
+        Self { ceilings, max }
     }
 
     fn next_delay(&mut self) -> Duration {
-        let ceiling = self.ceilings.next().unwrap_or(MAX_RETRY_CEILING);
+        let ceiling = self.ceilings.next().unwrap_or(self.max).min(self.max);
         rand::random_range(Duration::ZERO..=ceiling)
     }
 }
@@ -120,12 +120,14 @@ pub struct Link {
     pub coordinator: Endpoint,
     pub register: proto::Register,
     pub join_token: Option<Token>,
+    /// The longest wait between two attempts.
+    pub max_backoff: Duration,
 }
 
 /// Keeps the agent registered until `shutdown` is cancelled. A notification
 /// on `probed` cuts a backoff short.
 pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
-    let mut backoff = ReconnectBackoff::new();
+    let mut backoff = ReconnectBackoff::new(link.max_backoff);
     let mut abandoned = None;
     loop {
         let mut registered_at = None;
@@ -134,7 +136,7 @@ pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
             error = hold_stream(&link, &mut registered_at, &mut abandoned) => error,
         };
         if registered_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER) {
-            backoff = ReconnectBackoff::new();
+            backoff = ReconnectBackoff::new(link.max_backoff);
         }
         let delay = backoff.next_delay();
         if let Some(attention) = error.needs_attention() {
@@ -258,20 +260,28 @@ async fn hold_stream(
 mod tests {
     use super::*;
 
+    const DEFAULT_MAX: Duration = Duration::from_secs(30);
+
     #[test]
-    fn backoff_starts_within_a_second_and_is_capped_at_thirty() {
-        for _ in 0..100 {
-            let mut backoff = ReconnectBackoff::new();
-            assert!(backoff.next_delay() <= FIRST_RETRY_CEILING);
-            for _ in 0..20 {
-                assert!(backoff.next_delay() <= MAX_RETRY_CEILING);
+    fn backoff_starts_within_a_second_and_is_capped_at_the_maximum() {
+        for max in [
+            DEFAULT_MAX,
+            Duration::from_secs(2),
+            Duration::from_millis(300),
+        ] {
+            for _ in 0..100 {
+                let mut backoff = ReconnectBackoff::new(max);
+                assert!(backoff.next_delay() <= FIRST_RETRY_CEILING.min(max));
+                for _ in 0..20 {
+                    assert!(backoff.next_delay() <= max, "{max:?}");
+                }
             }
         }
     }
 
     #[test]
     fn backoff_is_jittered() {
-        let mut backoff = ReconnectBackoff::new();
+        let mut backoff = ReconnectBackoff::new(DEFAULT_MAX);
         let delays: Vec<_> = (0..10).map(|_| backoff.next_delay()).collect();
         let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
         assert!(distinct.len() > 1, "{delays:?}");

@@ -1,10 +1,14 @@
-//! Operator commands: `muster nodes list`, `get` and `remove`.
+//! Operator commands: `muster nodes list`, `get` and `remove`, and
+//! `muster health`.
 
+mod health;
 mod output;
 
 use std::io::Write;
 
 use tonic::{Request, transport::Channel};
+
+pub use health::run_health;
 
 use crate::{
     auth::Token,
@@ -103,22 +107,31 @@ impl Operator {
     }
 
     fn rpc_error(&self, status: tonic::Status) -> RunError {
-        let message = match status.code() {
-            tonic::Code::Unimplemented => {
+        let hint = match status.code() {
+            tonic::Code::Unimplemented => Some(
                 "it does not serve muster.v1.Coordinator; is this the coordinator's address?"
-                    .to_owned()
-            }
-            tonic::Code::Unauthenticated if self.admin_token.is_none() => format!(
+                    .to_owned(),
+            ),
+            tonic::Code::Unauthenticated if self.admin_token.is_none() => Some(format!(
                 "{}; give the admin token with --admin-token-file, or MUSTER_ADMIN_TOKEN in the environment",
                 status.message()
-            ),
-            _ if status.message().is_empty() => "no details given".to_owned(),
-            _ => status.message().to_owned(),
+            )),
+            _ => None,
         };
-        RunError::Rpc {
-            url: self.url.clone(),
-            code: status.code(),
-            message,
-        }
+        rpc_failure(&self.url, &status, hint)
+    }
+}
+
+/// A failed call to `url`, worded for the operator: `hint` where the caller
+/// knows better than the server's message what went wrong.
+fn rpc_failure(url: &str, status: &tonic::Status, hint: Option<String>) -> RunError {
+    let message = hint.unwrap_or_else(|| match status.message() {
+        "" => "no details given".to_owned(),
+        message => message.to_owned(),
+    });
+    RunError::Rpc {
+        url: url.to_owned(),
+        code: status.code(),
+        message,
     }
 }
