@@ -149,6 +149,11 @@ pub enum RunError {
         url: String,
         source: tonic::transport::Error,
     },
+    #[error("cannot connect to {url} within {timeout:?}")]
+    ConnectTimeout {
+        url: String,
+        timeout: std::time::Duration,
+    },
     #[error("{url} answered {code:?}: {message}")]
     Rpc {
         url: String,

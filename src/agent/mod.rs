@@ -25,6 +25,7 @@ use crate::{
     tls::Tls,
 };
 
+/// Limit of one attempt to reach the coordinator, name lookup included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs an agent until `shutdown` is cancelled.
@@ -84,6 +85,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             register,
             join_token,
             max_backoff: config.max_backoff,
+            connect_timeout: CONNECT_TIMEOUT,
         },
         probed,
         shutdown.clone(),

@@ -51,6 +51,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 enum LinkError {
     #[error("cannot connect to the coordinator")]
     Connect(#[source] tonic::transport::Error),
+    #[error("cannot connect to the coordinator within {0:?}")]
+    ConnectTimeout(Duration),
     #[error("the coordinator refused the stream ({:?}): {}", .0.code(), .0.message())]
     Refused(Status),
     #[error("no registered reply within {0:?}")]
@@ -122,6 +124,10 @@ pub struct Link {
     pub join_token: Option<Token>,
     /// The longest wait between two attempts.
     pub max_backoff: Duration,
+    /// Limit of one connection attempt. It covers the name lookup, which the
+    /// endpoint's own connect timeout does not: a host cut off from its DNS
+    /// server can wait on a lookup far longer than on a TCP connect.
+    pub connect_timeout: Duration,
 }
 
 /// Keeps the agent registered until `shutdown` is cancelled. A notification
@@ -170,9 +176,11 @@ async fn hold_stream(
     registered_at: &mut Option<Instant>,
     abandoned: &mut Option<AbandonedStream>,
 ) -> LinkError {
-    let channel = match link.coordinator.connect().await {
-        Ok(channel) => channel,
-        Err(error) => return LinkError::Connect(error),
+    let channel = match tokio::time::timeout(link.connect_timeout, link.coordinator.connect()).await
+    {
+        Err(_) => return LinkError::ConnectTimeout(link.connect_timeout),
+        Ok(Err(error)) => return LinkError::Connect(error),
+        Ok(Ok(channel)) => channel,
     };
     let (outbound, receiver) = mpsc::channel(4);
     let register = AgentMessage {

@@ -15,15 +15,9 @@ use crate::{config::HealthConfig, error::RunError, grpc, node::validate_url, tls
 pub async fn run_health(config: HealthConfig, out: &mut impl Write) -> Result<(), RunError> {
     validate_url("--addr", &config.addr)?;
     let tls = Tls::load(&config.tls)?;
-    let endpoint = grpc::endpoint(&config.addr, tls.as_ref())?.connect_timeout(config.timeout);
+    let endpoint = grpc::endpoint(&config.addr, tls.as_ref())?;
     let check = async {
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| RunError::Connect {
-                url: config.addr.clone(),
-                source,
-            })?;
+        let channel = grpc::connect(endpoint, &config.addr, config.timeout).await?;
         let request = HealthCheckRequest {
             service: config.service.clone(),
         };

@@ -10,6 +10,8 @@ use tonic::{Request, transport::Channel};
 
 pub use health::run_health;
 
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 use crate::{
     auth::Token,
     config::{NodesClientConfig, NodesCommand},
@@ -79,14 +81,8 @@ impl Operator {
             }
         };
         let tls = Tls::load(&client.tls)?;
-        let channel = grpc::endpoint(&client.coordinator, tls.as_ref())?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|source| RunError::Connect {
-                url: client.coordinator.clone(),
-                source,
-            })?;
+        let endpoint = grpc::endpoint(&client.coordinator, tls.as_ref())?;
+        let channel = grpc::connect(endpoint, &client.coordinator, CONNECT_TIMEOUT).await?;
         Ok(Self {
             url: client.coordinator.clone(),
             channel,
