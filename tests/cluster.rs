@@ -41,7 +41,7 @@ const START_DEADLINE: Duration = Duration::from_secs(90);
 const BUILD_DEADLINE: Duration = Duration::from_secs(45 * 60);
 const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
 const QUERY_DEADLINE: Duration = Duration::from_secs(10);
-const POLL: Duration = Duration::from_millis(100);
+const POLL: Duration = Duration::from_millis(50);
 
 #[test]
 fn cluster_survives_restarts_node_loss_and_partitions() {
