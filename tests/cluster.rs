@@ -7,10 +7,12 @@
 //! compose the test says in one line that it skipped, unless `CI=true`,
 //! where it fails. Every run has its own compose project, network, volumes
 //! and image tag, all removed at the end whatever happens, and no fixed host
-//! port: the cluster is queried by running the binary inside the
-//! coordinator's container.
+//! port: the coordinator is published on a free loopback port that the test
+//! looks up, and queried there with `muster nodes list`, which answers in
+//! milliseconds where a `docker exec` takes a good part of a second.
 
 use std::{
+    cell::RefCell,
     io::Write,
     path::Path,
     process::{Command, Output, Stdio},
@@ -253,6 +255,9 @@ struct Cluster {
     project: String,
     image: String,
     coordinator: String,
+    /// The coordinator's URL on the host, looked up again after a failed
+    /// query: a restarted container may be published on another port.
+    published: RefCell<Option<String>>,
 }
 
 impl Cluster {
@@ -268,6 +273,7 @@ impl Cluster {
             project,
             image,
             coordinator: String::new(),
+            published: RefCell::new(None),
         }
     }
 
@@ -357,12 +363,42 @@ impl Cluster {
         )
     }
 
+    /// The URL of the coordinator's published port, once it has one.
+    fn published_url(&self) -> Option<String> {
+        if let Some(url) = self.published.borrow().as_ref() {
+            return Some(url.clone());
+        }
+        let port = run_within(
+            Command::new("docker").args(["port", &self.coordinator, "7700/tcp"]),
+            QUERY_DEADLINE,
+        )
+        .ok()
+        .filter(|output| output.status.success())?;
+        let url = format!("http://{}", stdout(&port).lines().next()?);
+        *self.published.borrow_mut() = Some(url.clone());
+        Some(url)
+    }
+
     /// Every node the coordinator lists, or `None` while it cannot answer.
     fn nodes(&self) -> Option<Vec<Node>> {
-        let output = self.exec(&["nodes", "list", "--output", "json"]).ok()?;
-        if !output.status.success() {
+        let url = self.published_url()?;
+        let output = run_within(
+            Command::new(env!("CARGO_BIN_EXE_muster")).args([
+                "nodes",
+                "list",
+                "--output",
+                "json",
+                "--coordinator",
+                &url,
+            ]),
+            QUERY_DEADLINE,
+        )
+        .ok()
+        .filter(|output| output.status.success());
+        let Some(output) = output else {
+            self.published.take();
             return None;
-        }
+        };
         Some(serde_json::from_slice(&output.stdout).expect("nodes list prints JSON"))
     }
 
@@ -484,30 +520,44 @@ impl Cluster {
     }
 
     /// `compose kill agent-3`: it is OFFLINE within 2 s of its container
-    /// dying, and the others stay ONLINE throughout. Returns that time, and
+    /// dying, and the others stay ONLINE throughout. The list is polled while
+    /// compose is still at work, and the time is counted from the moment
+    /// the engine recorded the container's end, so compose's own start-up
+    /// and exit are not charged to the coordinator. Returns that time, and
     /// when the OFFLINE state was seen.
     fn agent_lost(&self) -> (Duration, Instant) {
         let container = self.container("agent-3");
-        self.compose(&["kill", "agent-3"]);
-        let died = self.inspect(&container, "{{.State.FinishedAt}}");
-        let died = humantime::parse_rfc3339(&died).expect("FinishedAt is RFC 3339");
-        let since_death = SystemTime::now().duration_since(died).unwrap_or_default();
-        let died = Instant::now()
-            .checked_sub(since_death)
-            .unwrap_or_else(Instant::now);
-        let (_, took) = self.wait_timed(
+        let mut kill = self.command(&["kill", "agent-3"]);
+        let killing = std::thread::spawn(move || run(&mut kill));
+        let offline_seen = self.wait_for(
             "agent-3 OFFLINE after its container was killed",
-            died,
-            LOST_AGENT_OFFLINE_WITHIN,
-            &mut |nodes| {
+            COMMAND_DEADLINE,
+            |nodes| {
                 assert!(
                     all_online(nodes, &["agent-1", "agent-2"]).is_some(),
                     "an agent that was not killed left ONLINE: {nodes:#?}"
                 );
-                is_in(nodes, "agent-3", "OFFLINE").then_some(())
+                is_in(nodes, "agent-3", "OFFLINE").then(|| (SystemTime::now(), Instant::now()))
             },
         );
-        (took, died + took)
+        checked(
+            killing.join().expect("compose kill thread"),
+            "compose kill agent-3",
+        );
+        let died = self.inspect(&container, "{{.State.FinishedAt}}");
+        let died = humantime::parse_rfc3339(&died).expect("FinishedAt is RFC 3339");
+        if let Ok(early) = died.duration_since(offline_seen.0) {
+            assert!(
+                early < Duration::from_secs(1),
+                "agent-3 was OFFLINE {early:?} before its container died"
+            );
+        }
+        let took = offline_seen.0.duration_since(died).unwrap_or_default();
+        assert!(
+            took <= LOST_AGENT_OFFLINE_WITHIN,
+            "agent-3 was shown OFFLINE {took:?} after its container died, more than {LOST_AGENT_OFFLINE_WITHIN:?}"
+        );
+        (took, offline_seen.1)
     }
 
     /// Disconnects agent-2 from the network: OFFLINE within offline-after
