@@ -1,6 +1,6 @@
 //! The cluster of `docker-compose.yml` in real containers, each with its own
 //! address: coordinator restarts, the loss of an agent, a network partition
-//! and expiry, asserted on what `ListNodes` reports inside the cluster.
+//! and expiry, asserted on what `ListNodes` reports.
 //!
 //! The image is `FROM scratch` around a statically linked binary this test
 //! builds, so no image registry is needed. Without a Docker engine and
@@ -26,15 +26,19 @@ use serde::Deserialize;
 const AGENTS: [&str; 3] = ["agent-1", "agent-2", "agent-3"];
 const OFFLINE_AFTER: Duration = Duration::from_secs(3);
 const EXPIRE_AFTER: Duration = Duration::from_secs(15);
+
 /// Fast timings for the cluster, through the compose file's variables.
-const TIMINGS: [(&str, &str); 6] = [
-    ("MUSTER_HEARTBEAT_INTERVAL", "500ms"),
-    ("MUSTER_OFFLINE_AFTER", "3s"),
-    ("MUSTER_EXPIRE_AFTER", "15s"),
-    ("MUSTER_PROBE_TIMEOUT", "1s"),
-    ("MUSTER_MAX_BACKOFF", "1s"),
-    ("MUSTER_HEALTHCHECK_INTERVAL", "1s"),
-];
+fn timings() -> [(&'static str, String); 6] {
+    let text = |duration| humantime::format_duration(duration).to_string();
+    [
+        ("MUSTER_HEARTBEAT_INTERVAL", "500ms".to_owned()),
+        ("MUSTER_OFFLINE_AFTER", text(OFFLINE_AFTER)),
+        ("MUSTER_EXPIRE_AFTER", text(EXPIRE_AFTER)),
+        ("MUSTER_PROBE_TIMEOUT", "1s".to_owned()),
+        ("MUSTER_MAX_BACKOFF", "1s".to_owned()),
+        ("MUSTER_HEALTHCHECK_INTERVAL", "1s".to_owned()),
+    ]
+}
 
 const BACK_ONLINE_WITHIN: Duration = Duration::from_secs(10);
 const LOST_AGENT_OFFLINE_WITHIN: Duration = Duration::from_secs(2);
@@ -290,7 +294,7 @@ impl Cluster {
             .env("MUSTER_IMAGE", &self.image)
             .env("MUSTER_COORDINATOR_PUBLISH", "127.0.0.1:0")
             .env("MUSTER_LOG", "info,muster=debug")
-            .envs(TIMINGS);
+            .envs(timings());
         command
     }
 
@@ -492,7 +496,14 @@ impl Cluster {
         before: &[Node],
         restart: impl FnOnce(&Self),
     ) -> Duration {
+        let started_at = "{{.State.StartedAt}}";
+        let coordinator_started = self.inspect(&self.coordinator, started_at);
         restart(self);
+        assert_ne!(
+            self.inspect(&self.coordinator, started_at),
+            coordinator_started,
+            "the coordinator's container did not restart"
+        );
         let (after, took) = self.wait_timed(
             "all agents ONLINE after the coordinator restarted",
             Instant::now(),
