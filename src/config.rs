@@ -35,6 +35,9 @@ pub enum Command {
         #[command(subcommand)]
         command: NodesCommand,
     },
+    /// Ask a coordinator or an agent whether it is healthy; exits 0 only if
+    /// it reports SERVING (for container healthchecks).
+    Health(HealthConfig),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -118,6 +121,7 @@ const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
 const MAX_OFFLINE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_EXPIRE_AFTER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(3600);
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
 fn check_range(flag: &'static str, value: Duration, max: Duration) -> Result<(), InvalidInput> {
     if value.is_zero() || value > max {
@@ -203,6 +207,10 @@ pub struct AgentConfig {
     #[arg(long, env = "MUSTER_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
 
+    /// Longest wait between two attempts to reach the coordinator.
+    #[arg(long, env = "MUSTER_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub max_backoff: Duration,
+
     #[command(flatten)]
     pub tls: TlsArgs,
 }
@@ -251,6 +259,12 @@ pub struct SwarmConfig {
     pub duration: Option<Duration>,
 }
 
+impl AgentConfig {
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        check_range("--max-backoff", self.max_backoff, MAX_BACKOFF)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum NodesCommand {
     /// List every node.
@@ -294,6 +308,29 @@ pub struct NodesClientConfig {
     /// which other users cannot see in the process list.
     #[arg(long, env = "MUSTER_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_admin_token)]
     pub admin_token: Option<Token>,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthConfig {
+    /// URL of the server to ask: a coordinator or an agent.
+    #[arg(
+        long,
+        env = "MUSTER_HEALTH_ADDR",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub addr: String,
+
+    /// Service to ask about, as `grpc.health.v1` names it; empty means the
+    /// server as a whole.
+    #[arg(long, env = "MUSTER_HEALTH_SERVICE", default_value = "")]
+    pub service: String,
+
+    /// Time limit of the whole check, connecting included.
+    #[arg(long, env = "MUSTER_HEALTH_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
 
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -393,5 +430,25 @@ mod tests {
             [("gpu".into(), "a100".into()), ("zone".into(), "lab".into())]
         );
         assert!(Cli::try_parse_from(["muster", "agent", "--label", "novalue"]).is_err());
+    }
+
+    #[test]
+    fn max_backoff_defaults_to_thirty_seconds_and_must_be_positive() {
+        let agent = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["muster", "agent"].iter().chain(args)).unwrap();
+            let Command::Agent(config) = cli.command else {
+                panic!()
+            };
+            config
+        };
+        let config = agent(&[]);
+        assert_eq!(config.max_backoff, Duration::from_secs(30));
+        config.validate().unwrap();
+        assert_eq!(
+            agent(&["--max-backoff", "500ms"]).max_backoff,
+            Duration::from_millis(500)
+        );
+        let zero = agent(&["--max-backoff", "0s"]).validate().unwrap_err();
+        assert_eq!(zero.field, "--max-backoff");
     }
 }

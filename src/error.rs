@@ -153,12 +153,19 @@ pub enum RunError {
         url: String,
         source: tonic::transport::Error,
     },
+    #[error("cannot connect to {url} within {timeout:?}")]
+    ConnectTimeout {
+        url: String,
+        timeout: std::time::Duration,
+    },
     #[error("{url} answered {code:?}: {message}")]
     Rpc {
         url: String,
         code: tonic::Code,
         message: String,
     },
+    #[error("{url} is {status}")]
+    Unhealthy { url: String, status: &'static str },
     #[error("cannot write output")]
     Output(#[from] io::Error),
     #[error(transparent)]

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{
-    Endpoint, Server,
+    Channel, Endpoint, Server,
     server::{Router, TcpIncoming},
 };
 
@@ -79,6 +79,27 @@ pub fn endpoint(url: &str, tls: Option<&Tls>) -> Result<Endpoint, RunError> {
             reason: format!("{url} is plain http, but TLS is configured; use an https URL"),
         }),
     }
+}
+
+/// Connects to `url` through `endpoint` within `timeout`, name lookup
+/// included. The endpoint's own connect timeout covers only the TCP connect,
+/// and a host cut off from its DNS server waits on a lookup for ten seconds
+/// or more.
+pub async fn connect(
+    endpoint: Endpoint,
+    url: &str,
+    timeout: Duration,
+) -> Result<Channel, RunError> {
+    tokio::time::timeout(timeout, endpoint.connect_timeout(timeout).connect())
+        .await
+        .map_err(|_| RunError::ConnectTimeout {
+            url: url.to_owned(),
+            timeout,
+        })?
+        .map_err(|source| RunError::Connect {
+            url: url.to_owned(),
+            source,
+        })
 }
 
 /// Adds gRPC server reflection, both `v1` and `v1alpha`: many tools in daily

@@ -183,21 +183,12 @@ async fn the_nodes_commands_print_tables_and_json() {
         "{stderr}"
     );
 
-    let one_line_error = |output: std::process::Output, expected: &str| {
-        assert_eq!(output.status.code(), Some(1));
-        let stderr = String::from_utf8(output.stderr).unwrap();
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(
-            stderr.contains(expected),
-            "expected {expected:?} in {stderr}"
-        );
-    };
     one_line_error(
-        muster_at(&agent.url(), &["nodes", "list"]),
+        &muster_at(&agent.url(), &["nodes", "list"]),
         "is this the coordinator's address?",
     );
     let address = coordinator.process.address.to_string();
-    one_line_error(muster_at(&address, &["nodes", "list"]), "--coordinator");
+    one_line_error(&muster_at(&address, &["nodes", "list"]), "--coordinator");
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -208,5 +199,58 @@ async fn the_nodes_commands_print_tables_and_json() {
         !stderr.contains("tcp connect error: tcp connect error"),
         "{stderr}"
     );
-    one_line_error(refused, "cannot connect");
+    one_line_error(&refused, "cannot connect");
+}
+
+/// `muster health`, as the container healthchecks run it: exit status 0 and
+/// `SERVING` only when the server says so, one line on stderr otherwise.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_health_command_succeeds_only_on_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, agent) = coordinator_with_agent(dir.path(), "gpu-1").await;
+    let health = |url: &str, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_muster"))
+            .args(["health", "--addr", url])
+            .args(extra)
+            .output()
+            .expect("run muster health")
+    };
+
+    wait_for("the coordinator to report SERVING", START_DEADLINE, || {
+        let passed = health(&coordinator.url(), &[]).status.success();
+        async move { passed.then_some(()) }
+    })
+    .await;
+    for (url, service) in [
+        (coordinator.url(), "muster.v1.Coordinator"),
+        (agent.url(), ""),
+        (agent.url(), "muster.v1.Agent"),
+    ] {
+        let output = health(&url, &["--service", service]);
+        assert!(output.status.success(), "{url} {service:?}: {output:?}");
+        assert_eq!(String::from_utf8(output.stdout).unwrap(), "SERVING\n");
+    }
+
+    one_line_error(
+        &health(&agent.url(), &["--service", "muster.v1.Coordinator"]),
+        "NotFound",
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    one_line_error(&health(&format!("http://{closed}"), &[]), "cannot connect");
+
+    let (reporter, not_serving) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(not_serving)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    one_line_error(&health(&format!("http://{address}"), &[]), "is NOT_SERVING");
 }

@@ -152,16 +152,6 @@ fn muster(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("run muster")
 }
 
-fn one_line_error(output: &Output, expected: &str) {
-    assert_eq!(output.status.code(), Some(1), "{output:?}");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains(expected),
-        "expected {expected:?} in {stderr}"
-    );
-}
-
 /// The Prometheus text the coordinator serves at `address`.
 fn scrape(address: &str) -> String {
     let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");

@@ -25,10 +25,12 @@ use crate::{
     tls::Tls,
 };
 
+/// Limit of one attempt to reach the coordinator, name lookup included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs an agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    config.validate()?;
     let hostname = gethostname::gethostname().to_string_lossy().into_owned();
     let node_id = resolve_node_id(config.node_id.as_deref(), &config.state_dir, &hostname).await?;
     let node_secret = resolve_node_secret(&config.state_dir).await?;
@@ -82,6 +84,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             register,
             join_token,
             events: Arc::new(reconnect::Unobserved),
+            max_backoff: config.max_backoff,
+            connect_timeout: CONNECT_TIMEOUT,
         },
         probed,
         shutdown.clone(),

@@ -4,8 +4,8 @@
 //! Every new stream starts with `register`. When a stream fails, ends, or the
 //! coordinator goes silent (no ack for three heartbeat intervals; HTTP/2
 //! keepalive covers a dead connection), the link waits an exponentially
-//! growing delay with full jitter (the first within a second, capped at 30 s)
-//! and tries again. Missing acks, not HTTP/2 keepalive, are what judge the
+//! growing delay with full jitter (the first within a second, capped at
+//! `--max-backoff`, 30 s by default) and tries again. Missing acks, not HTTP/2 keepalive, are what judge the
 //! coordinator: keepalive would also tear down a stream the agent is keeping
 //! open across a coordinator's pause (see [`AbandonedStream`]). The delay starts over after a stream that stayed
 //! registered for a while, and is cut short when a coordinator probes the
@@ -33,8 +33,9 @@ use crate::{
 };
 
 const FIRST_RETRY_CEILING: Duration = Duration::from_secs(1);
-/// The longest an agent waits between attempts to reach the coordinator.
-pub const MAX_RETRY_CEILING: Duration = Duration::from_secs(30);
+/// The longest an agent waits between attempts by default
+/// (`--max-backoff`); a restarted coordinator's reload grace allows for it.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a coordinator may take to answer `register`. Generous, so that a
 /// coordinator that was paused for a while answers the attempt already made
 /// rather than finding a pile of abandoned ones when it resumes.
@@ -53,6 +54,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 enum LinkError {
     #[error("cannot connect to the coordinator")]
     Connect(#[source] tonic::transport::Error),
+    #[error("cannot connect to the coordinator within {0:?}")]
+    ConnectTimeout(Duration),
     #[error("the coordinator refused the stream ({:?}): {}", .0.code(), .0.message())]
     Refused(Status),
     #[error("no registered reply within {0:?}")]
@@ -94,9 +97,10 @@ impl LinkError {
 }
 
 /// Full-jitter exponential backoff: each delay is uniform between zero and a
-/// ceiling that doubles from `first_ceiling` up to thirty seconds.
+/// ceiling that doubles from `first_ceiling` up to `max`.
 struct ReconnectBackoff {
     ceilings: ExponentialBackoff,
+    max: Duration,
 }
 
 impl ReconnectBackoff {
@@ -104,19 +108,20 @@ impl ReconnectBackoff {
     /// coordinator last gave if longer: a fleet it has slowed down to keep
     /// its heartbeats under a cap spreads its reconnects as widely, so a
     /// restart brings no more registrations per second than heartbeats.
-    fn new(interval: Duration) -> Self {
-        let first_ceiling = interval.clamp(FIRST_RETRY_CEILING, MAX_RETRY_CEILING);
+    /// Neither exceeds `max`.
+    fn new(interval: Duration, max: Duration) -> Self {
+        let first_ceiling = interval.max(FIRST_RETRY_CEILING).min(max);
         let ceilings = ExponentialBuilder::default()
             .with_min_delay(first_ceiling)
-            .with_max_delay(MAX_RETRY_CEILING)
+            .with_max_delay(max)
             .with_factor(2.0)
             .without_max_times()
             .build();
-        Self { ceilings }
+        Self { ceilings, max }
     }
 
     fn next_delay(&mut self) -> Duration {
-        let ceiling = self.ceilings.next().unwrap_or(MAX_RETRY_CEILING);
+        let ceiling = self.ceilings.next().unwrap_or(self.max).min(self.max);
         rand::random_range(Duration::ZERO..=ceiling)
     }
 }
@@ -128,6 +133,12 @@ pub struct Link {
     pub join_token: Option<Token>,
     /// Told what happens on the link; the swarm simulator measures with it.
     pub events: Arc<dyn LinkEvents>,
+    /// The longest wait between two attempts.
+    pub max_backoff: Duration,
+    /// Limit of one connection attempt. It covers the name lookup, which the
+    /// endpoint's own connect timeout does not: a host cut off from its DNS
+    /// server can wait on a lookup far longer than on a TCP connect.
+    pub connect_timeout: Duration,
 }
 
 /// Hooks called as a link runs. They must return quickly: they run on the
@@ -150,7 +161,7 @@ impl LinkEvents for Unobserved {}
 /// on `probed` cuts a backoff short.
 pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
     let mut interval = FIRST_RETRY_CEILING;
-    let mut backoff = ReconnectBackoff::new(interval);
+    let mut backoff = ReconnectBackoff::new(interval, link.max_backoff);
     let mut abandoned = None;
     loop {
         let mut registered_at = None;
@@ -159,7 +170,7 @@ pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
             error = hold_stream(&link, &mut registered_at, &mut interval, &mut abandoned) => error,
         };
         if registered_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER) {
-            backoff = ReconnectBackoff::new(interval);
+            backoff = ReconnectBackoff::new(interval, link.max_backoff);
         }
         link.events.failed(&error);
         let delay = backoff.next_delay();
@@ -197,9 +208,11 @@ async fn hold_stream(
     abandoned: &mut Option<AbandonedStream>,
 ) -> LinkError {
     let attempt_began = Instant::now();
-    let channel = match link.coordinator.connect().await {
-        Ok(channel) => channel,
-        Err(error) => return LinkError::Connect(error),
+    let channel = match tokio::time::timeout(link.connect_timeout, link.coordinator.connect()).await
+    {
+        Err(_) => return LinkError::ConnectTimeout(link.connect_timeout),
+        Ok(Err(error)) => return LinkError::Connect(error),
+        Ok(Ok(channel)) => channel,
     };
     let (outbound, receiver) = mpsc::channel(4);
     let register = AgentMessage {
@@ -302,13 +315,21 @@ fn usable_interval(interval: Option<prost_types::Duration>) -> Option<Duration> 
 mod tests {
     use super::*;
 
+    const DEFAULT_MAX: Duration = DEFAULT_MAX_BACKOFF;
+
     #[test]
-    fn backoff_starts_within_a_second_and_is_capped_at_thirty() {
-        for _ in 0..100 {
-            let mut backoff = ReconnectBackoff::new(Duration::from_millis(500));
-            assert!(backoff.next_delay() <= FIRST_RETRY_CEILING);
-            for _ in 0..20 {
-                assert!(backoff.next_delay() <= MAX_RETRY_CEILING);
+    fn backoff_starts_within_a_second_and_is_capped_at_the_maximum() {
+        for max in [
+            DEFAULT_MAX,
+            Duration::from_secs(2),
+            Duration::from_millis(300),
+        ] {
+            for _ in 0..100 {
+                let mut backoff = ReconnectBackoff::new(Duration::from_millis(500), max);
+                assert!(backoff.next_delay() <= FIRST_RETRY_CEILING.min(max));
+                for _ in 0..20 {
+                    assert!(backoff.next_delay() <= max, "{max:?}");
+                }
             }
         }
     }
@@ -317,20 +338,20 @@ mod tests {
     fn a_slowed_fleet_spreads_its_first_reconnect_over_its_interval() {
         let interval = Duration::from_secs(8);
         let delays: Vec<_> = (0..200)
-            .map(|_| ReconnectBackoff::new(interval).next_delay())
+            .map(|_| ReconnectBackoff::new(interval, DEFAULT_MAX).next_delay())
             .collect();
         assert!(delays.iter().all(|d| *d <= interval));
         assert!(
             delays.iter().any(|d| *d > FIRST_RETRY_CEILING),
             "{delays:?}"
         );
-        let capped = ReconnectBackoff::new(Duration::from_secs(600)).next_delay();
-        assert!(capped <= MAX_RETRY_CEILING);
+        let capped = ReconnectBackoff::new(Duration::from_secs(600), DEFAULT_MAX).next_delay();
+        assert!(capped <= DEFAULT_MAX);
     }
 
     #[test]
     fn backoff_is_jittered() {
-        let mut backoff = ReconnectBackoff::new(FIRST_RETRY_CEILING);
+        let mut backoff = ReconnectBackoff::new(FIRST_RETRY_CEILING, DEFAULT_MAX);
         let delays: Vec<_> = (0..10).map(|_| backoff.next_delay()).collect();
         let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
         assert!(distinct.len() > 1, "{delays:?}");

@@ -1,10 +1,16 @@
-//! Operator commands: `muster nodes list`, `get` and `remove`.
+//! Operator commands: `muster nodes list`, `get` and `remove`, and
+//! `muster health`.
 
+mod health;
 mod output;
 
 use std::io::Write;
 
 use tonic::{Request, transport::Channel};
+
+pub use health::run_health;
+
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 use crate::{
     auth::Token,
@@ -75,14 +81,8 @@ impl Operator {
             }
         };
         let tls = Tls::load(&client.tls)?;
-        let channel = grpc::endpoint(&client.coordinator, tls.as_ref())?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|source| RunError::Connect {
-                url: client.coordinator.clone(),
-                source,
-            })?;
+        let endpoint = grpc::endpoint(&client.coordinator, tls.as_ref())?;
+        let channel = grpc::connect(endpoint, &client.coordinator, CONNECT_TIMEOUT).await?;
         Ok(Self {
             url: client.coordinator.clone(),
             channel,
@@ -103,22 +103,31 @@ impl Operator {
     }
 
     fn rpc_error(&self, status: tonic::Status) -> RunError {
-        let message = match status.code() {
-            tonic::Code::Unimplemented => {
+        let hint = match status.code() {
+            tonic::Code::Unimplemented => Some(
                 "it does not serve muster.v1.Coordinator; is this the coordinator's address?"
-                    .to_owned()
-            }
-            tonic::Code::Unauthenticated if self.admin_token.is_none() => format!(
+                    .to_owned(),
+            ),
+            tonic::Code::Unauthenticated if self.admin_token.is_none() => Some(format!(
                 "{}; give the admin token with --admin-token-file, or MUSTER_ADMIN_TOKEN in the environment",
                 status.message()
-            ),
-            _ if status.message().is_empty() => "no details given".to_owned(),
-            _ => status.message().to_owned(),
+            )),
+            _ => None,
         };
-        RunError::Rpc {
-            url: self.url.clone(),
-            code: status.code(),
-            message,
-        }
+        rpc_failure(&self.url, &status, hint)
+    }
+}
+
+/// A failed call to `url`, worded for the operator: `hint` where the caller
+/// knows better than the server's message what went wrong.
+fn rpc_failure(url: &str, status: &tonic::Status, hint: Option<String>) -> RunError {
+    let message = hint.unwrap_or_else(|| match status.message() {
+        "" => "no details given".to_owned(),
+        message => message.to_owned(),
+    });
+    RunError::Rpc {
+        url: url.to_owned(),
+        code: status.code(),
+        message,
     }
 }

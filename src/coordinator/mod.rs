@@ -111,7 +111,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     // An agent that kept failing to reach us may be waiting out its longest
     // backoff when we come back; after that it gets the usual allowance.
     timing.reload_grace =
-        reconnect::MAX_RETRY_CEILING + timing.offline_after_at(timing.interval_for(reloaded));
+        reconnect::DEFAULT_MAX_BACKOFF + timing.offline_after_at(timing.interval_for(reloaded));
     let mut registry = Registry::new(timing);
     registry.load(stored, Moment::now());
     let boot_id = uuid::Uuid::new_v4().to_string();

@@ -88,6 +88,8 @@ pub async fn run(config: SwarmConfig, shutdown: CancellationToken) -> Result<(),
             register,
             join_token: None,
             events: Arc::new(stats::AgentEvents::new(stats.clone())),
+            max_backoff: reconnect::DEFAULT_MAX_BACKOFF,
+            connect_timeout: CONNECT_TIMEOUT,
         };
         links.push((node_id, link, probed));
     }

@@ -534,3 +534,15 @@ impl RawStream {
             .expect("coordinator answered within 10s")
     }
 }
+
+/// Checks that a finished `muster` command failed with exit status 1 and one
+/// line on stderr that mentions `expected`.
+pub fn one_line_error(output: &std::process::Output, expected: &str) {
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?} in {stderr}"
+    );
+}

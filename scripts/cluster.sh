@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds the muster image and runs the three-node cluster of
+# docker-compose.yml. Needs cargo and a Docker engine with compose (either
+# `docker compose` or `docker-compose`); no image registry.
+#
+#   scripts/cluster.sh up       build the static binary and the image, start it all
+#   scripts/cluster.sh nodes    muster nodes list, run inside the coordinator
+#   scripts/cluster.sh partition SERVICE   cut a container off the network
+#   scripts/cluster.sh heal SERVICE        connect it again
+#   scripts/cluster.sh down     stop and remove the containers (volumes kept)
+#   scripts/cluster.sh destroy  stop and remove containers and volumes
+#   scripts/cluster.sh build    only build the static binary and the image
+#   scripts/cluster.sh compose ARGS...   any other compose command
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target="${MUSTER_TARGET:-$(uname -m)-unknown-linux-gnu}"
+
+compose() {
+  if docker compose version >/dev/null 2>&1; then
+    docker compose "$@"
+  else
+    docker-compose "$@"
+  fi
+}
+
+build() {
+  # An explicit --target keeps RUSTFLAGS off build scripts and puts the
+  # binary in a folder of its own; the Dockerfile copies it from there.
+  CARGO_TARGET_DIR=target/static RUSTFLAGS='-C target-feature=+crt-static' \
+    cargo build --release --locked --target "$target"
+  compose build --build-arg "TARGET=$target" coordinator
+}
+
+# The compose network a service's container is on, and the container.
+network_and_container() {
+  local container project
+  container="$(compose ps -q "$1")"
+  [[ -n "$container" ]] || { echo "no running container for $1" >&2; exit 1; }
+  project="$(docker inspect --format '{{index .Config.Labels "com.docker.compose.project"}}' "$container")"
+  echo "${project}_muster" "$container"
+}
+
+case "${1:-}" in
+  build) build ;;
+  up) build; compose up -d ;;
+  nodes) compose exec -T coordinator /muster nodes list ;;
+  partition) read -r network container < <(network_and_container "${2:?service}")
+    docker network disconnect "$network" "$container" ;;
+  heal) read -r network container < <(network_and_container "${2:?service}")
+    docker network connect --alias "$2" "$network" "$container" ;;
+  down) compose down ;;
+  destroy) compose down -v ;;
+  compose) shift; compose "$@" ;;
+  *)
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+    exit 2
+    ;;
+esac
