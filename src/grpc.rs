@@ -33,16 +33,24 @@ pub async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), RunE
     Ok((listener, local))
 }
 
-/// How often HTTP/2 keepalive pings an idle peer, and how long it waits for
-/// the answer. Liveness of nodes is judged by heartbeats; keepalive only
-/// clears away connections whose peer is gone, so it is deliberately lenient.
+/// How long an agent's server waits on a silent connection before it pings
+/// it, and then for the answer. Keepalive only clears away connections whose
+/// peer is gone, so it is deliberately lenient.
 pub const KEEPALIVE: Duration = Duration::from_secs(10);
 
-/// A server builder whose HTTP/2 keepalive notices a peer that has gone
-/// silent even while no request is in flight, serving TLS when `tls` is set.
-pub fn server(tls: Option<&Tls>) -> Result<Server, RunError> {
+/// The same for the coordinator, whose connections carry heartbeats: a ping
+/// goes out only after this long without a frame, so it must exceed the
+/// longest heartbeat interval in use, or every connection of a large fleet
+/// (intervals of 10 s and more) is pinged once an interval for nothing.
+/// Silent agents are judged by the sweeper long before this.
+pub const COORDINATOR_KEEPALIVE: Duration = Duration::from_secs(300);
+
+/// A server builder whose HTTP/2 keepalive pings a connection silent for
+/// `keepalive`, so one whose peer is gone is closed even while no request
+/// is in flight; it serves TLS when `tls` is set.
+pub fn server(tls: Option<&Tls>, keepalive: Duration) -> Result<Server, RunError> {
     let server = Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(KEEPALIVE))
         .tcp_nodelay(true);
     match tls {

@@ -37,7 +37,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let join_token =
         Token::from_optional_file("--join-token-file", config.join_token_file.as_deref())?;
     let tls = Tls::load(&config.tls)?;
-    let server = grpc::server(tls.as_ref())?;
+    let server = grpc::server(tls.as_ref(), grpc::KEEPALIVE)?;
     let boot_id = uuid::Uuid::new_v4().to_string();
     let (listener, address) = grpc::bind(config.listen).await?;
     let advertise_url = match config.advertise_url {

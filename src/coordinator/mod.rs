@@ -95,7 +95,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let admin_token =
         Token::from_optional_file("--admin-token-file", config.admin_token_file.as_deref())?;
     let tls = Tls::load(&config.tls)?;
-    let server = grpc::server(tls.as_ref())?;
+    let server = grpc::server(tls.as_ref(), grpc::COORDINATOR_KEEPALIVE)?;
     let store = Store::open(&config.db).await?;
     let stored = store.load_nodes().await?;
     let (listener, address) = grpc::bind(config.listen).await?;

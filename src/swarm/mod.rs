@@ -95,7 +95,7 @@ pub async fn run(config: SwarmConfig, shutdown: CancellationToken) -> Result<(),
     }
 
     let status = status::SwarmStatus::new(agent_address(config.first_agent)?, identities);
-    let router = grpc::server(None)?
+    let router = grpc::server(None, grpc::KEEPALIVE)?
         .add_service(AgentServer::new(status).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES));
     info!(
         %address,
