@@ -17,7 +17,6 @@ mod writer;
 use std::{
     num::NonZeroU32,
     sync::{Mutex, MutexGuard, PoisonError},
-    time::Duration,
 };
 
 use tokio::sync::Notify;
@@ -51,9 +50,6 @@ pub(crate) struct Shared {
     /// Woken when the registry has changes for the store.
     changes_pending: Notify,
     boot_id: String,
-    /// How often a session checks whether the sweeper has given up on its
-    /// node (the shortest offline-after any node has).
-    offline_after: Duration,
     /// Required of Heartbeat streams (checked by the admission layer), and
     /// presented by Status probes.
     join_token: Option<Token>,
@@ -120,7 +116,6 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         store,
         changes_pending: Notify::new(),
         boot_id: boot_id.clone(),
-        offline_after: config.offline_after,
         join_token,
         admin_token,
         tls,

@@ -222,7 +222,10 @@ impl Session {
         S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
     {
         let mut last_sequence: Option<u64> = None;
-        let silence_limit = self.shared.offline_after;
+        // The node's own offline-after, which grows with its interval: a
+        // session checking sooner would wake every few hundred milliseconds
+        // between the heartbeats of a slowed-down fleet, for nothing.
+        let mut silence_limit = self.shared.lock().silence_limit(self.interval);
         let mut next_check = Instant::now() + silence_limit;
         loop {
             let message = tokio::select! {
@@ -284,6 +287,7 @@ impl Session {
                 }
             };
             if let Some(interval) = retuned {
+                silence_limit = self.shared.lock().silence_limit(interval);
                 debug!(
                     ?interval,
                     "heartbeat interval changed with the fleet's size"
