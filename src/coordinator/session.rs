@@ -226,11 +226,21 @@ impl Session {
         // session checking sooner would wake every few hundred milliseconds
         // between the heartbeats of a slowed-down fleet, for nothing.
         let mut silence_limit = self.shared.lock().silence_limit(self.interval);
-        let mut next_check = Instant::now() + silence_limit;
+        // One timer for the whole session, re-armed only when it fires:
+        // arming a new one for every heartbeat costs a timer-wheel insert and
+        // removal per message.
+        let mut last_heard = Instant::now();
+        let silence_check = tokio::time::sleep(silence_limit);
+        tokio::pin!(silence_check);
         loop {
             let message = tokio::select! {
                 () = outbound.closed() => return Ended::Stream("the agent stopped reading".to_owned()),
-                () = tokio::time::sleep_until(next_check) => {
+                () = &mut silence_check => {
+                    let heard_until = last_heard + silence_limit;
+                    if Instant::now() < heard_until {
+                        silence_check.as_mut().reset(heard_until);
+                        continue;
+                    }
                     // The sweeper alone judges silence (it allows for the
                     // coordinator's own stalls); the session only closes a
                     // stream whose node it has given up on.
@@ -239,14 +249,14 @@ impl Session {
                         Err(rejected) => return Ended::Refused(rejection(&self.node_id, self.generation, rejected)),
                         Ok(NodeState::Offline) => return Ended::Refused(ServiceError::HeartbeatTimeout(silence_limit)),
                         Ok(_) => {
-                            next_check = Instant::now() + silence_limit / 10;
+                            silence_check.as_mut().reset(Instant::now() + silence_limit / 10);
                             continue;
                         }
                     }
                 }
                 message = inbound.next() => message,
             };
-            next_check = Instant::now() + silence_limit;
+            last_heard = Instant::now();
             let heartbeat = match message {
                 None => return Ended::Stream("the agent closed the stream".to_owned()),
                 Some(Err(status)) => {
