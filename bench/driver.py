@@ -3,12 +3,11 @@ processes, measurements from /proc, and the recovery after a SIGKILL.
 
 Figures come from the processes themselves: CPU and RSS from /proc/PID of
 the coordinator, acks and reconnects from the swarm's JSON reports, writes
-from the coordinator's store-writer totals (logged at debug level)."""
+from the coordinator's Prometheus counters of store writes."""
 
 import datetime
 import json
 import os
-import re
 import shlex
 import signal
 import socket
@@ -16,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 MUSTER = os.path.abspath(sys.argv[1])
 SIZES = [int(n) for arg in sys.argv[2:] for n in arg.split()]
@@ -73,6 +73,7 @@ class Coordinator:
         self.workdir = workdir
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.metrics_port = free_port()
         self.log_path = os.path.join(workdir, "coordinator.log")
         self.proc = None
 
@@ -84,7 +85,8 @@ class Coordinator:
             "--heartbeat-interval", HEARTBEAT,
             "--offline-after", OFFLINE_AFTER,
             "--max-heartbeats-per-second", MAX_HPS,
-            "--log", "warn,muster::coordinator=info,muster::coordinator::writer=debug,muster::coordinator::session=warn",
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+            "--log", "warn,muster::coordinator=info,muster::coordinator::session=warn",
         ])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -108,15 +110,19 @@ class Coordinator:
         return json.loads(done.stdout)
 
     def writer_totals(self):
-        transactions = last_seen = 0
-        with open(self.log_path, errors="replace") as f:
-            for line in f:
-                if "store written" in line:
-                    t = re.search(r"transactions=(\d+)", line)
-                    s = re.search(r"last_seen=(\d+)", line)
-                    if t and s:
-                        transactions, last_seen = int(t.group(1)), int(s.group(1))
-        return transactions, last_seen
+        """Store write transactions and last_seen rows since this process
+        started, from its /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        totals = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("muster_store_write_transactions_total",
+                        "muster_store_last_seen_written_total"):
+                totals[name] = int(float(value))
+        return (totals.get("muster_store_write_transactions_total", 0),
+                totals.get("muster_store_last_seen_written_total", 0))
 
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)

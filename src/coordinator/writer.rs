@@ -16,7 +16,7 @@ use std::{
 
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::Shared;
 use crate::{error::display_chain, node::NodeId, registry::Change};
@@ -36,7 +36,6 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
     // generation, so an older one would change nothing. Keeping one per node
     // also bounds what piles up while the store is failing.
     let mut unwritten: BTreeMap<NodeId, Change> = BTreeMap::new();
-    let mut written = Written::default();
     loop {
         let stopping = tokio::select! {
             biased;
@@ -65,15 +64,11 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
         match shared.store.write(changes.clone(), last_seen.clone()).await {
             Ok(()) if writes_anything => {
                 changes.iter().for_each(log_change);
-                written.transactions += 1;
-                written.changes += changes.len() as u64;
-                written.last_seen += last_seen.len() as u64;
-                debug!(
-                    transactions = written.transactions,
-                    changes = written.changes,
-                    last_seen = written.last_seen,
-                    "store written (totals since start)"
-                );
+                metrics::counter!("muster_store_write_transactions_total").increment(1);
+                metrics::counter!("muster_store_changes_written_total")
+                    .increment(changes.len() as u64);
+                metrics::counter!("muster_store_last_seen_written_total")
+                    .increment(last_seen.len() as u64);
             }
             Ok(()) => {}
             Err(error) => {
@@ -89,15 +84,6 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
             return;
         }
     }
-}
-
-/// What the writer has written since the coordinator started; logged at
-/// debug level, for benchmarks.
-#[derive(Default)]
-struct Written {
-    transactions: u64,
-    changes: u64,
-    last_seen: u64,
 }
 
 fn log_change(change: &Change) {
