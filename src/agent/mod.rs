@@ -57,8 +57,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
     Claim::try_from(register.clone())?;
     validate_url("--coordinator", &config.coordinator)?;
-    let coordinator =
-        grpc::endpoint(&config.coordinator, tls.as_ref())?.connect_timeout(CONNECT_TIMEOUT);
+    let coordinator = grpc::endpoint(&config.coordinator, tls.as_ref())?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<StatusService>>().await;

@@ -25,7 +25,8 @@ use tracing::{error, info, warn};
 
 use crate::{
     auth::Token,
-    error::display_chain,
+    error::{RunError, display_chain},
+    grpc,
     proto::{
         self, AgentMessage, agent_message, coordinator_client::CoordinatorClient,
         coordinator_message,
@@ -52,10 +53,8 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 enum LinkError {
-    #[error("cannot connect to the coordinator")]
-    Connect(#[source] tonic::transport::Error),
-    #[error("cannot connect to the coordinator within {0:?}")]
-    ConnectTimeout(Duration),
+    #[error(transparent)]
+    Connect(RunError),
     #[error("the coordinator refused the stream ({:?}): {}", .0.code(), .0.message())]
     Refused(Status),
     #[error("no registered reply within {0:?}")]
@@ -208,11 +207,11 @@ async fn hold_stream(
     abandoned: &mut Option<AbandonedStream>,
 ) -> LinkError {
     let attempt_began = Instant::now();
-    let channel = match tokio::time::timeout(link.connect_timeout, link.coordinator.connect()).await
-    {
-        Err(_) => return LinkError::ConnectTimeout(link.connect_timeout),
-        Ok(Err(error)) => return LinkError::Connect(error),
-        Ok(Ok(channel)) => channel,
+    let url = link.coordinator.uri().to_string();
+    let connected = grpc::connect(link.coordinator.clone(), &url, link.connect_timeout).await;
+    let channel = match connected {
+        Ok(channel) => channel,
+        Err(error) => return LinkError::Connect(error),
     };
     let (outbound, receiver) = mpsc::channel(4);
     let register = AgentMessage {

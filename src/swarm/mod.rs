@@ -167,7 +167,6 @@ fn endpoint(config: &SwarmConfig, index: u32) -> Result<Endpoint, InvalidInput> 
     let source = u32::from(FIRST_SOURCE_ADDRESS) + index % u32::from(config.source_addresses);
     Ok(Endpoint::from_shared(config.coordinator.clone())
         .map_err(|e| InvalidInput::new("--coordinator", e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .local_address(Some(IpAddr::V4(Ipv4Addr::from(source)))))
 }
