@@ -103,6 +103,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         offline_after: config.offline_after,
         expire_after: config.expire_after,
         reload_grace: config.offline_after,
+        expiry_guard_fraction: config.expiry_guard_fraction,
     };
     // An agent that kept failing to reach us may be waiting out its longest
     // backoff when we come back; after that it gets the usual allowance.
@@ -140,6 +141,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let mut sweeper = background.spawn(sweeper::run(
         shared.clone(),
         sweeper::period(config.offline_after),
+        config.expiry_guard_fraction,
         shutdown.clone(),
     ));
     background.spawn(prober::initial_round(
