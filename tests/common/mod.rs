@@ -570,3 +570,15 @@ impl Coordinator {
         }
     }
 }
+
+impl Process {
+    /// How many lines logged so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+}
