@@ -272,6 +272,9 @@ impl From<NodeSnapshot> for proto::Node {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

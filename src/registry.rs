@@ -609,6 +609,9 @@ impl Registry {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
