@@ -1,11 +1,14 @@
 //! The command line. Every flag can also be set through a `MUSTER_*`
-//! environment variable; durations are written like `500ms`, `5s` or `24h`.
+//! environment variable, and those of the daemons from a `--config` file
+//! ([`file`]); durations are written like `500ms`, `5s` or `24h`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{auth::Token, error::InvalidInput, tls::TlsArgs};
+
+pub mod file;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -74,7 +77,8 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_OFFLINE_AFTER", default_value = "15s", value_parser = parse_duration)]
     pub offline_after: Duration,
 
-    /// Time a node stays OFFLINE before it is removed.
+    /// Time a node stays OFFLINE before it is removed, by the monotonic clock;
+    /// RELIABILITY.md says how restarts and clock steps count.
     #[arg(long, env = "MUSTER_EXPIRE_AFTER", default_value = "24h", value_parser = parse_duration)]
     pub expire_after: Duration,
 
@@ -119,6 +123,9 @@ pub struct CoordinatorConfig {
 
     #[command(flatten)]
     pub tls: TlsArgs,
+
+    #[command(flatten)]
+    pub file: file::ConfigFileArgs,
 }
 
 /// Upper bounds that keep every deadline computed from a flag far from
@@ -228,6 +235,9 @@ pub struct AgentConfig {
 
     #[command(flatten)]
     pub tls: TlsArgs,
+
+    #[command(flatten)]
+    pub file: file::ConfigFileArgs,
 }
 
 #[derive(Debug, Clone, Args)]
