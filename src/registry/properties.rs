@@ -63,8 +63,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0..15_000u64).prop_map(|ms| Op::Silence(Duration::from_millis(ms))),
         2 => node.clone().prop_map(Op::Probe),
         1 => (0..20_000u64).prop_map(|ms| Op::Stall(Duration::from_millis(ms))),
-        1 => prop_oneof![Just(-STEP), Just(0), Just(STEP)].prop_map(Op::StepClock),
-        1 => Just(Op::Restart),
+        2 => prop_oneof![Just(-STEP), Just(0), Just(STEP)].prop_map(Op::StepClock),
+        2 => Just(Op::Restart),
         1 => node.prop_map(Op::Remove),
     ]
 }
