@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
-use crate::error::InvalidInput;
+use crate::validation::InvalidInput;
 
 /// Metadata carrying the join token on Heartbeat streams and Status probes.
 pub const JOIN_TOKEN_METADATA: &str = "x-muster-join-token";

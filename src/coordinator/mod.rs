@@ -24,7 +24,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    agent::reconnect,
     auth::Token,
     clock::Moment,
     config::CoordinatorConfig,
@@ -104,10 +103,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         expire_after: config.expire_after,
         reload_grace: config.offline_after,
     };
-    // An agent that kept failing to reach us may be waiting out its longest
-    // backoff when we come back; after that it gets the usual allowance.
-    timing.reload_grace =
-        reconnect::DEFAULT_MAX_BACKOFF + timing.offline_after_at(timing.interval_for(reloaded));
+    // On top of its agent's backoff ceiling, each reloaded node gets the
+    // usual allowance of a fleet this size.
+    timing.reload_grace = timing.offline_after_at(timing.interval_for(reloaded));
     let mut registry = Registry::new(timing);
     registry.load(stored, Moment::now());
     let boot_id = uuid::Uuid::new_v4().to_string();

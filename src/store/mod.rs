@@ -337,6 +337,7 @@ mod tests {
             version: "v".to_owned(),
             hostname: node.to_owned(),
             labels: BTreeMap::from([("gpu".to_owned(), "a100".to_owned())]),
+            max_backoff: Duration::from_secs(90),
         }
     }
 
@@ -413,6 +414,42 @@ mod tests {
         assert_eq!(nodes[0].registration, registration("a", "b2"));
         assert_eq!(nodes[0].last_seen, t1);
         assert_eq!(nodes[0].generation, 2);
+    }
+
+    #[tokio::test]
+    async fn rows_without_a_backoff_ceiling_get_the_default_and_large_ones_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        let now = SystemTime::now();
+        admit(&store, registration("older-agent", "b"), now).await;
+        admit(&store, registration("patient-agent", "b"), now).await;
+        drop(store);
+        let mut conn = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+        diesel::sql_query(
+            "UPDATE known_nodes SET max_backoff_ms = CASE node_id \
+             WHEN 'older-agent' THEN NULL ELSE 36000000 END",
+        )
+        .execute(&mut conn)
+        .unwrap();
+        drop(conn);
+
+        let store = Store::open(&path).await.unwrap();
+        let nodes = store.load_nodes().await.unwrap();
+        let backoff_of = |node: &str| {
+            nodes
+                .iter()
+                .find(|n| n.registration.node_id.as_str() == node)
+                .map(|n| n.registration.max_backoff)
+        };
+        assert_eq!(
+            backoff_of("older-agent"),
+            Some(crate::node::DEFAULT_MAX_BACKOFF)
+        );
+        assert_eq!(
+            backoff_of("patient-agent"),
+            Some(crate::node::MAX_MAX_BACKOFF)
+        );
     }
 
     #[tokio::test]

@@ -452,6 +452,7 @@ pub fn register_message(node_id: &str, agent_url: &str, boot_id: &str) -> proto:
             hostname: "test".to_owned(),
             labels: Default::default(),
             node_secret: secret_of(node_id),
+            max_backoff: None,
         })),
     }
 }
