@@ -2,6 +2,10 @@
 //! Coordinator service, proves reloaded nodes alive, sweeps silent and
 //! expired nodes, and writes changes back.
 //!
+//! [`start`] binds the ports and starts every task, returning the bound
+//! addresses in a [`RunningCoordinator`]; its `supervise` runs until shutdown
+//! or until a task the coordinator cannot do without fails.
+//!
 //! The registry has one owner, [`Shared`], behind a short-held lock that is
 //! never held across an `.await`. Every task is tracked, and shutdown runs
 //! through one cancellation token: sessions end first, then the writer makes
@@ -15,11 +19,12 @@ mod sweeper;
 mod writer;
 
 use std::{
+    net::SocketAddr,
     num::NonZeroU32,
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
@@ -77,8 +82,37 @@ impl Shared {
     }
 }
 
+/// A coordinator that has bound its ports and started its tasks; it serves
+/// until [`RunningCoordinator::supervise`] sees `shutdown` cancelled or a
+/// task fail.
+pub struct RunningCoordinator {
+    /// The address the Coordinator service listens on.
+    pub address: SocketAddr,
+    /// The address `/metrics` is served on, when asked for.
+    pub metrics_address: Option<SocketAddr>,
+    /// Random for every start, as `registered` messages carry it.
+    pub boot_id: String,
+    shutdown: CancellationToken,
+    serve: JoinHandle<Result<(), RunError>>,
+    sweeper: JoinHandle<()>,
+    writer: JoinHandle<()>,
+    writer_stop: CancellationToken,
+    sessions: TaskTracker,
+    background: TaskTracker,
+}
+
 /// Runs a coordinator until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    start(config, shutdown).await?.supervise().await
+}
+
+/// Loads the registry, binds the service's port (and the metrics port, if
+/// configured) and starts serving and the background tasks. Cancelling
+/// `shutdown` stops it all; [`RunningCoordinator::supervise`] waits for that.
+pub async fn start(
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) -> Result<RunningCoordinator, RunError> {
     config.validate()?;
     // Every agent holds a connection, and every connection is a file.
     match limits::raise_open_files() {
@@ -130,12 +164,12 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let sessions = TaskTracker::new();
     let background = TaskTracker::new();
     let writer_stop = CancellationToken::new();
-    let mut writer = background.spawn(writer::run(
+    let writer = background.spawn(writer::run(
         shared.clone(),
         writer::flush_period(config.heartbeat_interval),
         writer_stop.clone(),
     ));
-    let mut sweeper = background.spawn(sweeper::run(
+    let sweeper = background.spawn(sweeper::run(
         shared.clone(),
         sweeper::period(config.offline_after),
         shutdown.clone(),
@@ -163,12 +197,15 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
         ));
     let router = grpc::with_reflection(router, "muster.v1.Coordinator")?;
-    if let Some(metrics_address) = config.metrics_listen {
-        background.spawn(telemetry::serve(
-            telemetry::bind(metrics_address).await?,
-            shutdown.clone(),
-        ));
-    }
+    let metrics_address = match config.metrics_listen {
+        Some(metrics_address) => {
+            let metrics = telemetry::bind(metrics_address).await?;
+            let bound = metrics.local_address();
+            background.spawn(telemetry::serve(metrics, shutdown.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
     info!(
         %address,
         %boot_id,
@@ -181,33 +218,67 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         "coordinator listening"
     );
 
-    // The writer and the sweeper end only when told to. If either ends
-    // sooner it has panicked, and a coordinator that can no longer persist or
-    // detect failures must not go on looking healthy.
-    let serve = grpc::serve(router, listener, shutdown.clone());
-    tokio::pin!(serve);
-    let mut sweeper_stopped = false;
-    let served = loop {
-        tokio::select! {
-            served = &mut serve => break served,
-            ended = &mut sweeper, if !sweeper_stopped => {
-                sweeper_stopped = true;
-                if let Err(error) = ended {
-                    break Err(RunError::TaskFailed { task: "sweeper", reason: error.to_string() });
+    let serve = tokio::spawn(grpc::serve(router, listener, shutdown.clone()));
+    Ok(RunningCoordinator {
+        address,
+        metrics_address,
+        boot_id,
+        shutdown,
+        serve,
+        sweeper,
+        writer,
+        writer_stop,
+        sessions,
+        background,
+    })
+}
+
+impl RunningCoordinator {
+    /// Runs until `shutdown` is cancelled or a task the coordinator cannot
+    /// do without fails, then shuts down in order: sessions end first, then
+    /// the writer makes its final flush.
+    pub async fn supervise(self) -> Result<(), RunError> {
+        let Self {
+            shutdown,
+            mut serve,
+            mut sweeper,
+            mut writer,
+            writer_stop,
+            sessions,
+            background,
+            ..
+        } = self;
+        // The writer and the sweeper end only when told to. If either ends
+        // sooner it has panicked, and a coordinator that can no longer persist
+        // or detect failures must not go on looking healthy.
+        let mut sweeper_stopped = false;
+        let served = loop {
+            tokio::select! {
+                served = &mut serve => {
+                    break served.unwrap_or_else(|error| Err(RunError::TaskFailed {
+                        task: "gRPC server",
+                        reason: error.to_string(),
+                    }));
+                }
+                ended = &mut sweeper, if !sweeper_stopped => {
+                    sweeper_stopped = true;
+                    if let Err(error) = ended {
+                        break Err(RunError::TaskFailed { task: "sweeper", reason: error.to_string() });
+                    }
+                }
+                ended = &mut writer => {
+                    let reason = ended.err().map_or_else(|| "it stopped".to_owned(), |e| e.to_string());
+                    break Err(RunError::TaskFailed { task: "store writer", reason });
                 }
             }
-            ended = &mut writer => {
-                let reason = ended.err().map_or_else(|| "it stopped".to_owned(), |e| e.to_string());
-                break Err(RunError::TaskFailed { task: "store writer", reason });
-            }
-        }
-    };
-    shutdown.cancel();
-    sessions.close();
-    sessions.wait().await;
-    writer_stop.cancel();
-    background.close();
-    background.wait().await;
-    info!("coordinator stopped");
-    served
+        };
+        shutdown.cancel();
+        sessions.close();
+        sessions.wait().await;
+        writer_stop.cancel();
+        background.close();
+        background.wait().await;
+        info!("coordinator stopped");
+        served
+    }
 }
