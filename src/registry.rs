@@ -445,12 +445,6 @@ impl Registry {
     }
 
     /// The state of a node as seen by its session holding `generation`.
-    /// How long a session of a node heartbeating every `interval` may stay
-    /// silent: the node's own offline-after.
-    pub fn silence_limit(&self, interval: Duration) -> Duration {
-        self.timing.offline_after_at(interval)
-    }
-
     pub fn session_state(
         &self,
         node_id: &NodeId,

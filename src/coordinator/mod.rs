@@ -21,7 +21,7 @@ mod writer;
 use std::{
     net::SocketAddr,
     num::NonZeroU32,
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
 use tokio::{sync::Notify, task::JoinHandle};
@@ -47,23 +47,23 @@ pub use session::read_registration;
 /// How many Status probes run at once after a restart.
 const PROBE_CONCURRENCY: usize = 256;
 
-/// State shared by the service, its sessions and the background tasks.
-pub(crate) struct Shared {
-    registry: Mutex<Registry>,
-    store: Store,
+/// The registry behind its short-held lock: what a session needs of the
+/// coordinator, and all it gets.
+#[derive(Clone)]
+pub(crate) struct RegistryHandle {
+    registry: Arc<Mutex<Registry>>,
     /// Woken when the registry has changes for the store.
-    changes_pending: Notify,
-    boot_id: String,
-    /// Required of Heartbeat streams (checked by the admission layer), and
-    /// presented by Status probes.
-    join_token: Option<Token>,
-    /// Required of operator calls.
-    admin_token: Option<Token>,
-    /// Serves the coordinator, and dials agents for probes.
-    tls: Option<Tls>,
+    changes_pending: Arc<Notify>,
 }
 
-impl Shared {
+impl RegistryHandle {
+    fn new(registry: Registry) -> Self {
+        Self {
+            registry: Arc::new(Mutex::new(registry)),
+            changes_pending: Arc::new(Notify::new()),
+        }
+    }
+
     /// Runs `update` under the registry lock, and wakes the writer if the
     /// update left changes for the store.
     fn update<R>(&self, update: impl FnOnce(&mut Registry) -> R) -> R {
@@ -79,6 +79,37 @@ impl Shared {
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// State shared by the service, its sessions and the background tasks.
+pub(crate) struct Shared {
+    registry: RegistryHandle,
+    /// The registry's timing, which sessions judge silence by.
+    timing: Timing,
+    store: Store,
+    /// Woken when the registry has changes for the store (the registry
+    /// handle's own).
+    changes_pending: Arc<Notify>,
+    boot_id: String,
+    /// Required of Heartbeat streams (checked by the admission layer), and
+    /// presented by Status probes.
+    join_token: Option<Token>,
+    /// Required of operator calls.
+    admin_token: Option<Token>,
+    /// Serves the coordinator, and dials agents for probes.
+    tls: Option<Tls>,
+}
+
+impl Shared {
+    /// Runs `update` under the registry lock, and wakes the writer if the
+    /// update left changes for the store.
+    fn update<R>(&self, update: impl FnOnce(&mut Registry) -> R) -> R {
+        self.registry.update(update)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock()
     }
 }
 
@@ -143,10 +174,12 @@ pub async fn start(
     let mut registry = Registry::new(timing);
     registry.load(stored, Moment::now());
     let boot_id = uuid::Uuid::new_v4().to_string();
-    let shared = std::sync::Arc::new(Shared {
-        registry: Mutex::new(registry),
+    let registry = RegistryHandle::new(registry);
+    let shared = Arc::new(Shared {
+        changes_pending: registry.changes_pending.clone(),
+        registry,
+        timing,
         store,
-        changes_pending: Notify::new(),
         boot_id: boot_id.clone(),
         join_token,
         admin_token,
