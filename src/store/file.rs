@@ -1,7 +1,8 @@
 //! The database file itself, apart from what SQLite keeps in it.
 //!
-//! Invariants: a database is created only where no file exists, and its
-//! creation is logged; an empty file is never taken for a database. While
+//! Invariants: a database is created only where no file exists, nor the
+//! journal of a deleted one, and its creation is logged; an empty file is
+//! never taken for a database. While
 //! the coordinator runs, it writes only while the file it opened is still
 //! the file at its path: once it has been deleted, moved away or replaced,
 //! every write is refused, so no write is acknowledged into a file that
@@ -63,7 +64,8 @@ pub(super) fn inspect(db: &Path) -> Result<Found, StoreError> {
         }),
         Ok(_) => Ok(Found::Existing),
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
-            warn!(db = %db.display(), "creating a new database at {}", db.display());
+            refuse_orphaned_journal(db)?;
+            warn!("creating a new database at {}", db.display());
             Ok(Found::Nothing)
         }
         Err(source) => Err(StoreError::Inspect {
@@ -71,6 +73,33 @@ pub(super) fn inspect(db: &Path) -> Result<Found, StoreError> {
             source,
         }),
     }
+}
+
+/// Refuses to create a database beside the journal of one that was deleted
+/// or moved without it: SQLite would replay that journal into the new file.
+fn refuse_orphaned_journal(db: &Path) -> Result<(), StoreError> {
+    for suffix in ["-wal", "-journal"] {
+        let mut journal = db.as_os_str().to_owned();
+        journal.push(suffix);
+        let journal = PathBuf::from(journal);
+        match std::fs::metadata(&journal) {
+            Ok(metadata) if metadata.len() > 0 => {
+                return Err(StoreError::OrphanedJournal {
+                    path: db.to_owned(),
+                    journal,
+                });
+            }
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(StoreError::Inspect {
+                    path: journal,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The database file as the coordinator opened it, kept open so that its
@@ -167,6 +196,11 @@ mod tests {
             "{refused}"
         );
         assert!(check_directory(Path::new("muster.db")).is_ok());
+
+        std::fs::remove_file(&db).unwrap();
+        std::fs::write(dir.path().join("muster.db-wal"), b"frames").unwrap();
+        let orphaned = inspect(&db).unwrap_err().to_string();
+        assert!(orphaned.contains("muster.db-wal"), "{orphaned}");
     }
 
     #[test]

@@ -82,6 +82,10 @@ pub enum StoreError {
     )]
     EmptyFile { path: PathBuf },
     #[error(
+        "database {path} does not exist, but its journal {journal} does: the database was deleted or moved without it; put the database back beside it, or remove {journal} and its -shm file to start afresh"
+    )]
+    OrphanedJournal { path: PathBuf, journal: PathBuf },
+    #[error(
         "database {path} was migrated by a newer muster (schema version {}, unknown to this binary); run a muster that knows it, or restore a backup from before the upgrade",
         .versions.join(", ")
     )]
@@ -270,7 +274,7 @@ impl Store {
                     Decoded::Unreadable { node_id, reason } => {
                         quarantined += 1;
                         warn!(
-                            node_id = node_id.as_deref().unwrap_or("(undecodable)"),
+                            node_id = %node_id.as_deref().unwrap_or("(undecodable)"),
                             %reason,
                             "quarantined an unreadable row: its node is left out of the fleet, and the row is kept as it is for an operator"
                         );
