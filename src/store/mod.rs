@@ -807,6 +807,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_row_whose_columns_cannot_be_decoded_is_left_out_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        let now = SystemTime::now();
+        admit(&store, registration("good", "b1"), now).await;
+        admit(&store, registration("undecodable", "b1"), now).await;
+        // A table rebuilt without its NOT NULL constraints, as a hand edit
+        // might leave it.
+        execute_sql(
+            &path,
+            "ALTER TABLE known_nodes RENAME TO old_nodes;
+             CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
+                 version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
+                 session_generation BIGINT, offline_since BIGINT, secret_hash TEXT);
+             INSERT INTO known_nodes SELECT * FROM old_nodes;
+             DROP TABLE old_nodes;
+             UPDATE known_nodes SET hostname = NULL WHERE node_id = 'undecodable';",
+        );
+        let nodes = store.load_nodes().await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].registration.node_id.as_str(), "good");
+        let refused = store
+            .enroll(
+                registration("undecodable", "b2"),
+                secret_of("undecodable"),
+                now,
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(refused, Enrolled::Quarantined { .. }),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn no_write_is_acknowledged_into_a_deleted_database_and_writes_resume_once_it_is_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("muster.db");
