@@ -102,7 +102,7 @@ pub enum StoreError {
         .holder.as_ref().map_or_else(|| "its lock file names no process".to_owned(), Holder::to_string)
     )]
     Locked { db: PathBuf, holder: Option<Holder> },
-    #[error("cannot lock {path}")]
+    #[error("cannot create or lock {path}, beside the database")]
     Lock {
         path: PathBuf,
         source: std::io::Error,
