@@ -10,10 +10,9 @@
 //!
 //! Invariants: a caller is answered only after its row is committed, and
 //! only while the database file is still at its path (see
-//! [`super::transaction_in_place`]); a
-//! batch that fails is retried one registration per transaction, so one bad
-//! registration fails only itself; a registration whose caller has gone is
-//! not written.
+//! [`super::transaction_in_place`]); a batch that fails is retried one
+//! registration per transaction, so one bad registration fails only itself;
+//! a registration whose caller has gone is not written.
 
 use std::{sync::Arc, time::SystemTime};
 
