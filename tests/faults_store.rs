@@ -54,7 +54,7 @@ fn lock_file(db: &Path) -> String {
 fn execute_sql(db: &Path, sql: &str) {
     SqliteConnection::establish(db.to_str().unwrap())
         .expect("open the database")
-        .batch_execute(sql)
+        .batch_execute(&format!("PRAGMA busy_timeout = 5000; {sql}"))
         .expect("run sql");
 }
 

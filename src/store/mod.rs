@@ -746,7 +746,7 @@ mod tests {
     fn execute_sql(path: &Path, sql: &str) {
         SqliteConnection::establish(path.to_str().unwrap())
             .unwrap()
-            .batch_execute(sql)
+            .batch_execute(&format!("PRAGMA busy_timeout = 5000; {sql}"))
             .unwrap();
     }
 
