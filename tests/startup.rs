@@ -70,7 +70,11 @@ fn a_read_only_db_is_a_one_line_error() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("muster.db");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(&db, b"").unwrap();
+    // A real database: an empty file is refused for being empty.
+    let mut conn =
+        <diesel::SqliteConnection as diesel::Connection>::establish(db.to_str().unwrap()).unwrap();
+    diesel::connection::SimpleConnection::batch_execute(&mut conn, "CREATE TABLE t (x)").unwrap();
+    drop(conn);
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
 
     let running_as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;

@@ -36,8 +36,8 @@ use crate::{
     grpc, limits,
     proto::coordinator_server::CoordinatorServer,
     registry::{Registry, Timing},
-    store::Store,
-    telemetry,
+    store::{DatabaseLock, Store},
+    telemetry::{self, MetricsListener},
     tls::Tls,
 };
 
@@ -130,6 +130,7 @@ pub struct RunningCoordinator {
     writer_stop: CancellationToken,
     sessions: TaskTracker,
     background: TaskTracker,
+    database_lock: DatabaseLock,
 }
 
 /// Runs a coordinator until `shutdown` is cancelled.
@@ -156,9 +157,18 @@ pub async fn start(
         Token::from_optional_file("--admin-token-file", config.admin_token_file.as_deref())?;
     let tls = Tls::load(&config.tls)?;
     let server = grpc::server(tls.as_ref(), grpc::COORDINATOR_KEEPALIVE)?;
+    // Ports first: a coordinator that cannot listen leaves no database file
+    // behind, and the lock file can name the address that holds it.
+    let (listener, address) = grpc::bind(config.listen).await?;
+    let metrics = match config.metrics_listen {
+        Some(metrics_address) => Some(telemetry::bind(metrics_address).await?),
+        None => None,
+    };
+    // Held until supervision ends; the kernel releases it if the process
+    // dies.
+    let database_lock = DatabaseLock::acquire(&config.db, address).await?;
     let store = Store::open(&config.db).await?;
     let stored = store.load_nodes().await?;
-    let (listener, address) = grpc::bind(config.listen).await?;
 
     let reloaded = stored.len();
     let mut timing = Timing {
@@ -230,15 +240,10 @@ pub async fn start(
             CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
         ));
     let router = grpc::with_reflection(router, "muster.v1.Coordinator")?;
-    let metrics_address = match config.metrics_listen {
-        Some(metrics_address) => {
-            let metrics = telemetry::bind(metrics_address).await?;
-            let bound = metrics.local_address();
-            background.spawn(telemetry::serve(metrics, shutdown.clone()));
-            Some(bound)
-        }
-        None => None,
-    };
+    let metrics_address = metrics.as_ref().map(MetricsListener::local_address);
+    if let Some(metrics) = metrics {
+        background.spawn(telemetry::serve(metrics, shutdown.clone()));
+    }
     info!(
         %address,
         %boot_id,
@@ -263,6 +268,7 @@ pub async fn start(
         writer_stop,
         sessions,
         background,
+        database_lock,
     })
 }
 
@@ -279,6 +285,7 @@ impl RunningCoordinator {
             writer_stop,
             sessions,
             background,
+            database_lock,
             ..
         } = self;
         // The writer and the sweeper end only when told to. If either ends
@@ -311,6 +318,7 @@ impl RunningCoordinator {
         writer_stop.cancel();
         background.close();
         background.wait().await;
+        drop(database_lock);
         info!("coordinator stopped");
         served
     }

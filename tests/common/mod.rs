@@ -618,3 +618,29 @@ impl Drop for InProcessCoordinator {
         self.shutdown.cancel();
     }
 }
+
+/// Runs `command` to its end, with stdout and stderr captured; a process
+/// still running after `deadline` is killed, and what it wrote is returned.
+pub fn output_within(command: &mut Command, deadline: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn muster");
+    let started = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() && started.elapsed() < deadline {
+        std::thread::sleep(POLL);
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("collect output")
+}
+
+impl Process {
+    /// How many lines logged so far contain every one of `needles`.
+    pub fn log_count(&self, needles: &[&str]) -> usize {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .count()
+    }
+}
