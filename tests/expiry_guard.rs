@@ -132,6 +132,6 @@ async fn expiry_pauses_while_most_of_the_fleet_is_down_and_resumes_when_it_retur
     assert_eq!(list(&url).await.expiry_paused, None);
     assert!(!nodes_list_stderr(&url).contains("expiry is paused"));
     assert_eq!(expiry_paused_gauge(&metrics), Some(0.0));
-    assert_eq!(coordinator.process.log_count("expiry paused"), 1);
-    assert_eq!(coordinator.process.log_count("expiry resumed"), 1);
+    assert_eq!(coordinator.process.log_count(&["expiry paused"]), 1);
+    assert_eq!(coordinator.process.log_count(&["expiry resumed"]), 1);
 }

@@ -11,7 +11,11 @@ use proptest::prelude::*;
 use prost::Message;
 
 use super::*;
-use crate::{coordinator::read_registration, error::ServiceError, proto::AgentMessage};
+use crate::{
+    coordinator::read_registration,
+    error::ServiceError,
+    proto::{self, AgentMessage},
+};
 
 /// Runs `message` as the first message of a stream through the
 /// coordinator's own check.
@@ -37,6 +41,7 @@ fn check_accepted(claim: &Claim) -> Result<(), TestCaseError> {
         prop_assert!(value.len() <= MAX_SHORT_FIELD_LEN);
         prop_assert!(!value.chars().any(char::is_control));
     }
+    prop_assert!(registration.max_backoff <= MAX_MAX_BACKOFF);
     prop_assert!(registration.labels.len() <= MAX_LABELS);
     for (key, value) in &registration.labels {
         prop_assert!(!key.is_empty() && key.len() <= MAX_LABEL_KEY_LEN);
@@ -74,9 +79,10 @@ fn register() -> impl Strategy<Value = proto::Register> {
         text("[a-z0-9.-]{0,20}"),
         prop::collection::hash_map(text("[a-z]{1,10}"), text("[a-z0-9]{0,10}"), 0..70),
         text("[A-Za-z0-9_-]{16,64}"),
+        prop::option::of((any::<i64>(), any::<i32>())),
     )
         .prop_map(
-            |(node_id, agent_url, boot_id, version, hostname, labels, node_secret)| {
+            |(node_id, agent_url, boot_id, version, hostname, labels, node_secret, backoff)| {
                 proto::Register {
                     node_id,
                     agent_url,
@@ -85,6 +91,8 @@ fn register() -> impl Strategy<Value = proto::Register> {
                     hostname,
                     labels: labels.into_iter().collect::<HashMap<_, _>>(),
                     node_secret,
+                    max_backoff: backoff
+                        .map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
                 }
             },
         )

@@ -90,6 +90,7 @@ impl ModelStore {
             version: "1".to_owned(),
             hostname: node_id.to_string(),
             labels: BTreeMap::new(),
+            max_backoff: Duration::from_secs(30),
         };
         self.rows.insert(
             node_id.clone(),
