@@ -866,7 +866,8 @@ mod tests {
                     "ALTER TABLE known_nodes RENAME TO old_nodes;
                      CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
                          version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
-                         session_generation BIGINT, offline_since BIGINT, secret_hash TEXT);
+                         session_generation BIGINT, offline_since BIGINT, secret_hash TEXT,
+                         max_backoff_ms BIGINT);
                      INSERT INTO known_nodes SELECT * FROM old_nodes;
                      DROP TABLE old_nodes;
                      UPDATE known_nodes SET session_generation = NULL WHERE node_id = 'null';",
