@@ -250,6 +250,7 @@ pub struct NodeSnapshot {
     pub last_seen: SystemTime,
     pub generation: u64,
     pub offline_since: Option<SystemTime>,
+    pub last_probe_error: Option<String>,
 }
 
 impl From<NodeSnapshot> for proto::Node {
@@ -267,6 +268,7 @@ impl From<NodeSnapshot> for proto::Node {
             hostname: registration.hostname,
             session_generation: node.generation,
             offline_since: node.offline_since.map(Into::into),
+            last_probe_error: node.last_probe_error.unwrap_or_default(),
         }
     }
 }

@@ -81,11 +81,10 @@ impl Shared {
 /// Runs a coordinator until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
-    // Every agent holds a connection, and every connection is a file.
-    match limits::raise_open_files() {
-        Ok(files) => info!(soft = files.soft, hard = files.hard, "open-file limit"),
-        Err(error) => warn!(%error, "cannot raise the open-file limit"),
-    }
+    // Every agent holds a connection, and every connection is a file. The
+    // outcome is logged with the "listening" line: nothing is logged before
+    // a start-up error, which stays the one line on stderr.
+    let open_files = limits::raise_open_files();
     let join_token =
         Token::from_optional_file("--join-token-file", config.join_token_file.as_deref())?;
     let admin_token =
@@ -170,6 +169,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             telemetry::bind(metrics_address).await?,
             shutdown.clone(),
         ));
+    }
+    match open_files {
+        Ok(files) => info!(soft = files.soft, hard = files.hard, "open-file limit"),
+        Err(error) => warn!(%error, "cannot raise the open-file limit"),
     }
     info!(
         %address,
