@@ -94,6 +94,10 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let store = Store::open(&config.db).await?;
     let stored = store.load_nodes().await?;
     let (listener, address) = grpc::bind(config.listen).await?;
+    let metrics = match config.metrics_listen {
+        Some(metrics_address) => Some(telemetry::bind(metrics_address).await?),
+        None => None,
+    };
 
     let reloaded = stored.len();
     let mut timing = Timing {
@@ -164,11 +168,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
         ));
     let router = grpc::with_reflection(router, "muster.v1.Coordinator")?;
-    if let Some(metrics_address) = config.metrics_listen {
-        background.spawn(telemetry::serve(
-            telemetry::bind(metrics_address).await?,
-            shutdown.clone(),
-        ));
+    if let Some(metrics) = metrics {
+        background.spawn(telemetry::serve(metrics, shutdown.clone()));
     }
     match open_files {
         Ok(files) => info!(soft = files.soft, hard = files.hard, "open-file limit"),

@@ -179,7 +179,7 @@ pub(super) async fn initial_round(
 /// `reason` with what to do about the TLS failures whose rustls names mean
 /// little to an operator.
 fn explain_probe_failure(reason: &str) -> String {
-    let advice = if reason.contains("NotValidForName") {
+    let advice = if reason.contains("NotValidForName") || reason.contains("not valid for name") {
         Some(
             "the agent's certificate does not cover the host of its advertised URL; make one with `muster tls cert --name HOST` for that host, or set --advertise-url to a name it covers",
         )

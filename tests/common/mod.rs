@@ -546,3 +546,10 @@ pub fn one_line_error(output: &std::process::Output, expected: &str) {
         "expected {expected:?} in {stderr}"
     );
 }
+
+impl Process {
+    /// Every line the process has logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
