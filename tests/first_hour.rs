@@ -25,6 +25,30 @@ fn muster(args: &[&str]) -> Output {
         .expect("run muster")
 }
 
+/// Like [`muster`], for a command that may wrongly keep running (a server
+/// that should have refused to start): killed, and the test failed, if it has
+/// not exited within [`START_DEADLINE`].
+fn muster_exits(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args(args)
+        .env("MUSTER_LOG", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run muster");
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > START_DEADLINE {
+            child.kill().unwrap();
+            let output = child.wait_with_output().unwrap();
+            panic!("muster {args:?} still ran after {START_DEADLINE:?}: {output:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    child.wait_with_output().unwrap()
+}
+
 fn succeeded(output: &Output) -> String {
     assert!(output.status.success(), "{output:?}");
     String::from_utf8(output.stdout.clone()).unwrap()
@@ -380,7 +404,7 @@ async fn a_second_agent_on_a_state_directory_exits_naming_the_first() {
     let state = dir.path().join("shared-state");
     let first = start_agent(&coordinator.url(), "gpu-1", &state);
     let state_arg = state.display().to_string();
-    let second = muster(&[
+    let second = muster_exits(&[
         "agent",
         "--coordinator",
         &coordinator.url(),
