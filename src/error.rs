@@ -8,28 +8,12 @@ use std::{io, net::SocketAddr, path::PathBuf};
 
 use tonic::{Code, Status};
 
+pub use crate::validation::InvalidInput;
 use crate::{
     auth::{Denied, TokenFileError},
     node::NodeId,
     store::StoreError,
 };
-
-/// A field of a request that breaks a documented rule.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field} {reason}")]
-pub struct InvalidInput {
-    pub field: &'static str,
-    pub reason: String,
-}
-
-impl InvalidInput {
-    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            field,
-            reason: reason.into(),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -37,8 +21,6 @@ pub enum ServiceError {
     InvalidArgument(#[from] InvalidInput),
     #[error("node {0} is not registered")]
     NodeNotFound(NodeId),
-    #[error("no simulated agent listens at {0}")]
-    NoAgentAtAddress(String),
     /// The request is well-formed but not allowed at this point of a stream.
     #[error("{0}")]
     OutOfOrder(String),
@@ -58,6 +40,10 @@ pub enum ServiceError {
         "node id {0} is registered with a different node secret (another machine, or a copied disk image); remove it with `muster nodes remove {0}` to claim it afresh, or pick another --node-id"
     )]
     NodeIdHeld(NodeId),
+    #[error(
+        "the stored row of node {node_id} is unreadable ({reason}); it is kept as it is for an operator to inspect, and `muster nodes remove {node_id}` lets the node register afresh"
+    )]
+    Quarantined { node_id: NodeId, reason: String },
     #[error(transparent)]
     Unauthenticated(#[from] Denied),
     /// A limit on load was reached; the message names it.
@@ -82,10 +68,10 @@ impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
         let code = match &error {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::NodeNotFound(_)
-            | ServiceError::NoAgentAtAddress(_)
-            | ServiceError::Forgotten(_) => Code::NotFound,
-            ServiceError::OutOfOrder(_) => Code::FailedPrecondition,
+            ServiceError::NodeNotFound(_) | ServiceError::Forgotten(_) => Code::NotFound,
+            ServiceError::OutOfOrder(_) | ServiceError::Quarantined { .. } => {
+                Code::FailedPrecondition
+            }
             ServiceError::NodeIdHeld(_) => Code::PermissionDenied,
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,
             ServiceError::Overloaded(_) => Code::ResourceExhausted,
@@ -100,7 +86,7 @@ impl From<ServiceError> for Status {
                 Code::DeadlineExceeded
             }
             ServiceError::ShuttingDown => Code::Unavailable,
-            ServiceError::Store(store) if store.is_transient() => Code::Unavailable,
+            ServiceError::Store(store) if store.is_unavailable() => Code::Unavailable,
             ServiceError::Store(_) | ServiceError::Internal(_) => Code::Internal,
         };
         Status::new(code, display_chain(&error))

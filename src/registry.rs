@@ -19,9 +19,10 @@
 //!   grows past a step, each node is given the new interval on its next
 //!   heartbeat; it shrinks again only once the fleet is a tenth below the
 //!   step, so a fleet at a boundary does not flap.
-//! - A node that was not OFFLINE when the coordinator stopped gets the full
-//!   `reload_grace` after a restart (longer than the agents' longest
-//!   reconnect backoff); one already OFFLINE gets only `offline_after`.
+//! - A node that was not OFFLINE when the coordinator stopped gets its agent's
+//!   reconnect backoff ceiling plus `reload_grace` after a restart, so an
+//!   agent waiting out its longest backoff is not shown OFFLINE; one already
+//!   OFFLINE gets only `offline_after`.
 //! - Every change the store must know about is queued, in order, for
 //!   [`Registry::take_changes`]. `last_seen` is collected separately by
 //!   [`Registry::take_last_seen`], so heartbeats cost no write of their own.
@@ -48,7 +49,8 @@ pub struct Timing {
     /// Time an OFFLINE node is kept before it is forgotten.
     pub expire_after: Duration,
     /// Time a node that was live when the coordinator stopped may stay
-    /// UNKNOWN after a restart before it is OFFLINE.
+    /// UNKNOWN after a restart, on top of its agent's reconnect backoff
+    /// ceiling, before it is OFFLINE.
     pub reload_grace: Duration,
 }
 
@@ -68,6 +70,12 @@ impl Timing {
             .ceil()
             .clamp(1.0, f64::from(MAX_STRETCH));
         self.heartbeat_interval * stretch as u32
+    }
+
+    /// How long a node that was live when the coordinator stopped may stay
+    /// UNKNOWN after a restart.
+    fn reload_grace_for(&self, registration: &Registration) -> Duration {
+        registration.max_backoff + self.reload_grace
     }
 
     /// `offline_after` for a node heartbeating every `interval`.
@@ -213,7 +221,7 @@ impl Registry {
             let grace = if node.offline_since.is_some() {
                 self.timing.offline_after_at(interval)
             } else {
-                self.timing.reload_grace
+                self.timing.reload_grace_for(&node.registration)
             };
             self.nodes.insert(
                 node.registration.node_id.clone(),
@@ -345,7 +353,7 @@ impl Registry {
         };
         let live_for = timing
             .offline_after_at(entry.interval)
-            .max(timing.reload_grace);
+            .max(timing.reload_grace_for(&entry.registration));
         if entry.state != NodeState::Unknown || entry.generation != target.generation {
             return false;
         }
@@ -464,12 +472,6 @@ impl Registry {
     }
 
     /// The state of a node as seen by its session holding `generation`.
-    /// How long a session of a node heartbeating every `interval` may stay
-    /// silent: the node's own offline-after.
-    pub fn silence_limit(&self, interval: Duration) -> Duration {
-        self.timing.offline_after_at(interval)
-    }
-
     pub fn session_state(
         &self,
         node_id: &NodeId,
@@ -578,6 +580,7 @@ mod tests {
             version: "1".to_owned(),
             hostname: node.to_owned(),
             labels: BTreeMap::new(),
+            max_backoff: Duration::ZERO,
         }
     }
 
@@ -1085,6 +1088,23 @@ mod tests {
         assert_eq!(state(&registry, "gone"), Some(NodeState::Offline));
         registry.sweep(t0.after(GRACE));
         assert_eq!(state(&registry, "live"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_reloaded_node_is_allowed_its_own_agents_backoff_ceiling() {
+        let t0 = Moment::now();
+        let slow_backoff = Duration::from_secs(120);
+        let mut slow = stored("slow", 1, None, t0);
+        slow.registration.max_backoff = slow_backoff;
+        let mut registry = registry();
+        registry.load([stored("quick", 2, None, t0), slow], t0);
+        registry.sweep(t0.after(GRACE));
+        assert_eq!(state(&registry, "quick"), Some(NodeState::Offline));
+        assert_eq!(state(&registry, "slow"), Some(NodeState::Unknown));
+        registry.sweep(t0.after(slow_backoff + GRACE - Duration::from_millis(1)));
+        assert_eq!(state(&registry, "slow"), Some(NodeState::Unknown));
+        registry.sweep(t0.after(slow_backoff + GRACE));
+        assert_eq!(state(&registry, "slow"), Some(NodeState::Offline));
     }
 
     #[test]
