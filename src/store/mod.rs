@@ -780,6 +780,21 @@ mod tests {
             .unwrap();
     }
 
+    /// Rebuilds `known_nodes` without its NOT NULL constraints, as a hand
+    /// edit might leave it.
+    fn drop_not_null_constraints(path: &Path) {
+        execute_sql(
+            path,
+            "ALTER TABLE known_nodes RENAME TO old_nodes;
+             CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
+                 version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
+                 session_generation BIGINT, offline_since BIGINT, secret_hash TEXT,
+                 max_backoff_ms BIGINT);
+             INSERT INTO known_nodes SELECT * FROM old_nodes;
+             DROP TABLE old_nodes;",
+        );
+    }
+
     #[tokio::test]
     async fn a_database_migrated_by_a_newer_muster_is_refused_naming_the_version() {
         let dir = tempfile::tempdir().unwrap();
@@ -861,16 +876,10 @@ mod tests {
         for node in ["negative", "null"] {
             let node_id = NodeId::parse("node_id", node).unwrap();
             if node == "null" {
+                drop_not_null_constraints(&path);
                 execute_sql(
                     &path,
-                    "ALTER TABLE known_nodes RENAME TO old_nodes;
-                     CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
-                         version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
-                         session_generation BIGINT, offline_since BIGINT, secret_hash TEXT,
-                         max_backoff_ms BIGINT);
-                     INSERT INTO known_nodes SELECT * FROM old_nodes;
-                     DROP TABLE old_nodes;
-                     UPDATE known_nodes SET session_generation = NULL WHERE node_id = 'null';",
+                    "UPDATE known_nodes SET session_generation = NULL WHERE node_id = 'null'",
                 );
             }
             let removed = store.remove(node_id).await;
@@ -896,18 +905,10 @@ mod tests {
         let now = SystemTime::now();
         admit(&store, registration("good", "b1"), now).await;
         admit(&store, registration("undecodable", "b1"), now).await;
-        // A table rebuilt without its NOT NULL constraints, as a hand edit
-        // might leave it.
+        drop_not_null_constraints(&path);
         execute_sql(
             &path,
-            "ALTER TABLE known_nodes RENAME TO old_nodes;
-             CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
-                 version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
-                 session_generation BIGINT, offline_since BIGINT, secret_hash TEXT,
-                 max_backoff_ms BIGINT);
-             INSERT INTO known_nodes SELECT * FROM old_nodes;
-             DROP TABLE old_nodes;
-             UPDATE known_nodes SET hostname = NULL WHERE node_id = 'undecodable';",
+            "UPDATE known_nodes SET hostname = NULL WHERE node_id = 'undecodable'",
         );
         let nodes = store.load_nodes().await.unwrap();
         assert_eq!(nodes.len(), 1);
