@@ -710,3 +710,10 @@ impl Coordinator {
         }
     }
 }
+
+impl Process {
+    /// Every line the process has logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
