@@ -16,6 +16,7 @@ pub mod cli;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod connections;
 pub mod coordinator;
 pub mod error;
 pub mod grpc;

@@ -20,9 +20,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::error::RunError;
 
-/// Time allowed for a TLS handshake, so a peer that stalls mid-handshake
-/// cannot hold a connection slot.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Time a client allows a server's TLS handshake.
+const CLIENT_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default, Args)]
 pub struct TlsArgs {
@@ -80,14 +79,18 @@ impl Tls {
     }
 
     /// The server side: this process's certificate, and client certificates
-    /// required when a CA is given.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, RunError> {
+    /// required when a CA is given. A peer that stalls mid-handshake for
+    /// `handshake_timeout` is dropped, so it cannot hold a connection slot.
+    pub fn server_config(
+        &self,
+        handshake_timeout: std::time::Duration,
+    ) -> Result<ServerTlsConfig, RunError> {
         let identity = self.identity.clone().ok_or_else(|| RunError::Tls {
             reason: "--tls-ca was given without --tls-cert and --tls-key; a TLS server needs a certificate".to_owned(),
         })?;
         let config = ServerTlsConfig::new()
             .identity(identity)
-            .timeout(HANDSHAKE_TIMEOUT);
+            .timeout(handshake_timeout);
         Ok(match &self.ca {
             Some(ca) => config.client_ca_root(ca.clone()),
             None => config,
@@ -102,7 +105,7 @@ impl Tls {
         })?;
         let config = ClientTlsConfig::new()
             .ca_certificate(ca)
-            .timeout(HANDSHAKE_TIMEOUT);
+            .timeout(CLIENT_HANDSHAKE_TIMEOUT);
         Ok(match &self.identity {
             Some(identity) => config.identity(identity.clone()),
             None => config,
@@ -170,7 +173,10 @@ mod tests {
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
         let tls = Tls::load(&args(None, None, Some(&ca))).unwrap().unwrap();
-        assert!(tls.server_config().is_err());
+        assert!(
+            tls.server_config(crate::connections::HANDSHAKE_TIMEOUT)
+                .is_err()
+        );
         assert!(tls.client_config("https://h:1").is_ok());
         let no_ca = Tls {
             identity: None,

@@ -28,6 +28,7 @@ use crate::{
     auth::Token,
     clock::Moment,
     config::CoordinatorConfig,
+    connections::{self, ConnectionLimits},
     error::RunError,
     grpc, limits,
     proto::coordinator_server::CoordinatorServer,
@@ -82,16 +83,27 @@ impl Shared {
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
     // Every agent holds a connection, and every connection is a file.
-    match limits::raise_open_files() {
-        Ok(files) => info!(soft = files.soft, hard = files.hard, "open-file limit"),
-        Err(error) => warn!(%error, "cannot raise the open-file limit"),
-    }
+    let open_files = match limits::raise_open_files() {
+        Ok(files) => {
+            info!(soft = files.soft, hard = files.hard, "open-file limit");
+            Some(files.soft)
+        }
+        Err(error) => {
+            warn!(%error, "cannot raise the open-file limit");
+            None
+        }
+    };
+    let connection_limits = connection_limits(&config, open_files);
     let join_token =
         Token::from_optional_file("--join-token-file", config.join_token_file.as_deref())?;
     let admin_token =
         Token::from_optional_file("--admin-token-file", config.admin_token_file.as_deref())?;
     let tls = Tls::load(&config.tls)?;
-    let server = grpc::server(tls.as_ref(), grpc::COORDINATOR_KEEPALIVE)?;
+    let server = grpc::server(
+        tls.as_ref(),
+        grpc::COORDINATOR_KEEPALIVE,
+        config.handshake_timeout,
+    )?;
     let store = Store::open(&config.db).await?;
     let stored = store.load_nodes().await?;
     let (listener, address) = grpc::bind(config.listen).await?;
@@ -180,13 +192,14 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         tls = shared.tls.is_some(),
         join_token = shared.join_token.is_some(),
         admin_token = shared.admin_token.is_some(),
+        max_connections = connection_limits.max_connections,
         "coordinator listening"
     );
 
     // The writer and the sweeper end only when told to. If either ends
     // sooner it has panicked, and a coordinator that can no longer persist or
     // detect failures must not go on looking healthy.
-    let serve = grpc::serve(router, listener, shutdown.clone());
+    let serve = grpc::serve(router, listener, connection_limits, shutdown.clone());
     tokio::pin!(serve);
     let mut sweeper_stopped = false;
     let served = loop {
@@ -212,4 +225,24 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     background.wait().await;
     info!("coordinator stopped");
     served
+}
+
+/// The connection limits from the flags; without `--max-connections`, as
+/// many as the open-file limit allows with a reserve kept free.
+fn connection_limits(config: &CoordinatorConfig, open_files: Option<u64>) -> ConnectionLimits {
+    let derived = ConnectionLimits::for_open_files(open_files.unwrap_or(1_024));
+    let max_connections = config.max_connections.unwrap_or(derived.max_connections);
+    if max_connections > derived.max_connections {
+        warn!(
+            max_connections,
+            fits = derived.max_connections,
+            "--max-connections leaves fewer than {} open files for the database and probes",
+            connections::RESERVED_FILES
+        );
+    }
+    ConnectionLimits {
+        handshake_timeout: config.handshake_timeout,
+        idle_timeout: config.idle_timeout,
+        max_connections,
+    }
 }

@@ -93,8 +93,15 @@ impl Process {
     /// Like [`Process::start`], but a process that exits before listening is
     /// an error carrying its last log line.
     pub fn try_start(name: &str, args: &[String]) -> Result<Self, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
-            .args(args)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));
+        command.args(args);
+        Self::try_spawn(name, command)
+    }
+
+    /// Like [`Process::try_start`], for a `muster` command the caller has
+    /// set up further (its environment, its resource limits).
+    pub fn try_spawn(name: &str, mut command: Command) -> Result<Self, String> {
+        let mut child = command
             .env("MUSTER_LOG", "info,muster=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -175,6 +182,12 @@ impl Process {
     /// How many lines the process has logged so far.
     pub fn log_len(&self) -> usize {
         self.log.lock().unwrap().len()
+    }
+
+    /// How many lines logged so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(needle)).count()
     }
 
     pub fn pid(&self) -> u32 {
