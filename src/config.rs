@@ -120,9 +120,10 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
-    /// Connections open at once; one more is accepted and closed at once.
-    /// Default: the open-file limit less 256 files kept for the database,
-    /// probes and logs.
+    /// Connections open at once. At the limit, a new connection evicts the
+    /// oldest one that carries no stream, or is closed at once if all carry
+    /// one. Default: the open-file limit less 256 files kept for the
+    /// database, probes and logs.
     #[arg(long, env = "MUSTER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
