@@ -72,6 +72,10 @@ pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
+/// How long the acceptor waits, with no new connection, before it forgets
+/// the closed ones it still remembers.
+const FORGET_CLOSED_AFTER: Duration = Duration::from_secs(2);
+
 /// What a server tolerates from the connections it accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnectionLimits {
@@ -101,24 +105,47 @@ pub fn max_connections_for(open_files: u64) -> usize {
         .max(1)
 }
 
-/// The connections accepted on `listener`, within `limits`. The stream never
-/// ends and never yields an error: accept errors are handled here.
+/// How many connections are open, and how many have closed so far.
+#[derive(Debug, Default)]
+pub struct Tally {
+    open: AtomicUsize,
+    closed: AtomicUsize,
+}
+
+impl Tally {
+    pub fn closed(&self) -> usize {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// The connections accepted on `listener`, within `limits`, and their
+/// tally. The stream never ends and never yields an error: accept errors
+/// are handled here.
 pub fn incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
-) -> impl Stream<Item = Result<Connection, io::Error>> + Send {
+) -> (
+    impl Stream<Item = Result<Connection, io::Error>> + Send,
+    Arc<Tally>,
+) {
+    let tally = Arc::new(Tally::default());
     let acceptor = Acceptor {
         listener,
         limits,
-        open: Arc::new(AtomicUsize::new(0)),
+        tally: tally.clone(),
         accepted: VecDeque::new(),
         spare: spare_file(),
         failing: None,
     };
-    futures::stream::unfold(acceptor, |mut acceptor| async move {
+    let connections = futures::stream::unfold(acceptor, |mut acceptor| async move {
         let connection = acceptor.next().await;
         Some((Ok(connection), acceptor))
-    })
+    });
+    (connections, tally)
 }
 
 fn spare_file() -> Option<File> {
@@ -130,7 +157,7 @@ fn spare_file() -> Option<File> {
 struct Acceptor {
     listener: TcpListener,
     limits: ConnectionLimits,
-    open: Arc<AtomicUsize>,
+    tally: Arc<Tally>,
     /// The connections accepted, oldest first, as eviction candidates.
     accepted: VecDeque<Weak<Activity>>,
     spare: Option<File>,
@@ -147,12 +174,18 @@ struct Failing {
 impl Acceptor {
     async fn next(&mut self) -> Connection {
         loop {
-            match self.listener.accept().await {
+            let closed_remembered = self.accepted.len() > self.tally.open();
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                () = tokio::time::sleep(FORGET_CLOSED_AFTER), if closed_remembered => {
+                    self.forget_closed();
+                    continue;
+                }
+            };
+            match accepted {
                 Ok((stream, _)) => {
                     self.recovered();
-                    if self.open.load(Ordering::Relaxed) >= self.limits.max_connections
-                        && !self.evict_one()
-                    {
+                    if self.tally.open() >= self.limits.max_connections && !self.evict_one() {
                         metrics::counter!("muster_connections_refused_total", "action" => "closed")
                             .increment(1);
                         debug!(
@@ -162,7 +195,7 @@ impl Acceptor {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    let connection = Connection::new(stream, &self.limits, self.open.clone());
+                    let connection = Connection::new(stream, &self.limits, self.tally.clone());
                     self.remember(&connection.activity);
                     return connection;
                 }
@@ -198,10 +231,18 @@ impl Acceptor {
     }
 
     fn remember(&mut self, activity: &Arc<Activity>) {
-        if self.accepted.len() >= 2 * self.open.load(Ordering::Relaxed).max(64) {
-            self.accepted.retain(|activity| activity.strong_count() > 0);
+        if self.accepted.len() >= 2 * self.tally.open().max(64) {
+            self.forget_closed();
         }
         self.accepted.push_back(Arc::downgrade(activity));
+    }
+
+    /// Drops the closed connections from the eviction candidates, and with
+    /// them the last reference to their allocations, which would otherwise
+    /// stay scattered over the heap and keep its pages resident.
+    fn forget_closed(&mut self) {
+        self.accepted.retain(|activity| activity.strong_count() > 0);
+        self.accepted.shrink_to_fit();
     }
 
     async fn back_off(&mut self, error: io::Error) {
@@ -214,7 +255,7 @@ impl Acceptor {
         let failing = self.failing.get_or_insert_with(|| {
             warn!(
                 %error,
-                open_connections = self.open.load(Ordering::Relaxed),
+                open_connections = self.tally.open(),
                 "cannot accept connections; backing off, and serving the open ones meanwhile"
             );
             Failing {
@@ -362,18 +403,19 @@ pub struct Connection {
 }
 
 /// One connection's share of `max_connections`; released on drop.
-struct Slot(Arc<AtomicUsize>);
+struct Slot(Arc<Tally>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.closed.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("muster_connections_open").decrement(1);
     }
 }
 
 impl Connection {
-    fn new(stream: TcpStream, limits: &ConnectionLimits, open: Arc<AtomicUsize>) -> Self {
-        open.fetch_add(1, Ordering::Relaxed);
+    fn new(stream: TcpStream, limits: &ConnectionLimits, tally: Arc<Tally>) -> Self {
+        tally.open.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("muster_connections_open").increment(1);
         Self {
             stream,
@@ -382,7 +424,7 @@ impl Connection {
             handshake_timeout: limits.handshake_timeout,
             idle_timeout: limits.idle_timeout,
             deadline: Box::pin(tokio::time::sleep(limits.handshake_timeout)),
-            _slot: Slot(open),
+            _slot: Slot(tally),
         }
     }
 

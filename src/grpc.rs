@@ -28,7 +28,7 @@ use tower::{
 use crate::{
     connections::{self, ConnectionLimits, StreamCountLayer},
     error::{RunError, ServiceError, display_chain},
-    proto,
+    memory, proto,
     tls::Tls,
 };
 
@@ -191,7 +191,8 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let incoming = connections::incoming(listener, limits);
+    let (incoming, tally) = connections::incoming(listener, limits);
+    let trimming = memory::trim_after_closes(move || tally.closed());
     let server = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let drain_deadline = async {
         shutdown.cancelled().await;
@@ -199,6 +200,7 @@ pub async fn serve(
     };
     tokio::select! {
         served = server => served?,
+        () = trimming => {}
         () = drain_deadline => {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "connections still open after the drain timeout; not waiting for them");
         }

@@ -21,6 +21,7 @@ pub mod coordinator;
 pub mod error;
 pub mod grpc;
 pub mod limits;
+pub mod memory;
 pub mod node;
 pub mod proto;
 pub mod registry;
