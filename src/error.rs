@@ -8,28 +8,12 @@ use std::{io, net::SocketAddr, path::PathBuf};
 
 use tonic::{Code, Status};
 
+pub use crate::validation::InvalidInput;
 use crate::{
     auth::{Denied, TokenFileError},
     node::NodeId,
     store::StoreError,
 };
-
-/// A field of a request that breaks a documented rule.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field} {reason}")]
-pub struct InvalidInput {
-    pub field: &'static str,
-    pub reason: String,
-}
-
-impl InvalidInput {
-    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            field,
-            reason: reason.into(),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -37,13 +21,11 @@ pub enum ServiceError {
     InvalidArgument(#[from] InvalidInput),
     #[error("node {0} is not registered")]
     NodeNotFound(NodeId),
-    #[error("no simulated agent listens at {0}")]
-    NoAgentAtAddress(String),
     /// The request is well-formed but not allowed at this point of a stream.
     #[error("{0}")]
     OutOfOrder(String),
     #[error(
-        "node {node_id}: this stream (generation {stale}) was superseded by generation {current}"
+        "node {node_id}: this stream (generation {stale}) was superseded by generation {current}: another stream registered as this node; if that is not this agent restarting, two agents share one node id and node secret, most likely one --state-dir (give each agent its own --state-dir and --node-id)"
     )]
     Superseded {
         node_id: NodeId,
@@ -58,6 +40,10 @@ pub enum ServiceError {
         "node id {0} is registered with a different node secret (another machine, or a copied disk image); remove it with `muster nodes remove {0}` to claim it afresh, or pick another --node-id"
     )]
     NodeIdHeld(NodeId),
+    #[error(
+        "the stored row of node {node_id} is unreadable ({reason}); it is kept as it is for an operator to inspect, and `muster nodes remove {node_id}` lets the node register afresh"
+    )]
+    Quarantined { node_id: NodeId, reason: String },
     #[error(transparent)]
     Unauthenticated(#[from] Denied),
     /// A limit on load was reached; the message names it.
@@ -82,10 +68,10 @@ impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
         let code = match &error {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::NodeNotFound(_)
-            | ServiceError::NoAgentAtAddress(_)
-            | ServiceError::Forgotten(_) => Code::NotFound,
-            ServiceError::OutOfOrder(_) => Code::FailedPrecondition,
+            ServiceError::NodeNotFound(_) | ServiceError::Forgotten(_) => Code::NotFound,
+            ServiceError::OutOfOrder(_) | ServiceError::Quarantined { .. } => {
+                Code::FailedPrecondition
+            }
             ServiceError::NodeIdHeld(_) => Code::PermissionDenied,
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,
             ServiceError::Overloaded(_) => Code::ResourceExhausted,
@@ -100,7 +86,7 @@ impl From<ServiceError> for Status {
                 Code::DeadlineExceeded
             }
             ServiceError::ShuttingDown => Code::Unavailable,
-            ServiceError::Store(store) if store.is_transient() => Code::Unavailable,
+            ServiceError::Store(store) if store.is_unavailable() => Code::Unavailable,
             ServiceError::Store(_) | ServiceError::Internal(_) => Code::Internal,
         };
         Status::new(code, display_chain(&error))
@@ -140,6 +126,10 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("cannot build the reflection service")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(
+        "the state directory {path} is in use by {holder}; give each agent on a machine its own --state-dir (and --node-id)"
+    )]
+    StateDirInUse { path: PathBuf, holder: String },
     #[error("cannot keep the agent's identity in {path}")]
     StateDir { path: PathBuf, source: io::Error },
     #[error(transparent)]
@@ -164,6 +154,14 @@ pub enum RunError {
         code: tonic::Code,
         message: String,
     },
+    #[error("{url} closed the connection without answering; {advice}")]
+    Dropped { url: String, advice: String },
+    #[error("{url} was not SERVING within {}: {last}", humantime::format_duration(*.waited))]
+    NotReady {
+        url: String,
+        waited: std::time::Duration,
+        last: String,
+    },
     #[error("{url} is {status}")]
     Unhealthy { url: String, status: &'static str },
     #[error("cannot write output")]
@@ -174,6 +172,16 @@ pub enum RunError {
     Metrics(String),
     #[error("TLS: {reason}")]
     Tls { reason: String },
+    #[error("{flag} {path}: {problem}")]
+    TlsCertificate {
+        flag: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
+    #[error("{reason}")]
+    TlsIssue { reason: String },
+    #[error("cannot write {path}")]
+    WriteFile { path: PathBuf, source: io::Error },
     #[error("cannot read {flag} {path}")]
     TlsFile {
         flag: &'static str,

@@ -19,9 +19,10 @@
 //!   grows past a step, each node is given the new interval on its next
 //!   heartbeat; it shrinks again only once the fleet is a tenth below the
 //!   step, so a fleet at a boundary does not flap.
-//! - A node that was not OFFLINE when the coordinator stopped gets the full
-//!   `reload_grace` after a restart (longer than the agents' longest
-//!   reconnect backoff); one already OFFLINE gets only `offline_after`.
+//! - A node that was not OFFLINE when the coordinator stopped gets its agent's
+//!   reconnect backoff ceiling plus `reload_grace` after a restart, so an
+//!   agent waiting out its longest backoff is not shown OFFLINE; one already
+//!   OFFLINE gets only `offline_after`.
 //! - Every change the store must know about is queued, in order, for
 //!   [`Registry::take_changes`]. `last_seen` is collected separately by
 //!   [`Registry::take_last_seen`], so heartbeats cost no write of their own.
@@ -48,7 +49,8 @@ pub struct Timing {
     /// Time an OFFLINE node is kept before it is forgotten.
     pub expire_after: Duration,
     /// Time a node that was live when the coordinator stopped may stay
-    /// UNKNOWN after a restart before it is OFFLINE.
+    /// UNKNOWN after a restart, on top of its agent's reconnect backoff
+    /// ceiling, before it is OFFLINE.
     pub reload_grace: Duration,
 }
 
@@ -68,6 +70,12 @@ impl Timing {
             .ceil()
             .clamp(1.0, f64::from(MAX_STRETCH));
         self.heartbeat_interval * stretch as u32
+    }
+
+    /// How long a node that was live when the coordinator stopped may stay
+    /// UNKNOWN after a restart.
+    fn reload_grace_for(&self, registration: &Registration) -> Duration {
+        registration.max_backoff + self.reload_grace
     }
 
     /// `offline_after` for a node heartbeating every `interval`.
@@ -165,6 +173,8 @@ struct Entry {
     /// was last heard; one pardon per silence, so a dead node is not kept
     /// alive by a coordinator that keeps running late.
     pardoned: bool,
+    /// Why the last Status probe failed, until one passes.
+    last_probe_error: Option<String>,
 }
 
 impl Entry {
@@ -176,6 +186,7 @@ impl Entry {
             last_seen: self.last_seen,
             generation: self.generation,
             offline_since: self.offline_since,
+            last_probe_error: self.last_probe_error.clone(),
         }
     }
 }
@@ -210,7 +221,7 @@ impl Registry {
             let grace = if node.offline_since.is_some() {
                 self.timing.offline_after_at(interval)
             } else {
-                self.timing.reload_grace
+                self.timing.reload_grace_for(&node.registration)
             };
             self.nodes.insert(
                 node.registration.node_id.clone(),
@@ -225,6 +236,7 @@ impl Registry {
                     offline_since: node.offline_since,
                     last_seen_dirty: false,
                     pardoned: false,
+                    last_probe_error: None,
                 },
             );
         }
@@ -256,6 +268,12 @@ impl Registry {
             None => self.nodes.len() + 1,
         };
         let interval = self.timing.interval_for(known);
+        // A probe failure outlives the registration that followed it: the
+        // next restart's probe would fail the same way.
+        let last_probe_error = self
+            .nodes
+            .get(&registration.node_id)
+            .and_then(|entry| entry.last_probe_error.clone());
         self.nodes.insert(
             registration.node_id.clone(),
             Entry {
@@ -269,6 +287,7 @@ impl Registry {
                 offline_since: None,
                 last_seen_dirty: false,
                 pardoned: false,
+                last_probe_error,
             },
         );
         Ok(interval)
@@ -334,7 +353,7 @@ impl Registry {
         };
         let live_for = timing
             .offline_after_at(entry.interval)
-            .max(timing.reload_grace);
+            .max(timing.reload_grace_for(&entry.registration));
         if entry.state != NodeState::Unknown || entry.generation != target.generation {
             return false;
         }
@@ -343,12 +362,28 @@ impl Registry {
         entry.last_seen_dirty = true;
         entry.live_until = now.monotonic + live_for;
         entry.pardoned = false;
+        entry.last_probe_error = None;
         if entry.offline_since.take().is_some() {
             self.changes.push(Change::CameOnline {
                 node_id: target.node_id.clone(),
                 generation: entry.generation,
             });
         }
+        true
+    }
+
+    /// A Status probe sent to `target` failed for `reason`; the node keeps
+    /// the reason until a probe passes, for operators to see. Returns
+    /// whether the reason is new for this node, so that it is reported once
+    /// per cause rather than once per probe.
+    pub fn probe_failed(&mut self, target: &ProbeTarget, reason: &str) -> bool {
+        let Some(entry) = self.nodes.get_mut(&target.node_id) else {
+            return false;
+        };
+        if entry.last_probe_error.as_deref() == Some(reason) {
+            return false;
+        }
+        entry.last_probe_error = Some(reason.to_owned());
         true
     }
 
@@ -437,12 +472,6 @@ impl Registry {
     }
 
     /// The state of a node as seen by its session holding `generation`.
-    /// How long a session of a node heartbeating every `interval` may stay
-    /// silent: the node's own offline-after.
-    pub fn silence_limit(&self, interval: Duration) -> Duration {
-        self.timing.offline_after_at(interval)
-    }
-
     pub fn session_state(
         &self,
         node_id: &NodeId,
@@ -551,6 +580,7 @@ mod tests {
             version: "1".to_owned(),
             hostname: node.to_owned(),
             labels: BTreeMap::new(),
+            max_backoff: Duration::ZERO,
         }
     }
 
@@ -1058,6 +1088,23 @@ mod tests {
         assert_eq!(state(&registry, "gone"), Some(NodeState::Offline));
         registry.sweep(t0.after(GRACE));
         assert_eq!(state(&registry, "live"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_reloaded_node_is_allowed_its_own_agents_backoff_ceiling() {
+        let t0 = Moment::now();
+        let slow_backoff = Duration::from_secs(120);
+        let mut slow = stored("slow", 1, None, t0);
+        slow.registration.max_backoff = slow_backoff;
+        let mut registry = registry();
+        registry.load([stored("quick", 2, None, t0), slow], t0);
+        registry.sweep(t0.after(GRACE));
+        assert_eq!(state(&registry, "quick"), Some(NodeState::Offline));
+        assert_eq!(state(&registry, "slow"), Some(NodeState::Unknown));
+        registry.sweep(t0.after(slow_backoff + GRACE - Duration::from_millis(1)));
+        assert_eq!(state(&registry, "slow"), Some(NodeState::Unknown));
+        registry.sweep(t0.after(slow_backoff + GRACE));
+        assert_eq!(state(&registry, "slow"), Some(NodeState::Offline));
     }
 
     #[test]

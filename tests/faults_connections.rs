@@ -234,7 +234,7 @@ async fn with_no_file_descriptor_left_the_coordinator_backs_off_and_recovers() {
         .into_inner()
         .nodes;
     none_offline(&nodes).unwrap();
-    assert_eq!(coordinator.log_count(backing_off), 1);
+    assert_eq!(coordinator.log_count(&[backing_off]), 1);
 
     drop(flooded);
     coordinator
@@ -247,7 +247,7 @@ async fn with_no_file_descriptor_left_the_coordinator_backs_off_and_recovers() {
     })
     .await;
     none_offline(&nodes).unwrap();
-    assert_eq!(coordinator.log_count(backing_off), 1);
+    assert_eq!(coordinator.log_count(&[backing_off]), 1);
 }
 
 /// A request message with one large field: over the 64 KiB limit, and

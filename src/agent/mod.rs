@@ -4,6 +4,7 @@
 
 mod identity;
 pub mod reconnect;
+mod state_lock;
 mod status;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -32,6 +33,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs an agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
+    let _state_dir_lock = state_lock::lock_state_dir(&config.state_dir).await?;
     let hostname = gethostname::gethostname().to_string_lossy().into_owned();
     let node_id = resolve_node_id(config.node_id.as_deref(), &config.state_dir, &hostname).await?;
     let node_secret = resolve_node_secret(&config.state_dir).await?;
@@ -60,6 +62,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         hostname.clone(),
         config.labels,
         &node_secret,
+        config.max_backoff,
     );
     Claim::try_from(register.clone())?;
     validate_url("--coordinator", &config.coordinator)?;
@@ -119,6 +122,7 @@ pub fn register_message(
     hostname: String,
     labels: Vec<(String, String)>,
     node_secret: &NodeSecret,
+    max_backoff: Duration,
 ) -> proto::Register {
     proto::Register {
         node_id: node_id.to_string(),
@@ -128,6 +132,7 @@ pub fn register_message(
         hostname,
         labels: labels.into_iter().collect(),
         node_secret: node_secret.expose().to_owned(),
+        max_backoff: prost_types::Duration::try_from(max_backoff).ok(),
     }
 }
 

