@@ -100,7 +100,7 @@ impl From<ServiceError> for Status {
                 Code::DeadlineExceeded
             }
             ServiceError::ShuttingDown => Code::Unavailable,
-            ServiceError::Store(store) if store.is_transient() => Code::Unavailable,
+            ServiceError::Store(store) if store.is_unavailable() => Code::Unavailable,
             ServiceError::Store(_) | ServiceError::Internal(_) => Code::Internal,
         };
         Status::new(code, display_chain(&error))

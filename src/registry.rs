@@ -352,6 +352,33 @@ impl Registry {
         true
     }
 
+    /// The node's own agent tried to register, with the node's secret, but
+    /// the store could not commit the registration. The attempt proves the
+    /// agent alive as a passed probe does, so a node is not shown OFFLINE
+    /// because the coordinator's database failed; its session generation
+    /// stays as it was. Returns whether the node was known.
+    pub fn vouch(&mut self, node_id: &NodeId, now: Moment) -> bool {
+        let timing = self.timing;
+        let Some(entry) = self.nodes.get_mut(node_id) else {
+            return false;
+        };
+        let live_for = timing
+            .offline_after_at(entry.interval)
+            .max(timing.reload_grace);
+        entry.state = NodeState::Online;
+        entry.last_seen = now.wall;
+        entry.last_seen_dirty = true;
+        entry.live_until = now.monotonic + live_for;
+        entry.pardoned = false;
+        if entry.offline_since.take().is_some() {
+            self.changes.push(Change::CameOnline {
+                node_id: node_id.clone(),
+                generation: entry.generation,
+            });
+        }
+        true
+    }
+
     /// The coordinator itself was stalled for `stalled` (paused, suspended,
     /// starved of CPU) until `now`, and heard nobody in that time through no
     /// fault of the nodes. Each node not heard since gets its deadline moved

@@ -24,8 +24,9 @@ use tracing::{debug, info, warn};
 
 use super::Shared;
 use crate::{
+    auth::SecretHash,
     clock::Moment,
-    error::{InvalidInput, ServiceError},
+    error::{InvalidInput, ServiceError, display_chain},
     node::{Claim, NodeId, NodeState},
     proto::{self, AgentMessage, CoordinatorMessage, agent_message, coordinator_message},
     registry::SessionRejected,
@@ -138,10 +139,19 @@ impl Session {
             )
             .into());
         }
-        let enrolled = shared
+        let enrolled = match shared
             .store
             .enroll(registration.clone(), secret.hash(), Moment::now().wall)
-            .await?;
+            .await
+        {
+            Ok(enrolled) => enrolled,
+            Err(error) => {
+                if error.is_unavailable() {
+                    vouch_if_known(&shared, &node_id, secret.hash()).await;
+                }
+                return Err(error.into());
+            }
+        };
         let enrollment = match enrolled {
             Enrolled::Admitted(enrollment) => enrollment,
             Enrolled::HeldByAnotherSecret => {
@@ -315,6 +325,21 @@ impl Session {
                 return Ended::Stream("the agent stopped reading".to_owned());
             }
         }
+    }
+}
+
+/// A registration the store could not commit still shows that the agent
+/// holding the node's secret is alive: keep its node from being shown
+/// OFFLINE while the agent retries.
+async fn vouch_if_known(shared: &Shared, node_id: &NodeId, secret_hash: SecretHash) {
+    match shared.store.holds_secret(node_id.clone(), secret_hash).await {
+        Ok(true) => {
+            if shared.update(|registry| registry.vouch(node_id, Moment::now())) {
+                debug!("registration not committed; the attempt keeps the node online");
+            }
+        }
+        Ok(false) => {}
+        Err(error) => debug!(error = %display_chain(&error), "cannot check the node secret"),
     }
 }
 

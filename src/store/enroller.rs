@@ -9,15 +9,16 @@
 //! rows written before it.
 //!
 //! Invariants: a caller is answered only after its row is committed; a
-//! batch that fails is retried one registration per transaction, so one bad
-//! registration fails only itself; a registration whose caller has gone is
-//! not written.
+//! batch that fails for one of its rows is retried one registration per
+//! transaction, so one bad registration fails only itself, while a batch
+//! that fails because the database is unavailable fails as a whole, at
+//! once; a registration whose caller has gone is not written.
 
-use std::time::SystemTime;
+use std::{sync::Arc, time::SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Enrolled, SqlitePool, StoreError, enroll_in};
+use super::{Connections, Enrolled, StoreError, enroll_in};
 use crate::{auth::SecretHash, node::Registration};
 
 /// Registrations committed together at most.
@@ -39,11 +40,11 @@ pub(super) struct Enroller {
 }
 
 impl Enroller {
-    pub(super) fn start(pool: SqlitePool) -> Result<Self, StoreError> {
+    pub(super) fn start(connections: Arc<Connections>) -> Result<Self, StoreError> {
         let (requests, receiver) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("muster-enroll".to_owned())
-            .spawn(move || serve(&pool, receiver))
+            .spawn(move || serve(&connections, receiver))
             .map_err(StoreError::EnrollerStart)?;
         Ok(Self { requests })
     }
@@ -69,7 +70,7 @@ impl Enroller {
     }
 }
 
-fn serve(pool: &SqlitePool, mut requests: mpsc::Receiver<Request>) {
+fn serve(connections: &Connections, mut requests: mpsc::Receiver<Request>) {
     while let Some(first) = requests.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH
@@ -79,13 +80,13 @@ fn serve(pool: &SqlitePool, mut requests: mpsc::Receiver<Request>) {
         }
         batch.retain(|request| !request.reply.is_closed());
         if !batch.is_empty() {
-            commit(pool, batch);
+            commit(connections, batch);
         }
     }
 }
 
-fn commit(pool: &SqlitePool, batch: Vec<Request>) {
-    let together = pool.get().map_err(StoreError::from).and_then(|mut conn| {
+fn commit(connections: &Connections, batch: Vec<Request>) {
+    let together = connections.write(|conn| {
         conn.immediate_transaction(|conn| {
             batch
                 .iter()
@@ -111,9 +112,15 @@ fn commit(pool: &SqlitePool, batch: Vec<Request>) {
                 let _ = request.reply.send(Err(error));
             }
         }
+        Err(error) if error.is_unavailable() => {
+            let cause = Arc::new(error);
+            for request in batch {
+                let _ = request.reply.send(Err(StoreError::Batch(cause.clone())));
+            }
+        }
         Err(_) => {
             for request in batch {
-                let alone = pool.get().map_err(StoreError::from).and_then(|mut conn| {
+                let alone = connections.write(|conn| {
                     conn.immediate_transaction(|conn| {
                         enroll_in(
                             conn,

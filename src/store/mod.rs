@@ -7,7 +7,12 @@
 //!
 //! Writes that follow a session carry its generation, and match only the row
 //! of that generation: a write from a superseded session changes nothing.
+//!
+//! Every write reports whether it succeeded (see [`Availability`]); a store
+//! whose writes fail keeps serving reads, and recovers by itself once a
+//! write succeeds again.
 
+mod connections;
 mod enroller;
 mod rows;
 mod schema;
@@ -23,9 +28,12 @@ use diesel::{
     prelude::*,
     r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection},
 };
+use tokio::sync::watch;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
+pub use self::connections::Availability;
 use self::{
+    connections::Connections,
     rows::{NodeRow, generation_to_column},
     schema::known_nodes,
 };
@@ -38,7 +46,6 @@ use crate::{
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
-const POOL_SIZE: u32 = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +57,11 @@ pub enum StoreError {
     },
     #[error("cannot use database {path}")]
     Unusable {
+        path: PathBuf,
+        source: diesel::result::Error,
+    },
+    #[error("cannot write database {path} (check its permissions and free disk space)")]
+    Unwritable {
         path: PathBuf,
         source: diesel::result::Error,
     },
@@ -67,19 +79,29 @@ pub enum StoreError {
     EnrollerStart(#[source] std::io::Error),
     #[error("the registration thread has stopped")]
     EnrollerStopped,
+    /// The transaction shared with other registrations failed.
+    #[error("registration not committed")]
+    Batch(#[source] Arc<StoreError>),
 }
 
 impl StoreError {
-    /// Whether retrying later may succeed: no connection was available, or
-    /// the database was busy.
-    pub fn is_transient(&self) -> bool {
+    /// Whether the error is the database's rather than one row's: the file
+    /// cannot be written, the disk is full, the database is locked, no
+    /// connection could be made. Such an error makes the store unavailable
+    /// until a write succeeds again, and retrying later may succeed.
+    pub fn is_unavailable(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as Kind, Error};
         match self {
-            Self::Pool(_) | Self::Task(_) => true,
-            Self::Query(diesel::result::Error::DatabaseError(_, info)) => {
-                let message = info.message();
-                message.contains("locked") || message.contains("busy")
-            }
-            _ => false,
+            Self::Batch(cause) => cause.is_unavailable(),
+            Self::Corrupt { .. } => false,
+            Self::Query(Error::DatabaseError(
+                Kind::UniqueViolation
+                | Kind::ForeignKeyViolation
+                | Kind::NotNullViolation
+                | Kind::CheckViolation,
+                _,
+            )) => false,
+            _ => true,
         }
     }
 }
@@ -118,7 +140,7 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionSe
 
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    connections: Arc<Connections>,
     enroller: enroller::Enroller,
 }
 
@@ -136,12 +158,14 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
-        ConnectionSettings::apply(&mut conn)
-            .and_then(|()| conn.immediate_transaction(|_| Ok(())))
-            .map_err(|source| StoreError::Unusable {
-                path: path.to_owned(),
-                source,
-            })?;
+        ConnectionSettings::apply(&mut conn).map_err(|source| StoreError::Unusable {
+            path: path.to_owned(),
+            source,
+        })?;
+        write_and_roll_back(&mut conn).map_err(|source| StoreError::Unwritable {
+            path: path.to_owned(),
+            source,
+        })?;
         conn.run_pending_migrations(MIGRATIONS)
             .map_err(|e| StoreError::Migration {
                 path: path.to_owned(),
@@ -149,14 +173,21 @@ impl Store {
             })?;
         drop(conn);
 
-        let pool = Pool::builder()
-            .max_size(POOL_SIZE)
-            .min_idle(Some(1))
-            .connection_timeout(Duration::from_secs(10))
-            .connection_customizer(Box::new(ConnectionSettings))
-            .build(ConnectionManager::new(url))?;
-        let enroller = enroller::Enroller::start(pool.clone())?;
-        Ok(Self { pool, enroller })
+        let connections = Arc::new(Connections::open(url)?);
+        let enroller = enroller::Enroller::start(connections.clone())?;
+        Ok(Self {
+            connections,
+            enroller,
+        })
+    }
+
+    async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut PooledSqlite) -> Result<T, StoreError> + Send + 'static,
+    {
+        let connections = self.connections.clone();
+        tokio::task::spawn_blocking(move || work(&mut connections.get()?)).await?
     }
 
     async fn run<T, F>(&self, work: F) -> Result<T, StoreError>
@@ -164,14 +195,30 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut PooledSqlite) -> Result<T, StoreError> + Send + 'static,
     {
-        let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || work(&mut pool.get()?)).await?
+        let connections = self.connections.clone();
+        let outcome = tokio::task::spawn_blocking(move || connections.write(work)).await;
+        outcome.unwrap_or_else(|error| {
+            let error = StoreError::from(error);
+            self.connections.report(Some(&error));
+            Err(error)
+        })
+    }
+
+    /// Whether writes currently succeed; changes with every write's outcome.
+    pub fn availability(&self) -> watch::Receiver<Availability> {
+        self.connections.availability()
+    }
+
+    /// Proves the database writable with a write that is rolled back, and
+    /// reports the outcome like any other write.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        self.run(|conn| Ok(write_and_roll_back(conn)?)).await
     }
 
     /// Every node in the store. A row that cannot be read is an error rather
     /// than silently dropped.
     pub async fn load_nodes(&self) -> Result<Vec<StoredNode>, StoreError> {
-        self.run(|conn| {
+        self.read(|conn| {
             known_nodes::table
                 .select(NodeRow::as_select())
                 .order(known_nodes::node_id)
@@ -195,6 +242,27 @@ impl Store {
         now: SystemTime,
     ) -> Result<Enrolled, StoreError> {
         self.enroller.enroll(registration, secret_hash, now).await
+    }
+
+    /// Whether `node_id` is stored with this node secret. Only reads, so it
+    /// answers while writes fail.
+    pub async fn holds_secret(
+        &self,
+        node_id: NodeId,
+        secret_hash: SecretHash,
+    ) -> Result<bool, StoreError> {
+        self.read(move |conn| {
+            let stored: Option<Option<String>> = known_nodes::table
+                .find(node_id.as_str())
+                .select(known_nodes::secret_hash)
+                .first(conn)
+                .optional()?;
+            Ok(stored
+                .flatten()
+                .and_then(|stored| SecretHash::from_hex(&stored))
+                .is_some_and(|stored| stored.matches(&secret_hash)))
+        })
+        .await
     }
 
     /// Deletes a node's row, whatever its generation, and returns the
@@ -245,6 +313,19 @@ impl Store {
             })
         })
         .await
+    }
+}
+
+/// Writes to the database in a transaction that is then rolled back: SQLite
+/// opens a file it may not write read-only, and only a real write shows it.
+fn write_and_roll_back(conn: &mut SqliteConnection) -> Result<(), diesel::result::Error> {
+    let outcome = conn.immediate_transaction(|conn| {
+        conn.batch_execute("CREATE TABLE muster_write_check (written INTEGER)")?;
+        Err::<(), _>(diesel::result::Error::RollbackTransaction)
+    });
+    match outcome {
+        Err(diesel::result::Error::RollbackTransaction) => Ok(()),
+        other => other,
     }
 }
 
