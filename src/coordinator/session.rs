@@ -332,7 +332,11 @@ impl Session {
 /// holding the node's secret is alive: keep its node from being shown
 /// OFFLINE while the agent retries.
 async fn vouch_if_known(shared: &Shared, node_id: &NodeId, secret_hash: SecretHash) {
-    match shared.store.holds_secret(node_id.clone(), secret_hash).await {
+    match shared
+        .store
+        .holds_secret(node_id.clone(), secret_hash)
+        .await
+    {
         Ok(true) => {
             if shared.update(|registry| registry.vouch(node_id, Moment::now())) {
                 debug!("registration not committed; the attempt keeps the node online");

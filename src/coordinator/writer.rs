@@ -133,7 +133,10 @@ async fn drain(shared: &Shared, changes: Arc<[Change]>, last_seen: Arc<[(NodeId,
         error!(node_id = %change.node_id(), change = %describe(change), "not saved");
     }
     if !last_seen.is_empty() {
-        let nodes: Vec<&str> = last_seen.iter().map(|(node_id, _)| node_id.as_str()).collect();
+        let nodes: Vec<&str> = last_seen
+            .iter()
+            .map(|(node_id, _)| node_id.as_str())
+            .collect();
         error!(nodes = %nodes.join(","), "last_seen not saved");
     }
 }

@@ -30,7 +30,9 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Availability {
     Available,
     /// The last write failed; `cause` says why, on one line.
-    Failing { cause: String },
+    Failing {
+        cause: String,
+    },
 }
 
 pub(super) struct Connections {

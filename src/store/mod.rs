@@ -28,8 +28,8 @@ use diesel::{
     prelude::*,
     r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection},
 };
-use tokio::sync::watch;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use tokio::sync::watch;
 
 pub use self::connections::Availability;
 use self::{

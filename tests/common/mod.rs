@@ -546,3 +546,11 @@ pub fn one_line_error(output: &std::process::Output, expected: &str) {
         "expected {expected:?} in {stderr}"
     );
 }
+
+impl Process {
+    /// How many lines logged so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|l| l.contains(needle)).count()
+    }
+}
