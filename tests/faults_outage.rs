@@ -73,6 +73,26 @@ async fn wait_for_health(url: &str, wanted: ServingStatus, deadline: Duration) {
     }
 }
 
+/// Runs `command` to completion; one still running after `deadline` (a
+/// coordinator that started serving) is killed and fails the test.
+fn output_within(mut command: Command, deadline: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run muster");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the coordinator was still running after {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    child.wait_with_output().expect("collect output")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_read_only_database_at_start_up_is_a_one_line_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -110,7 +130,7 @@ async fn a_read_only_database_at_start_up_is_a_one_line_error_naming_it() {
         .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
         .arg(&db)
         .env("MUSTER_LOG", "off");
-    let output = command.output().expect("run muster");
+    let output = output_within(command, Duration::from_secs(20));
     common::one_line_error(&output, &db.display().to_string());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot write database"), "{stderr}");
