@@ -862,6 +862,37 @@ mod tests {
     }
 
     #[test]
+    fn a_registration_the_store_could_not_commit_vouches_for_a_known_node() {
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 1, t0);
+        registry.session_ended(&id("a"), 1, t0);
+        registry.take_changes();
+
+        let t1 = t0.after(Duration::from_secs(1));
+        assert!(registry.vouch(&id("a"), t1));
+        let node = registry.get(&id("a")).unwrap();
+        assert_eq!((node.state, node.generation), (NodeState::Online, 1));
+        assert_eq!(
+            registry.take_changes(),
+            vec![Change::CameOnline {
+                node_id: id("a"),
+                generation: 1
+            }]
+        );
+        let within_grace = t1.after(GRACE.max(OFFLINE_AFTER) - Duration::from_millis(1));
+        assert_eq!(registry.sweep(within_grace).went_offline, 0);
+        assert_eq!(
+            registry
+                .sweep(t1.after(GRACE.max(OFFLINE_AFTER)))
+                .went_offline,
+            1
+        );
+
+        assert!(!registry.vouch(&id("stranger"), t1));
+        assert!(registry.get(&id("stranger")).is_none());
+    }
+
+    #[test]
     fn a_probe_keeps_a_node_online_for_the_reload_grace() {
         let t0 = Moment::now();
         let mut registry = registry();

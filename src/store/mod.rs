@@ -580,6 +580,51 @@ mod tests {
         assert_eq!(store.remove(absent).await.unwrap(), None);
     }
 
+    #[test]
+    fn a_row_breaking_a_constraint_is_not_an_outage_but_any_other_failure_is() {
+        use diesel::result::{DatabaseErrorKind, Error};
+        let database = |kind, message: &str| {
+            StoreError::Query(Error::DatabaseError(kind, Box::new(message.to_owned())))
+        };
+        assert!(!database(DatabaseErrorKind::UniqueViolation, "UNIQUE").is_unavailable());
+        assert!(
+            !StoreError::Corrupt {
+                node_id: "a".to_owned(),
+                reason: "bad".to_owned()
+            }
+            .is_unavailable()
+        );
+        let readonly = database(
+            DatabaseErrorKind::Unknown,
+            "attempt to write a readonly database",
+        );
+        assert!(readonly.is_unavailable());
+        assert!(database(DatabaseErrorKind::Unknown, "database or disk is full").is_unavailable());
+        assert!(StoreError::Batch(Arc::new(readonly)).is_unavailable());
+        assert!(StoreError::EnrollerStopped.is_unavailable());
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_makes_the_store_unavailable_until_one_succeeds() {
+        let (dir, store) = temp_store().await;
+        let mut availability = store.availability();
+        assert_eq!(*availability.borrow_and_update(), Availability::Available);
+        let mut lock =
+            SqliteConnection::establish(&dir.path().join("muster.db").to_string_lossy()).unwrap();
+        lock.batch_execute("PRAGMA busy_timeout = 0; BEGIN IMMEDIATE")
+            .unwrap();
+        let refused = store.check_writable().await.unwrap_err();
+        assert!(refused.is_unavailable(), "{refused}");
+        assert!(availability.has_changed().unwrap());
+        assert!(matches!(
+            &*availability.borrow_and_update(),
+            Availability::Failing { cause } if cause.contains("locked")
+        ));
+        lock.batch_execute("ROLLBACK").unwrap();
+        store.check_writable().await.unwrap();
+        assert_eq!(*availability.borrow_and_update(), Availability::Available);
+    }
+
     #[tokio::test]
     async fn a_missing_directory_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
