@@ -1,11 +1,14 @@
 //! The command line. Every flag can also be set through a `MUSTER_*`
-//! environment variable; durations are written like `500ms`, `5s` or `24h`.
+//! environment variable, and those of the daemons from a `--config` file
+//! ([`file`]); durations are written like `500ms`, `5s` or `24h`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{auth::Token, error::InvalidInput, tls::TlsArgs};
+
+pub mod file;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,6 +116,9 @@ pub struct CoordinatorConfig {
 
     #[command(flatten)]
     pub tls: TlsArgs,
+
+    #[command(flatten)]
+    pub file: file::ConfigFileArgs,
 }
 
 /// Upper bounds that keep every deadline computed from a flag far from
@@ -213,6 +219,9 @@ pub struct AgentConfig {
 
     #[command(flatten)]
     pub tls: TlsArgs,
+
+    #[command(flatten)]
+    pub file: file::ConfigFileArgs,
 }
 
 #[derive(Debug, Clone, Args)]

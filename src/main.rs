@@ -3,10 +3,12 @@
 
 use std::{io::IsTerminal, process::ExitCode};
 
-use clap::Parser;
 use muster::{
     agent, cli,
-    config::{Cli, Command},
+    config::{
+        Command,
+        file::{self, Invocation},
+    },
     coordinator,
     error::{RunError, display_chain},
     shutdown, swarm,
@@ -15,7 +17,14 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match file::parse(std::env::args_os()) {
+        Ok(Invocation::Run(cli)) => *cli,
+        Ok(Invocation::PrintConfig(toml)) => {
+            print!("{toml}");
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => error.exit(),
+    };
     let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|e| {
         eprintln!(
             "warning: invalid --log filter {:?} ({e}); using info",

@@ -11,7 +11,7 @@
 //!
 //! Invariant: once a process has TLS flags, no gRPC channel it dials or
 //! serves is plaintext; a mismatched URL is refused with a message saying
-//! why. (The optional metrics endpoint is plain HTTP; see the README.)
+//! why. (The optional metrics endpoint is plain HTTP; see SECURITY.md.)
 
 use std::path::{Path, PathBuf};
 
