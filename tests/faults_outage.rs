@@ -17,7 +17,7 @@ use std::{
 };
 
 use common::{
-    Coordinator, FAST_TIMING, RawStream, hold_for, node, register_message, start_agent,
+    Coordinator, FAST_TIMING, Process, RawStream, hold_for, node, register_message, start_agent,
     start_agent_with, state_of, wait_for, wait_for_state,
 };
 use diesel::{Connection, SqliteConnection, connection::SimpleConnection};
@@ -31,6 +31,7 @@ use tonic_health::pb::{
 /// fail, and be noticed, on a loaded machine.
 const OUTAGE_NOTICED: Duration = Duration::from_secs(30);
 const SERVICE: &str = "muster.v1.Coordinator";
+const NOBODY: u32 = 65534;
 
 /// Holds SQLite's write lock on a database, as a second process would, until
 /// released or dropped.
@@ -73,6 +74,35 @@ async fn wait_for_health(url: &str, wanted: ServingStatus, deadline: Duration) {
     }
 }
 
+/// A command running `muster` as a user that file permissions bind: as
+/// nobody, from a copy of the binary in `dir`, when the tests run as root
+/// (permissions do not bind root); as the current user otherwise. `dir` and
+/// what it holds become nobody's.
+fn unprivileged_muster(dir: &Path) -> Command {
+    let running_as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    if !running_as_root {
+        return Command::new(env!("CARGO_BIN_EXE_muster"));
+    }
+    // Copied by a child process: a file this process had open for writing
+    // could leak into a concurrent test's fork, and exec would then fail
+    // with "text file busy".
+    let binary = dir.join("muster");
+    let copied = Command::new("cp")
+        .arg(env!("CARGO_BIN_EXE_muster"))
+        .arg(&binary)
+        .status()
+        .expect("run cp");
+    assert!(copied.success());
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        std::os::unix::fs::chown(entry.unwrap().path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut command = Command::new(&binary);
+    command.uid(NOBODY).gid(NOBODY);
+    command
+}
+
 /// Runs `command` to completion; one still running after `deadline` (a
 /// coordinator that started serving) is killed and fails the test.
 fn output_within(mut command: Command, deadline: Duration) -> std::process::Output {
@@ -101,31 +131,7 @@ async fn a_read_only_database_at_start_up_is_a_one_line_error_naming_it() {
     // Only the file is read-only: the directory stays writable, so SQLite
     // can still open the file (read-only) and an empty transaction passes.
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
-    let running_as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
-    if running_as_root {
-        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
-        std::os::unix::fs::chown(&db, Some(65534), Some(65534)).unwrap();
-    }
-    let mut command = if running_as_root {
-        // Permissions do not bind root: run as nobody, from a copy of the
-        // binary that nobody can reach wherever the checkout lives.
-        // Copied by a child process: a file this process had open for
-        // writing could leak into a concurrent test's fork, and exec would
-        // then fail with "text file busy".
-        let binary = dir.path().join("muster");
-        let copied = Command::new("cp")
-            .arg(env!("CARGO_BIN_EXE_muster"))
-            .arg(&binary)
-            .status()
-            .expect("run cp");
-        assert!(copied.success());
-        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let mut command = Command::new(&binary);
-        command.uid(65534).gid(65534);
-        command
-    } else {
-        Command::new(env!("CARGO_BIN_EXE_muster"))
-    };
+    let mut command = unprivileged_muster(dir.path());
     command
         .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
         .arg(&db)
@@ -305,4 +311,64 @@ async fn shutting_down_with_unsaved_changes_names_them() {
         })
         .await;
     drop(lock);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_made_writable_again_is_used_again_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("muster.db");
+    drop(muster::store::Store::open(&db).await.unwrap());
+    let mut command = unprivileged_muster(dir.path());
+    command
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .args(FAST_TIMING);
+    let coordinator = Process::try_start_command("coordinator", command).unwrap();
+    let url = coordinator.url();
+    let agents = tempfile::tempdir().unwrap();
+    let _steady = start_agent(&url, "steady", &agents.path().join("steady"));
+    wait_for_state(
+        &url,
+        &["steady"],
+        NodeState::Online,
+        Duration::from_secs(20),
+    )
+    .await;
+    wait_for_health(&url, ServingStatus::Serving, Duration::from_secs(20)).await;
+
+    // Open connections keep writing through a file made read-only; a failed
+    // write makes the coordinator open new ones, and those are read-only.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let lock = WriteLock::take(&db);
+    wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
+    lock.release();
+    let refused = match RawStream::open(
+        &url,
+        register_message("newcomer", "http://127.0.0.1:9", "b"),
+    )
+    .await
+    {
+        Err(status) => status,
+        Ok(stream) => stream
+            .registered()
+            .await
+            .err()
+            .expect("registration refused"),
+    };
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("readonly"),
+        "the cause is named: {refused:?}"
+    );
+    assert_eq!(health(&url, "").await, Some(ServingStatus::NotServing));
+    assert_eq!(
+        state_of(&node(&url, "steady").await.unwrap()),
+        NodeState::Online
+    );
+
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
+    RawStream::register(&url, "newcomer", "http://127.0.0.1:9", "b").await;
+    assert_eq!(coordinator.log_count("database writes are failing"), 1);
+    assert_eq!(coordinator.log_count("database writes succeed again"), 1);
 }

@@ -93,8 +93,15 @@ impl Process {
     /// Like [`Process::start`], but a process that exits before listening is
     /// an error carrying its last log line.
     pub fn try_start(name: &str, args: &[String]) -> Result<Self, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
-            .args(args)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));
+        command.args(args);
+        Self::try_start_command(name, command)
+    }
+
+    /// Like [`Process::try_start`], for a `command` prepared by the caller
+    /// (another binary path, another user).
+    pub fn try_start_command(name: &str, mut command: Command) -> Result<Self, String> {
+        let mut child = command
             .env("MUSTER_LOG", "info,muster=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
