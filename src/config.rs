@@ -53,7 +53,9 @@ pub struct CoordinatorConfig {
     )]
     pub listen: SocketAddr,
 
-    /// SQLite database file; created, and migrated, if needed.
+    /// SQLite database file, migrated if needed; created (and logged) only
+    /// where no file exists; locked through `<db>.lock` while the
+    /// coordinator runs.
     #[arg(long, env = "MUSTER_DB", default_value = "muster.db")]
     pub db: PathBuf,
 

@@ -58,6 +58,10 @@ pub enum ServiceError {
         "node id {0} is registered with a different node secret (another machine, or a copied disk image); remove it with `muster nodes remove {0}` to claim it afresh, or pick another --node-id"
     )]
     NodeIdHeld(NodeId),
+    #[error(
+        "the stored row of node {node_id} is unreadable ({reason}); it is kept as it is for an operator to inspect, and `muster nodes remove {node_id}` lets the node register afresh"
+    )]
+    Quarantined { node_id: NodeId, reason: String },
     #[error(transparent)]
     Unauthenticated(#[from] Denied),
     /// A limit on load was reached; the message names it.
@@ -85,7 +89,9 @@ impl From<ServiceError> for Status {
             ServiceError::NodeNotFound(_)
             | ServiceError::NoAgentAtAddress(_)
             | ServiceError::Forgotten(_) => Code::NotFound,
-            ServiceError::OutOfOrder(_) => Code::FailedPrecondition,
+            ServiceError::OutOfOrder(_) | ServiceError::Quarantined { .. } => {
+                Code::FailedPrecondition
+            }
             ServiceError::NodeIdHeld(_) => Code::PermissionDenied,
             ServiceError::Unauthenticated(_) => Code::Unauthenticated,
             ServiceError::Overloaded(_) => Code::ResourceExhausted,

@@ -161,7 +161,9 @@ async fn an_unwritable_database_is_a_readiness_problem_that_clears_by_itself() {
     let lock = WriteLock::take(&db);
     wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
     assert_eq!(
-        coordinator.process.log_count("database writes are failing"),
+        coordinator
+            .process
+            .log_count(&["database writes are failing"]),
         1
     );
 
@@ -232,7 +234,9 @@ async fn an_unwritable_database_is_a_readiness_problem_that_clears_by_itself() {
         "the agent was told UNAVAILABLE"
     );
     assert_eq!(
-        coordinator.process.log_count("database writes are failing"),
+        coordinator
+            .process
+            .log_count(&["database writes are failing"]),
         1,
         "one log line per outage, not one per failed write"
     );
@@ -251,7 +255,7 @@ async fn an_unwritable_database_is_a_readiness_problem_that_clears_by_itself() {
     assert_eq!(
         coordinator
             .process
-            .log_count("database writes succeed again"),
+            .log_count(&["database writes succeed again"]),
         1
     );
     assert_eq!(
@@ -369,6 +373,6 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
     RawStream::register(&url, "newcomer", "http://127.0.0.1:9", "b").await;
-    assert_eq!(coordinator.log_count("database writes are failing"), 1);
-    assert_eq!(coordinator.log_count("database writes succeed again"), 1);
+    assert_eq!(coordinator.log_count(&["database writes are failing"]), 1);
+    assert_eq!(coordinator.log_count(&["database writes succeed again"]), 1);
 }

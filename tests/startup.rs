@@ -1,5 +1,7 @@
 //! Start-up failures end the process with one line on stderr, not a panic.
 
+mod common;
+
 use std::{
     net::TcpListener,
     os::unix::{
@@ -8,6 +10,8 @@ use std::{
     },
     process::Command,
 };
+
+use common::one_line_error;
 
 fn coordinator_command(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));
@@ -18,30 +22,15 @@ fn coordinator_command(args: &[&str]) -> Command {
     command
 }
 
-fn run(mut command: Command) -> (Option<i32>, String) {
-    let output = command.output().expect("run muster");
-    (
-        output.status.code(),
-        String::from_utf8(output.stderr).unwrap(),
-    )
+/// Runs `command` and checks it fails with one line mentioning `expected`.
+fn assert_refuses(mut command: Command, expected: &str) {
+    one_line_error(&command.output().expect("run muster"), expected);
 }
 
 /// Runs a coordinator with `args` and checks it fails with one line
 /// mentioning `expected`.
 fn assert_coordinator_refuses(args: &[&str], expected: &str) {
-    let (code, stderr) = run(coordinator_command(args));
-    assert_eq!(code, Some(1), "{stderr}");
-    assert_one_line_error(&stderr, expected);
-}
-
-fn assert_one_line_error(stderr: &str, expected: &str) {
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
-    assert!(
-        stderr.contains(expected),
-        "expected {expected:?} in {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_refuses(coordinator_command(args), expected);
 }
 
 #[test]
@@ -70,7 +59,11 @@ fn a_read_only_db_is_a_one_line_error() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("muster.db");
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(&db, b"").unwrap();
+    // A real database: an empty file is refused for being empty.
+    let mut conn =
+        <diesel::SqliteConnection as diesel::Connection>::establish(db.to_str().unwrap()).unwrap();
+    diesel::connection::SimpleConnection::batch_execute(&mut conn, "CREATE TABLE t (x)").unwrap();
+    drop(conn);
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
 
     let running_as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
@@ -91,9 +84,7 @@ fn a_read_only_db_is_a_one_line_error() {
     } else {
         coordinator_command(&["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()])
     };
-    let (code, stderr) = run(command);
-    assert_eq!(code, Some(1));
-    assert_one_line_error(&stderr, "muster.db");
+    assert_refuses(command, "muster.db");
 }
 
 #[test]
@@ -119,7 +110,8 @@ fn inconsistent_timing_is_a_one_line_error() {
 #[test]
 fn an_agent_with_a_malformed_coordinator_url_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_muster"))
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_muster"));
+    agent
         .args([
             "agent",
             "--coordinator",
@@ -129,9 +121,6 @@ fn an_agent_with_a_malformed_coordinator_url_exits_at_once() {
         ])
         .args(["--node-id", "gpu-1", "--state-dir"])
         .arg(dir.path())
-        .env("MUSTER_LOG", "off")
-        .output()
-        .expect("run muster");
-    assert_eq!(output.status.code(), Some(1));
-    assert_one_line_error(&String::from_utf8(output.stderr).unwrap(), "--coordinator");
+        .env("MUSTER_LOG", "off");
+    assert_refuses(agent, "--coordinator");
 }

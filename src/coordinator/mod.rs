@@ -33,7 +33,7 @@ use crate::{
     grpc, limits,
     proto::coordinator_server::CoordinatorServer,
     registry::{Registry, Timing},
-    store::Store,
+    store::{DatabaseLock, Store},
     telemetry,
     tls::Tls,
 };
@@ -93,9 +93,18 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         Token::from_optional_file("--admin-token-file", config.admin_token_file.as_deref())?;
     let tls = Tls::load(&config.tls)?;
     let server = grpc::server(tls.as_ref(), grpc::COORDINATOR_KEEPALIVE)?;
+    // Ports first: a coordinator that cannot listen leaves no database file
+    // behind, and the lock file can name the address that holds it.
+    let (listener, address) = grpc::bind(config.listen).await?;
+    let metrics = match config.metrics_listen {
+        Some(metrics_address) => Some(telemetry::bind(metrics_address).await?),
+        None => None,
+    };
+    // Held until this function returns; the kernel releases it if the
+    // process dies.
+    let _database_lock = DatabaseLock::acquire(&config.db, address).await?;
     let store = Store::open(&config.db).await?;
     let stored = store.load_nodes().await?;
-    let (listener, address) = grpc::bind(config.listen).await?;
 
     let reloaded = stored.len();
     let mut timing = Timing {
@@ -166,11 +175,8 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
         ));
     let router = grpc::with_reflection(router, "muster.v1.Coordinator")?;
-    if let Some(metrics_address) = config.metrics_listen {
-        background.spawn(telemetry::serve(
-            telemetry::bind(metrics_address).await?,
-            shutdown.clone(),
-        ));
+    if let Some(metrics) = metrics {
+        background.spawn(telemetry::serve(metrics, shutdown.clone()));
     }
     info!(
         %address,

@@ -165,6 +165,11 @@ impl Session {
                 );
                 return Err(ServiceError::NodeIdHeld(node_id));
             }
+            Enrolled::Quarantined { reason } => {
+                metrics::counter!("muster_registrations_refused_total", "reason" => "quarantined")
+                    .increment(1);
+                return Err(ServiceError::Quarantined { node_id, reason });
+            }
         };
         let interval = shared
             .update(|registry| registry.register(registration, enrollment, Moment::now()))

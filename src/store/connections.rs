@@ -9,7 +9,9 @@
 //! - After a failed write, every pooled connection is dropped and the next
 //!   write opens a fresh one. SQLite opens a file it cannot write read-only,
 //!   and such a connection stays read-only after the file becomes writable
-//!   again; a fresh one sees the file as it is now.
+//!   again; a fresh one sees the file as it is now. The exception is a
+//!   database file gone from its path: the open connections keep it, and
+//!   are the ones that can write to it again if it is put back.
 
 use std::{
     sync::{PoisonError, RwLock},
@@ -83,7 +85,9 @@ impl Connections {
             }
             Some(error) if error.is_unavailable() => {
                 metrics::counter!("muster_store_write_failures_total").increment(1);
-                self.reconnect();
+                if !error.is_file_gone() {
+                    self.reconnect();
+                }
                 let cause = display_chain(error);
                 // Only a change of state is news; a new cause of the same
                 // outage is kept for the next reader but wakes nobody.

@@ -8,17 +8,21 @@
 //! fail the batch; a later registration of the same id in the batch sees the
 //! rows written before it.
 //!
-//! Invariants: a caller is answered only after its row is committed; a
-//! batch that fails for one of its rows is retried one registration per
-//! transaction, so one bad registration fails only itself, while a batch
-//! that fails because the database is unavailable fails as a whole, at
-//! once; a registration whose caller has gone is not written.
+//! Invariants: a caller is answered only after its row is committed, and
+//! only while the database file is still at its path (see
+//! [`super::transaction_in_place`]); a batch that fails for one of its rows
+//! is retried one registration per transaction, so one bad registration
+//! fails only itself, while a batch that fails because the database is
+//! unavailable fails as a whole, at once; a registration whose caller has
+//! gone is not written.
 
 use std::{sync::Arc, time::SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Connections, Enrolled, StoreError, enroll_in};
+use super::{
+    Connections, Enrolled, StoreError, enroll_in, file::DatabaseFile, transaction_in_place,
+};
 use crate::{auth::SecretHash, node::Registration};
 
 /// Registrations committed together at most.
@@ -40,11 +44,14 @@ pub(super) struct Enroller {
 }
 
 impl Enroller {
-    pub(super) fn start(connections: Arc<Connections>) -> Result<Self, StoreError> {
+    pub(super) fn start(
+        connections: Arc<Connections>,
+        file: Arc<DatabaseFile>,
+    ) -> Result<Self, StoreError> {
         let (requests, receiver) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("muster-enroll".to_owned())
-            .spawn(move || serve(&connections, receiver))
+            .spawn(move || serve(&connections, &file, receiver))
             .map_err(StoreError::EnrollerStart)?;
         Ok(Self { requests })
     }
@@ -70,7 +77,7 @@ impl Enroller {
     }
 }
 
-fn serve(connections: &Connections, mut requests: mpsc::Receiver<Request>) {
+fn serve(connections: &Connections, file: &DatabaseFile, mut requests: mpsc::Receiver<Request>) {
     while let Some(first) = requests.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH
@@ -80,14 +87,14 @@ fn serve(connections: &Connections, mut requests: mpsc::Receiver<Request>) {
         }
         batch.retain(|request| !request.reply.is_closed());
         if !batch.is_empty() {
-            commit(connections, batch);
+            commit(connections, file, batch);
         }
     }
 }
 
-fn commit(connections: &Connections, batch: Vec<Request>) {
+fn commit(connections: &Connections, file: &DatabaseFile, batch: Vec<Request>) {
     let together = connections.write(|conn| {
-        conn.immediate_transaction(|conn| {
+        transaction_in_place(file, conn, |conn| {
             batch
                 .iter()
                 .map(|request| {
@@ -121,7 +128,7 @@ fn commit(connections: &Connections, batch: Vec<Request>) {
         Err(_) => {
             for request in batch {
                 let alone = connections.write(|conn| {
-                    conn.immediate_transaction(|conn| {
+                    transaction_in_place(file, conn, |conn| {
                         enroll_in(
                             conn,
                             &request.registration,

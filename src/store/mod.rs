@@ -8,21 +8,29 @@
 //! Writes that follow a session carry its generation, and match only the row
 //! of that generation: a write from a superseded session changes nothing.
 //!
+//! A row that cannot be read is quarantined, never deleted or overwritten:
+//! it is left out of the fleet, logged and counted at start-up, and a
+//! registration of its node id is refused until an operator removes it.
+//!
 //! Every write reports whether it succeeded (see [`Availability`]); a store
 //! whose writes fail keeps serving reads, and recovers by itself once a
 //! write succeeds again.
 
 mod connections;
 mod enroller;
+mod file;
+mod lock;
 mod rows;
 mod schema;
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
+use diesel::migration::MigrationSource;
 use diesel::{
     connection::SimpleConnection,
     prelude::*,
@@ -30,10 +38,13 @@ use diesel::{
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use tokio::sync::watch;
+use tracing::warn;
 
 pub use self::connections::Availability;
+pub use self::lock::{DatabaseLock, Holder, lock_path};
 use self::{
     connections::Connections,
+    file::DatabaseFile,
     rows::{NodeRow, generation_to_column},
     schema::known_nodes,
 };
@@ -67,6 +78,47 @@ pub enum StoreError {
     },
     #[error("cannot migrate database {path}: {reason}")]
     Migration { path: PathBuf, reason: String },
+    #[error("cannot open database {path}: directory {directory} {reason}")]
+    NoDirectory {
+        path: PathBuf,
+        directory: PathBuf,
+        reason: &'static str,
+    },
+    #[error("cannot inspect {path}")]
+    Inspect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "database {path} is an empty file (0 bytes), not a muster database; a database is created only where no file exists: remove the empty file to start afresh, or put the database back"
+    )]
+    EmptyFile { path: PathBuf },
+    #[error(
+        "database {path} does not exist, but its journal {journal} does: the database was deleted or moved without it; put the database back beside it, or remove {journal} and its -shm file to start afresh"
+    )]
+    OrphanedJournal { path: PathBuf, journal: PathBuf },
+    #[error(
+        "database {path} was migrated by a newer muster (schema version {}, unknown to this binary); run a muster that knows it, or restore a backup from before the upgrade",
+        .versions.join(", ")
+    )]
+    UnknownSchema {
+        path: PathBuf,
+        versions: Vec<String>,
+    },
+    #[error(
+        "database {path} {what} while in use; writes are refused until that same file is back at its path (a restart would start from a new database)"
+    )]
+    Gone { path: PathBuf, what: String },
+    #[error(
+        "database {db} is in use by another coordinator ({}); stop that one, or give this one its own --db",
+        .holder.as_ref().map_or_else(|| "its lock file names no process".to_owned(), Holder::to_string)
+    )]
+    Locked { db: PathBuf, holder: Option<Holder> },
+    #[error("cannot create or lock {path}, beside the database")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no database connection available")]
     Pool(#[from] diesel::r2d2::PoolError),
     #[error("database query failed")]
@@ -86,9 +138,10 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether the error is the database's rather than one row's: the file
-    /// cannot be written, the disk is full, the database is locked, no
-    /// connection could be made. Such an error makes the store unavailable
-    /// until a write succeeds again, and retrying later may succeed.
+    /// cannot be written, the disk is full, the database is locked or has
+    /// gone from its path, no connection could be made. Such an error makes
+    /// the store unavailable until a write succeeds again; callers are told
+    /// the service is unavailable, and retrying later may succeed.
     pub fn is_unavailable(&self) -> bool {
         use diesel::result::{DatabaseErrorKind as Kind, Error};
         match self {
@@ -104,14 +157,29 @@ impl StoreError {
             _ => true,
         }
     }
+
+    /// Whether the database file has gone from its path. Connections already
+    /// open still hold the file, and are the ones to use if it comes back;
+    /// new ones could not open it.
+    fn is_file_gone(&self) -> bool {
+        match self {
+            Self::Batch(cause) => cause.is_file_gone(),
+            Self::Gone { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// The outcome of [`Store::enroll`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Enrolled {
     Admitted(Enrollment),
     /// The node id was first registered with another node secret.
     HeldByAnotherSecret,
+    /// The node's row cannot be read; it is kept as it is for an operator.
+    Quarantined {
+        reason: String,
+    },
 }
 
 type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
@@ -142,22 +210,28 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionSe
 pub struct Store {
     connections: Arc<Connections>,
     enroller: enroller::Enroller,
+    file: Arc<DatabaseFile>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the SQLite file at `path`, checks that it is
-    /// writable and applies pending migrations.
+    /// Opens the SQLite file at `path`, checks that it is writable and
+    /// applies pending migrations. A database is created, and its creation
+    /// logged, only where no file exists; an empty file, or a database
+    /// migrated by a newer muster, is refused.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || Self::open_blocking(&path)).await?
     }
 
     fn open_blocking(path: &Path) -> Result<Self, StoreError> {
-        let url = path.to_string_lossy().into_owned();
-        let mut conn = SqliteConnection::establish(&url).map_err(|source| StoreError::Open {
-            path: path.to_owned(),
-            source,
+        let found = file::inspect(path)?;
+        let mut conn = SqliteConnection::establish(&sqlite_uri(path, found)).map_err(|source| {
+            StoreError::Open {
+                path: path.to_owned(),
+                source,
+            }
         })?;
+        let file = Arc::new(DatabaseFile::open(path)?);
         ConnectionSettings::apply(&mut conn).map_err(|source| StoreError::Unusable {
             path: path.to_owned(),
             source,
@@ -166,6 +240,7 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
+        refuse_unknown_migrations(&mut conn, path)?;
         conn.run_pending_migrations(MIGRATIONS)
             .map_err(|e| StoreError::Migration {
                 path: path.to_owned(),
@@ -173,11 +248,14 @@ impl Store {
             })?;
         drop(conn);
 
-        let connections = Arc::new(Connections::open(url)?);
-        let enroller = enroller::Enroller::start(connections.clone())?;
+        // Connections opened later never create a file: if the database has
+        // gone from its path, they fail instead of starting an empty one.
+        let connections = Arc::new(Connections::open(sqlite_uri(path, file::Found::Existing))?);
+        let enroller = enroller::Enroller::start(connections.clone(), file.clone())?;
         Ok(Self {
             connections,
             enroller,
+            file,
         })
     }
 
@@ -209,23 +287,54 @@ impl Store {
         self.connections.availability()
     }
 
-    /// Proves the database writable with a write that is rolled back, and
-    /// reports the outcome like any other write.
+    /// Proves the database writable, and still at its path, with a write
+    /// that is rolled back; reports the outcome like any other write.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
-        self.run(|conn| Ok(write_and_roll_back(conn)?)).await
+        let file = self.file.clone();
+        self.run(move |conn| {
+            file.ensure_in_place()?;
+            Ok(write_and_roll_back(conn)?)
+        })
+        .await
     }
 
-    /// Every node in the store. A row that cannot be read is an error rather
-    /// than silently dropped.
+    /// Runs `work` in a write transaction; see [`transaction_in_place`].
+    async fn write_transaction<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut SqliteConnection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let file = self.file.clone();
+        self.run(move |conn| transaction_in_place(&file, conn, work))
+            .await
+    }
+
+    /// Every readable node in the store. A row that cannot be read is
+    /// quarantined: logged, counted in `muster_store_rows_quarantined`, and
+    /// left out, so one bad row cannot keep the fleet from being served.
     pub async fn load_nodes(&self) -> Result<Vec<StoredNode>, StoreError> {
         self.read(|conn| {
-            known_nodes::table
+            let rows = known_nodes::table
                 .select(NodeRow::as_select())
                 .order(known_nodes::node_id)
-                .load(conn)?
-                .into_iter()
-                .map(StoredNode::try_from)
-                .collect()
+                .load_iter::<NodeRow, diesel::connection::DefaultLoadingMode>(conn)?;
+            let mut nodes = Vec::new();
+            let mut quarantined = 0_u32;
+            for row in rows {
+                match decode(row)? {
+                    Decoded::Node(node) => nodes.push(node),
+                    Decoded::Unreadable { node_id, reason } => {
+                        quarantined += 1;
+                        warn!(
+                            node_id = %node_id.as_deref().unwrap_or("(undecodable)"),
+                            %reason,
+                            "quarantined an unreadable row: its node is left out of the fleet, and the row is kept as it is for an operator"
+                        );
+                    }
+                }
+            }
+            metrics::gauge!("muster_store_rows_quarantined").set(f64::from(quarantined));
+            Ok(nodes)
         })
         .await
     }
@@ -268,23 +377,21 @@ impl Store {
     /// Deletes a node's row, whatever its generation, and returns the
     /// generation it held; `None` if there was no such row.
     pub async fn remove(&self, node_id: NodeId) -> Result<Option<u64>, StoreError> {
-        self.run(move |conn| {
-            conn.immediate_transaction(|conn| {
-                let row = known_nodes::table.find(node_id.as_str());
-                let generation: Option<i64> = row
-                    .select(known_nodes::session_generation)
-                    .first(conn)
-                    .optional()?;
-                diesel::delete(row).execute(conn)?;
-                generation
-                    .map(|g| {
-                        u64::try_from(g).map_err(|_| StoreError::Corrupt {
-                            node_id: node_id.to_string(),
-                            reason: format!("negative session_generation {g}"),
-                        })
+        self.write_transaction(move |conn| {
+            let row = known_nodes::table.find(node_id.as_str());
+            let generation: Option<i64> = row
+                .select(known_nodes::session_generation)
+                .first(conn)
+                .optional()?;
+            diesel::delete(row).execute(conn)?;
+            generation
+                .map(|g| {
+                    u64::try_from(g).map_err(|_| StoreError::Corrupt {
+                        node_id: node_id.to_string(),
+                        reason: format!("negative session_generation {g}"),
                     })
-                    .transpose()
-            })
+                })
+                .transpose()
         })
         .await
     }
@@ -299,18 +406,16 @@ impl Store {
         if changes.is_empty() && last_seen.is_empty() {
             return Ok(());
         }
-        self.run(move |conn| {
-            conn.immediate_transaction(|conn| {
-                for (node_id, seen) in last_seen.iter() {
-                    diesel::update(known_nodes::table.find(node_id.as_str()))
-                        .set(known_nodes::last_seen.eq(to_unix_millis(*seen)))
-                        .execute(conn)?;
-                }
-                for change in changes.iter() {
-                    apply_change(conn, change)?;
-                }
-                Ok(())
-            })
+        self.write_transaction(move |conn| {
+            for (node_id, seen) in last_seen.iter() {
+                diesel::update(known_nodes::table.find(node_id.as_str()))
+                    .set(known_nodes::last_seen.eq(to_unix_millis(*seen)))
+                    .execute(conn)?;
+            }
+            for change in changes.iter() {
+                apply_change(conn, change)?;
+            }
+            Ok(())
         })
         .await
     }
@@ -329,9 +434,100 @@ fn write_and_roll_back(conn: &mut SqliteConnection) -> Result<(), diesel::result
     }
 }
 
+/// Runs `work` in a write transaction, refused unless the database file is
+/// still at its path both before it and after it has committed: a write
+/// into a file that has gone is never reported as done.
+fn transaction_in_place<T>(
+    file: &DatabaseFile,
+    conn: &mut SqliteConnection,
+    work: impl FnOnce(&mut SqliteConnection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    file.ensure_in_place()?;
+    let done = conn.immediate_transaction(work)?;
+    file.ensure_in_place()?;
+    Ok(done)
+}
+
+/// A row as read: a node, or why it cannot be one.
+enum Decoded {
+    Node(StoredNode),
+    Unreadable {
+        /// `None` when not even the row's columns could be decoded.
+        node_id: Option<String>,
+        reason: String,
+    },
+}
+
+fn decode(row: QueryResult<NodeRow>) -> Result<Decoded, StoreError> {
+    match row.map_err(StoreError::from).and_then(StoredNode::try_from) {
+        Ok(node) => Ok(Decoded::Node(node)),
+        Err(StoreError::Corrupt { node_id, reason }) => Ok(Decoded::Unreadable {
+            node_id: Some(node_id),
+            reason,
+        }),
+        Err(StoreError::Query(diesel::result::Error::DeserializationError(error))) => {
+            Ok(Decoded::Unreadable {
+                node_id: None,
+                reason: error.to_string(),
+            })
+        }
+        Err(other) => Err(other),
+    }
+}
+
+/// The SQLite URI of the database at `path`, allowed to create the file only
+/// where start-up found nothing.
+fn sqlite_uri(path: &Path, found: file::Found) -> String {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut uri = String::from("file:");
+    for byte in absolute.as_os_str().as_encoded_bytes() {
+        match byte {
+            b'?' | b'#' | b'%' | 0x00..=0x20 | 0x7f..=0xff => {
+                uri.push_str(&format!("%{byte:02X}"));
+            }
+            _ => uri.push(char::from(*byte)),
+        }
+    }
+    uri.push_str(match found {
+        file::Found::Existing => "?mode=rw",
+        file::Found::Nothing => "?mode=rwc",
+    });
+    uri
+}
+
+/// Refuses a database that records a migration this binary does not have:
+/// a newer muster has changed its schema in ways this one cannot know.
+fn refuse_unknown_migrations(conn: &mut SqliteConnection, path: &Path) -> Result<(), StoreError> {
+    let migration_error = |reason: String| StoreError::Migration {
+        path: path.to_owned(),
+        reason,
+    };
+    let known: BTreeSet<String> =
+        MigrationSource::<diesel::sqlite::Sqlite>::migrations(&MIGRATIONS)
+            .map_err(|e| migration_error(e.to_string()))?
+            .iter()
+            .map(|migration| migration.name().version().to_string())
+            .collect();
+    let unknown: Vec<String> = conn
+        .applied_migrations()
+        .map_err(|e| migration_error(e.to_string()))?
+        .into_iter()
+        .map(|version| version.to_string())
+        .filter(|version| !known.contains(version))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::UnknownSchema {
+            path: path.to_owned(),
+            versions: unknown,
+        })
+    }
+}
+
 /// Writes one registration inside the caller's transaction and issues its
-/// generation, unless the node id is held under another secret; then
-/// nothing is written.
+/// generation, unless the node id is held under another secret or its row
+/// is unreadable; then nothing is written.
 fn enroll_in(
     conn: &mut SqliteConnection,
     registration: &Registration,
@@ -339,8 +535,8 @@ fn enroll_in(
     now: SystemTime,
 ) -> Result<Enrolled, StoreError> {
     use schema::session_generations::dsl::{last_issued, session_generations};
-    let existing: Option<(i64, Option<String>)> = known_nodes::table
-        .find(registration.node_id.as_str())
+    let node = known_nodes::table.find(registration.node_id.as_str());
+    let existing: Option<(i64, Option<String>)> = node
         .select((known_nodes::registered_at, known_nodes::secret_hash))
         .first(conn)
         .optional()?;
@@ -352,6 +548,12 @@ fn enroll_in(
         });
     if held_by_another {
         return Ok(Enrolled::HeldByAnotherSecret);
+    }
+    if existing.is_some()
+        && let Decoded::Unreadable { reason, .. } =
+            decode(node.select(NodeRow::as_select()).first(conn))?
+    {
+        return Ok(Enrolled::Quarantined { reason });
     }
     let first_registered = existing.map(|(registered_at, _)| registered_at);
     diesel::update(session_generations)
@@ -439,7 +641,7 @@ mod tests {
         let secret = secret_of(registration.node_id.as_str());
         match store.enroll(registration, secret, now).await.unwrap() {
             Enrolled::Admitted(enrollment) => enrollment,
-            Enrolled::HeldByAnotherSecret => panic!("refused"),
+            refused => panic!("{refused:?}"),
         }
     }
 
@@ -465,7 +667,7 @@ mod tests {
             .iter()
             .map(|e| match e {
                 Enrolled::Admitted(e) => e.generation,
-                Enrolled::HeldByAnotherSecret => panic!("refused"),
+                refused => panic!("{refused:?}"),
             })
             .collect();
         generations.sort_unstable();
@@ -632,8 +834,9 @@ mod tests {
             .await
             .err()
             .unwrap();
-        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        assert!(matches!(err, StoreError::NoDirectory { .. }), "{err}");
         assert!(err.to_string().contains("absent/muster.db"), "{err}");
+        assert!(err.to_string().ends_with("absent does not exist"), "{err}");
     }
 
     #[tokio::test]
@@ -669,5 +872,156 @@ mod tests {
         drop(store);
         let store = Store::open(&path).await.unwrap();
         assert_eq!(store.load_nodes().await.unwrap().len(), 1);
+    }
+
+    fn execute_sql(path: &Path, sql: &str) {
+        SqliteConnection::establish(path.to_str().unwrap())
+            .unwrap()
+            .batch_execute(&format!("PRAGMA busy_timeout = 5000; {sql}"))
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_database_migrated_by_a_newer_muster_is_refused_naming_the_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        drop(Store::open(&path).await.unwrap());
+        execute_sql(
+            &path,
+            "INSERT INTO __diesel_schema_migrations (version) VALUES ('20990101000000')",
+        );
+        let refused = Store::open(&path).await.err().unwrap();
+        assert!(
+            matches!(&refused, StoreError::UnknownSchema { versions, .. } if versions == &["20990101000000"]),
+            "{refused}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_row_is_left_out_kept_and_its_node_id_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        let now = SystemTime::now();
+        admit(&store, registration("good", "b1"), now).await;
+        admit(&store, registration("bad", "b1"), now).await;
+        execute_sql(
+            &path,
+            "UPDATE known_nodes SET labels = 'not json' WHERE node_id = 'bad'",
+        );
+
+        let nodes = store.load_nodes().await.unwrap();
+        let ids: Vec<&str> = nodes
+            .iter()
+            .map(|n| n.registration.node_id.as_str())
+            .collect();
+        assert_eq!(ids, ["good"]);
+        let refused = store
+            .enroll(registration("bad", "b2"), secret_of("bad"), now)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&refused, Enrolled::Quarantined { reason } if reason.contains("labels")),
+            "{refused:?}"
+        );
+        let intruder = store
+            .enroll(registration("bad", "b2"), secret_of("intruder"), now)
+            .await
+            .unwrap();
+        assert_eq!(intruder, Enrolled::HeldByAnotherSecret);
+        let labels: Vec<String> = known_nodes::table
+            .filter(known_nodes::node_id.eq("bad"))
+            .select(known_nodes::labels)
+            .load(&mut SqliteConnection::establish(path.to_str().unwrap()).unwrap())
+            .unwrap();
+        assert_eq!(labels, ["not json"]);
+    }
+
+    #[tokio::test]
+    async fn a_row_whose_columns_cannot_be_decoded_is_left_out_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        let now = SystemTime::now();
+        admit(&store, registration("good", "b1"), now).await;
+        admit(&store, registration("undecodable", "b1"), now).await;
+        // A table rebuilt without its NOT NULL constraints, as a hand edit
+        // might leave it.
+        execute_sql(
+            &path,
+            "ALTER TABLE known_nodes RENAME TO old_nodes;
+             CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
+                 version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
+                 session_generation BIGINT, offline_since BIGINT, secret_hash TEXT);
+             INSERT INTO known_nodes SELECT * FROM old_nodes;
+             DROP TABLE old_nodes;
+             UPDATE known_nodes SET hostname = NULL WHERE node_id = 'undecodable';",
+        );
+        let nodes = store.load_nodes().await.unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].registration.node_id.as_str(), "good");
+        let refused = store
+            .enroll(
+                registration("undecodable", "b2"),
+                secret_of("undecodable"),
+                now,
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(refused, Enrolled::Quarantined { .. }),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_write_is_acknowledged_into_a_deleted_database_and_writes_resume_once_it_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let aside = dir.path().join("aside");
+        std::fs::create_dir(&aside).unwrap();
+        let store = Store::open(&path).await.unwrap();
+        let now = SystemTime::now();
+        admit(&store, registration("a", "b1"), now).await;
+        for suffix in ["", "-wal", "-shm"] {
+            let name = format!("muster.db{suffix}");
+            std::fs::rename(dir.path().join(&name), aside.join(&name)).unwrap();
+        }
+
+        let refused = store
+            .enroll(registration("b", "b1"), secret_of("b"), now)
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, StoreError::Gone { .. }), "{refused}");
+        assert!(refused.is_unavailable());
+        assert!(
+            refused.to_string().contains("muster.db was moved away"),
+            "{refused}"
+        );
+        let a = NodeId::parse("node_id", "a").unwrap();
+        let write = write_batch(&store, vec![], vec![(a.clone(), now)]).await;
+        assert!(matches!(write, Err(StoreError::Gone { .. })), "{write:?}");
+        assert!(matches!(
+            store.remove(a).await,
+            Err(StoreError::Gone { .. })
+        ));
+        assert!(!path.exists(), "no database is created in its place");
+
+        for suffix in ["", "-wal", "-shm"] {
+            let name = format!("muster.db{suffix}");
+            std::fs::rename(aside.join(&name), dir.path().join(&name)).unwrap();
+        }
+        admit(&store, registration("b", "b1"), now).await;
+        assert_eq!(store.load_nodes().await.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_empty_file_is_refused_and_never_taken_for_a_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        std::fs::write(&path, b"").unwrap();
+        let refused = Store::open(&path).await.err().unwrap();
+        assert!(matches!(refused, StoreError::EmptyFile { .. }), "{refused}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
     }
 }

