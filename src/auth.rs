@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
-use crate::error::InvalidInput;
+use crate::validation::InvalidInput;
 
 /// Metadata carrying the join token on Heartbeat streams and Status probes.
 pub const JOIN_TOKEN_METADATA: &str = "x-muster-join-token";
@@ -190,7 +190,7 @@ impl NodeSecret {
     pub fn generate() -> Self {
         let mut bytes = [0u8; 32];
         rand::rng().fill_bytes(&mut bytes);
-        Self(bytes.iter().map(|b| format!("{b:02x}")).collect())
+        Self(hex::encode(bytes))
     }
 
     pub fn parse(field: &'static str, raw: &str) -> Result<Self, InvalidInput> {
@@ -220,18 +220,13 @@ impl fmt::Debug for SecretHash {
 
 impl SecretHash {
     pub fn to_hex(self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 
     /// Parses what [`SecretHash::to_hex`] wrote; `None` if it is not that.
-    pub fn from_hex(hex: &str) -> Option<Self> {
-        if hex.len() != 64 || !hex.is_ascii() {
-            return None;
-        }
+    pub fn from_hex(encoded: &str) -> Option<Self> {
         let mut bytes = [0u8; 32];
-        for (byte, pair) in bytes.iter_mut().zip(hex.as_bytes().chunks(2)) {
-            *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-        }
+        hex::decode_to_slice(encoded, &mut bytes).ok()?;
         Some(Self(bytes))
     }
 

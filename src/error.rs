@@ -8,28 +8,12 @@ use std::{io, net::SocketAddr, path::PathBuf};
 
 use tonic::{Code, Status};
 
+pub use crate::validation::InvalidInput;
 use crate::{
     auth::{Denied, TokenFileError},
     node::NodeId,
     store::StoreError,
 };
-
-/// A field of a request that breaks a documented rule.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field} {reason}")]
-pub struct InvalidInput {
-    pub field: &'static str,
-    pub reason: String,
-}
-
-impl InvalidInput {
-    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            field,
-            reason: reason.into(),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -37,8 +21,6 @@ pub enum ServiceError {
     InvalidArgument(#[from] InvalidInput),
     #[error("node {0} is not registered")]
     NodeNotFound(NodeId),
-    #[error("no simulated agent listens at {0}")]
-    NoAgentAtAddress(String),
     /// The request is well-formed but not allowed at this point of a stream.
     #[error("{0}")]
     OutOfOrder(String),
@@ -86,9 +68,7 @@ impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
         let code = match &error {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::NodeNotFound(_)
-            | ServiceError::NoAgentAtAddress(_)
-            | ServiceError::Forgotten(_) => Code::NotFound,
+            ServiceError::NodeNotFound(_) | ServiceError::Forgotten(_) => Code::NotFound,
             ServiceError::OutOfOrder(_) | ServiceError::Quarantined { .. } => {
                 Code::FailedPrecondition
             }

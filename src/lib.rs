@@ -9,6 +9,29 @@
 //!   reconnecting heartbeat link.
 //! - [`cli`] holds the operator commands.
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
+//! - [`wire`] converts between the wire types of [`proto`] and the domain.
+//!
+//! Modules depend one way, from the top down, and the graph has no cycle
+//! (each module lists only what it imports; `clock`, `codec`, `limits`,
+//! `proto` and `validation` import nothing of ours):
+//!
+//! ```text
+//! swarm       -> agent auth config error grpc limits node proto
+//! agent       -> auth config error grpc node proto tls
+//! cli         -> auth config error grpc node proto tls
+//! coordinator -> auth clock config error grpc limits node proto registry store telemetry tls
+//! telemetry   -> error grpc
+//! shutdown    -> error
+//! grpc        -> error proto tls
+//! config      -> auth error tls
+//! tls         -> error
+//! error       -> auth node store validation
+//! wire        -> auth node proto validation
+//! store       -> auth clock node registry
+//! registry    -> clock node
+//! node        -> auth validation
+//! auth        -> validation
+//! ```
 
 pub mod agent;
 pub mod auth;
@@ -28,3 +51,5 @@ pub mod store;
 pub mod swarm;
 pub mod telemetry;
 pub mod tls;
+pub mod validation;
+pub mod wire;

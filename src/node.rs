@@ -4,9 +4,13 @@
 //! Everything here is validated on the way in, so the registry and the store
 //! never hold a node id or URL that breaks the documented rules.
 
-use std::{collections::BTreeMap, fmt, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    time::{Duration, SystemTime},
+};
 
-use crate::{auth::NodeSecret, error::InvalidInput, proto};
+use crate::{auth::NodeSecret, validation::InvalidInput};
 
 pub const MAX_NODE_ID_LEN: usize = 63;
 pub const MAX_AGENT_URL_LEN: usize = 2048;
@@ -14,6 +18,13 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_KEY_LEN: usize = 63;
 pub const MAX_LABEL_VALUE_LEN: usize = 256;
 pub const MAX_SHORT_FIELD_LEN: usize = 256;
+/// The reconnect backoff ceiling assumed of an agent that does not declare
+/// its own (agents older than the field, and rows written before it).
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest backoff ceiling a node is allowed for after a coordinator
+/// restart, whatever its agent declares: the most an agent accepts for
+/// `--max-backoff`.
+pub const MAX_MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
 /// A node id: 1-63 characters of `[a-z0-9._-]`, starting with a letter or digit.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -80,6 +91,10 @@ pub struct Registration {
     pub version: String,
     pub hostname: String,
     pub labels: BTreeMap<String, String>,
+    /// The longest the agent waits between reconnect attempts, at most
+    /// [`MAX_MAX_BACKOFF`]: after a coordinator restart the node is given
+    /// this long, on top of the usual allowance, to come back.
+    pub max_backoff: Duration,
 }
 
 /// A validated `register`: what the agent declares about its node, and the
@@ -88,47 +103,6 @@ pub struct Registration {
 pub struct Claim {
     pub registration: Registration,
     pub secret: NodeSecret,
-}
-
-impl TryFrom<proto::Register> for Claim {
-    type Error = InvalidInput;
-
-    fn try_from(register: proto::Register) -> Result<Self, Self::Error> {
-        let node_id = NodeId::parse("register.node_id", &register.node_id)?;
-        let secret = NodeSecret::parse("register.node_secret", &register.node_secret)?;
-        validate_url("register.agent_url", &register.agent_url)?;
-        if register.boot_id.is_empty() {
-            return Err(InvalidInput::new("register.boot_id", "must not be empty"));
-        }
-        for (field, value) in [
-            ("register.boot_id", &register.boot_id),
-            ("register.version", &register.version),
-            ("register.hostname", &register.hostname),
-        ] {
-            refuse_control_characters(field, value)?;
-            if value.len() > MAX_SHORT_FIELD_LEN {
-                return Err(InvalidInput::new(
-                    field,
-                    format!(
-                        "must be at most {MAX_SHORT_FIELD_LEN} bytes, got {}",
-                        value.len()
-                    ),
-                ));
-            }
-        }
-        let labels = validate_labels(register.labels)?;
-        Ok(Self {
-            registration: Registration {
-                node_id,
-                agent_url: register.agent_url,
-                boot_id: register.boot_id,
-                version: register.version,
-                hostname: register.hostname,
-                labels,
-            },
-            secret,
-        })
-    }
 }
 
 /// Accepts an `http` or `https` URL with a host and an explicit port. The
@@ -166,6 +140,28 @@ pub fn validate_url(field: &'static str, url: &str) -> Result<(), InvalidInput> 
     Ok(())
 }
 
+/// A short free-text field (boot id, version, host name): at most
+/// [`MAX_SHORT_FIELD_LEN`] bytes and no control characters.
+pub fn validate_short_field(field: &'static str, value: &str) -> Result<(), InvalidInput> {
+    refuse_control_characters(field, value)?;
+    if value.len() > MAX_SHORT_FIELD_LEN {
+        return Err(InvalidInput::new(
+            field,
+            format!(
+                "must be at most {MAX_SHORT_FIELD_LEN} bytes, got {}",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The backoff ceiling an agent declares, `None` when it declares none,
+/// bounded by [`MAX_MAX_BACKOFF`].
+pub fn bounded_max_backoff(declared: Option<Duration>) -> Duration {
+    declared.unwrap_or(DEFAULT_MAX_BACKOFF).min(MAX_MAX_BACKOFF)
+}
+
 /// Text that reaches logs and terminals must not carry line breaks or
 /// escape sequences.
 fn refuse_control_characters(field: &'static str, value: &str) -> Result<(), InvalidInput> {
@@ -178,7 +174,7 @@ fn refuse_control_characters(field: &'static str, value: &str) -> Result<(), Inv
     }
 }
 
-fn validate_labels(
+pub fn validate_labels(
     labels: impl IntoIterator<Item = (String, String)>,
 ) -> Result<BTreeMap<String, String>, InvalidInput> {
     let labels: BTreeMap<String, String> = labels.into_iter().collect();
@@ -221,16 +217,6 @@ pub enum NodeState {
     Offline,
 }
 
-impl From<NodeState> for proto::NodeState {
-    fn from(state: NodeState) -> Self {
-        match state {
-            NodeState::Unknown => Self::Unknown,
-            NodeState::Online => Self::Online,
-            NodeState::Offline => Self::Offline,
-        }
-    }
-}
-
 /// A node as the store keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredNode {
@@ -252,38 +238,9 @@ pub struct NodeSnapshot {
     pub offline_since: Option<SystemTime>,
 }
 
-impl From<NodeSnapshot> for proto::Node {
-    fn from(node: NodeSnapshot) -> Self {
-        let registration = node.registration;
-        Self {
-            node_id: registration.node_id.to_string(),
-            agent_url: registration.agent_url,
-            state: proto::NodeState::from(node.state).into(),
-            last_seen: Some(node.last_seen.into()),
-            registered_at: Some(node.registered_at.into()),
-            boot_id: registration.boot_id,
-            labels: registration.labels.into_iter().collect(),
-            version: registration.version,
-            hostname: registration.hostname,
-            session_generation: node.generation,
-            offline_since: node.offline_since.map(Into::into),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn register(node_id: &str, agent_url: &str) -> proto::Register {
-        proto::Register {
-            node_id: node_id.to_owned(),
-            agent_url: agent_url.to_owned(),
-            boot_id: "boot".to_owned(),
-            node_secret: "0123456789abcdef".to_owned(),
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn node_id_rules() {
@@ -307,77 +264,5 @@ mod tests {
         );
         assert_eq!(NodeId::from_hostname("--x").unwrap().as_str(), "x");
         assert!(NodeId::from_hostname("---").is_err());
-    }
-
-    #[test]
-    fn agent_url_rules() {
-        assert!(Claim::try_from(register("n", "http://10.0.0.1:7701")).is_ok());
-        assert!(Claim::try_from(register("n", "https://gpu.example:443")).is_ok());
-        for bad in [
-            "",
-            "10.0.0.1:7701",
-            "ftp://h:1",
-            "http://h",
-            "http://:80",
-            "http://h:notaport",
-        ] {
-            let err = Claim::try_from(register("n", bad)).expect_err(bad);
-            assert_eq!(err.field, "register.agent_url", "{bad}");
-        }
-        let long = format!("http://h:1/{}", "x".repeat(MAX_AGENT_URL_LEN));
-        assert!(Claim::try_from(register("n", &long)).is_err());
-    }
-
-    #[test]
-    fn label_bounds() {
-        let mut too_many = register("n", "http://h:1");
-        too_many.labels = (0..=MAX_LABELS)
-            .map(|i| (format!("k{i}"), String::new()))
-            .collect();
-        assert!(Claim::try_from(too_many).is_err());
-
-        let mut long_value = register("n", "http://h:1");
-        long_value
-            .labels
-            .insert("gpu".into(), "x".repeat(MAX_LABEL_VALUE_LEN + 1));
-        assert!(Claim::try_from(long_value).is_err());
-    }
-
-    #[test]
-    fn node_secret_is_required_and_bounded() {
-        for bad in ["", "short", &"s".repeat(257), "with spaces inside it"] {
-            let mut message = register("n", "http://h:1");
-            message.node_secret = bad.to_owned();
-            assert_eq!(
-                Claim::try_from(message).unwrap_err().field,
-                "register.node_secret"
-            );
-        }
-    }
-
-    #[test]
-    fn control_characters_are_refused() {
-        let mut message = register("n", "http://h:1");
-        message.hostname = "gpu\n2026-01-01 INFO forged".into();
-        assert_eq!(
-            Claim::try_from(message).unwrap_err().field,
-            "register.hostname"
-        );
-        let mut message = register("n", "http://h:1");
-        message.labels.insert("gpu".into(), "\u{1b}[31mred".into());
-        assert_eq!(
-            Claim::try_from(message).unwrap_err().field,
-            "register.labels"
-        );
-    }
-
-    #[test]
-    fn empty_boot_id_is_refused() {
-        let mut message = register("n", "http://h:1");
-        message.boot_id.clear();
-        assert_eq!(
-            Claim::try_from(message).unwrap_err().field,
-            "register.boot_id"
-        );
     }
 }

@@ -19,9 +19,10 @@
 //!   grows past a step, each node is given the new interval on its next
 //!   heartbeat; it shrinks again only once the fleet is a tenth below the
 //!   step, so a fleet at a boundary does not flap.
-//! - A node that was not OFFLINE when the coordinator stopped gets the full
-//!   `reload_grace` after a restart (longer than the agents' longest
-//!   reconnect backoff); one already OFFLINE gets only `offline_after`.
+//! - A node that was not OFFLINE when the coordinator stopped gets its agent's
+//!   reconnect backoff ceiling plus `reload_grace` after a restart, so an
+//!   agent waiting out its longest backoff is not shown OFFLINE; one already
+//!   OFFLINE gets only `offline_after`.
 //! - Every change the store must know about is queued, in order, for
 //!   [`Registry::take_changes`]. `last_seen` is collected separately by
 //!   [`Registry::take_last_seen`], so heartbeats cost no write of their own.
@@ -48,7 +49,8 @@ pub struct Timing {
     /// Time an OFFLINE node is kept before it is forgotten.
     pub expire_after: Duration,
     /// Time a node that was live when the coordinator stopped may stay
-    /// UNKNOWN after a restart before it is OFFLINE.
+    /// UNKNOWN after a restart, on top of its agent's reconnect backoff
+    /// ceiling, before it is OFFLINE.
     pub reload_grace: Duration,
 }
 
@@ -68,6 +70,12 @@ impl Timing {
             .ceil()
             .clamp(1.0, f64::from(MAX_STRETCH));
         self.heartbeat_interval * stretch as u32
+    }
+
+    /// How long a node that was live when the coordinator stopped may stay
+    /// UNKNOWN after a restart.
+    fn reload_grace_for(&self, registration: &Registration) -> Duration {
+        registration.max_backoff + self.reload_grace
     }
 
     /// `offline_after` for a node heartbeating every `interval`.
@@ -210,7 +218,7 @@ impl Registry {
             let grace = if node.offline_since.is_some() {
                 self.timing.offline_after_at(interval)
             } else {
-                self.timing.reload_grace
+                self.timing.reload_grace_for(&node.registration)
             };
             self.nodes.insert(
                 node.registration.node_id.clone(),
@@ -334,7 +342,7 @@ impl Registry {
         };
         let live_for = timing
             .offline_after_at(entry.interval)
-            .max(timing.reload_grace);
+            .max(timing.reload_grace_for(&entry.registration));
         if entry.state != NodeState::Unknown || entry.generation != target.generation {
             return false;
         }
@@ -355,16 +363,19 @@ impl Registry {
     /// The node's own agent tried to register, with the node's secret, but
     /// the store could not commit the registration. The attempt proves the
     /// agent alive as a passed probe does, so a node is not shown OFFLINE
-    /// because the coordinator's database failed; its session generation
-    /// stays as it was. Returns whether the node was known.
-    pub fn vouch(&mut self, node_id: &NodeId, now: Moment) -> bool {
+    /// because the coordinator's database failed: it stays ONLINE for its
+    /// agent's backoff ceiling plus the reload grace plus `refusal_took` (how
+    /// long the store took to fail this attempt; the next may take as long),
+    /// time for the next attempt. Its session generation stays as it was.
+    /// Returns whether the node was known.
+    pub fn vouch(&mut self, node_id: &NodeId, refusal_took: Duration, now: Moment) -> bool {
         let timing = self.timing;
         let Some(entry) = self.nodes.get_mut(node_id) else {
             return false;
         };
         let live_for = timing
             .offline_after_at(entry.interval)
-            .max(timing.reload_grace);
+            .max(timing.reload_grace_for(&entry.registration) + refusal_took);
         entry.state = NodeState::Online;
         entry.last_seen = now.wall;
         entry.last_seen_dirty = true;
@@ -464,12 +475,6 @@ impl Registry {
     }
 
     /// The state of a node as seen by its session holding `generation`.
-    /// How long a session of a node heartbeating every `interval` may stay
-    /// silent: the node's own offline-after.
-    pub fn silence_limit(&self, interval: Duration) -> Duration {
-        self.timing.offline_after_at(interval)
-    }
-
     pub fn session_state(
         &self,
         node_id: &NodeId,
@@ -578,6 +583,7 @@ mod tests {
             version: "1".to_owned(),
             hostname: node.to_owned(),
             labels: BTreeMap::new(),
+            max_backoff: Duration::ZERO,
         }
     }
 
@@ -869,7 +875,7 @@ mod tests {
         registry.take_changes();
 
         let t1 = t0.after(Duration::from_secs(1));
-        assert!(registry.vouch(&id("a"), t1));
+        assert!(registry.vouch(&id("a"), Duration::ZERO, t1));
         let node = registry.get(&id("a")).unwrap();
         assert_eq!((node.state, node.generation), (NodeState::Online, 1));
         assert_eq!(
@@ -888,7 +894,7 @@ mod tests {
             1
         );
 
-        assert!(!registry.vouch(&id("stranger"), t1));
+        assert!(!registry.vouch(&id("stranger"), Duration::ZERO, t1));
         assert!(registry.get(&id("stranger")).is_none());
     }
 
@@ -1116,6 +1122,23 @@ mod tests {
         assert_eq!(state(&registry, "gone"), Some(NodeState::Offline));
         registry.sweep(t0.after(GRACE));
         assert_eq!(state(&registry, "live"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_reloaded_node_is_allowed_its_own_agents_backoff_ceiling() {
+        let t0 = Moment::now();
+        let slow_backoff = Duration::from_secs(120);
+        let mut slow = stored("slow", 1, None, t0);
+        slow.registration.max_backoff = slow_backoff;
+        let mut registry = registry();
+        registry.load([stored("quick", 2, None, t0), slow], t0);
+        registry.sweep(t0.after(GRACE));
+        assert_eq!(state(&registry, "quick"), Some(NodeState::Offline));
+        assert_eq!(state(&registry, "slow"), Some(NodeState::Unknown));
+        registry.sweep(t0.after(slow_backoff + GRACE - Duration::from_millis(1)));
+        assert_eq!(state(&registry, "slow"), Some(NodeState::Unknown));
+        registry.sweep(t0.after(slow_backoff + GRACE));
+        assert_eq!(state(&registry, "slow"), Some(NodeState::Offline));
     }
 
     #[test]

@@ -17,7 +17,14 @@ use crate::{error::RunError, grpc};
 /// A bound metrics listener, with the recorder installed.
 pub struct MetricsListener {
     listener: TcpListener,
+    address: SocketAddr,
     handle: PrometheusHandle,
+}
+
+impl MetricsListener {
+    pub fn local_address(&self) -> SocketAddr {
+        self.address
+    }
 }
 
 /// Installs the process-wide recorder and binds `address`.
@@ -27,7 +34,11 @@ pub async fn bind(address: SocketAddr) -> Result<MetricsListener, RunError> {
         .map_err(|e| RunError::Metrics(e.to_string()))?;
     let (listener, local) = grpc::bind(address).await?;
     info!(metrics_address = %local, "serving Prometheus metrics at /metrics");
-    Ok(MetricsListener { listener, handle })
+    Ok(MetricsListener {
+        listener,
+        address: local,
+        handle,
+    })
 }
 
 /// Serves `/metrics` until `shutdown` is cancelled.

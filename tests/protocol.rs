@@ -32,7 +32,7 @@ async fn refusal(url: &str, messages: Vec<proto::AgentMessage>) -> tonic::Status
 async fn bad_streams_are_refused_with_a_clear_status_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("muster.db");
-    let coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
+    let coordinator = InProcessCoordinator::start(&db, FAST_TIMING).await;
     let url = coordinator.url();
     let agent_url = "http://127.0.0.1:9";
 
@@ -65,7 +65,7 @@ async fn bad_streams_are_refused_with_a_clear_status_and_write_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_register_or_a_sequence_going_backwards_ends_the_session() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+    let coordinator = InProcessCoordinator::start(&dir.path().join("muster.db"), FAST_TIMING).await;
     let url = coordinator.url();
 
     let (mut stream, _) = RawStream::register(&url, "gpu-1", "http://127.0.0.1:9", "b1").await;
@@ -97,7 +97,7 @@ async fn a_second_register_or_a_sequence_going_backwards_ends_the_session() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stale_session_cannot_overwrite_a_newer_one() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+    let coordinator = InProcessCoordinator::start(&dir.path().join("muster.db"), FAST_TIMING).await;
     let url = coordinator.url();
 
     let (mut old, old_generation) =
@@ -146,7 +146,7 @@ async fn a_stale_session_cannot_overwrite_a_newer_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn get_node_answers_not_found_and_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
-    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+    let coordinator = InProcessCoordinator::start(&dir.path().join("muster.db"), FAST_TIMING).await;
     let mut client = coordinator.client().await;
     let missing = client
         .get_node(proto::GetNodeRequest {

@@ -54,6 +54,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         hostname.clone(),
         config.labels,
         &node_secret,
+        config.max_backoff,
     );
     Claim::try_from(register.clone())?;
     validate_url("--coordinator", &config.coordinator)?;
@@ -105,6 +106,7 @@ pub fn register_message(
     hostname: String,
     labels: Vec<(String, String)>,
     node_secret: &NodeSecret,
+    max_backoff: Duration,
 ) -> proto::Register {
     proto::Register {
         node_id: node_id.to_string(),
@@ -114,6 +116,7 @@ pub fn register_message(
         hostname,
         labels: labels.into_iter().collect(),
         node_secret: node_secret.expose().to_owned(),
+        max_backoff: prost_types::Duration::try_from(max_backoff).ok(),
     }
 }
 

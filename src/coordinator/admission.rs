@@ -13,6 +13,11 @@
 //! An admitted stream carries a [`StreamPermit`] in its request extensions;
 //! the session task holds it for as long as the stream lives. Operator calls
 //! (ListNodes, GetNode, RemoveNode) are never shed.
+//!
+//! Once its `register` has been read, a stream is admitted by [`serve_stream`]:
+//! the registration is committed to the store, then applied to the registry,
+//! and only then is `registered` sent and the [`Session`] run. A node id held
+//! under another node secret is refused, and nothing about the node changes.
 
 use std::{
     num::NonZeroU32,
@@ -22,14 +27,23 @@ use std::{
 
 use futures::future::{Either, Ready, ready};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::{codegen::http, server::NamedService};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, codegen::http, server::NamedService};
 use tower::{Layer, Service};
-use tracing::warn;
+use tracing::{debug, warn};
 
+use super::{
+    Shared,
+    session::{Outbound, Session, rejection},
+};
 use crate::{
-    auth::{self, Token},
-    error::ServiceError,
+    auth::{self, SecretHash, Token},
+    clock::Moment,
+    error::{InvalidInput, ServiceError, display_chain},
+    node::{Claim, NodeId},
+    proto::{self, AgentMessage, CoordinatorMessage, coordinator_message},
+    store::Enrolled,
 };
 
 pub const HEARTBEAT_PATH: &str = "/muster.v1.Coordinator/Heartbeat";
@@ -145,6 +159,150 @@ where
             }
         }
         Either::Left(self.inner.call(request))
+    }
+}
+
+/// Serves one Heartbeat stream whose `register` has been read: admits it,
+/// reports the outcome on `admitted` (the gRPC call waits for it), then runs
+/// the session. Admission and session are one task, so once the store has
+/// committed a registration the session's cleanup always follows, even if
+/// the agent hangs up before the call returns.
+pub(super) async fn serve_stream<S>(
+    shared: Arc<Shared>,
+    claim: Claim,
+    inbound: S,
+    outbound: Outbound,
+    admitted: oneshot::Sender<Result<(), ServiceError>>,
+    permit: Option<StreamPermit>,
+    shutdown: CancellationToken,
+) where
+    S: futures::Stream<Item = Result<AgentMessage, Status>> + Unpin,
+{
+    if admitted.is_closed() {
+        // The agent gave up before anything was written, as the attempts it
+        // abandoned while this coordinator was paused do.
+        return;
+    }
+    let _permit = permit;
+    let (session, registered) = match admit(&shared, claim).await {
+        Ok(admitted) => admitted,
+        Err(error) => {
+            let _ = admitted.send(Err(error));
+            return;
+        }
+    };
+    drop(shared);
+    tracing::Span::current().record("generation", session.generation());
+    if outbound.try_send(Ok(registered)).is_err() {
+        session.end("could not queue registered".to_owned());
+        let error = ServiceError::Internal("a new session's outbound queue is full".to_owned());
+        let _ = admitted.send(Err(error));
+        return;
+    }
+    if admitted.send(Ok(())).is_err() {
+        session.end("the agent hung up during registration".to_owned());
+        return;
+    }
+    session.run(inbound, outbound, shutdown).await;
+}
+
+/// Commits the registration to the store, then applies it to the registry;
+/// the session and its `registered` message.
+async fn admit(
+    shared: &Shared,
+    claim: Claim,
+) -> Result<(Session, CoordinatorMessage), ServiceError> {
+    let Claim {
+        registration,
+        secret,
+    } = claim;
+    let node_id = registration.node_id.clone();
+    if shared.tls.is_some() && !registration.agent_url.starts_with("https://") {
+        return Err(InvalidInput::new(
+            "register.agent_url",
+            format!(
+                "must be https: this coordinator uses TLS, and its probes carry credentials; got {:?}",
+                registration.agent_url
+            ),
+        )
+        .into());
+    }
+    let attempt = std::time::Instant::now();
+    let enrolled = match shared
+        .store
+        .enroll(registration.clone(), secret.hash(), Moment::now().wall)
+        .await
+    {
+        Ok(enrolled) => enrolled,
+        Err(error) => {
+            if error.is_unavailable() {
+                vouch_if_known(shared, &node_id, secret.hash(), attempt.elapsed()).await;
+            }
+            return Err(error.into());
+        }
+    };
+    let enrollment = match enrolled {
+        Enrolled::Admitted(enrollment) => enrollment,
+        Enrolled::HeldByAnotherSecret => {
+            metrics::counter!("muster_registrations_refused_total", "reason" => "node_secret")
+                .increment(1);
+            warn!(
+                agent_url = %registration.agent_url,
+                hostname = %registration.hostname,
+                boot_id = %registration.boot_id,
+                "refused a registration: the node id is held by another node secret"
+            );
+            return Err(ServiceError::NodeIdHeld(node_id));
+        }
+        Enrolled::Quarantined { reason } => {
+            metrics::counter!("muster_registrations_refused_total", "reason" => "quarantined")
+                .increment(1);
+            return Err(ServiceError::Quarantined { node_id, reason });
+        }
+    };
+    let interval = shared
+        .update(|registry| registry.register(registration, enrollment, Moment::now()))
+        .map_err(|rejected| rejection(&node_id, enrollment.generation, rejected))?;
+    let registered = CoordinatorMessage {
+        kind: Some(coordinator_message::Kind::Registered(proto::Registered {
+            coordinator_boot_id: shared.boot_id.clone(),
+            session_generation: enrollment.generation,
+            heartbeat_interval: prost_types::Duration::try_from(interval).ok(),
+        })),
+    };
+    let session = Session::new(
+        shared.registry.clone(),
+        shared.timing,
+        node_id,
+        enrollment.generation,
+        interval,
+    );
+    Ok((session, registered))
+}
+
+/// A registration the store could not commit still shows that the agent
+/// holding the node's secret is alive: keep its node from being shown
+/// OFFLINE while the agent retries.
+async fn vouch_if_known(
+    shared: &Shared,
+    node_id: &NodeId,
+    secret_hash: SecretHash,
+    refusal_took: std::time::Duration,
+) {
+    match shared
+        .store
+        .holds_secret(node_id.clone(), secret_hash)
+        .await
+    {
+        Ok(true) => {
+            if shared.update(|registry| registry.vouch(node_id, refusal_took, Moment::now())) {
+                debug!(%node_id, "registration not committed; the attempt keeps the node online");
+            }
+        }
+        Ok(false) => {}
+        Err(error) => {
+            debug!(%node_id, error = %display_chain(&error), "cannot check the node secret");
+        }
     }
 }
 

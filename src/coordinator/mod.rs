@@ -2,6 +2,10 @@
 //! Coordinator service, proves reloaded nodes alive, sweeps silent and
 //! expired nodes, and writes changes back.
 //!
+//! [`start`] binds the ports and starts every task, returning the bound
+//! addresses in a [`RunningCoordinator`]; its `supervise` runs until shutdown
+//! or until a task the coordinator cannot do without fails.
+//!
 //! The registry has one owner, [`Shared`], behind a short-held lock that is
 //! never held across an `.await`. Every task is tracked, and shutdown runs
 //! through one cancellation token: sessions end first, then the writer makes
@@ -16,16 +20,16 @@ mod sweeper;
 mod writer;
 
 use std::{
+    net::SocketAddr,
     num::NonZeroU32,
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    agent::reconnect,
     auth::Token,
     clock::Moment,
     config::CoordinatorConfig,
@@ -34,7 +38,7 @@ use crate::{
     proto::coordinator_server::CoordinatorServer,
     registry::{Registry, Timing},
     store::{DatabaseLock, Store},
-    telemetry,
+    telemetry::{self, MetricsListener},
     tls::Tls,
 };
 
@@ -44,23 +48,23 @@ pub use session::read_registration;
 /// How many Status probes run at once after a restart.
 const PROBE_CONCURRENCY: usize = 256;
 
-/// State shared by the service, its sessions and the background tasks.
-pub(crate) struct Shared {
-    registry: Mutex<Registry>,
-    store: Store,
+/// The registry behind its short-held lock: what a session needs of the
+/// coordinator, and all it gets.
+#[derive(Clone)]
+pub(crate) struct RegistryHandle {
+    registry: Arc<Mutex<Registry>>,
     /// Woken when the registry has changes for the store.
-    changes_pending: Notify,
-    boot_id: String,
-    /// Required of Heartbeat streams (checked by the admission layer), and
-    /// presented by Status probes.
-    join_token: Option<Token>,
-    /// Required of operator calls.
-    admin_token: Option<Token>,
-    /// Serves the coordinator, and dials agents for probes.
-    tls: Option<Tls>,
+    changes_pending: Arc<Notify>,
 }
 
-impl Shared {
+impl RegistryHandle {
+    fn new(registry: Registry) -> Self {
+        Self {
+            registry: Arc::new(Mutex::new(registry)),
+            changes_pending: Arc::new(Notify::new()),
+        }
+    }
+
     /// Runs `update` under the registry lock, and wakes the writer if the
     /// update left changes for the store.
     fn update<R>(&self, update: impl FnOnce(&mut Registry) -> R) -> R {
@@ -79,8 +83,69 @@ impl Shared {
     }
 }
 
+/// State shared by the service, its sessions and the background tasks.
+pub(crate) struct Shared {
+    registry: RegistryHandle,
+    /// The registry's timing, which sessions judge silence by.
+    timing: Timing,
+    store: Store,
+    /// Woken when the registry has changes for the store (the registry
+    /// handle's own).
+    changes_pending: Arc<Notify>,
+    boot_id: String,
+    /// Required of Heartbeat streams (checked by the admission layer), and
+    /// presented by Status probes.
+    join_token: Option<Token>,
+    /// Required of operator calls.
+    admin_token: Option<Token>,
+    /// Serves the coordinator, and dials agents for probes.
+    tls: Option<Tls>,
+}
+
+impl Shared {
+    /// Runs `update` under the registry lock, and wakes the writer if the
+    /// update left changes for the store.
+    fn update<R>(&self, update: impl FnOnce(&mut Registry) -> R) -> R {
+        self.registry.update(update)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock()
+    }
+}
+
+/// A coordinator that has bound its ports and started its tasks; it serves
+/// until [`RunningCoordinator::supervise`] sees `shutdown` cancelled or a
+/// task fail.
+pub struct RunningCoordinator {
+    /// The address the Coordinator service listens on.
+    pub address: SocketAddr,
+    /// The address `/metrics` is served on, when asked for.
+    pub metrics_address: Option<SocketAddr>,
+    /// Random for every start, as `registered` messages carry it.
+    pub boot_id: String,
+    shutdown: CancellationToken,
+    serve: JoinHandle<Result<(), RunError>>,
+    sweeper: JoinHandle<()>,
+    writer: JoinHandle<()>,
+    writer_stop: CancellationToken,
+    sessions: TaskTracker,
+    background: TaskTracker,
+    database_lock: DatabaseLock,
+}
+
 /// Runs a coordinator until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    start(config, shutdown).await?.supervise().await
+}
+
+/// Loads the registry, binds the service's port (and the metrics port, if
+/// configured) and starts serving and the background tasks. Cancelling
+/// `shutdown` stops it all; [`RunningCoordinator::supervise`] waits for that.
+pub async fn start(
+    config: CoordinatorConfig,
+    shutdown: CancellationToken,
+) -> Result<RunningCoordinator, RunError> {
     config.validate()?;
     // Every agent holds a connection, and every connection is a file.
     match limits::raise_open_files() {
@@ -100,9 +165,9 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         Some(metrics_address) => Some(telemetry::bind(metrics_address).await?),
         None => None,
     };
-    // Held until this function returns; the kernel releases it if the
-    // process dies.
-    let _database_lock = DatabaseLock::acquire(&config.db, address).await?;
+    // Held until supervision ends; the kernel releases it if the process
+    // dies.
+    let database_lock = DatabaseLock::acquire(&config.db, address).await?;
     let store = Store::open(&config.db).await?;
     let stored = store.load_nodes().await?;
 
@@ -114,17 +179,18 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         expire_after: config.expire_after,
         reload_grace: config.offline_after,
     };
-    // An agent that kept failing to reach us may be waiting out its longest
-    // backoff when we come back; after that it gets the usual allowance.
-    timing.reload_grace =
-        reconnect::DEFAULT_MAX_BACKOFF + timing.offline_after_at(timing.interval_for(reloaded));
+    // On top of its agent's backoff ceiling, each reloaded node gets the
+    // usual allowance of a fleet this size.
+    timing.reload_grace = timing.offline_after_at(timing.interval_for(reloaded));
     let mut registry = Registry::new(timing);
     registry.load(stored, Moment::now());
     let boot_id = uuid::Uuid::new_v4().to_string();
-    let shared = std::sync::Arc::new(Shared {
-        registry: Mutex::new(registry),
+    let registry = RegistryHandle::new(registry);
+    let shared = Arc::new(Shared {
+        changes_pending: registry.changes_pending.clone(),
+        registry,
+        timing,
         store,
-        changes_pending: Notify::new(),
         boot_id: boot_id.clone(),
         join_token,
         admin_token,
@@ -137,12 +203,12 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
     let sessions = TaskTracker::new();
     let background = TaskTracker::new();
     let writer_stop = CancellationToken::new();
-    let mut writer = background.spawn(writer::run(
+    let writer = background.spawn(writer::run(
         shared.clone(),
         writer::flush_period(config.heartbeat_interval),
         writer_stop.clone(),
     ));
-    let mut sweeper = background.spawn(sweeper::run(
+    let sweeper = background.spawn(sweeper::run(
         shared.clone(),
         sweeper::period(config.offline_after),
         shutdown.clone(),
@@ -175,6 +241,7 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
             CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
         ));
     let router = grpc::with_reflection(router, "muster.v1.Coordinator")?;
+    let metrics_address = metrics.as_ref().map(MetricsListener::local_address);
     if let Some(metrics) = metrics {
         background.spawn(telemetry::serve(metrics, shutdown.clone()));
     }
@@ -190,33 +257,70 @@ pub async fn run(config: CoordinatorConfig, shutdown: CancellationToken) -> Resu
         "coordinator listening"
     );
 
-    // The writer and the sweeper end only when told to. If either ends
-    // sooner it has panicked, and a coordinator that can no longer persist or
-    // detect failures must not go on looking healthy.
-    let serve = grpc::serve(router, listener, shutdown.clone());
-    tokio::pin!(serve);
-    let mut sweeper_stopped = false;
-    let served = loop {
-        tokio::select! {
-            served = &mut serve => break served,
-            ended = &mut sweeper, if !sweeper_stopped => {
-                sweeper_stopped = true;
-                if let Err(error) = ended {
-                    break Err(RunError::TaskFailed { task: "sweeper", reason: error.to_string() });
+    let serve = tokio::spawn(grpc::serve(router, listener, shutdown.clone()));
+    Ok(RunningCoordinator {
+        address,
+        metrics_address,
+        boot_id,
+        shutdown,
+        serve,
+        sweeper,
+        writer,
+        writer_stop,
+        sessions,
+        background,
+        database_lock,
+    })
+}
+
+impl RunningCoordinator {
+    /// Runs until `shutdown` is cancelled or a task the coordinator cannot
+    /// do without fails, then shuts down in order: sessions end first, then
+    /// the writer makes its final flush.
+    pub async fn supervise(self) -> Result<(), RunError> {
+        let Self {
+            shutdown,
+            mut serve,
+            mut sweeper,
+            mut writer,
+            writer_stop,
+            sessions,
+            background,
+            database_lock,
+            ..
+        } = self;
+        // The writer and the sweeper end only when told to. If either ends
+        // sooner it has panicked, and a coordinator that can no longer persist
+        // or detect failures must not go on looking healthy.
+        let mut sweeper_stopped = false;
+        let served = loop {
+            tokio::select! {
+                served = &mut serve => {
+                    break served.unwrap_or_else(|error| Err(RunError::TaskFailed {
+                        task: "gRPC server",
+                        reason: error.to_string(),
+                    }));
+                }
+                ended = &mut sweeper, if !sweeper_stopped => {
+                    sweeper_stopped = true;
+                    if let Err(error) = ended {
+                        break Err(RunError::TaskFailed { task: "sweeper", reason: error.to_string() });
+                    }
+                }
+                ended = &mut writer => {
+                    let reason = ended.err().map_or_else(|| "it stopped".to_owned(), |e| e.to_string());
+                    break Err(RunError::TaskFailed { task: "store writer", reason });
                 }
             }
-            ended = &mut writer => {
-                let reason = ended.err().map_or_else(|| "it stopped".to_owned(), |e| e.to_string());
-                break Err(RunError::TaskFailed { task: "store writer", reason });
-            }
-        }
-    };
-    shutdown.cancel();
-    sessions.close();
-    sessions.wait().await;
-    writer_stop.cancel();
-    background.close();
-    background.wait().await;
-    info!("coordinator stopped");
-    served
+        };
+        shutdown.cancel();
+        sessions.close();
+        sessions.wait().await;
+        writer_stop.cancel();
+        background.close();
+        background.wait().await;
+        drop(database_lock);
+        info!("coordinator stopped");
+        served
+    }
 }

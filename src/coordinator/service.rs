@@ -12,8 +12,8 @@ use tracing::{Instrument, info, warn};
 
 use super::{
     Shared,
-    admission::StreamPermit,
-    session::{read_registration, serve_stream},
+    admission::{StreamPermit, serve_stream},
+    session::read_registration,
 };
 use crate::{
     auth,

@@ -1,9 +1,10 @@
 //! One heartbeat session: the life of one Heartbeat stream.
 //!
-//! The first message must be `register`; it is validated, committed to the
-//! store, and applied to the registry before `registered` is sent. From then
-//! on each heartbeat is checked (sequence numbers strictly increase, the
-//! session is still the node's newest) and acknowledged.
+//! The first message must be `register`; [`super::admission`] commits it to
+//! the store and applies it to the registry before `registered` is sent.
+//! From then on the session needs no store: each heartbeat is checked
+//! (sequence numbers strictly increase, the session is still the node's
+//! newest), applied to the registry and acknowledged.
 //!
 //! However the stream ends, its node goes OFFLINE at once, unless a newer
 //! session of the node exists or the coordinator itself is shutting down
@@ -11,29 +12,22 @@
 //! sweeper has marked OFFLINE, or which a newer session has replaced, is
 //! closed once it has been silent for `offline_after`, so no session lingers.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio::{
-    sync::{mpsc, oneshot},
-    time::Instant,
-};
+use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{debug, info, warn};
 
-use super::Shared;
+use super::RegistryHandle;
 use crate::{
-    auth::SecretHash,
     clock::Moment,
-    error::{InvalidInput, ServiceError, display_chain},
+    error::{InvalidInput, ServiceError},
     node::{Claim, NodeId, NodeState},
     proto::{self, AgentMessage, CoordinatorMessage, agent_message, coordinator_message},
-    registry::SessionRejected,
-    store::Enrolled,
+    registry::{SessionRejected, Timing},
 };
-
-use super::admission::StreamPermit;
 
 pub(super) type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
@@ -67,135 +61,51 @@ where
     }
 }
 
-/// Serves one Heartbeat stream whose `register` has been read: admits it,
-/// reports the outcome on `admitted` (the gRPC call waits for it), then runs
-/// the session. Admission and session are one task, so once the store has
-/// committed a registration the session's cleanup always follows, even if
-/// the agent hangs up before the call returns.
-pub(super) async fn serve_stream<S>(
-    shared: Arc<Shared>,
-    claim: Claim,
-    inbound: S,
-    outbound: Outbound,
-    admitted: oneshot::Sender<Result<(), ServiceError>>,
-    permit: Option<StreamPermit>,
-    shutdown: CancellationToken,
-) where
-    S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
-{
-    if admitted.is_closed() {
-        // The agent gave up before anything was written, as the attempts it
-        // abandoned while this coordinator was paused do.
-        return;
-    }
-    let _permit = permit;
-    let session = match Session::admit(shared, claim).await {
-        Ok(session) => session,
-        Err(error) => {
-            let _ = admitted.send(Err(error));
-            return;
-        }
-    };
-    tracing::Span::current().record("generation", session.generation);
-    if outbound.try_send(Ok(session.registered_message())).is_err() {
-        session.end("could not queue registered".to_owned());
-        let error = ServiceError::Internal("a new session's outbound queue is full".to_owned());
-        let _ = admitted.send(Err(error));
-        return;
-    }
-    if admitted.send(Ok(())).is_err() {
-        session.end("the agent hung up during registration".to_owned());
-        return;
-    }
-    session.run(inbound, outbound, shutdown).await;
-}
-
-/// A registered session, ready to run.
+/// A registered session, ready to run. It reaches the coordinator only
+/// through its registry handle, so it runs as well over a `Vec` of messages
+/// in a unit test as over a gRPC stream.
 pub(super) struct Session {
-    shared: Arc<Shared>,
+    registry: RegistryHandle,
+    timing: Timing,
     node_id: NodeId,
     generation: u64,
-    /// The heartbeat interval the agent was given at registration.
-    interval: Duration,
+    /// How long the session may stay silent before it asks the registry
+    /// whether its node is still live: the node's own offline-after, which
+    /// grows with its interval. A session checking sooner would wake every
+    /// few hundred milliseconds between the heartbeats of a slowed-down
+    /// fleet, for nothing.
+    silence_limit: Duration,
+    last_sequence: Option<u64>,
 }
 
 impl Session {
-    /// Commits the registration to the store, then applies it to the registry.
-    /// A node id held under another node secret is refused, and nothing
-    /// about the node changes.
-    pub(super) async fn admit(shared: Arc<Shared>, claim: Claim) -> Result<Self, ServiceError> {
-        let Claim {
-            registration,
-            secret,
-        } = claim;
-        let node_id = registration.node_id.clone();
-        if shared.tls.is_some() && !registration.agent_url.starts_with("https://") {
-            return Err(InvalidInput::new(
-                "register.agent_url",
-                format!(
-                    "must be https: this coordinator uses TLS, and its probes carry credentials; got {:?}",
-                    registration.agent_url
-                ),
-            )
-            .into());
-        }
-        let enrolled = match shared
-            .store
-            .enroll(registration.clone(), secret.hash(), Moment::now().wall)
-            .await
-        {
-            Ok(enrolled) => enrolled,
-            Err(error) => {
-                if error.is_unavailable() {
-                    vouch_if_known(&shared, &node_id, secret.hash()).await;
-                }
-                return Err(error.into());
-            }
-        };
-        let enrollment = match enrolled {
-            Enrolled::Admitted(enrollment) => enrollment,
-            Enrolled::HeldByAnotherSecret => {
-                metrics::counter!("muster_registrations_refused_total", "reason" => "node_secret")
-                    .increment(1);
-                warn!(
-                    agent_url = %registration.agent_url,
-                    hostname = %registration.hostname,
-                    boot_id = %registration.boot_id,
-                    "refused a registration: the node id is held by another node secret"
-                );
-                return Err(ServiceError::NodeIdHeld(node_id));
-            }
-            Enrolled::Quarantined { reason } => {
-                metrics::counter!("muster_registrations_refused_total", "reason" => "quarantined")
-                    .increment(1);
-                return Err(ServiceError::Quarantined { node_id, reason });
-            }
-        };
-        let interval = shared
-            .update(|registry| registry.register(registration, enrollment, Moment::now()))
-            .map_err(|rejected| rejection(&node_id, enrollment.generation, rejected))?;
-        Ok(Self {
-            shared,
+    /// A session of `node_id` at `generation`, whose agent was told to
+    /// heartbeat every `interval`.
+    pub(super) fn new(
+        registry: RegistryHandle,
+        timing: Timing,
+        node_id: NodeId,
+        generation: u64,
+        interval: Duration,
+    ) -> Self {
+        Self {
+            registry,
+            timing,
             node_id,
-            generation: enrollment.generation,
-            interval,
-        })
+            generation,
+            silence_limit: timing.offline_after_at(interval),
+            last_sequence: None,
+        }
     }
 
-    pub(super) fn registered_message(&self) -> CoordinatorMessage {
-        CoordinatorMessage {
-            kind: Some(coordinator_message::Kind::Registered(proto::Registered {
-                coordinator_boot_id: self.shared.boot_id.clone(),
-                session_generation: self.generation,
-                heartbeat_interval: prost_types::Duration::try_from(self.interval).ok(),
-            })),
-        }
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Serves heartbeats until the stream ends, the session is superseded or
     /// the coordinator shuts down, then runs the cleanup whatever the cause.
     pub(super) async fn run<S>(
-        self,
+        mut self,
         mut inbound: S,
         outbound: Outbound,
         shutdown: CancellationToken,
@@ -225,105 +135,44 @@ impl Session {
 
     /// The stream is over: the node goes OFFLINE unless a newer session has
     /// replaced this one.
-    fn end(&self, reason: String) {
+    pub(super) fn end(&self, reason: String) {
         info!(%reason, "session ended");
-        self.shared.update(|registry| {
+        self.registry.update(|registry| {
             registry.session_ended(&self.node_id, self.generation, Moment::now());
         });
     }
 
-    async fn serve<S>(&self, inbound: &mut S, outbound: &Outbound) -> Ended
+    async fn serve<S>(&mut self, inbound: &mut S, outbound: &Outbound) -> Ended
     where
         S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
     {
-        let mut last_sequence: Option<u64> = None;
-        // The node's own offline-after, which grows with its interval: a
-        // session checking sooner would wake every few hundred milliseconds
-        // between the heartbeats of a slowed-down fleet, for nothing.
-        let mut silence_limit = self.shared.lock().silence_limit(self.interval);
         // One timer for the whole session, re-armed only when it fires:
         // arming a new one for every heartbeat costs a timer-wheel insert and
         // removal per message.
         let mut last_heard = Instant::now();
-        let silence_check = tokio::time::sleep(silence_limit);
+        let silence_check = tokio::time::sleep(self.silence_limit);
         tokio::pin!(silence_check);
         loop {
             let message = tokio::select! {
                 () = outbound.closed() => return Ended::Stream("the agent stopped reading".to_owned()),
                 () = &mut silence_check => {
-                    let heard_until = last_heard + silence_limit;
+                    let heard_until = last_heard + self.silence_limit;
                     if Instant::now() < heard_until {
                         silence_check.as_mut().reset(heard_until);
                         continue;
                     }
-                    // The sweeper alone judges silence (it allows for the
-                    // coordinator's own stalls); the session only closes a
-                    // stream whose node it has given up on.
-                    let state = self.shared.lock().session_state(&self.node_id, self.generation);
-                    match state {
-                        Err(rejected) => return Ended::Refused(rejection(&self.node_id, self.generation, rejected)),
-                        Ok(NodeState::Offline) => return Ended::Refused(ServiceError::HeartbeatTimeout(silence_limit)),
-                        Ok(_) => {
-                            silence_check.as_mut().reset(Instant::now() + silence_limit / 10);
-                            continue;
-                        }
+                    if let Some(ended) = self.on_silence() {
+                        return ended;
                     }
+                    silence_check.as_mut().reset(Instant::now() + self.silence_limit / 10);
+                    continue;
                 }
                 message = inbound.next() => message,
             };
             last_heard = Instant::now();
-            let heartbeat = match message {
-                None => return Ended::Stream("the agent closed the stream".to_owned()),
-                Some(Err(status)) => {
-                    return Ended::Stream(format!("stream error: {}", status.message()));
-                }
-                Some(Ok(AgentMessage {
-                    kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
-                })) => heartbeat,
-                Some(Ok(AgentMessage {
-                    kind: Some(agent_message::Kind::Register(_)),
-                })) => {
-                    return Ended::Refused(ServiceError::OutOfOrder(
-                        "register may be sent only once per stream; open a new stream to register again".to_owned(),
-                    ));
-                }
-                Some(Ok(AgentMessage { kind: None })) => {
-                    return Ended::Refused(
-                        InvalidInput::new("agent_message.kind", "must be set").into(),
-                    );
-                }
-            };
-            if let Some(last) = last_sequence
-                && heartbeat.sequence <= last
-            {
-                return Ended::Refused(ServiceError::OutOfOrder(format!(
-                    "heartbeat.sequence must increase: got {} after {last}",
-                    heartbeat.sequence
-                )));
-            }
-            last_sequence = Some(heartbeat.sequence);
-            let accepted = self.shared.update(|registry| {
-                registry.heartbeat(&self.node_id, self.generation, Moment::now())
-            });
-            let retuned = match accepted {
-                Ok(retuned) => retuned,
-                Err(rejected) => {
-                    return Ended::Refused(rejection(&self.node_id, self.generation, rejected));
-                }
-            };
-            if let Some(interval) = retuned {
-                silence_limit = self.shared.lock().silence_limit(interval);
-                debug!(
-                    ?interval,
-                    "heartbeat interval changed with the fleet's size"
-                );
-            }
-            let ack = CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::Ack(proto::Ack {
-                    sequence: heartbeat.sequence,
-                    heartbeat_interval: retuned
-                        .and_then(|interval| prost_types::Duration::try_from(interval).ok()),
-                })),
+            let ack = match self.on_heartbeat(message) {
+                Ok(ack) => ack,
+                Err(ended) => return ended,
             };
             // An agent that leaves this many acks unread is not reading at all.
             if outbound.try_send(Ok(ack)).is_err() {
@@ -331,34 +180,100 @@ impl Session {
             }
         }
     }
-}
 
-/// A registration the store could not commit still shows that the agent
-/// holding the node's secret is alive: keep its node from being shown
-/// OFFLINE while the agent retries.
-async fn vouch_if_known(shared: &Shared, node_id: &NodeId, secret_hash: SecretHash) {
-    match shared
-        .store
-        .holds_secret(node_id.clone(), secret_hash)
-        .await
-    {
-        Ok(true) => {
-            if shared.update(|registry| registry.vouch(node_id, Moment::now())) {
-                debug!("registration not committed; the attempt keeps the node online");
-            }
+    /// The session has heard nothing for its silence limit. The sweeper
+    /// alone judges silence (it allows for the coordinator's own stalls); the
+    /// session only closes a stream whose node it has given up on, or that a
+    /// newer session has replaced. `None`: keep listening.
+    fn on_silence(&self) -> Option<Ended> {
+        let state = self
+            .registry
+            .lock()
+            .session_state(&self.node_id, self.generation);
+        match state {
+            Err(rejected) => Some(Ended::Refused(rejection(
+                &self.node_id,
+                self.generation,
+                rejected,
+            ))),
+            Ok(NodeState::Offline) => Some(Ended::Refused(ServiceError::HeartbeatTimeout(
+                self.silence_limit,
+            ))),
+            Ok(_) => None,
         }
-        Ok(false) => {}
-        Err(error) => debug!(error = %display_chain(&error), "cannot check the node secret"),
+    }
+
+    /// Checks one inbound message and applies it to the registry; the ack to
+    /// send, or why the session ends.
+    fn on_heartbeat(
+        &mut self,
+        message: Option<Result<AgentMessage, Status>>,
+    ) -> Result<CoordinatorMessage, Ended> {
+        let heartbeat = match message {
+            None => return Err(Ended::Stream("the agent closed the stream".to_owned())),
+            Some(Err(status)) => {
+                return Err(Ended::Stream(format!("stream error: {}", status.message())));
+            }
+            Some(Ok(AgentMessage {
+                kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
+            })) => heartbeat,
+            Some(Ok(AgentMessage {
+                kind: Some(agent_message::Kind::Register(_)),
+            })) => {
+                return Err(Ended::Refused(ServiceError::OutOfOrder(
+                    "register may be sent only once per stream; open a new stream to register again".to_owned(),
+                )));
+            }
+            Some(Ok(AgentMessage { kind: None })) => {
+                return Err(Ended::Refused(
+                    InvalidInput::new("agent_message.kind", "must be set").into(),
+                ));
+            }
+        };
+        if let Some(last) = self.last_sequence
+            && heartbeat.sequence <= last
+        {
+            return Err(Ended::Refused(ServiceError::OutOfOrder(format!(
+                "heartbeat.sequence must increase: got {} after {last}",
+                heartbeat.sequence
+            ))));
+        }
+        self.last_sequence = Some(heartbeat.sequence);
+        let accepted = self
+            .registry
+            .update(|registry| registry.heartbeat(&self.node_id, self.generation, Moment::now()));
+        let retuned = accepted.map_err(|rejected| {
+            Ended::Refused(rejection(&self.node_id, self.generation, rejected))
+        })?;
+        if let Some(interval) = retuned {
+            self.silence_limit = self.timing.offline_after_at(interval);
+            debug!(
+                ?interval,
+                "heartbeat interval changed with the fleet's size"
+            );
+        }
+        Ok(CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Ack(proto::Ack {
+                sequence: heartbeat.sequence,
+                heartbeat_interval: retuned
+                    .and_then(|interval| prost_types::Duration::try_from(interval).ok()),
+            })),
+        })
     }
 }
 
+#[derive(Debug)]
 enum Ended {
     Shutdown,
     Stream(String),
     Refused(ServiceError),
 }
 
-fn rejection(node_id: &NodeId, generation: u64, rejected: SessionRejected) -> ServiceError {
+pub(super) fn rejection(
+    node_id: &NodeId,
+    generation: u64,
+    rejected: SessionRejected,
+) -> ServiceError {
     match rejected {
         SessionRejected::Superseded { current } => ServiceError::Superseded {
             node_id: node_id.clone(),
@@ -442,5 +357,220 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(Status::from(error).code(), Code::DeadlineExceeded);
+    }
+}
+
+/// The serve loop alone, over channels, with tokio's clock paused: no store,
+/// no network, no sleeping in real time.
+#[cfg(test)]
+mod serve_loop {
+    use std::time::SystemTime;
+
+    use tokio::{sync::mpsc, task::JoinHandle};
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::Code;
+
+    use super::*;
+    use crate::{
+        node::{DEFAULT_MAX_BACKOFF, Registration},
+        registry::{Enrollment, Registry},
+    };
+
+    const ACKS_QUEUED: usize = 8;
+    const DEADLINE: Duration = Duration::from_secs(60);
+
+    fn timing(max_heartbeats_per_second: u32) -> Timing {
+        Timing {
+            heartbeat_interval: Duration::from_secs(1),
+            max_heartbeats_per_second,
+            offline_after: Duration::from_secs(3),
+            expire_after: Duration::from_secs(3600),
+            reload_grace: Duration::from_secs(3),
+        }
+    }
+
+    fn id(node: &str) -> NodeId {
+        NodeId::parse("node_id", node).unwrap()
+    }
+
+    /// Registers `node` at `generation` as admission would; its interval.
+    fn register(registry: &RegistryHandle, node: &str, generation: u64) -> Duration {
+        let registration = Registration {
+            node_id: id(node),
+            agent_url: format!("http://{node}:7701"),
+            boot_id: "boot".to_owned(),
+            version: "test".to_owned(),
+            hostname: node.to_owned(),
+            labels: Default::default(),
+            max_backoff: DEFAULT_MAX_BACKOFF,
+        };
+        let enrollment = Enrollment {
+            generation,
+            registered_at: SystemTime::now(),
+        };
+        registry
+            .update(|registry| registry.register(registration, enrollment, Moment::now()))
+            .unwrap()
+    }
+
+    fn state(registry: &RegistryHandle, node: &str) -> Option<(NodeState, u64)> {
+        registry
+            .lock()
+            .get(&id(node))
+            .map(|node| (node.state, node.generation))
+    }
+
+    /// A running session: the agent's side of its stream, and the task.
+    struct Agent {
+        messages: mpsc::Sender<Result<AgentMessage, Status>>,
+        acks: mpsc::Receiver<Result<CoordinatorMessage, Status>>,
+        session: JoinHandle<()>,
+    }
+
+    impl Agent {
+        fn start(registry: &RegistryHandle, timing: Timing, node: &str, generation: u64) -> Self {
+            let interval = register(registry, node, generation);
+            let session = Session::new(registry.clone(), timing, id(node), generation, interval);
+            let (messages, inbound) = mpsc::channel(64);
+            let (outbound, acks) = mpsc::channel(ACKS_QUEUED);
+            let session = tokio::spawn(session.run(
+                ReceiverStream::new(inbound),
+                outbound,
+                CancellationToken::new(),
+            ));
+            Self {
+                messages,
+                acks,
+                session,
+            }
+        }
+
+        async fn heartbeat(&self, sequence: u64) {
+            let heartbeat = proto::Heartbeat { sequence };
+            let message = AgentMessage {
+                kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
+            };
+            self.messages.send(Ok(message)).await.unwrap();
+        }
+
+        async fn ack(&mut self) -> proto::Ack {
+            match self.next().await {
+                Ok(CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Ack(ack)),
+                }) => ack,
+                other => panic!("expected an ack, got {other:?}"),
+            }
+        }
+
+        async fn refusal(&mut self) -> Status {
+            self.next().await.expect_err("a final status")
+        }
+
+        async fn next(&mut self) -> Result<CoordinatorMessage, Status> {
+            tokio::time::timeout(DEADLINE, self.acks.recv())
+                .await
+                .expect("the session answered")
+                .expect("the session sent something")
+        }
+
+        async fn ended(self) {
+            tokio::time::timeout(DEADLINE, self.session)
+                .await
+                .expect("the session ended")
+                .unwrap();
+        }
+    }
+
+    fn handle(timing: Timing) -> RegistryHandle {
+        RegistryHandle::new(Registry::new(timing))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sequence_going_backwards_ends_the_session_and_its_node_goes_offline() {
+        let registry = handle(timing(1000));
+        let mut agent = Agent::start(&registry, timing(1000), "gpu-1", 1);
+        agent.heartbeat(5).await;
+        assert_eq!(agent.ack().await.sequence, 5);
+        agent.heartbeat(4).await;
+        let refused = agent.refusal().await;
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains("got 4 after 5"), "{refused:?}");
+        agent.ended().await;
+        assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Offline, 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_superseded_session_is_refused_and_leaves_the_newer_one_online() {
+        let registry = handle(timing(1000));
+        let mut old = Agent::start(&registry, timing(1000), "gpu-1", 1);
+        register(&registry, "gpu-1", 2);
+        old.heartbeat(1).await;
+        let refused = old.refusal().await;
+        assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+        assert!(
+            refused.message().contains("superseded by generation 2"),
+            "{refused:?}"
+        );
+        old.ended().await;
+        assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Online, 2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_is_closed_only_once_its_node_is_offline() {
+        let timing = timing(1000);
+        let registry = handle(timing);
+        let mut agent = Agent::start(&registry, timing, "gpu-1", 1);
+        let silence_limit = timing.offline_after_at(timing.heartbeat_interval);
+        // The session itself never judges silence: while the registry still
+        // shows the node ONLINE, the stream stays open however long it is.
+        tokio::time::sleep(silence_limit * 5).await;
+        assert!(!agent.session.is_finished(), "closed while ONLINE");
+        assert!(agent.acks.try_recv().is_err());
+
+        let later = Moment::now().after(silence_limit * 2);
+        registry.update(|registry| registry.sweep(later));
+        assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Offline, 1)));
+        let refused = agent.refusal().await;
+        assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
+        agent.ended().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_stops_reading_its_acks_is_let_go() {
+        let registry = handle(timing(1000));
+        let agent = Agent::start(&registry, timing(1000), "gpu-1", 1);
+        for sequence in 1..=ACKS_QUEUED as u64 + 1 {
+            agent.heartbeat(sequence).await;
+        }
+        let Agent { acks, session, .. } = agent;
+        tokio::time::timeout(DEADLINE, session)
+            .await
+            .expect("the session let the agent go")
+            .unwrap();
+        assert_eq!(acks.len(), ACKS_QUEUED);
+        assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Offline, 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_carries_a_new_interval_once_when_the_fleet_grows() {
+        // Two heartbeats a second at a 1 s interval: two nodes per step.
+        let timing = timing(2);
+        let registry = handle(timing);
+        let mut agent = Agent::start(&registry, timing, "gpu-0", 1);
+        agent.heartbeat(1).await;
+        assert_eq!(agent.ack().await.heartbeat_interval, None);
+
+        for node in 1..5 {
+            register(&registry, &format!("gpu-{node}"), 1 + node);
+        }
+        let grown = timing.interval_for(5);
+        assert_eq!(grown, Duration::from_secs(3));
+        agent.heartbeat(2).await;
+        assert_eq!(
+            agent.ack().await.heartbeat_interval,
+            prost_types::Duration::try_from(grown).ok()
+        );
+        agent.heartbeat(3).await;
+        assert_eq!(agent.ack().await.heartbeat_interval, None);
     }
 }

@@ -620,6 +620,7 @@ mod tests {
             version: "v".to_owned(),
             hostname: node.to_owned(),
             labels: BTreeMap::from([("gpu".to_owned(), "a100".to_owned())]),
+            max_backoff: Duration::from_secs(90),
         }
     }
 
@@ -696,6 +697,39 @@ mod tests {
         assert_eq!(nodes[0].registration, registration("a", "b2"));
         assert_eq!(nodes[0].last_seen, t1);
         assert_eq!(nodes[0].generation, 2);
+    }
+
+    #[tokio::test]
+    async fn rows_without_a_backoff_ceiling_get_the_default_and_large_ones_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        let now = SystemTime::now();
+        admit(&store, registration("older-agent", "b"), now).await;
+        admit(&store, registration("patient-agent", "b"), now).await;
+        drop(store);
+        execute_sql(
+            &path,
+            "UPDATE known_nodes SET max_backoff_ms = CASE node_id \
+             WHEN 'older-agent' THEN NULL ELSE 36000000 END",
+        );
+
+        let store = Store::open(&path).await.unwrap();
+        let nodes = store.load_nodes().await.unwrap();
+        let backoff_of = |node: &str| {
+            nodes
+                .iter()
+                .find(|n| n.registration.node_id.as_str() == node)
+                .map(|n| n.registration.max_backoff)
+        };
+        assert_eq!(
+            backoff_of("older-agent"),
+            Some(crate::node::DEFAULT_MAX_BACKOFF)
+        );
+        assert_eq!(
+            backoff_of("patient-agent"),
+            Some(crate::node::MAX_MAX_BACKOFF)
+        );
     }
 
     #[tokio::test]
@@ -952,7 +986,8 @@ mod tests {
             "ALTER TABLE known_nodes RENAME TO old_nodes;
              CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
                  version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
-                 session_generation BIGINT, offline_since BIGINT, secret_hash TEXT);
+                 session_generation BIGINT, offline_since BIGINT, secret_hash TEXT,
+                 max_backoff_ms BIGINT);
              INSERT INTO known_nodes SELECT * FROM old_nodes;
              DROP TABLE old_nodes;
              UPDATE known_nodes SET hostname = NULL WHERE node_id = 'undecodable';",

@@ -1,12 +1,14 @@
 //! Row types, kept apart from the domain types they convert to and from.
 
+use std::time::Duration;
+
 use diesel::prelude::*;
 
 use super::{StoreError, schema::known_nodes};
 use crate::{
     auth::SecretHash,
     clock::{from_unix_millis, to_unix_millis},
-    node::{NodeId, Registration, StoredNode},
+    node::{self, NodeId, Registration, StoredNode},
     registry::Enrollment,
 };
 
@@ -25,6 +27,7 @@ pub struct NodeRow {
     pub session_generation: i64,
     pub offline_since: Option<i64>,
     pub secret_hash: Option<String>,
+    pub max_backoff_ms: Option<i64>,
 }
 
 impl NodeRow {
@@ -51,6 +54,7 @@ impl NodeRow {
             session_generation: generation_to_column(enrollment.generation),
             offline_since: None,
             secret_hash: Some(secret_hash.to_hex()),
+            max_backoff_ms: Some(duration_to_column(registration.max_backoff)),
         })
     }
 }
@@ -80,6 +84,10 @@ impl TryFrom<NodeRow> for StoredNode {
                 version: row.version,
                 hostname: row.hostname,
                 labels,
+                max_backoff: node::bounded_max_backoff(
+                    row.max_backoff_ms
+                        .map(|millis| Duration::from_millis(millis.max(0).unsigned_abs())),
+                ),
             },
             registered_at: from_unix_millis(row.registered_at),
             last_seen: from_unix_millis(row.last_seen),
@@ -91,4 +99,8 @@ impl TryFrom<NodeRow> for StoredNode {
 
 pub fn generation_to_column(generation: u64) -> i64 {
     i64::try_from(generation).unwrap_or(i64::MAX)
+}
+
+fn duration_to_column(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }

@@ -13,6 +13,7 @@ diesel::table! {
         session_generation -> BigInt,
         offline_since -> Nullable<BigInt>,
         secret_hash -> Nullable<Text>,
+        max_backoff_ms -> Nullable<BigInt>,
     }
 }
 

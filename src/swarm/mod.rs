@@ -73,6 +73,7 @@ pub async fn run(config: SwarmConfig, shutdown: CancellationToken) -> Result<(),
             hostname.clone(),
             vec![("swarm".to_owned(), config.node_prefix.clone())],
             &simulated_secret(&node_id)?,
+            reconnect::DEFAULT_MAX_BACKOFF,
         );
         Claim::try_from(register.clone())?;
         let probed = Arc::new(Notify::new());

@@ -8,13 +8,25 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::{
     agent::Identity,
-    error::ServiceError,
     proto::{StatusRequest, StatusResponse, agent_server::Agent},
 };
+
+/// A probe dialled an address no simulated agent has. The swarm is a
+/// stand-in for many agent processes, and a real one would not be listening
+/// there at all; NOT_FOUND makes the coordinator treat it as such.
+#[derive(Debug, thiserror::Error)]
+#[error("no simulated agent listens at {0}")]
+pub struct NoAgentAtAddress(String);
+
+impl From<NoAgentAtAddress> for Status {
+    fn from(error: NoAgentAtAddress) -> Self {
+        Status::new(Code::NotFound, error.to_string())
+    }
+}
 
 pub struct SwarmStatus {
     /// The address of `identities[0]`; agent `i` listens at this plus `i`.
@@ -48,7 +60,7 @@ impl Agent for SwarmStatus {
         let dialled = request.local_addr();
         match dialled.and_then(|address| self.identity_at(address.ip())) {
             Some(identity) => Ok(Response::new(identity.answer(&request)?)),
-            None => Err(ServiceError::NoAgentAtAddress(
+            None => Err(NoAgentAtAddress(
                 dialled.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string()),
             )
             .into()),

@@ -459,6 +459,7 @@ pub fn register_message(node_id: &str, agent_url: &str, boot_id: &str) -> proto:
             hostname: "test".to_owned(),
             labels: Default::default(),
             node_secret: secret_of(node_id),
+            max_backoff: None,
         })),
     }
 }
@@ -594,6 +595,77 @@ pub fn skip(what: &str, reason: &str) {
 pub fn say(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// A coordinator running inside the test process on an ephemeral port, with
+/// the address `start()` bound rather than one read from a log line. For
+/// tests that need no signals, no restart of the process and no start-up
+/// error; it stops when dropped.
+pub struct InProcessCoordinator {
+    pub address: SocketAddr,
+    pub metrics_address: Option<SocketAddr>,
+    pub db: PathBuf,
+    shutdown: tokio_util::sync::CancellationToken,
+    supervised: Option<tokio::task::JoinHandle<Result<(), muster::error::RunError>>>,
+}
+
+impl InProcessCoordinator {
+    /// Starts a coordinator with `muster coordinator`'s defaults and `extra`
+    /// flags, listening on 127.0.0.1:0 and keeping its database at `db`.
+    pub async fn start(db: &Path, extra: &[&str]) -> Self {
+        use clap::Parser;
+        let mut args: Vec<String> = ["muster", "coordinator", "--listen", "127.0.0.1:0", "--db"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(db.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let muster::config::Command::Coordinator(config) =
+            muster::config::Cli::parse_from(args).command
+        else {
+            unreachable!("parsed as the coordinator command");
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let running = muster::coordinator::start(config, shutdown.clone())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "coordinator did not start: {}",
+                    muster::error::display_chain(&e)
+                )
+            });
+        Self {
+            address: running.address,
+            metrics_address: running.metrics_address,
+            db: db.to_owned(),
+            shutdown,
+            supervised: Some(tokio::spawn(running.supervise())),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub async fn client(&self) -> CoordinatorClient<Channel> {
+        connect(&self.url()).await.expect("connect to coordinator")
+    }
+
+    /// Shuts down as a signal would, and returns how supervision ended.
+    pub async fn stop(mut self) -> Result<(), muster::error::RunError> {
+        self.shutdown.cancel();
+        let supervised = self.supervised.take().expect("supervised until stopped");
+        tokio::time::timeout(START_DEADLINE, supervised)
+            .await
+            .expect("coordinator stopped within the deadline")
+            .expect("supervision did not panic")
+    }
+}
+
+impl Drop for InProcessCoordinator {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
 }
 
 /// Runs `command` to its end, with stdout and stderr captured; a process

@@ -1,0 +1,1 @@
+ALTER TABLE known_nodes DROP COLUMN max_backoff_ms;
