@@ -236,6 +236,7 @@ pub struct NodeSnapshot {
     pub last_seen: SystemTime,
     pub generation: u64,
     pub offline_since: Option<SystemTime>,
+    pub last_probe_error: Option<String>,
 }
 
 #[cfg(test)]

@@ -173,6 +173,8 @@ struct Entry {
     /// was last heard; one pardon per silence, so a dead node is not kept
     /// alive by a coordinator that keeps running late.
     pardoned: bool,
+    /// Why the last Status probe failed, until one passes.
+    last_probe_error: Option<String>,
 }
 
 impl Entry {
@@ -184,6 +186,7 @@ impl Entry {
             last_seen: self.last_seen,
             generation: self.generation,
             offline_since: self.offline_since,
+            last_probe_error: self.last_probe_error.clone(),
         }
     }
 }
@@ -233,6 +236,7 @@ impl Registry {
                     offline_since: node.offline_since,
                     last_seen_dirty: false,
                     pardoned: false,
+                    last_probe_error: None,
                 },
             );
         }
@@ -264,6 +268,12 @@ impl Registry {
             None => self.nodes.len() + 1,
         };
         let interval = self.timing.interval_for(known);
+        // A probe failure outlives the registration that followed it: the
+        // next restart's probe would fail the same way.
+        let last_probe_error = self
+            .nodes
+            .get(&registration.node_id)
+            .and_then(|entry| entry.last_probe_error.clone());
         self.nodes.insert(
             registration.node_id.clone(),
             Entry {
@@ -277,6 +287,7 @@ impl Registry {
                 offline_since: None,
                 last_seen_dirty: false,
                 pardoned: false,
+                last_probe_error,
             },
         );
         Ok(interval)
@@ -351,6 +362,7 @@ impl Registry {
         entry.last_seen_dirty = true;
         entry.live_until = now.monotonic + live_for;
         entry.pardoned = false;
+        entry.last_probe_error = None;
         if entry.offline_since.take().is_some() {
             self.changes.push(Change::CameOnline {
                 node_id: target.node_id.clone(),
@@ -387,6 +399,21 @@ impl Registry {
                 generation: entry.generation,
             });
         }
+        true
+    }
+
+    /// A Status probe sent to `target` failed for `reason`; the node keeps
+    /// the reason until a probe passes, for operators to see. Returns
+    /// whether the reason is new for this node, so that it is reported once
+    /// per cause rather than once per probe.
+    pub fn probe_failed(&mut self, target: &ProbeTarget, reason: &str) -> bool {
+        let Some(entry) = self.nodes.get_mut(&target.node_id) else {
+            return false;
+        };
+        if entry.last_probe_error.as_deref() == Some(reason) {
+            return false;
+        }
+        entry.last_probe_error = Some(reason.to_owned());
         true
     }
 

@@ -77,6 +77,7 @@ impl From<NodeSnapshot> for proto::Node {
             hostname: registration.hostname,
             session_generation: node.generation,
             offline_since: node.offline_since.map(Into::into),
+            last_probe_error: node.last_probe_error.unwrap_or_default(),
         }
     }
 }
