@@ -13,6 +13,7 @@
 
 mod admission;
 mod prober;
+mod readiness;
 mod service;
 mod session;
 mod sweeper;
@@ -204,12 +205,7 @@ pub async fn start(
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    health
-        .set_not_serving::<CoordinatorServer<service::CoordinatorService>>()
-        .await;
+    let readiness = readiness::Readiness::new(health).await;
 
     let sessions = TaskTracker::new();
     let background = TaskTracker::new();
@@ -229,7 +225,12 @@ pub async fn start(
         shared.clone(),
         config.probe_timeout,
         PROBE_CONCURRENCY,
-        health,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+    background.spawn(readiness::follow_store(
+        readiness,
+        shared.store.clone(),
         shutdown.clone(),
     ));
 
