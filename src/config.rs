@@ -295,6 +295,25 @@ pub enum NodesCommand {
         #[command(flatten)]
         client: NodesClientConfig,
     },
+    /// Take a node out of service: it stays a member and keeps
+    /// heartbeating, but nothing new is placed on it. Draining a drained
+    /// node replaces its reason.
+    Drain {
+        /// The node id.
+        node_id: String,
+        /// Why, for whoever reads `nodes list` next (1-256 bytes).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
+    /// Put a drained node back in service.
+    Undrain {
+        /// The node id.
+        node_id: String,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1,4 +1,5 @@
-//! Operator commands: `muster nodes list`, `get` and `remove`, and
+//! Operator commands: `muster nodes list`, `get`, `remove`, `drain` and
+//! `undrain`, and
 //! `muster health`.
 
 mod health;
@@ -59,6 +60,32 @@ pub async fn run_nodes(command: NodesCommand, out: &mut impl Write) -> Result<()
             if let Some(node) = removed.node {
                 output::write_node(out, client.output, &node)?;
             }
+        }
+        NodesCommand::Drain {
+            node_id,
+            reason,
+            client,
+        } => {
+            let operator = Operator::connect(&client).await?;
+            let request = operator.request(proto::DrainNodeRequest { node_id, reason });
+            let node = operator
+                .coordinator()
+                .drain_node(request)
+                .await
+                .map_err(|status| operator.rpc_error(status))?
+                .into_inner();
+            output::write_node(out, client.output, &node)?;
+        }
+        NodesCommand::Undrain { node_id, client } => {
+            let operator = Operator::connect(&client).await?;
+            let request = operator.request(proto::UndrainNodeRequest { node_id });
+            let node = operator
+                .coordinator()
+                .undrain_node(request)
+                .await
+                .map_err(|status| operator.rpc_error(status))?
+                .into_inner();
+            output::write_node(out, client.output, &node)?;
         }
     }
     Ok(())

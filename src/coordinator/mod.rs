@@ -99,6 +99,9 @@ pub(crate) struct Shared {
     admin_token: Option<Token>,
     /// Serves the coordinator, and dials agents for probes.
     tls: Option<Tls>,
+    /// Held across each drain's store write and registry update, so that
+    /// the registry applies drains in the order the store recorded them.
+    drains: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -194,6 +197,7 @@ pub async fn start(
         join_token,
         admin_token,
         tls,
+        drains: tokio::sync::Mutex::new(()),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
