@@ -339,6 +339,40 @@ fn usable_interval(interval: Option<prost_types::Duration>) -> Option<Duration> 
         .map(|d| d.max(MIN_INTERVAL))
 }
 
+/// Tells the coordinator this agent is leaving on purpose, and waits at most
+/// `timeout` for it to be recorded.
+async fn leave(
+    outbound: &mpsc::Sender<AgentMessage>,
+    inbound: &mut tonic::Streaming<proto::CoordinatorMessage>,
+    timeout: Duration,
+) {
+    let leave = AgentMessage {
+        kind: Some(agent_message::Kind::Leave(proto::Leave {
+            reason: "the agent is shutting down".to_owned(),
+        })),
+    };
+    let acknowledged = tokio::time::timeout(timeout, async {
+        outbound.send(leave).await.ok()?;
+        loop {
+            match inbound.message().await {
+                Ok(Some(proto::CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Left(_)),
+                })) => return Some(()),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    })
+    .await;
+    match acknowledged {
+        Ok(Some(())) => info!("left the fleet: the coordinator shows this node LEFT"),
+        Ok(None) | Err(_) => warn!(
+            ?timeout,
+            "the coordinator did not acknowledge the leave; it will show this node OFFLINE"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,39 +417,5 @@ mod tests {
         let delays: Vec<_> = (0..10).map(|_| backoff.next_delay()).collect();
         let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
         assert!(distinct.len() > 1, "{delays:?}");
-    }
-}
-
-/// Tells the coordinator this agent is leaving on purpose, and waits at most
-/// `timeout` for it to be recorded.
-async fn leave(
-    outbound: &mpsc::Sender<AgentMessage>,
-    inbound: &mut tonic::Streaming<proto::CoordinatorMessage>,
-    timeout: Duration,
-) {
-    let leave = AgentMessage {
-        kind: Some(agent_message::Kind::Leave(proto::Leave {
-            reason: "the agent is shutting down".to_owned(),
-        })),
-    };
-    let acknowledged = tokio::time::timeout(timeout, async {
-        outbound.send(leave).await.ok()?;
-        loop {
-            match inbound.message().await {
-                Ok(Some(proto::CoordinatorMessage {
-                    kind: Some(coordinator_message::Kind::Left(_)),
-                })) => return Some(()),
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => return None,
-            }
-        }
-    })
-    .await;
-    match acknowledged {
-        Ok(Some(())) => info!("left the fleet: the coordinator shows this node LEFT"),
-        Ok(None) | Err(_) => warn!(
-            ?timeout,
-            "the coordinator did not acknowledge the leave; it will show this node OFFLINE"
-        ),
     }
 }

@@ -274,7 +274,7 @@ impl Store {
                     Err(error) => (Err(error), None),
                 };
                 match decode(row)? {
-                    Decoded::Node(node) => nodes.push(StoredNode { drain, ..node }),
+                    Decoded::Node(node) => nodes.push(StoredNode { drain, ..*node }),
                     Decoded::Unreadable { node_id, reason } => {
                         quarantined += 1;
                         warn!(
@@ -429,7 +429,7 @@ fn transaction_in_place<T>(
 
 /// A row as read: a node, or why it cannot be one.
 enum Decoded {
-    Node(StoredNode),
+    Node(Box<StoredNode>),
     Unreadable {
         /// `None` when not even the row's columns could be decoded.
         node_id: Option<String>,
@@ -439,7 +439,7 @@ enum Decoded {
 
 fn decode(row: QueryResult<NodeRow>) -> Result<Decoded, StoreError> {
     match row.map_err(StoreError::from).and_then(StoredNode::try_from) {
-        Ok(node) => Ok(Decoded::Node(node)),
+        Ok(node) => Ok(Decoded::Node(Box::new(node))),
         Err(StoreError::Corrupt { node_id, reason }) => Ok(Decoded::Unreadable {
             node_id: Some(node_id),
             reason,
