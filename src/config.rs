@@ -79,7 +79,7 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_OFFLINE_AFTER", default_value = "15s", value_parser = parse_duration)]
     pub offline_after: Duration,
 
-    /// Time a node stays OFFLINE before it is removed.
+    /// Time a node stays OFFLINE or LEFT before it is removed.
     #[arg(long, env = "MUSTER_EXPIRE_AFTER", default_value = "24h", value_parser = parse_duration)]
     pub expire_after: Duration,
 
