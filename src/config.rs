@@ -41,6 +41,101 @@ pub enum Command {
     /// Ask a coordinator or an agent whether it is healthy; exits 0 only if
     /// it reports SERVING (for container healthchecks).
     Health(HealthConfig),
+    /// Make a CA and certificates for mutual TLS.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Make the cluster's CA: ca.crt, and its private key ca.key (mode 0600).
+    Ca(TlsCaConfig),
+    /// Make a certificate signed by the CA, for a coordinator, an agent or an
+    /// operator: NAME.crt and NAME.key (mode 0600).
+    Cert(TlsCertConfig),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TlsCaConfig {
+    /// Directory to write ca.crt and ca.key to.
+    #[arg(long, env = "MUSTER_TLS_DIR", default_value = ".")]
+    pub dir: PathBuf,
+
+    /// The CA's common name.
+    #[arg(long, default_value = "muster CA")]
+    pub common_name: String,
+
+    /// How long the CA is valid.
+    #[arg(long, default_value = "10years", value_parser = parse_duration)]
+    pub valid_for: Duration,
+
+    /// Replace files that already exist.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TlsCertConfig {
+    /// Host names and IP addresses the certificate is for, separated by
+    /// commas; the first is also its common name and file name. Give every
+    /// name peers use to reach this process (the host of the coordinator's
+    /// URL, or of the agent's advertised URL).
+    #[arg(
+        long = "name",
+        value_name = "HOST[,HOST...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub names: Vec<String>,
+
+    /// For a process that only dials servers, such as an operator's `muster
+    /// nodes`. Without --client and --server, the certificate serves both,
+    /// as coordinators and agents need.
+    #[arg(long)]
+    pub client: bool,
+
+    /// For a process that only serves.
+    #[arg(long)]
+    pub server: bool,
+
+    /// Directory to write the certificate and its key to, and where the CA
+    /// is looked for.
+    #[arg(long, env = "MUSTER_TLS_DIR", default_value = ".")]
+    pub dir: PathBuf,
+
+    /// File names are this, then .crt and .key [default: the first --name]
+    #[arg(long, value_name = "NAME")]
+    pub file_name: Option<String>,
+
+    /// The CA certificate to sign with [default: DIR/ca.crt]
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+
+    /// The CA's private key [default: DIR/ca.key]
+    #[arg(long, value_name = "FILE")]
+    pub ca_key: Option<PathBuf>,
+
+    /// How long the certificate is valid.
+    #[arg(long, default_value = "2years", value_parser = parse_duration)]
+    pub valid_for: Duration,
+
+    /// Replace files that already exist.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl TlsCertConfig {
+    pub fn ca_cert(&self) -> PathBuf {
+        self.ca.clone().unwrap_or_else(|| self.dir.join("ca.crt"))
+    }
+
+    pub fn ca_key(&self) -> PathBuf {
+        self.ca_key
+            .clone()
+            .unwrap_or_else(|| self.dir.join("ca.key"))
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -284,6 +379,10 @@ pub enum NodesCommand {
     Get {
         /// The node id.
         node_id: String,
+        /// Ask again until the node is registered and the coordinator
+        /// answers, for up to this long (e.g. just after starting an agent).
+        #[arg(long, env = "MUSTER_NODES_WAIT", value_parser = parse_duration)]
+        wait: Option<Duration>,
         #[command(flatten)]
         client: NodesClientConfig,
     },
@@ -361,6 +460,11 @@ pub struct HealthConfig {
     /// Time limit of the whole check, connecting included.
     #[arg(long, env = "MUSTER_HEALTH_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub timeout: Duration,
+
+    /// Ask again until the server is SERVING, for up to this long (e.g. just
+    /// after starting it); without it, ask once.
+    #[arg(long, env = "MUSTER_HEALTH_WAIT", value_parser = parse_duration)]
+    pub wait: Option<Duration>,
 
     #[command(flatten)]
     pub tls: TlsArgs,

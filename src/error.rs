@@ -25,7 +25,7 @@ pub enum ServiceError {
     #[error("{0}")]
     OutOfOrder(String),
     #[error(
-        "node {node_id}: this stream (generation {stale}) was superseded by generation {current}"
+        "node {node_id}: this stream (generation {stale}) was superseded by generation {current}: another stream registered as this node; if that is not this agent restarting, two agents share one node id and node secret, most likely one --state-dir (give each agent its own --state-dir and --node-id)"
     )]
     Superseded {
         node_id: NodeId,
@@ -126,6 +126,10 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("cannot build the reflection service")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(
+        "the state directory {path} is in use by {holder}; give each agent on a machine its own --state-dir (and --node-id)"
+    )]
+    StateDirInUse { path: PathBuf, holder: String },
     #[error("cannot keep the agent's identity in {path}")]
     StateDir { path: PathBuf, source: io::Error },
     #[error(transparent)]
@@ -150,6 +154,14 @@ pub enum RunError {
         code: tonic::Code,
         message: String,
     },
+    #[error("{url} closed the connection without answering; {advice}")]
+    Dropped { url: String, advice: String },
+    #[error("{url} was not SERVING within {}: {last}", humantime::format_duration(*.waited))]
+    NotReady {
+        url: String,
+        waited: std::time::Duration,
+        last: String,
+    },
     #[error("{url} is {status}")]
     Unhealthy { url: String, status: &'static str },
     #[error("cannot write output")]
@@ -160,6 +172,16 @@ pub enum RunError {
     Metrics(String),
     #[error("TLS: {reason}")]
     Tls { reason: String },
+    #[error("{flag} {path}: {problem}")]
+    TlsCertificate {
+        flag: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
+    #[error("{reason}")]
+    TlsIssue { reason: String },
+    #[error("cannot write {path}")]
+    WriteFile { path: PathBuf, source: io::Error },
     #[error("cannot read {flag} {path}")]
     TlsFile {
         flag: &'static str,

@@ -73,5 +73,6 @@ async fn run(command: Command) -> Result<(), RunError> {
         }
         Command::Nodes { command } => cli::run_nodes(command, &mut std::io::stdout().lock()).await,
         Command::Health(config) => cli::run_health(config, &mut std::io::stdout().lock()).await,
+        Command::Tls { command } => cli::run_tls(command, &mut std::io::stdout().lock()),
     }
 }

@@ -275,6 +275,7 @@ pub struct NodeSnapshot {
     pub generation: u64,
     pub offline_since: Option<SystemTime>,
     pub drain: Option<Drain>,
+    pub last_probe_error: Option<String>,
 }
 
 #[cfg(test)]

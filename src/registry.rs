@@ -182,6 +182,8 @@ struct Entry {
     /// was last heard; one pardon per silence, so a dead node is not kept
     /// alive by a coordinator that keeps running late.
     pardoned: bool,
+    /// Why the last Status probe failed, until one passes.
+    last_probe_error: Option<String>,
 }
 
 impl Entry {
@@ -194,6 +196,7 @@ impl Entry {
             generation: self.generation,
             offline_since: self.offline_since,
             drain: self.drain.clone(),
+            last_probe_error: self.last_probe_error.clone(),
         }
     }
 }
@@ -254,6 +257,7 @@ impl Registry {
                     drain: node.drain,
                     last_seen_dirty: false,
                     pardoned: false,
+                    last_probe_error: None,
                 },
             );
         }
@@ -290,6 +294,12 @@ impl Registry {
             drain = ahead;
         }
         let interval = self.timing.interval_for(known);
+        // A probe failure outlives the registration that followed it: the
+        // next restart's probe would fail the same way.
+        let last_probe_error = self
+            .nodes
+            .get(&registration.node_id)
+            .and_then(|entry| entry.last_probe_error.clone());
         self.nodes.insert(
             registration.node_id.clone(),
             Entry {
@@ -304,6 +314,7 @@ impl Registry {
                 drain,
                 last_seen_dirty: false,
                 pardoned: false,
+                last_probe_error,
             },
         );
         Ok(interval)
@@ -415,12 +426,28 @@ impl Registry {
         entry.last_seen_dirty = true;
         entry.live_until = now.monotonic + live_for;
         entry.pardoned = false;
+        entry.last_probe_error = None;
         if entry.offline_since.take().is_some() {
             self.changes.push(Change::CameOnline {
                 node_id: target.node_id.clone(),
                 generation: entry.generation,
             });
         }
+        true
+    }
+
+    /// A Status probe sent to `target` failed for `reason`; the node keeps
+    /// the reason until a probe passes, for operators to see. Returns
+    /// whether the reason is new for this node, so that it is reported once
+    /// per cause rather than once per probe.
+    pub fn probe_failed(&mut self, target: &ProbeTarget, reason: &str) -> bool {
+        let Some(entry) = self.nodes.get_mut(&target.node_id) else {
+            return false;
+        };
+        if entry.last_probe_error.as_deref() == Some(reason) {
+            return false;
+        }
+        entry.last_probe_error = Some(reason.to_owned());
         true
     }
 

@@ -12,6 +12,12 @@
 //! Invariant: once a process has TLS flags, no gRPC channel it dials or
 //! serves is plaintext; a mismatched URL is refused with a message saying
 //! why. (The optional metrics endpoint is plain HTTP; see SECURITY.md.)
+//!
+//! Certificates are checked as they are loaded ([`check`]), and
+//! `muster tls` makes them ([`issue`]).
+
+pub mod check;
+pub mod issue;
 
 use std::path::{Path, PathBuf};
 
@@ -44,6 +50,9 @@ pub struct TlsArgs {
 #[derive(Clone)]
 pub struct Tls {
     identity: Option<Identity>,
+    /// Where the identity's certificate came from, and what it may be used
+    /// for.
+    own: Option<(PathBuf, check::Usages)>,
     ca: Option<Certificate>,
 }
 
@@ -59,12 +68,17 @@ impl std::fmt::Debug for Tls {
 impl Tls {
     /// Reads the files the flags name; `None` when no TLS flag is set.
     pub fn load(args: &TlsArgs) -> Result<Option<Self>, RunError> {
-        let identity = match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(Identity::from_pem(
-                read_pem("--tls-cert", cert, "CERTIFICATE")?,
-                read_pem("--tls-key", key, "PRIVATE KEY")?,
-            )),
-            (None, None) => None,
+        let (identity, own) = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => {
+                let cert_pem = read_pem("--tls-cert", cert, "CERTIFICATE")?;
+                let usages = check::own_certificate("--tls-cert", cert, &cert_pem)?;
+                let key_pem = read_pem("--tls-key", key, "PRIVATE KEY")?;
+                (
+                    Some(Identity::from_pem(cert_pem, key_pem)),
+                    Some((cert.clone(), usages)),
+                )
+            }
+            (None, None) => (None, None),
             (Some(_), None) | (None, Some(_)) => {
                 return Err(RunError::Tls {
                     reason: "--tls-cert and --tls-key must be given together".to_owned(),
@@ -74,9 +88,18 @@ impl Tls {
         let ca = args
             .tls_ca
             .as_deref()
-            .map(|ca| read_pem("--tls-ca", ca, "CERTIFICATE").map(Certificate::from_pem))
+            .map(|ca| {
+                let pem = read_pem("--tls-ca", ca, "CERTIFICATE")?;
+                check::ca_certificates("--tls-ca", ca, &pem)?;
+                Ok::<_, RunError>(Certificate::from_pem(pem))
+            })
             .transpose()?;
-        Ok((identity.is_some() || ca.is_some()).then_some(Self { identity, ca }))
+        Ok((identity.is_some() || ca.is_some()).then_some(Self { identity, own, ca }))
+    }
+
+    /// Whether this process has a certificate of its own to present.
+    pub fn has_identity(&self) -> bool {
+        self.identity.is_some()
     }
 
     /// The server side: this process's certificate, and client certificates
@@ -85,6 +108,12 @@ impl Tls {
         let identity = self.identity.clone().ok_or_else(|| RunError::Tls {
             reason: "--tls-ca was given without --tls-cert and --tls-key; a TLS server needs a certificate".to_owned(),
         })?;
+        self.require_usage(
+            |usages| usages.server_auth,
+            "serverAuth",
+            "serve TLS",
+            "--server",
+        )?;
         let config = ServerTlsConfig::new()
             .identity(identity)
             .timeout(HANDSHAKE_TIMEOUT);
@@ -104,9 +133,36 @@ impl Tls {
             .ca_certificate(ca)
             .timeout(HANDSHAKE_TIMEOUT);
         Ok(match &self.identity {
-            Some(identity) => config.identity(identity.clone()),
+            Some(identity) => {
+                self.require_usage(
+                    |usages| usages.client_auth,
+                    "clientAuth",
+                    "present it to a server",
+                    "--client",
+                )?;
+                config.identity(identity.clone())
+            }
             None => config,
         })
+    }
+
+    fn require_usage(
+        &self,
+        allows: impl Fn(check::Usages) -> bool,
+        usage: &str,
+        role: &str,
+        cert_flag: &str,
+    ) -> Result<(), RunError> {
+        match &self.own {
+            Some((path, usages)) if !allows(*usages) => Err(RunError::TlsCertificate {
+                flag: "--tls-cert",
+                path: path.clone(),
+                problem: format!(
+                    "certificate lacks the {usage} extended key usage, which it needs to {role} (make one with `muster tls cert {cert_flag}`, or without --client and --server for both)"
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -168,12 +224,14 @@ mod tests {
     fn a_ca_alone_cannot_serve_and_https_needs_a_ca() {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let certificate = rcgen::generate_simple_self_signed(vec!["ca".to_owned()]).unwrap();
+        std::fs::write(&ca, certificate.cert.pem()).unwrap();
         let tls = Tls::load(&args(None, None, Some(&ca))).unwrap().unwrap();
         assert!(tls.server_config().is_err());
         assert!(tls.client_config("https://h:1").is_ok());
         let no_ca = Tls {
             identity: None,
+            own: None,
             ca: None,
         };
         let err = no_ca.client_config("https://h:1").unwrap_err();

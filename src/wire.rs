@@ -81,6 +81,7 @@ impl From<NodeSnapshot> for proto::Node {
             drained: node.drain.is_some(),
             drained_at: node.drain.as_ref().map(|drain| drain.since.into()),
             drain_reason: node.drain.map(|drain| drain.reason).unwrap_or_default(),
+            last_probe_error: node.last_probe_error.unwrap_or_default(),
         }
     }
 }

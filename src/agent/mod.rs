@@ -4,6 +4,7 @@
 
 mod identity;
 pub mod reconnect;
+mod state_lock;
 mod status;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -34,6 +35,7 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Runs an agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
+    let _state_dir_lock = state_lock::lock_state_dir(&config.state_dir).await?;
     let hostname = gethostname::gethostname().to_string_lossy().into_owned();
     let node_id = resolve_node_id(config.node_id.as_deref(), &config.state_dir, &hostname).await?;
     let node_secret = resolve_node_secret(&config.state_dir).await?;

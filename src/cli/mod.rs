@@ -1,17 +1,19 @@
 //! Operator commands: `muster nodes list`, `get`, `remove`, `drain` and
-//! `undrain`, and
-//! `muster health`.
+//! `undrain`, `muster health`, and `muster tls`.
 
 mod health;
 mod output;
+mod tls;
 
-use std::io::Write;
+use std::{io::Write, time::Duration};
 
+use tokio::time::Instant;
 use tonic::{Request, transport::Channel};
 
 pub use health::run_health;
+pub use tls::run_tls;
 
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 use crate::{
     auth::Token,
@@ -37,15 +39,12 @@ pub async fn run_nodes(command: NodesCommand, out: &mut impl Write) -> Result<()
                 .nodes;
             output::write_nodes(out, client.output, &nodes)?;
         }
-        NodesCommand::Get { node_id, client } => {
-            let operator = Operator::connect(&client).await?;
-            let request = operator.request(proto::GetNodeRequest { node_id });
-            let node = operator
-                .coordinator()
-                .get_node(request)
-                .await
-                .map_err(|status| operator.rpc_error(status))?
-                .into_inner();
+        NodesCommand::Get {
+            node_id,
+            wait,
+            client,
+        } => {
+            let node = get_node(&client, node_id, wait).await?;
             output::write_node(out, client.output, &node)?;
         }
         NodesCommand::Remove { node_id, client } => {
@@ -91,11 +90,56 @@ pub async fn run_nodes(command: NodesCommand, out: &mut impl Write) -> Result<()
     Ok(())
 }
 
+/// The node `node_id`; with `wait`, asked for again until it is registered
+/// and the coordinator answers, for up to that long.
+async fn get_node(
+    client: &NodesClientConfig,
+    node_id: String,
+    wait: Option<Duration>,
+) -> Result<proto::Node, RunError> {
+    let deadline = wait.map(|wait| Instant::now() + wait);
+    loop {
+        let attempt = async {
+            let operator = Operator::connect(client).await?;
+            let request = operator.request(proto::GetNodeRequest {
+                node_id: node_id.clone(),
+            });
+            operator
+                .coordinator()
+                .get_node(request)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|status| operator.rpc_error(status))
+        };
+        let failure = match attempt.await {
+            Ok(node) => return Ok(node),
+            Err(failure) => failure,
+        };
+        let worth_waiting = matches!(
+            &failure,
+            RunError::Connect { .. }
+                | RunError::ConnectTimeout { .. }
+                | RunError::Dropped { .. }
+                | RunError::Rpc {
+                    code: tonic::Code::NotFound | tonic::Code::Unavailable,
+                    ..
+                }
+        );
+        match deadline {
+            Some(deadline) if worth_waiting && Instant::now() + health::RETRY_EVERY < deadline => {
+                tokio::time::sleep(health::RETRY_EVERY).await;
+            }
+            _ => return Err(failure),
+        }
+    }
+}
+
 /// A connection to the coordinator, with the credentials to present.
 struct Operator {
     url: String,
     channel: Channel,
     admin_token: Option<Token>,
+    tls: Option<Tls>,
 }
 
 impl Operator {
@@ -114,6 +158,7 @@ impl Operator {
             url: client.coordinator.clone(),
             channel,
             admin_token,
+            tls,
         })
     }
 
@@ -141,13 +186,41 @@ impl Operator {
             )),
             _ => None,
         };
-        rpc_failure(&self.url, &status, hint)
+        rpc_failure(&self.url, self.tls.as_ref(), &status, hint)
     }
 }
 
 /// A failed call to `url`, worded for the operator: `hint` where the caller
 /// knows better than the server's message what went wrong.
-fn rpc_failure(url: &str, status: &tonic::Status, hint: Option<String>) -> RunError {
+///
+/// A status with a source was made on this side from a broken connection,
+/// not sent by the server. TLS servers break connections that way when a
+/// client speaks plain HTTP/2 to them, or has no certificate they accept;
+/// rustls's alert does not reach the status, so the advice follows from how
+/// this process dialled.
+fn rpc_failure(
+    url: &str,
+    tls: Option<&Tls>,
+    status: &tonic::Status,
+    hint: Option<String>,
+) -> RunError {
+    if std::error::Error::source(status).is_some() {
+        let advice = match tls {
+            None => {
+                "if it speaks TLS, use an https:// URL and --tls-ca, the CA that signed its certificate"
+            }
+            Some(tls) if !tls.has_identity() => {
+                "if it requires a client certificate (mutual TLS), pass --tls-cert and --tls-key"
+            }
+            Some(_) => {
+                "if it requires a client certificate, check that --tls-cert was signed by the CA it trusts, for the clientAuth usage"
+            }
+        };
+        return RunError::Dropped {
+            url: url.to_owned(),
+            advice: advice.to_owned(),
+        };
+    }
     let message = hint.unwrap_or_else(|| match status.message() {
         "" => "no details given".to_owned(),
         message => message.to_owned(),

@@ -27,6 +27,7 @@ struct NodeView<'a> {
     version: &'a str,
     hostname: &'a str,
     labels: BTreeMap<&'a str, &'a str>,
+    last_probe_error: Option<&'a str>,
 }
 
 impl<'a> From<&'a proto::Node> for NodeView<'a> {
@@ -50,6 +51,7 @@ impl<'a> From<&'a proto::Node> for NodeView<'a> {
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect(),
+            last_probe_error: Some(node.last_probe_error.as_str()).filter(|e| !e.is_empty()),
         }
     }
 }
@@ -79,7 +81,13 @@ pub fn write_node(
             serde_json::to_writer_pretty(&mut *out, &NodeView::from(node))?;
             writeln!(out)
         }
-        OutputFormat::Table => write_table(out, std::slice::from_ref(node)),
+        OutputFormat::Table => {
+            write_table(out, std::slice::from_ref(node))?;
+            if !node.last_probe_error.is_empty() {
+                writeln!(out, "last probe error: {}", node.last_probe_error)?;
+            }
+            Ok(())
+        }
     }
 }
 

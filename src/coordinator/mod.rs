@@ -149,11 +149,10 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<RunningCoordinator, RunError> {
     config.validate()?;
-    // Every agent holds a connection, and every connection is a file.
-    match limits::raise_open_files() {
-        Ok(files) => info!(soft = files.soft, hard = files.hard, "open-file limit"),
-        Err(error) => warn!(%error, "cannot raise the open-file limit"),
-    }
+    // Every agent holds a connection, and every connection is a file. The
+    // outcome is logged with the "listening" line: nothing is logged before
+    // a start-up error, which stays the one line on stderr.
+    let open_files = limits::raise_open_files();
     let join_token =
         Token::from_optional_file("--join-token-file", config.join_token_file.as_deref())?;
     let admin_token =
@@ -247,6 +246,10 @@ pub async fn start(
     let metrics_address = metrics.as_ref().map(MetricsListener::local_address);
     if let Some(metrics) = metrics {
         background.spawn(telemetry::serve(metrics, shutdown.clone()));
+    }
+    match open_files {
+        Ok(files) => info!(soft = files.soft, hard = files.hard, "open-file limit"),
+        Err(error) => warn!(%error, "cannot raise the open-file limit"),
     }
     info!(
         %address,

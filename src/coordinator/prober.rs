@@ -157,16 +157,42 @@ pub(super) async fn initial_round(
                 }
             }
             ProbeOutcome::WrongNode { answered } => {
-                warn!(%node_id, %agent_url, %answered, "probe reached a different node; not marking online");
+                let reason = format!("{agent_url} answered as node {answered}");
+                if shared.update(|registry| registry.probe_failed(&target, &reason)) {
+                    warn!(%node_id, %agent_url, %answered, "probe reached a different node; not marking online");
+                }
             }
             ProbeOutcome::Unreachable { reason } => {
-                info!(%node_id, %agent_url, %reason, "probe failed; waiting for the agent to reconnect");
+                let reason = explain_probe_failure(&reason);
+                if shared.update(|registry| registry.probe_failed(&target, &reason)) {
+                    warn!(%node_id, %agent_url, %reason, "probe failed; the node stays UNKNOWN until its agent reconnects (shown by `muster nodes get`)");
+                }
             }
         }
     }
     info!(total, proven, skipped, "initial probe round finished");
     if !serving {
         report_serving(&health).await;
+    }
+}
+
+/// `reason` with what to do about the TLS failures whose rustls names mean
+/// little to an operator.
+fn explain_probe_failure(reason: &str) -> String {
+    let advice = if reason.contains("NotValidForName") || reason.contains("not valid for name") {
+        Some(
+            "the agent's certificate does not cover the host of its advertised URL; make one with `muster tls cert --name HOST` for that host, or set --advertise-url to a name it covers",
+        )
+    } else if reason.contains("UnknownIssuer") || reason.contains("BadSignature") {
+        Some("the agent's certificate is not signed by the coordinator's --tls-ca")
+    } else if reason.contains("Expired") {
+        Some("the agent's certificate has expired")
+    } else {
+        None
+    };
+    match advice {
+        Some(advice) => format!("{reason} ({advice})"),
+        None => reason.to_owned(),
     }
 }
 

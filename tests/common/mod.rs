@@ -686,3 +686,10 @@ impl Process {
             .count()
     }
 }
+
+impl Process {
+    /// Every line the process has logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
