@@ -33,11 +33,13 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 #[derive(Debug, Clone, Default, Args)]
 pub struct TlsArgs {
     /// PEM certificate (chain) this process presents; needs --tls-key.
-    #[arg(long = "tls-cert", env = "MUSTER_TLS_CERT", requires = "tls_key")]
+    // The pair is checked by `Tls::load`, not by clap's `requires`, which
+    // does not count a value from the --config file.
+    #[arg(long = "tls-cert", env = "MUSTER_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
     /// PEM private key of --tls-cert.
-    #[arg(long = "tls-key", env = "MUSTER_TLS_KEY", requires = "tls_cert")]
+    #[arg(long = "tls-key", env = "MUSTER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
     /// PEM CA certificate that signed the peers' certificates. A server given

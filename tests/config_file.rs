@@ -324,3 +324,39 @@ fn the_systemd_units_start_the_daemons_on_the_example_files() {
         );
     }
 }
+
+#[test]
+fn a_tls_key_from_the_file_pairs_with_a_tls_cert_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_config(dir.path(), "coordinator.toml", "tls-key = \"k.pem\"\n");
+    let output = muster(
+        &[
+            "coordinator",
+            "--config",
+            file.to_str().unwrap(),
+            "--tls-cert",
+            "c.pem",
+            "--print-config",
+        ],
+        &[],
+    );
+    let printed = stdout_of(&output);
+    assert_eq!(setting(&printed, "tls-cert"), "\"c.pem\"");
+    assert_eq!(setting(&printed, "tls-key"), "\"k.pem\"");
+
+    let unpaired = muster(
+        &[
+            "nodes",
+            "list",
+            "--coordinator",
+            "https://127.0.0.1:9",
+            "--tls-cert",
+            "c.pem",
+        ],
+        &[],
+    );
+    assert_one_line_error(
+        &unpaired,
+        &["--tls-cert and --tls-key must be given together"],
+    );
+}

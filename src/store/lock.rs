@@ -42,7 +42,9 @@ impl DatabaseLock {
 
     fn acquire_blocking(db: &Path, address: SocketAddr) -> Result<Self, StoreError> {
         file::check_directory(db)?;
-        let path = lock_path(db);
+        // Through a symbolic link, the lock sits beside the database itself,
+        // so that every path to one database takes the same lock.
+        let path = lock_path(&std::fs::canonicalize(db).unwrap_or_else(|_| db.to_owned()));
         let lock_error = |source| StoreError::Lock {
             path: path.clone(),
             source,
@@ -172,6 +174,19 @@ mod tests {
         drop(held);
         DatabaseLock::acquire(&db, address()).await.unwrap();
         assert!(lock_path(&db).exists(), "the lock file is kept");
+    }
+
+    #[tokio::test]
+    async fn a_database_reached_through_a_symbolic_link_takes_the_same_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("muster.db");
+        std::fs::write(&db, b"SQLite format 3\0").unwrap();
+        let link = dir.path().join("current.db");
+        std::os::unix::fs::symlink(&db, &link).unwrap();
+        let _held = DatabaseLock::acquire(&db, address()).await.unwrap();
+        let refused = DatabaseLock::acquire(&link, address()).await.unwrap_err();
+        assert!(matches!(refused, StoreError::Locked { .. }), "{refused}");
+        assert!(refused.to_string().contains("current.db"), "{refused}");
     }
 
     #[test]

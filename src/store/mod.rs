@@ -306,23 +306,19 @@ impl Store {
     }
 
     /// Deletes a node's row, whatever its generation, and returns the
-    /// generation it held; `None` if there was no such row.
+    /// generation it held (0 when that cannot be read); `None` if there was
+    /// no such row.
     pub async fn remove(&self, node_id: NodeId) -> Result<Option<u64>, StoreError> {
         self.write_transaction(move |conn| {
             let row = known_nodes::table.find(node_id.as_str());
-            let generation: Option<i64> = row
-                .select(known_nodes::session_generation)
+            let generation: Option<Option<i64>> = row
+                .select(known_nodes::session_generation.nullable())
                 .first(conn)
                 .optional()?;
             diesel::delete(row).execute(conn)?;
-            generation
-                .map(|g| {
-                    u64::try_from(g).map_err(|_| StoreError::Corrupt {
-                        node_id: node_id.to_string(),
-                        reason: format!("negative session_generation {g}"),
-                    })
-                })
-                .transpose()
+            // A generation that cannot be read is a quarantined row's: its
+            // node was never loaded nor admitted, so no session is fenced.
+            Ok(generation.map(|g| g.and_then(|g| u64::try_from(g).ok()).unwrap_or(0)))
         })
         .await
     }
@@ -849,6 +845,21 @@ mod tests {
             .unwrap();
     }
 
+    /// Rebuilds `known_nodes` without its NOT NULL constraints, as a hand
+    /// edit might leave it.
+    fn drop_not_null_constraints(path: &Path) {
+        execute_sql(
+            path,
+            "ALTER TABLE known_nodes RENAME TO old_nodes;
+             CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
+                 version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
+                 session_generation BIGINT, offline_since BIGINT, secret_hash TEXT,
+                 max_backoff_ms BIGINT, drained_at BIGINT, drain_reason TEXT, left_at BIGINT);
+             INSERT INTO known_nodes SELECT * FROM old_nodes;
+             DROP TABLE old_nodes;",
+        );
+    }
+
     #[tokio::test]
     async fn a_database_migrated_by_a_newer_muster_is_refused_naming_the_version() {
         let dir = tempfile::tempdir().unwrap();
@@ -962,6 +973,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_row_quarantined_for_its_generation_can_be_removed_and_its_node_id_registered_afresh()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        let now = SystemTime::now();
+        admit(&store, registration("negative", "b1"), now).await;
+        admit(&store, registration("null", "b1"), now).await;
+        execute_sql(
+            &path,
+            "UPDATE known_nodes SET session_generation = -1 WHERE node_id = 'negative'",
+        );
+        let refused = store
+            .enroll(registration("negative", "b2"), secret_of("negative"), now)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&refused, Enrolled::Quarantined { reason } if reason.contains("session_generation")),
+            "{refused:?}"
+        );
+
+        for node in ["negative", "null"] {
+            let node_id = NodeId::parse("node_id", node).unwrap();
+            if node == "null" {
+                drop_not_null_constraints(&path);
+                execute_sql(
+                    &path,
+                    "UPDATE known_nodes SET session_generation = NULL WHERE node_id = 'null'",
+                );
+            }
+            let removed = store.remove(node_id).await;
+            assert!(matches!(removed, Ok(Some(_))), "{node}: {removed:?}");
+            admit(&store, registration(node, "b2"), now).await;
+        }
+        let mut ids: Vec<String> = store
+            .load_nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.registration.node_id.to_string())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, ["negative", "null"]);
+    }
+
+    #[tokio::test]
     async fn a_row_whose_columns_cannot_be_decoded_is_left_out_too() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("muster.db");
@@ -969,18 +1026,10 @@ mod tests {
         let now = SystemTime::now();
         admit(&store, registration("good", "b1"), now).await;
         admit(&store, registration("undecodable", "b1"), now).await;
-        // A table rebuilt without its NOT NULL constraints, as a hand edit
-        // might leave it.
+        drop_not_null_constraints(&path);
         execute_sql(
             &path,
-            "ALTER TABLE known_nodes RENAME TO old_nodes;
-             CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
-                 version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
-                 session_generation BIGINT, offline_since BIGINT, secret_hash TEXT,
-                 max_backoff_ms BIGINT, drained_at BIGINT, drain_reason TEXT, left_at BIGINT);
-             INSERT INTO known_nodes SELECT * FROM old_nodes;
-             DROP TABLE old_nodes;
-             UPDATE known_nodes SET hostname = NULL WHERE node_id = 'undecodable';",
+            "UPDATE known_nodes SET hostname = NULL WHERE node_id = 'undecodable'",
         );
         let nodes = store.load_nodes().await.unwrap();
         assert_eq!(nodes.len(), 1);
