@@ -279,6 +279,9 @@ pub struct NodeSnapshot {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

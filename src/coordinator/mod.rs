@@ -179,6 +179,7 @@ pub async fn start(
         offline_after: config.offline_after,
         expire_after: config.expire_after,
         reload_grace: config.offline_after,
+        expiry_guard_fraction: config.expiry_guard_fraction,
     };
     // On top of its agent's backoff ceiling, each reloaded node gets the
     // usual allowance of a fleet this size.
@@ -218,6 +219,7 @@ pub async fn start(
     let sweeper = background.spawn(sweeper::run(
         shared.clone(),
         sweeper::period(config.offline_after),
+        config.expiry_guard_fraction,
         shutdown.clone(),
     ));
     background.spawn(prober::initial_round(

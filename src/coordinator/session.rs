@@ -310,10 +310,10 @@ impl<L: LeaveRecorder> Session<L> {
         if let Err(invalid) = validate_short_field("leave.reason", &leave.reason) {
             return Ended::Refused(invalid.into());
         }
-        let left_at = Moment::now().wall;
+        let left_at = Moment::now();
         let recorded = self
             .leaves
-            .record_leave(self.node_id.clone(), self.generation, left_at)
+            .record_leave(self.node_id.clone(), self.generation, left_at.wall)
             .await;
         match recorded {
             Ok(true) => {}
@@ -475,6 +475,7 @@ mod serve_loop {
             offline_after: Duration::from_secs(3),
             expire_after: Duration::from_secs(3600),
             reload_grace: Duration::from_secs(3),
+            expiry_guard_fraction: 0.5,
         }
     }
 

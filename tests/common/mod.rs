@@ -93,9 +93,19 @@ impl Process {
     /// Like [`Process::start`], but a process that exits before listening is
     /// an error carrying its last log line.
     pub fn try_start(name: &str, args: &[String]) -> Result<Self, String> {
+        Self::try_start_with_env(name, args, &[])
+    }
+
+    /// Like [`Process::try_start`], with `env` added to the environment.
+    pub fn try_start_with_env(
+        name: &str,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Result<Self, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
             .args(args)
             .env("MUSTER_LOG", "info,muster=debug")
+            .envs(env.iter().map(|(key, value)| (key, value)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -684,6 +694,20 @@ impl Process {
         log.iter()
             .filter(|line| needles.iter().all(|needle| line.contains(needle)))
             .count()
+    }
+}
+
+impl Coordinator {
+    /// Like [`Coordinator::start`], with `env` added to the process's
+    /// environment.
+    pub fn start_with_env(db: &Path, listen: &str, extra: &[&str], env: &[(&str, String)]) -> Self {
+        let args = Self::args(db, listen, extra);
+        let process = Process::try_start_with_env("coordinator", &args, env)
+            .unwrap_or_else(|failure| panic!("{failure}"));
+        Self {
+            process,
+            db: db.to_owned(),
+        }
     }
 }
 
