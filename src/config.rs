@@ -215,6 +215,23 @@ pub struct CoordinatorConfig {
     )]
     pub max_registrations_per_second: u32,
 
+    /// Time a new connection has to send its HTTP/2 preface, and to finish
+    /// its TLS handshake; it is closed otherwise.
+    #[arg(long, env = "MUSTER_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Time a connection may stay open without any call or Heartbeat stream
+    /// on it; it is closed then, and its client reconnects when it needs to.
+    #[arg(long, env = "MUSTER_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Connections open at once. At the limit, a new connection evicts the
+    /// oldest one that carries no stream, or is closed at once if all carry
+    /// one. Default: the open-file limit less 256 files kept for the
+    /// database, probes and logs.
+    #[arg(long, env = "MUSTER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
     /// Address to serve Prometheus metrics on, at `/metrics`; off if unset.
     #[arg(long, env = "MUSTER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -269,6 +286,17 @@ impl CoordinatorConfig {
         }
         if self.max_streams == 0 {
             return Err(InvalidInput::new("--max-streams", "must be at least 1"));
+        }
+        if self.max_connections == Some(0) {
+            return Err(InvalidInput::new("--max-connections", "must be at least 1"));
+        }
+        for (flag, value) in [
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--idle-timeout", self.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(InvalidInput::new(flag, "must be more than 0s"));
+            }
         }
         if self.max_registrations_per_second == 0 {
             return Err(InvalidInput::new(

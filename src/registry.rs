@@ -501,6 +501,36 @@ impl Registry {
         true
     }
 
+    /// The node's own agent tried to register, with the node's secret, but
+    /// the store could not commit the registration. The attempt proves the
+    /// agent alive as a passed probe does, so a node is not shown OFFLINE
+    /// because the coordinator's database failed: it stays ONLINE for its
+    /// agent's backoff ceiling plus the reload grace plus `refusal_took` (how
+    /// long the store took to fail this attempt; the next may take as long),
+    /// time for the next attempt. Its session generation stays as it was.
+    /// Returns whether the node was known.
+    pub fn vouch(&mut self, node_id: &NodeId, refusal_took: Duration, now: Moment) -> bool {
+        let timing = self.timing;
+        let Some(entry) = self.nodes.get_mut(node_id) else {
+            return false;
+        };
+        let live_for = timing
+            .offline_after_at(entry.interval)
+            .max(timing.reload_grace_for(&entry.registration) + refusal_took);
+        entry.state = NodeState::Online;
+        entry.last_seen = now.wall;
+        entry.last_seen_dirty = true;
+        entry.live_until = now.monotonic + live_for;
+        entry.pardoned = false;
+        if entry.offline_since.take().is_some() {
+            self.changes.push(Change::CameOnline {
+                node_id: node_id.clone(),
+                generation: entry.generation,
+            });
+        }
+        true
+    }
+
     /// A Status probe sent to `target` failed for `reason`; the node keeps
     /// the reason until a probe passes, for operators to see. Returns
     /// whether the reason is new for this node, so that it is reported once
@@ -1406,6 +1436,37 @@ mod tests {
         registry.session_ended(&id("a"), 5, t0);
         assert!(!registry.probe_succeeded(&target, t0));
         assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_registration_the_store_could_not_commit_vouches_for_a_known_node() {
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 1, t0);
+        registry.session_ended(&id("a"), 1, t0);
+        registry.take_changes();
+
+        let t1 = t0.after(Duration::from_secs(1));
+        assert!(registry.vouch(&id("a"), Duration::ZERO, t1));
+        let node = registry.get(&id("a")).unwrap();
+        assert_eq!((node.state, node.generation), (NodeState::Online, 1));
+        assert_eq!(
+            registry.take_changes(),
+            vec![Change::CameOnline {
+                node_id: id("a"),
+                generation: 1
+            }]
+        );
+        let within_grace = t1.after(GRACE.max(OFFLINE_AFTER) - Duration::from_millis(1));
+        assert_eq!(registry.sweep(within_grace).went_offline, 0);
+        assert_eq!(
+            registry
+                .sweep(t1.after(GRACE.max(OFFLINE_AFTER)))
+                .went_offline,
+            1
+        );
+
+        assert!(!registry.vouch(&id("stranger"), Duration::ZERO, t1));
+        assert!(registry.get(&id("stranger")).is_none());
     }
 
     #[test]

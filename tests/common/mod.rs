@@ -102,10 +102,20 @@ impl Process {
         args: &[String],
         env: &[(&str, String)],
     ) -> Result<Self, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));
+        command
             .args(args)
-            .env("MUSTER_LOG", "info,muster=debug")
-            .envs(env.iter().map(|(key, value)| (key, value)))
+            .envs(env.iter().map(|(key, value)| (key, value)));
+        Self::try_spawn(name, command)
+    }
+
+    /// Like [`Process::try_start`], for a `muster` command the caller has
+    /// set up further (its environment, its resource limits).
+    pub fn try_spawn(name: &str, mut command: Command) -> Result<Self, String> {
+        if command.get_envs().all(|(key, _)| key != "MUSTER_LOG") {
+            command.env("MUSTER_LOG", "info,muster=debug");
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
