@@ -1,9 +1,11 @@
 //! Time as the registry sees it. The registry never reads a clock: callers
 //! pass a [`Moment`] in, so tests can move time forward without sleeping.
 //!
-//! Liveness deadlines (seconds) use the monotonic clock, which never jumps.
-//! What is shown to people or persisted across restarts (last seen, offline
-//! since) uses wall-clock time.
+//! Liveness and expiry deadlines use the monotonic clock, which never jumps
+//! while the process runs. What is shown to people or persisted across
+//! restarts (last seen, offline since) uses wall-clock time, which can be
+//! stepped either way; the registry trusts a persisted wall-clock moment only
+//! within the bounds its module doc states.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +27,13 @@ impl Moment {
         Self {
             monotonic: self.monotonic + elapsed,
             wall: self.wall + elapsed,
+        }
+    }
+
+    pub fn earlier(self, by: Duration) -> Self {
+        Self {
+            monotonic: self.monotonic - by,
+            wall: self.wall - by,
         }
     }
 }

@@ -174,9 +174,16 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_OFFLINE_AFTER", default_value = "15s", value_parser = parse_duration)]
     pub offline_after: Duration,
 
-    /// Time a node stays OFFLINE before it is removed.
+    /// Time a node stays OFFLINE before it is removed, by the monotonic clock;
+    /// RELIABILITY.md says how restarts and clock steps count.
     #[arg(long, env = "MUSTER_EXPIRE_AFTER", default_value = "24h", value_parser = parse_duration)]
     pub expire_after: Duration,
+
+    /// Expiry pauses while more than this fraction of the known fleet is
+    /// OFFLINE or UNKNOWN at once (fleets of 3 nodes or more), as when the
+    /// coordinator's own network fails; in (0, 1], where 1 never pauses.
+    #[arg(long, env = "MUSTER_EXPIRY_GUARD_FRACTION", default_value_t = 0.5)]
+    pub expiry_guard_fraction: f64,
 
     /// Time limit of one Status probe to an agent after a restart.
     #[arg(long, env = "MUSTER_PROBE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
@@ -206,6 +213,23 @@ pub struct CoordinatorConfig {
         default_value_t = 2_000
     )]
     pub max_registrations_per_second: u32,
+
+    /// Time a new connection has to send its HTTP/2 preface, and to finish
+    /// its TLS handshake; it is closed otherwise.
+    #[arg(long, env = "MUSTER_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Time a connection may stay open without any call or Heartbeat stream
+    /// on it; it is closed then, and its client reconnects when it needs to.
+    #[arg(long, env = "MUSTER_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Connections open at once. At the limit, a new connection evicts the
+    /// oldest one that carries no stream, or is closed at once if all carry
+    /// one. Default: the open-file limit less 256 files kept for the
+    /// database, probes and logs.
+    #[arg(long, env = "MUSTER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
 
     /// Address to serve Prometheus metrics on, at `/metrics`; off if unset.
     #[arg(long, env = "MUSTER_METRICS_LISTEN")]
@@ -252,8 +276,28 @@ impl CoordinatorConfig {
         check_range("--offline-after", self.offline_after, MAX_OFFLINE_AFTER)?;
         check_range("--expire-after", self.expire_after, MAX_EXPIRE_AFTER)?;
         check_range("--probe-timeout", self.probe_timeout, MAX_PROBE_TIMEOUT)?;
+        if !(self.expiry_guard_fraction > 0.0 && self.expiry_guard_fraction <= 1.0) {
+            return Err(InvalidInput::new(
+                "--expiry-guard-fraction",
+                format!(
+                    "must be greater than 0 and at most 1, got {}",
+                    self.expiry_guard_fraction
+                ),
+            ));
+        }
         if self.max_streams == 0 {
             return Err(InvalidInput::new("--max-streams", "must be at least 1"));
+        }
+        if self.max_connections == Some(0) {
+            return Err(InvalidInput::new("--max-connections", "must be at least 1"));
+        }
+        for (flag, value) in [
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--idle-timeout", self.idle_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(InvalidInput::new(flag, "must be more than 0s"));
+            }
         }
         if self.max_registrations_per_second == 0 {
             return Err(InvalidInput::new(
@@ -530,6 +574,24 @@ mod tests {
         ] {
             let config = coordinator(&[flag, value]).unwrap();
             assert_eq!(config.validate().unwrap_err().field, flag, "{flag} {value}");
+        }
+    }
+
+    #[test]
+    fn the_expiry_guard_fraction_lies_in_zero_to_one() {
+        let config = coordinator(&[]).unwrap();
+        assert!((config.expiry_guard_fraction - 0.5).abs() < f64::EPSILON);
+        for good in ["1", "0.01", "0.9"] {
+            let config = coordinator(&["--expiry-guard-fraction", good]).unwrap();
+            config.validate().unwrap();
+        }
+        for bad in ["0", "-0.5", "1.01", "NaN", "inf"] {
+            let config = coordinator(&[&format!("--expiry-guard-fraction={bad}")]).unwrap();
+            assert_eq!(
+                config.validate().unwrap_err().field,
+                "--expiry-guard-fraction",
+                "{bad}"
+            );
         }
     }
 

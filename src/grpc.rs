@@ -1,21 +1,43 @@
 //! gRPC plumbing shared by the coordinator, the agent and the CLI: binding,
 //! HTTP/2 keepalive, TLS, reflection (v1 and v1alpha), serving until
-//! cancelled, and dialling a peer's URL.
+//! cancelled within [`ConnectionLimits`], and dialling a peer's URL.
+//!
+//! Every server answers a request over [`MAX_MESSAGE_BYTES`] with
+//! RESOURCE_EXHAUSTED, like every other limit it enforces.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use futures::{TryFutureExt, future::MapOk};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{
-    Channel, Endpoint, Server,
-    server::{Router, TcpIncoming},
+use tonic::{
+    Code, Status,
+    codegen::http,
+    server::NamedService,
+    transport::{Channel, Endpoint, Server, server::Router},
+};
+use tower::{
+    Layer, Service,
+    layer::util::{Identity, Stack},
 };
 
 use crate::{
-    error::{RunError, display_chain},
-    proto,
+    connections::{self, ConnectionLimits, StreamCountLayer},
+    error::{RunError, ServiceError, display_chain},
+    memory, proto,
     tls::Tls,
 };
+
+/// The layers every muster server puts in front of its services.
+pub type Layers = Stack<OversizedLayer, Stack<StreamCountLayer, Identity>>;
+/// A server builder with [`Layers`], from [`server`].
+pub type Builder = Server<Layers>;
+/// A server's services, ready for [`serve`].
+pub type Routes = Router<Layers>;
 
 /// Request metadata with which the coordinator marks its Status probes, so
 /// an agent can tell a returning coordinator from a monitoring tool.
@@ -47,16 +69,23 @@ pub const COORDINATOR_KEEPALIVE: Duration = Duration::from_secs(300);
 
 /// A server builder whose HTTP/2 keepalive pings a connection silent for
 /// `keepalive`, so one whose peer is gone is closed even while no request
-/// is in flight; it serves TLS when `tls` is set.
-pub fn server(tls: Option<&Tls>, keepalive: Duration) -> Result<Server, RunError> {
+/// is in flight; it serves TLS when `tls` is set, and a TLS handshake must
+/// end within `handshake_timeout`.
+pub fn server(
+    tls: Option<&Tls>,
+    keepalive: Duration,
+    handshake_timeout: Duration,
+) -> Result<Builder, RunError> {
     let server = Server::builder()
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(KEEPALIVE))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .layer(StreamCountLayer)
+        .layer(OversizedLayer);
     match tls {
         None => Ok(server),
         Some(tls) => server
-            .tls_config(tls.server_config()?)
+            .tls_config(tls.server_config(handshake_timeout)?)
             .map_err(|e| RunError::Tls {
                 reason: display_chain(&e),
             }),
@@ -114,7 +143,7 @@ pub async fn connect(
 /// use (grpcurl before 1.8.8, Postman, k6, evans) speak only `v1alpha`.
 /// Only `service` (the one muster service this server implements), health
 /// and reflection itself are advertised.
-pub fn with_reflection(router: Router, service: &str) -> Result<Router, RunError> {
+pub fn with_reflection(router: Routes, service: &str) -> Result<Routes, RunError> {
     let advertised = [
         service,
         "grpc.health.v1.Health",
@@ -151,16 +180,19 @@ pub fn with_reflection(router: Router, service: &str) -> Result<Router, RunError
 /// begins, before their connections are closed regardless.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves until `shutdown` is cancelled, then lets in-flight calls finish for
-/// up to [`DRAIN_TIMEOUT`]. Long-lived streams a client keeps open (a health
+/// Serves the connections accepted on `listener` within `limits` until
+/// `shutdown` is cancelled, then lets in-flight calls finish for up to
+/// [`DRAIN_TIMEOUT`]. Long-lived streams a client keeps open (a health
 /// watch, grpcurl's reflection stream, a half-open connection) cannot hold
 /// the process up beyond that.
 pub async fn serve(
-    router: Router,
+    router: Routes,
     listener: TcpListener,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (incoming, tally) = connections::incoming(listener, limits);
+    let trimming = memory::trim_after_closes(move || tally.closed());
     let server = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let drain_deadline = async {
         shutdown.cancelled().await;
@@ -168,9 +200,65 @@ pub async fn serve(
     };
     tokio::select! {
         served = server => served?,
+        () = trimming => {}
         () = drain_deadline => {
             tracing::warn!(timeout = ?DRAIN_TIMEOUT, "connections still open after the drain timeout; not waiting for them");
         }
     }
     Ok(())
+}
+
+/// Rewrites tonic's OUT_OF_RANGE for a request message over the decoding
+/// limit, which it sends before any handler runs, through the one mapping
+/// into [`Status`], which makes it RESOURCE_EXHAUSTED. Streams that fail
+/// later reach that mapping through their handler.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OversizedLayer;
+
+impl<S> Layer<S> for OversizedLayer {
+    type Service = Oversized<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Oversized { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Oversized<S> {
+    inner: S,
+}
+
+impl<S: NamedService> NamedService for Oversized<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type ResponseMap<R> = fn(http::Response<R>) -> http::Response<R>;
+
+impl<S, B, R> Service<http::Request<B>> for Oversized<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = MapOk<S::Future, ResponseMap<R>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        self.inner.call(request).map_ok(map_oversized)
+    }
+}
+
+fn map_oversized<R>(mut response: http::Response<R>) -> http::Response<R> {
+    if let Some(status) = Status::from_header_map(response.headers())
+        && status.code() == Code::OutOfRange
+    {
+        let status = Status::from(ServiceError::Inbound(status));
+        if let Err(error) = status.add_header(response.headers_mut()) {
+            tracing::warn!(%error, "cannot rewrite a refused request's status");
+        }
+    }
+    response
 }

@@ -12,6 +12,12 @@ pub struct OpenFiles {
     pub hard: u64,
 }
 
+/// This process's open-file limits as they stand.
+pub fn open_files() -> io::Result<OpenFiles> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    Ok(OpenFiles { soft, hard })
+}
+
 /// Raises this process's soft limit on open files to its hard limit: every
 /// connection is a file, and many systems start processes with a soft limit
 /// of 1,024. Only the hard limit, which needs privilege to raise, stays.
@@ -20,8 +26,7 @@ pub fn raise_open_files() -> io::Result<OpenFiles> {
     if soft < hard {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    Ok(OpenFiles { soft, hard })
+    open_files()
 }
 
 /// How many ephemeral ports one source address can use towards one

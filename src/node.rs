@@ -240,6 +240,9 @@ pub struct NodeSnapshot {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

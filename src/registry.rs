@@ -10,8 +10,25 @@
 //!   time the coordinator itself stood still.
 //! - A node loaded from the store starts UNKNOWN; it becomes ONLINE only when
 //!   proven alive, and OFFLINE when `reload_grace` passes without proof.
-//! - An OFFLINE node is removed `expire_after` after it went offline. The
-//!   moment it went offline is persisted, so restarts do not reset the clock.
+//! - While the coordinator runs, every deadline (going OFFLINE, expiring)
+//!   is a monotonic [`std::time::Instant`]: a step of the wall clock, either
+//!   way, never moves one. No node is removed sooner than `expire_after` of
+//!   monotonic time after it went OFFLINE, and it went OFFLINE no sooner
+//!   than it was last seen.
+//! - The wall-clock moment a node went OFFLINE is persisted, so a restart
+//!   does not reset its expiry, but it is trusted only within bounds, because
+//!   the clock that wrote it may have been wrong. After a restart, an OFFLINE
+//!   node is kept for `expire_after` less its stored age (wall time now minus
+//!   the stored `offline_since`, taken as zero if that lies in the future),
+//!   but never less than half of `expire_after`: whatever the store says, at
+//!   least half of every node's `expire_after` is measured by the running
+//!   process itself, and a future-dated `offline_since` delays expiry by at
+//!   most one `expire_after` from start-up.
+//! - Expiry pauses while more than `expiry_guard_fraction` of the known
+//!   fleet is OFFLINE or UNKNOWN at once: that is more likely the
+//!   coordinator's own network failing than half the machines dying. The
+//!   guard applies to fleets of at least [`MIN_GUARDED_FLEET`] nodes, so a
+//!   home lab's one dead machine still expires. Going OFFLINE never pauses.
 //! - Every node heartbeats at an interval the registry assigns: the
 //!   configured `heartbeat_interval`, stretched in whole multiples of it so
 //!   that the whole fleet stays within `max_heartbeats_per_second`. A node's
@@ -52,7 +69,15 @@ pub struct Timing {
     /// UNKNOWN after a restart, on top of its agent's reconnect backoff
     /// ceiling, before it is OFFLINE.
     pub reload_grace: Duration,
+    /// Expiry pauses while more than this fraction of the known fleet is
+    /// OFFLINE or UNKNOWN; in (0, 1], where 1 never pauses.
+    pub expiry_guard_fraction: f64,
 }
+
+/// The smallest fleet the mass-expiry guard applies to. Below it, every
+/// node down at once is as likely to be a small lab switched off as a
+/// network failure, and a dead node must still expire.
+pub const MIN_GUARDED_FLEET: usize = 3;
 
 /// The most an interval is stretched: beyond this a fleet's heartbeats go
 /// over the cap rather than nodes going unheard for absurdly long.
@@ -83,6 +108,17 @@ impl Timing {
         self.offline_after
             .mul_f64(interval.as_secs_f64() / self.heartbeat_interval.as_secs_f64())
             .max(self.offline_after)
+    }
+
+    /// How long a node OFFLINE since `offline_since`, as a previous run's
+    /// wall clock recorded it, is still kept after a restart at `now`:
+    /// `expire_after` less the stored age, but at least half of
+    /// `expire_after`, and never more than all of it.
+    pub fn expiry_after_restart(&self, offline_since: SystemTime, now: SystemTime) -> Duration {
+        let stored_age = now.duration_since(offline_since).unwrap_or_default();
+        self.expire_after
+            .saturating_sub(stored_age)
+            .max(self.expire_after / 2)
     }
 
     /// The interval a node at `current` should move to in a fleet of `nodes`:
@@ -150,10 +186,21 @@ pub struct ProbeTarget {
     pub generation: u64,
 }
 
+/// How much of the fleet is down, and whether that pauses expiry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpiryGuard {
+    pub paused: bool,
+    /// Nodes OFFLINE or UNKNOWN.
+    pub down: usize,
+    pub known: usize,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
     pub went_offline: usize,
     pub expired: usize,
+    /// Set when this sweep paused or resumed expiry.
+    pub guard_changed: Option<ExpiryGuard>,
 }
 
 #[derive(Debug)]
@@ -168,6 +215,8 @@ struct Entry {
     /// The node becomes OFFLINE if not proven alive again before this.
     live_until: Instant,
     offline_since: Option<SystemTime>,
+    /// Set with `offline_since`: the node is removed once OFFLINE past this.
+    expires_at: Option<Instant>,
     last_seen_dirty: bool,
     /// A stall of the coordinator has already been pardoned since the node
     /// was last heard; one pardon per silence, so a dead node is not kept
@@ -200,6 +249,8 @@ pub struct Registry {
     /// the store committed at or below it was deleted with the row, so it
     /// must not be applied, even if it arrives after the removal.
     removed_at: BTreeMap<NodeId, u64>,
+    /// As the latest sweep found it.
+    guard: ExpiryGuard,
 }
 
 impl Registry {
@@ -209,6 +260,7 @@ impl Registry {
             nodes: BTreeMap::new(),
             changes: Vec::new(),
             removed_at: BTreeMap::new(),
+            guard: ExpiryGuard::default(),
         }
     }
 
@@ -223,6 +275,9 @@ impl Registry {
             } else {
                 self.timing.reload_grace_for(&node.registration)
             };
+            let expires_at = node
+                .offline_since
+                .map(|since| now.monotonic + self.timing.expiry_after_restart(since, now.wall));
             self.nodes.insert(
                 node.registration.node_id.clone(),
                 Entry {
@@ -234,6 +289,7 @@ impl Registry {
                     interval,
                     live_until: now.monotonic + grace,
                     offline_since: node.offline_since,
+                    expires_at,
                     last_seen_dirty: false,
                     pardoned: false,
                     last_probe_error: None,
@@ -285,6 +341,7 @@ impl Registry {
                 interval,
                 live_until: now.monotonic + self.timing.offline_after_at(interval),
                 offline_since: None,
+                expires_at: None,
                 last_seen_dirty: false,
                 pardoned: false,
                 last_probe_error,
@@ -315,6 +372,7 @@ impl Registry {
         let generation = entry.generation;
         if entry.state != NodeState::Online {
             entry.state = NodeState::Online;
+            entry.expires_at = None;
             if entry.offline_since.take().is_some() {
                 self.changes.push(Change::CameOnline {
                     node_id: node_id.clone(),
@@ -328,12 +386,14 @@ impl Registry {
     /// The stream of the session holding `generation` has ended. The node goes
     /// OFFLINE at once unless a newer session has replaced it.
     pub fn session_ended(&mut self, node_id: &NodeId, generation: u64, now: Moment) {
+        let expire_after = self.timing.expire_after;
         if let Ok(entry) = self.current_entry(node_id, generation)
             && entry.state != NodeState::Offline
         {
             let since = entry.offline_since.unwrap_or(now.wall);
             entry.state = NodeState::Offline;
             entry.offline_since = Some(since);
+            entry.expires_at.get_or_insert(now.monotonic + expire_after);
             self.changes.push(Change::WentOffline {
                 node_id: node_id.clone(),
                 generation,
@@ -362,10 +422,41 @@ impl Registry {
         entry.last_seen_dirty = true;
         entry.live_until = now.monotonic + live_for;
         entry.pardoned = false;
+        entry.expires_at = None;
         entry.last_probe_error = None;
         if entry.offline_since.take().is_some() {
             self.changes.push(Change::CameOnline {
                 node_id: target.node_id.clone(),
+                generation: entry.generation,
+            });
+        }
+        true
+    }
+
+    /// The node's own agent tried to register, with the node's secret, but
+    /// the store could not commit the registration. The attempt proves the
+    /// agent alive as a passed probe does, so a node is not shown OFFLINE
+    /// because the coordinator's database failed: it stays ONLINE for its
+    /// agent's backoff ceiling plus the reload grace plus `refusal_took` (how
+    /// long the store took to fail this attempt; the next may take as long),
+    /// time for the next attempt. Its session generation stays as it was.
+    /// Returns whether the node was known.
+    pub fn vouch(&mut self, node_id: &NodeId, refusal_took: Duration, now: Moment) -> bool {
+        let timing = self.timing;
+        let Some(entry) = self.nodes.get_mut(node_id) else {
+            return false;
+        };
+        let live_for = timing
+            .offline_after_at(entry.interval)
+            .max(timing.reload_grace_for(&entry.registration) + refusal_took);
+        entry.state = NodeState::Online;
+        entry.last_seen = now.wall;
+        entry.last_seen_dirty = true;
+        entry.live_until = now.monotonic + live_for;
+        entry.pardoned = false;
+        if entry.offline_since.take().is_some() {
+            self.changes.push(Change::CameOnline {
+                node_id: node_id.clone(),
                 generation: entry.generation,
             });
         }
@@ -405,29 +496,38 @@ impl Registry {
         }
     }
 
-    /// Marks silent nodes OFFLINE and removes nodes that have been OFFLINE for
-    /// `expire_after`.
+    /// Marks silent nodes OFFLINE and removes nodes that have been OFFLINE
+    /// past their expiry, unless the mass-expiry guard holds expiry back.
     pub fn sweep(&mut self, now: Moment) -> SweepReport {
         let mut report = SweepReport::default();
         let expire_after = self.timing.expire_after;
-        let changes = &mut self.changes;
-        self.nodes.retain(|node_id, entry| {
+        for (node_id, entry) in &mut self.nodes {
             if entry.state != NodeState::Offline && now.monotonic >= entry.live_until {
                 entry.state = NodeState::Offline;
                 report.went_offline += 1;
                 if entry.offline_since.is_none() {
                     entry.offline_since = Some(now.wall);
-                    changes.push(Change::WentOffline {
+                    entry.expires_at = Some(now.monotonic + expire_after);
+                    self.changes.push(Change::WentOffline {
                         node_id: node_id.clone(),
                         generation: entry.generation,
                         since: now.wall,
                     });
                 }
             }
+        }
+        let guard = self.measure_guard();
+        if guard.paused != self.guard.paused {
+            report.guard_changed = Some(guard);
+        }
+        self.guard = guard;
+        if guard.paused {
+            return report;
+        }
+        let changes = &mut self.changes;
+        self.nodes.retain(|node_id, entry| {
             let expired = entry.state == NodeState::Offline
-                && entry
-                    .offline_since
-                    .is_some_and(|since| now.wall >= since + expire_after);
+                && entry.expires_at.is_some_and(|at| now.monotonic >= at);
             if expired {
                 report.expired += 1;
                 changes.push(Change::Expired {
@@ -438,6 +538,31 @@ impl Registry {
             !expired
         });
         report
+    }
+
+    fn measure_guard(&self) -> ExpiryGuard {
+        let known = self.nodes.len();
+        let down = self
+            .nodes
+            .values()
+            .filter(|entry| entry.state != NodeState::Online)
+            .count();
+        let paused = known >= MIN_GUARDED_FLEET
+            && down as f64 > self.timing.expiry_guard_fraction * known as f64;
+        ExpiryGuard {
+            paused,
+            down,
+            known,
+        }
+    }
+
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// The mass-expiry guard as the latest sweep left it.
+    pub fn expiry_guard(&self) -> ExpiryGuard {
+        self.guard
     }
 
     pub fn has_changes(&self) -> bool {
@@ -543,6 +668,9 @@ impl Registry {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
@@ -561,6 +689,7 @@ mod tests {
             offline_after: OFFLINE_AFTER,
             expire_after: EXPIRE_AFTER,
             reload_grace: GRACE,
+            expiry_guard_fraction: 0.5,
         }
     }
 
@@ -799,7 +928,7 @@ mod tests {
     #[test]
     fn expiry_counts_from_the_persisted_offline_moment_across_restarts() {
         let t0 = Moment::now();
-        let went_offline = t0.wall - (EXPIRE_AFTER - Duration::from_secs(60));
+        let went_offline = t0.wall - Duration::from_secs(600);
         let mut registry = registry();
         registry.load([stored("a", 1, Some(went_offline), t0)], t0);
 
@@ -809,7 +938,210 @@ mod tests {
             registry.take_changes().is_empty(),
             "offline_since was already persisted"
         );
-        assert_eq!(registry.sweep(t0.after(Duration::from_secs(60))).expired, 1);
+        let due = t0.after(EXPIRE_AFTER - Duration::from_secs(600));
+        assert_eq!(
+            registry
+                .sweep(due.earlier(Duration::from_millis(1)))
+                .expired,
+            0
+        );
+        assert_eq!(registry.sweep(due).expired, 1);
+    }
+
+    /// `now` with the wall clock stepped by `step` seconds, either way, and
+    /// the monotonic clock untouched, as a real step leaves it.
+    fn stepped(now: Moment, step: i64) -> Moment {
+        let magnitude = Duration::from_secs(step.unsigned_abs());
+        Moment {
+            monotonic: now.monotonic,
+            wall: if step >= 0 {
+                now.wall + magnitude
+            } else {
+                now.wall - magnitude
+            },
+        }
+    }
+
+    #[test]
+    fn a_wall_clock_step_at_run_time_neither_hastens_nor_delays_expiry() {
+        for step in [2 * 3600, -2 * 3600] {
+            let t0 = Moment::now();
+            let mut registry = with_online("a", 1, t0);
+            registry.session_ended(&id("a"), 1, t0);
+
+            let after_step = stepped(t0.after(Duration::from_secs(3)), step);
+            assert_eq!(registry.sweep(after_step).expired, 0, "step {step}");
+            let almost = stepped(t0.after(EXPIRE_AFTER - Duration::from_millis(1)), step);
+            assert_eq!(registry.sweep(almost).expired, 0, "step {step}");
+            let due = stepped(t0.after(EXPIRE_AFTER), step);
+            assert_eq!(registry.sweep(due).expired, 1, "step {step}");
+        }
+    }
+
+    #[test]
+    fn a_node_silenced_before_a_step_expires_by_the_monotonic_clock() {
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 1, t0);
+        let went_offline = stepped(t0.after(OFFLINE_AFTER), 2 * 3600);
+        registry.sweep(went_offline);
+        assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
+        let almost = stepped(t0.after(OFFLINE_AFTER + EXPIRE_AFTER), -2 * 3600);
+        assert_eq!(
+            registry
+                .sweep(almost.earlier(Duration::from_millis(1)))
+                .expired,
+            0
+        );
+        assert_eq!(registry.sweep(almost).expired, 1);
+    }
+
+    #[test]
+    fn after_a_restart_half_of_expire_after_is_always_measured_anew() {
+        let t0 = Moment::now();
+        let timing = timing(1000);
+        let hour = Duration::from_secs(3600);
+        // Honest, recent: the rest of expire-after.
+        assert_eq!(
+            timing.expiry_after_restart(t0.wall - Duration::from_secs(600), t0.wall),
+            EXPIRE_AFTER - Duration::from_secs(600)
+        );
+        // Written under a clock two hours behind: it looks older than
+        // expire-after, yet half of it is still measured from start-up.
+        assert_eq!(
+            timing.expiry_after_restart(t0.wall - 2 * hour - Duration::from_secs(5), t0.wall),
+            EXPIRE_AFTER / 2
+        );
+        // Written under a clock two hours ahead: a full expire-after from
+        // start-up, not two hours more.
+        assert_eq!(
+            timing.expiry_after_restart(t0.wall + 2 * hour, t0.wall),
+            EXPIRE_AFTER
+        );
+    }
+
+    #[test]
+    fn a_future_dated_offline_moment_expires_one_expire_after_from_start_up() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        registry.load(
+            [stored(
+                "a",
+                1,
+                Some(t0.wall + Duration::from_secs(7200)),
+                t0,
+            )],
+            t0,
+        );
+        registry.sweep(t0.after(GRACE));
+        assert_eq!(
+            registry
+                .sweep(t0.after(EXPIRE_AFTER).earlier(Duration::from_millis(1)))
+                .expired,
+            0
+        );
+        assert_eq!(registry.sweep(t0.after(EXPIRE_AFTER)).expired, 1);
+    }
+
+    #[test]
+    fn more_than_half_of_the_fleet_down_pauses_expiry_until_it_recovers() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        register_fleet(&mut registry, 4, t0);
+        for (node, generation) in [("n1", 2), ("n2", 3), ("n3", 4)] {
+            registry.session_ended(&id(node), generation, t0);
+        }
+        let later = t0.after(EXPIRE_AFTER * 2);
+        registry.heartbeat(&id("n0"), 1, later).unwrap();
+        let report = registry.sweep(later);
+        assert_eq!(report.expired, 0);
+        let paused = ExpiryGuard {
+            paused: true,
+            down: 3,
+            known: 4,
+        };
+        assert_eq!(report.guard_changed, Some(paused));
+        assert_eq!(registry.expiry_guard(), paused);
+        assert_eq!(registry.sweep(later).guard_changed, None, "reported once");
+
+        // Half down is not more than half: expiry resumes.
+        registry.heartbeat(&id("n1"), 2, later).unwrap();
+        let report = registry.sweep(later);
+        assert_eq!(report.expired, 2);
+        assert_eq!(
+            report.guard_changed,
+            Some(ExpiryGuard {
+                paused: false,
+                down: 2,
+                known: 4
+            })
+        );
+        assert_eq!(state(&registry, "n2"), None);
+        assert_eq!(state(&registry, "n1"), Some(NodeState::Online));
+    }
+
+    #[test]
+    fn going_offline_is_never_paused() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        register_fleet(&mut registry, 4, t0);
+        let report = registry.sweep(t0.after(OFFLINE_AFTER));
+        assert_eq!(report.went_offline, 4);
+        assert!(registry.expiry_guard().paused);
+    }
+
+    #[test]
+    fn a_fleet_smaller_than_the_guard_minimum_still_expires_its_dead_nodes() {
+        for size in 1..MIN_GUARDED_FLEET {
+            let t0 = Moment::now();
+            let mut registry = registry();
+            register_fleet(&mut registry, size, t0);
+            registry.sweep(t0.after(OFFLINE_AFTER));
+            let report = registry.sweep(t0.after(OFFLINE_AFTER + EXPIRE_AFTER));
+            assert_eq!(report.expired, size, "a fleet of {size}");
+            assert_eq!(report.guard_changed, None);
+        }
+    }
+
+    #[test]
+    fn a_fraction_of_one_never_pauses() {
+        let t0 = Moment::now();
+        let mut registry = Registry::new(Timing {
+            expiry_guard_fraction: 1.0,
+            ..timing(1000)
+        });
+        register_fleet(&mut registry, 5, t0);
+        registry.sweep(t0.after(OFFLINE_AFTER));
+        let report = registry.sweep(t0.after(OFFLINE_AFTER + EXPIRE_AFTER));
+        assert_eq!(report.expired, 5);
+    }
+
+    #[test]
+    fn unknown_nodes_after_a_restart_count_as_down() {
+        let t0 = Moment::now();
+        let long_ago = t0.wall - EXPIRE_AFTER * 2;
+        let mut registry = registry();
+        registry.load(
+            [
+                stored("a", 1, None, t0),
+                stored("b", 1, None, t0),
+                stored("c", 1, Some(long_ago), t0),
+                stored("d", 1, Some(long_ago), t0),
+            ],
+            t0,
+        );
+        // c and d are OFFLINE again, a and b still UNKNOWN: all four down.
+        let due = t0.after(EXPIRE_AFTER / 2);
+        registry.sweep(t0.after(OFFLINE_AFTER));
+        assert!(registry.expiry_guard().paused);
+        assert_eq!(registry.unproven().len(), 2);
+        assert_eq!(registry.sweep(due).expired, 0);
+        for node in ["a", "b"] {
+            registry
+                .register(registration(node, "b2"), enroll(2, due), due)
+                .unwrap();
+        }
+        assert_eq!(registry.sweep(due).expired, 2);
+        assert!(!registry.expiry_guard().paused);
     }
 
     #[test]
@@ -862,6 +1194,37 @@ mod tests {
         registry.session_ended(&id("a"), 5, t0);
         assert!(!registry.probe_succeeded(&target, t0));
         assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_registration_the_store_could_not_commit_vouches_for_a_known_node() {
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 1, t0);
+        registry.session_ended(&id("a"), 1, t0);
+        registry.take_changes();
+
+        let t1 = t0.after(Duration::from_secs(1));
+        assert!(registry.vouch(&id("a"), Duration::ZERO, t1));
+        let node = registry.get(&id("a")).unwrap();
+        assert_eq!((node.state, node.generation), (NodeState::Online, 1));
+        assert_eq!(
+            registry.take_changes(),
+            vec![Change::CameOnline {
+                node_id: id("a"),
+                generation: 1
+            }]
+        );
+        let within_grace = t1.after(GRACE.max(OFFLINE_AFTER) - Duration::from_millis(1));
+        assert_eq!(registry.sweep(within_grace).went_offline, 0);
+        assert_eq!(
+            registry
+                .sweep(t1.after(GRACE.max(OFFLINE_AFTER)))
+                .went_offline,
+            1
+        );
+
+        assert!(!registry.vouch(&id("stranger"), Duration::ZERO, t1));
+        assert!(registry.get(&id("stranger")).is_none());
     }
 
     #[test]

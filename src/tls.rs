@@ -26,9 +26,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::error::RunError;
 
-/// Time allowed for a TLS handshake, so a peer that stalls mid-handshake
-/// cannot hold a connection slot.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Time a client allows a server's TLS handshake.
+const CLIENT_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone, Default, Args)]
 pub struct TlsArgs {
@@ -105,8 +104,12 @@ impl Tls {
     }
 
     /// The server side: this process's certificate, and client certificates
-    /// required when a CA is given.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, RunError> {
+    /// required when a CA is given. A peer that stalls mid-handshake for
+    /// `handshake_timeout` is dropped, so it cannot hold a connection slot.
+    pub fn server_config(
+        &self,
+        handshake_timeout: std::time::Duration,
+    ) -> Result<ServerTlsConfig, RunError> {
         let identity = self.identity.clone().ok_or_else(|| RunError::Tls {
             reason: "--tls-ca was given without --tls-cert and --tls-key; a TLS server needs a certificate".to_owned(),
         })?;
@@ -118,7 +121,7 @@ impl Tls {
         )?;
         let config = ServerTlsConfig::new()
             .identity(identity)
-            .timeout(HANDSHAKE_TIMEOUT);
+            .timeout(handshake_timeout);
         Ok(match &self.ca {
             Some(ca) => config.client_ca_root(ca.clone()),
             None => config,
@@ -133,7 +136,7 @@ impl Tls {
         })?;
         let config = ClientTlsConfig::new()
             .ca_certificate(ca)
-            .timeout(HANDSHAKE_TIMEOUT);
+            .timeout(CLIENT_HANDSHAKE_TIMEOUT);
         Ok(match &self.identity {
             Some(identity) => {
                 self.require_usage(
@@ -229,7 +232,10 @@ mod tests {
         let certificate = rcgen::generate_simple_self_signed(vec!["ca".to_owned()]).unwrap();
         std::fs::write(&ca, certificate.cert.pem()).unwrap();
         let tls = Tls::load(&args(None, None, Some(&ca))).unwrap().unwrap();
-        assert!(tls.server_config().is_err());
+        assert!(
+            tls.server_config(crate::connections::HANDSHAKE_TIMEOUT)
+                .is_err()
+        );
         assert!(tls.client_config("https://h:1").is_ok());
         let no_ca = Tls {
             identity: None,

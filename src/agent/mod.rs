@@ -19,8 +19,9 @@ pub use status::{Identity, StatusService};
 use crate::{
     auth::{NodeSecret, Token},
     config::AgentConfig,
+    connections::{self, ConnectionLimits},
     error::RunError,
-    grpc,
+    grpc, limits,
     node::{Claim, NodeId, validate_url},
     proto::{self, agent_server::AgentServer},
     tls::Tls,
@@ -39,7 +40,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let join_token =
         Token::from_optional_file("--join-token-file", config.join_token_file.as_deref())?;
     let tls = Tls::load(&config.tls)?;
-    let server = grpc::server(tls.as_ref(), grpc::KEEPALIVE)?;
+    let server = grpc::server(
+        tls.as_ref(),
+        grpc::KEEPALIVE,
+        connections::HANDSHAKE_TIMEOUT,
+    )?;
+    let connection_limits = connection_limits();
     let boot_id = uuid::Uuid::new_v4().to_string();
     let (listener, address) = grpc::bind(config.listen).await?;
     let advertise_url = match config.advertise_url {
@@ -92,12 +98,20 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         probed,
         shutdown.clone(),
     ));
-    let served = grpc::serve(router, listener, shutdown.clone()).await;
+    let served = grpc::serve(router, listener, connection_limits, shutdown.clone()).await;
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
     info!("agent stopped");
     served
+}
+
+/// The default connection limits, under this process's open-file limit.
+fn connection_limits() -> ConnectionLimits {
+    let open_files = limits::open_files()
+        .inspect_err(|error| tracing::warn!(%error, "cannot read the open-file limit"))
+        .map_or(1_024, |files| files.soft);
+    ConnectionLimits::for_open_files(open_files)
 }
 
 /// The `register` message an agent of this version opens its streams with.

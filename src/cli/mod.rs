@@ -30,14 +30,18 @@ pub async fn run_nodes(command: NodesCommand, out: &mut impl Write) -> Result<()
         NodesCommand::List(client) => {
             let operator = Operator::connect(&client).await?;
             let request = operator.request(proto::ListNodesRequest {});
-            let nodes = operator
+            let listed = operator
                 .coordinator()
                 .list_nodes(request)
                 .await
                 .map_err(|status| operator.rpc_error(status))?
-                .into_inner()
-                .nodes;
-            output::write_nodes(out, client.output, &nodes)?;
+                .into_inner();
+            output::write_nodes(out, client.output, &listed.nodes)?;
+            // On stderr, so that stdout stays the table or the JSON array
+            // that scripts already parse.
+            if let Some(paused) = &listed.expiry_paused {
+                output::write_expiry_note(&mut std::io::stderr().lock(), paused)?;
+            }
         }
         NodesCommand::Get {
             node_id,

@@ -85,6 +85,16 @@ pub fn write_node(
     }
 }
 
+/// One line telling the operator that no OFFLINE node is being removed.
+pub fn write_expiry_note(out: &mut impl Write, paused: &proto::ExpiryPaused) -> io::Result<()> {
+    writeln!(
+        out,
+        "note: expiry is paused: {} of {} nodes are OFFLINE or UNKNOWN, more than \
+         --expiry-guard-fraction {} of the fleet; no node is removed until enough are ONLINE again",
+        paused.nodes_down, paused.nodes_known, paused.guard_fraction
+    )
+}
+
 fn write_table(out: &mut impl Write, nodes: &[proto::Node]) -> io::Result<()> {
     let now = SystemTime::now();
     let header = ["NODE", "STATE", "LAST SEEN", "AGENT URL", "GEN", "LABELS"].map(str::to_owned);
@@ -183,6 +193,21 @@ mod tests {
             lines[2].contains("UNKNOWN") && lines[2].contains("gpu=a100"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_expiry_note_names_the_counts_and_the_flag() {
+        let mut out = Vec::new();
+        let paused = proto::ExpiryPaused {
+            nodes_down: 7,
+            nodes_known: 10,
+            guard_fraction: 0.5,
+        };
+        write_expiry_note(&mut out, &paused).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("7 of 10 nodes"), "{text}");
+        assert!(text.contains("--expiry-guard-fraction 0.5"), "{text}");
     }
 
     #[test]

@@ -31,17 +31,17 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, codegen::http, server::NamedService};
 use tower::{Layer, Service};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{
     Shared,
     session::{Outbound, Session, rejection},
 };
 use crate::{
-    auth::{self, Token},
+    auth::{self, SecretHash, Token},
     clock::Moment,
-    error::{InvalidInput, ServiceError},
-    node::Claim,
+    error::{InvalidInput, ServiceError, display_chain},
+    node::{Claim, NodeId},
     proto::{self, AgentMessage, CoordinatorMessage, coordinator_message},
     store::Enrolled,
 };
@@ -227,10 +227,20 @@ async fn admit(
         )
         .into());
     }
-    let enrolled = shared
+    let attempt = std::time::Instant::now();
+    let enrolled = match shared
         .store
         .enroll(registration.clone(), secret.hash(), Moment::now().wall)
-        .await?;
+        .await
+    {
+        Ok(enrolled) => enrolled,
+        Err(error) => {
+            if error.is_unavailable() {
+                vouch_if_known(shared, &node_id, secret.hash(), attempt.elapsed()).await;
+            }
+            return Err(error.into());
+        }
+    };
     let enrollment = match enrolled {
         Enrolled::Admitted(enrollment) => enrollment,
         Enrolled::HeldByAnotherSecret => {
@@ -268,6 +278,32 @@ async fn admit(
         interval,
     );
     Ok((session, registered))
+}
+
+/// A registration the store could not commit still shows that the agent
+/// holding the node's secret is alive: keep its node from being shown
+/// OFFLINE while the agent retries.
+async fn vouch_if_known(
+    shared: &Shared,
+    node_id: &NodeId,
+    secret_hash: SecretHash,
+    refusal_took: std::time::Duration,
+) {
+    match shared
+        .store
+        .holds_secret(node_id.clone(), secret_hash)
+        .await
+    {
+        Ok(true) => {
+            if shared.update(|registry| registry.vouch(node_id, refusal_took, Moment::now())) {
+                debug!(%node_id, "registration not committed; the attempt keeps the node online");
+            }
+        }
+        Ok(false) => {}
+        Err(error) => {
+            debug!(%node_id, error = %display_chain(&error), "cannot check the node secret");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 
 mod admission;
 mod prober;
+mod readiness;
 mod service;
 mod session;
 mod sweeper;
@@ -32,6 +33,7 @@ use crate::{
     auth::Token,
     clock::Moment,
     config::CoordinatorConfig,
+    connections::{self, ConnectionLimits},
     error::RunError,
     grpc, limits,
     proto::coordinator_server::CoordinatorServer,
@@ -150,12 +152,18 @@ pub async fn start(
     // outcome is logged with the "listening" line: nothing is logged before
     // a start-up error, which stays the one line on stderr.
     let open_files = limits::raise_open_files();
+    let connection_limits =
+        connection_limits(&config, open_files.as_ref().ok().map(|files| files.soft));
     let join_token =
         Token::from_optional_file("--join-token-file", config.join_token_file.as_deref())?;
     let admin_token =
         Token::from_optional_file("--admin-token-file", config.admin_token_file.as_deref())?;
     let tls = Tls::load(&config.tls)?;
-    let server = grpc::server(tls.as_ref(), grpc::COORDINATOR_KEEPALIVE)?;
+    let server = grpc::server(
+        tls.as_ref(),
+        grpc::COORDINATOR_KEEPALIVE,
+        config.handshake_timeout,
+    )?;
     // Ports first: a coordinator that cannot listen leaves no database file
     // behind, and the lock file can name the address that holds it.
     let (listener, address) = grpc::bind(config.listen).await?;
@@ -176,6 +184,7 @@ pub async fn start(
         offline_after: config.offline_after,
         expire_after: config.expire_after,
         reload_grace: config.offline_after,
+        expiry_guard_fraction: config.expiry_guard_fraction,
     };
     // On top of its agent's backoff ceiling, each reloaded node gets the
     // usual allowance of a fleet this size.
@@ -196,12 +205,7 @@ pub async fn start(
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    health
-        .set_not_serving::<CoordinatorServer<service::CoordinatorService>>()
-        .await;
+    let readiness = readiness::Readiness::new(health).await;
 
     let sessions = TaskTracker::new();
     let background = TaskTracker::new();
@@ -214,13 +218,19 @@ pub async fn start(
     let sweeper = background.spawn(sweeper::run(
         shared.clone(),
         sweeper::period(config.offline_after),
+        config.expiry_guard_fraction,
         shutdown.clone(),
     ));
     background.spawn(prober::initial_round(
         shared.clone(),
         config.probe_timeout,
         PROBE_CONCURRENCY,
-        health,
+        readiness.clone(),
+        shutdown.clone(),
+    ));
+    background.spawn(readiness::follow_store(
+        readiness,
+        shared.store.clone(),
         shutdown.clone(),
     ));
 
@@ -256,10 +266,16 @@ pub async fn start(
         tls = shared.tls.is_some(),
         join_token = shared.join_token.is_some(),
         admin_token = shared.admin_token.is_some(),
+        max_connections = connection_limits.max_connections,
         "coordinator listening"
     );
 
-    let serve = tokio::spawn(grpc::serve(router, listener, shutdown.clone()));
+    let serve = tokio::spawn(grpc::serve(
+        router,
+        listener,
+        connection_limits,
+        shutdown.clone(),
+    ));
     Ok(RunningCoordinator {
         address,
         metrics_address,
@@ -331,5 +347,25 @@ impl RunningCoordinator {
         drop(database_lock);
         info!("coordinator stopped");
         served
+    }
+}
+
+/// The connection limits from the flags; without `--max-connections`, as
+/// many as the open-file limit allows with a reserve kept free.
+fn connection_limits(config: &CoordinatorConfig, open_files: Option<u64>) -> ConnectionLimits {
+    let derived = ConnectionLimits::for_open_files(open_files.unwrap_or(1_024));
+    let max_connections = config.max_connections.unwrap_or(derived.max_connections);
+    if max_connections > derived.max_connections {
+        warn!(
+            max_connections,
+            fits = derived.max_connections,
+            "--max-connections leaves fewer than {} open files for the database and probes",
+            connections::RESERVED_FILES
+        );
+    }
+    ConnectionLimits {
+        handshake_timeout: config.handshake_timeout,
+        idle_timeout: config.idle_timeout,
+        max_connections,
     }
 }

@@ -5,27 +5,23 @@
 //! A probe passes only when the agent answers with the expected node id:
 //! another process now listening at a node's old address proves nothing.
 //! Probes run concurrently, bounded in number and each in time; a node whose
-//! agent has registered again before its turn is not probed. The health
-//! service reports SERVING once the round has finished or hit its deadline.
+//! agent has registered again before its turn is not probed. The round tells
+//! [`Readiness`] once it has finished or hit its deadline.
 
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
-use super::{Shared, service::CoordinatorService};
+use super::{Shared, readiness::Readiness};
 use crate::{
     auth::Token,
     clock::Moment,
     error::display_chain,
     grpc,
     node::NodeId,
-    proto::{
-        StatusRequest, StatusResponse, agent_client::AgentClient,
-        coordinator_server::CoordinatorServer,
-    },
+    proto::{StatusRequest, StatusResponse, agent_client::AgentClient},
     registry::ProbeTarget,
     tls::Tls,
 };
@@ -99,7 +95,7 @@ pub(super) async fn initial_round(
     shared: Arc<Shared>,
     timeout: Duration,
     concurrency: usize,
-    health: HealthReporter,
+    readiness: Arc<Readiness>,
     shutdown: CancellationToken,
 ) {
     let targets = shared.lock().unproven();
@@ -133,7 +129,7 @@ pub(super) async fn initial_round(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep_until(deadline), if !serving => {
                 warn!(total, proven, "initial probe round hit its deadline; serving while the rest finish");
-                report_serving(&health).await;
+                readiness.probe_round_done().await;
                 serving = true;
                 continue;
             }
@@ -172,7 +168,7 @@ pub(super) async fn initial_round(
     }
     info!(total, proven, skipped, "initial probe round finished");
     if !serving {
-        report_serving(&health).await;
+        readiness.probe_round_done().await;
     }
 }
 
@@ -194,13 +190,4 @@ fn explain_probe_failure(reason: &str) -> String {
         Some(advice) => format!("{reason} ({advice})"),
         None => reason.to_owned(),
     }
-}
-
-async fn report_serving(health: &HealthReporter) {
-    health
-        .set_serving::<CoordinatorServer<CoordinatorService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
 }

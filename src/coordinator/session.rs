@@ -386,6 +386,7 @@ mod serve_loop {
             offline_after: Duration::from_secs(3),
             expire_after: Duration::from_secs(3600),
             reload_grace: Duration::from_secs(3),
+            expiry_guard_fraction: 0.5,
         }
     }
 

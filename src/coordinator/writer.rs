@@ -6,7 +6,12 @@
 //! node that heartbeated is written in one transaction per flush period (the
 //! heartbeat interval, at least a second), so heartbeats never cost a write
 //! each. A failed write is retried on the next
-//! round, never dropped.
+//! round, never dropped; the store's availability, not this task, reports
+//! the outage (see `readiness`).
+//!
+//! On shutdown the writer keeps retrying what is unwritten for at most
+//! [`DRAIN_DEADLINE`], then logs, as an error, every change and `last_seen`
+//! it could not save.
 
 use std::{
     collections::BTreeMap,
@@ -16,10 +21,15 @@ use std::{
 
 use tokio::time::{Instant, MissedTickBehavior, interval};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, error, info};
 
 use super::Shared;
-use crate::{error::display_chain, node::NodeId, registry::Change};
+use crate::{error::display_chain, node::NodeId, registry::Change, store::StoreError};
+
+/// How long the final flush at shutdown may keep retrying a failing store.
+pub(super) const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// Pause between the final flush's attempts.
+const DRAIN_RETRY: Duration = Duration::from_millis(200);
 
 /// How often `last_seen` is flushed: every heartbeat interval, but never
 /// more than once a second, so steady-state writes stay at one transaction
@@ -60,28 +70,90 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
         };
         let changes: Arc<[Change]> = std::mem::take(&mut unwritten).into_values().collect();
         let last_seen: Arc<[(NodeId, SystemTime)]> = last_seen.into();
-        let writes_anything = !changes.is_empty() || !last_seen.is_empty();
-        match shared.store.write(changes.clone(), last_seen.clone()).await {
-            Ok(()) if writes_anything => {
-                changes.iter().for_each(log_change);
-                metrics::counter!("muster_store_write_transactions_total").increment(1);
-                metrics::counter!("muster_store_changes_written_total")
-                    .increment(changes.len() as u64);
-                metrics::counter!("muster_store_last_seen_written_total")
-                    .increment(last_seen.len() as u64);
-            }
-            Ok(()) => {}
-            Err(error) => {
-                warn!(error = %display_chain(&error), changes = changes.len(), "store write failed; will retry");
-                unwritten = changes
-                    .iter()
-                    .map(|change| (change.node_id().clone(), change.clone()))
-                    .collect();
-                shared.lock().restore_last_seen(&last_seen);
-            }
-        }
         if stopping {
+            drain(&shared, changes, last_seen).await;
             return;
+        }
+        if let Err(error) = write(&shared, changes.clone(), last_seen.clone()).await {
+            debug!(error = %display_chain(&error), changes = changes.len(), "store write failed; will retry");
+            unwritten = changes
+                .iter()
+                .map(|change| (change.node_id().clone(), change.clone()))
+                .collect();
+            shared.lock().restore_last_seen(&last_seen);
+        }
+    }
+}
+
+async fn write(
+    shared: &Shared,
+    changes: Arc<[Change]>,
+    last_seen: Arc<[(NodeId, SystemTime)]>,
+) -> Result<(), StoreError> {
+    if changes.is_empty() && last_seen.is_empty() {
+        return Ok(());
+    }
+    shared
+        .store
+        .write(changes.clone(), last_seen.clone())
+        .await?;
+    changes.iter().for_each(log_change);
+    metrics::counter!("muster_store_write_transactions_total").increment(1);
+    metrics::counter!("muster_store_changes_written_total").increment(changes.len() as u64);
+    metrics::counter!("muster_store_last_seen_written_total").increment(last_seen.len() as u64);
+    Ok(())
+}
+
+/// The final flush: retries until it succeeds or [`DRAIN_DEADLINE`] has
+/// passed, then names whatever stays unsaved.
+async fn drain(shared: &Shared, changes: Arc<[Change]>, last_seen: Arc<[(NodeId, SystemTime)]>) {
+    let deadline = Instant::now() + DRAIN_DEADLINE;
+    let mut attempts = 0u32;
+    let failure = loop {
+        attempts += 1;
+        let attempt = write(shared, changes.clone(), last_seen.clone());
+        let failure = match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => display_chain(&error),
+            Err(_) => format!("the write did not finish within {DRAIN_DEADLINE:?}"),
+        };
+        if Instant::now() + DRAIN_RETRY >= deadline {
+            break failure;
+        }
+        tokio::time::sleep(DRAIN_RETRY).await;
+    };
+    error!(
+        error = %failure,
+        attempts,
+        changes = changes.len(),
+        last_seen = last_seen.len(),
+        "shutting down with changes the database did not take; they are lost"
+    );
+    for change in changes.iter() {
+        error!(node_id = %change.node_id(), change = %describe(change), "not saved");
+    }
+    if !last_seen.is_empty() {
+        let nodes: Vec<&str> = last_seen
+            .iter()
+            .map(|(node_id, _)| node_id.as_str())
+            .collect();
+        error!(nodes = %nodes.join(","), "last_seen not saved");
+    }
+}
+
+fn describe(change: &Change) -> String {
+    match change {
+        Change::WentOffline {
+            generation, since, ..
+        } => format!(
+            "went OFFLINE at {} (generation {generation})",
+            humantime::format_rfc3339_millis(*since)
+        ),
+        Change::CameOnline { generation, .. } => {
+            format!("came back ONLINE (generation {generation})")
+        }
+        Change::Expired { generation, .. } => {
+            format!("expired and was to be removed (generation {generation})")
         }
     }
 }

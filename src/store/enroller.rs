@@ -10,16 +10,18 @@
 //!
 //! Invariants: a caller is answered only after its row is committed, and
 //! only while the database file is still at its path (see
-//! [`super::transaction_in_place`]); a batch that fails is retried one
-//! registration per transaction, so one bad registration fails only itself;
-//! a registration whose caller has gone is not written.
+//! [`super::transaction_in_place`]); a batch that fails for one of its rows
+//! is retried one registration per transaction, so one bad registration
+//! fails only itself, while a batch that fails because the database is
+//! unavailable fails as a whole, at once; a registration whose caller has
+//! gone is not written.
 
 use std::{sync::Arc, time::SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Enrolled, SqlitePool, StoreError, enroll_in, file::DatabaseFile, transaction_in_place,
+    Connections, Enrolled, StoreError, enroll_in, file::DatabaseFile, transaction_in_place,
 };
 use crate::{auth::SecretHash, node::Registration};
 
@@ -42,11 +44,14 @@ pub(super) struct Enroller {
 }
 
 impl Enroller {
-    pub(super) fn start(pool: SqlitePool, file: Arc<DatabaseFile>) -> Result<Self, StoreError> {
+    pub(super) fn start(
+        connections: Arc<Connections>,
+        file: Arc<DatabaseFile>,
+    ) -> Result<Self, StoreError> {
         let (requests, receiver) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("muster-enroll".to_owned())
-            .spawn(move || serve(&pool, &file, receiver))
+            .spawn(move || serve(&connections, &file, receiver))
             .map_err(StoreError::EnrollerStart)?;
         Ok(Self { requests })
     }
@@ -72,7 +77,7 @@ impl Enroller {
     }
 }
 
-fn serve(pool: &SqlitePool, file: &DatabaseFile, mut requests: mpsc::Receiver<Request>) {
+fn serve(connections: &Connections, file: &DatabaseFile, mut requests: mpsc::Receiver<Request>) {
     while let Some(first) = requests.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH
@@ -82,14 +87,14 @@ fn serve(pool: &SqlitePool, file: &DatabaseFile, mut requests: mpsc::Receiver<Re
         }
         batch.retain(|request| !request.reply.is_closed());
         if !batch.is_empty() {
-            commit(pool, file, batch);
+            commit(connections, file, batch);
         }
     }
 }
 
-fn commit(pool: &SqlitePool, file: &DatabaseFile, batch: Vec<Request>) {
-    let together = pool.get().map_err(StoreError::from).and_then(|mut conn| {
-        transaction_in_place(file, &mut conn, |conn| {
+fn commit(connections: &Connections, file: &DatabaseFile, batch: Vec<Request>) {
+    let together = connections.write(|conn| {
+        transaction_in_place(file, conn, |conn| {
             batch
                 .iter()
                 .map(|request| {
@@ -114,10 +119,16 @@ fn commit(pool: &SqlitePool, file: &DatabaseFile, batch: Vec<Request>) {
                 let _ = request.reply.send(Err(error));
             }
         }
+        Err(error) if error.is_unavailable() => {
+            let cause = Arc::new(error);
+            for request in batch {
+                let _ = request.reply.send(Err(StoreError::Batch(cause.clone())));
+            }
+        }
         Err(_) => {
             for request in batch {
-                let alone = pool.get().map_err(StoreError::from).and_then(|mut conn| {
-                    transaction_in_place(file, &mut conn, |conn| {
+                let alone = connections.write(|conn| {
+                    transaction_in_place(file, conn, |conn| {
                         enroll_in(
                             conn,
                             &request.registration,

@@ -11,7 +11,12 @@
 //! A row that cannot be read is quarantined, never deleted or overwritten:
 //! it is left out of the fleet, logged and counted at start-up, and a
 //! registration of its node id is refused until an operator removes it.
+//!
+//! Every write reports whether it succeeded (see [`Availability`]); a store
+//! whose writes fail keeps serving reads, and recovers by itself once a
+//! write succeeds again.
 
+mod connections;
 mod enroller;
 mod file;
 mod lock;
@@ -32,10 +37,13 @@ use diesel::{
     r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection},
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use tokio::sync::watch;
 use tracing::warn;
 
+pub use self::connections::Availability;
 pub use self::lock::{DatabaseLock, Holder, lock_path};
 use self::{
+    connections::Connections,
     file::DatabaseFile,
     rows::{NodeRow, generation_to_column},
     schema::known_nodes,
@@ -49,7 +57,6 @@ use crate::{
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
-const POOL_SIZE: u32 = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +68,11 @@ pub enum StoreError {
     },
     #[error("cannot use database {path}")]
     Unusable {
+        path: PathBuf,
+        source: diesel::result::Error,
+    },
+    #[error("cannot write database {path} (check its permissions and free disk space)")]
+    Unwritable {
         path: PathBuf,
         source: diesel::result::Error,
     },
@@ -119,26 +131,42 @@ pub enum StoreError {
     EnrollerStart(#[source] std::io::Error),
     #[error("the registration thread has stopped")]
     EnrollerStopped,
+    /// The transaction shared with other registrations failed.
+    #[error("registration not committed")]
+    Batch(#[source] Arc<StoreError>),
 }
 
 impl StoreError {
-    /// Whether retrying later may succeed: no connection was available, or
-    /// the database was busy.
-    pub fn is_transient(&self) -> bool {
+    /// Whether the error is the database's rather than one row's: the file
+    /// cannot be written, the disk is full, the database is locked or has
+    /// gone from its path, no connection could be made. Such an error makes
+    /// the store unavailable until a write succeeds again; callers are told
+    /// the service is unavailable, and retrying later may succeed.
+    pub fn is_unavailable(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as Kind, Error};
         match self {
-            Self::Pool(_) | Self::Task(_) => true,
-            Self::Query(diesel::result::Error::DatabaseError(_, info)) => {
-                let message = info.message();
-                message.contains("locked") || message.contains("busy")
-            }
-            _ => false,
+            Self::Batch(cause) => cause.is_unavailable(),
+            Self::Corrupt { .. } => false,
+            Self::Query(Error::DatabaseError(
+                Kind::UniqueViolation
+                | Kind::ForeignKeyViolation
+                | Kind::NotNullViolation
+                | Kind::CheckViolation,
+                _,
+            )) => false,
+            _ => true,
         }
     }
 
-    /// Whether the store cannot take writes for now, for a reason outside
-    /// the request: callers are told the service is unavailable and retry.
-    pub fn is_unavailable(&self) -> bool {
-        self.is_transient() || matches!(self, Self::Gone { .. })
+    /// Whether the database file has gone from its path. Connections already
+    /// open still hold the file, and are the ones to use if it comes back;
+    /// new ones could not open it.
+    fn is_file_gone(&self) -> bool {
+        match self {
+            Self::Batch(cause) => cause.is_file_gone(),
+            Self::Gone { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -180,7 +208,7 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionSe
 
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    connections: Arc<Connections>,
     enroller: enroller::Enroller,
     file: Arc<DatabaseFile>,
 }
@@ -204,12 +232,14 @@ impl Store {
             }
         })?;
         let file = Arc::new(DatabaseFile::open(path)?);
-        ConnectionSettings::apply(&mut conn)
-            .and_then(|()| conn.immediate_transaction(|_| Ok(())))
-            .map_err(|source| StoreError::Unusable {
-                path: path.to_owned(),
-                source,
-            })?;
+        ConnectionSettings::apply(&mut conn).map_err(|source| StoreError::Unusable {
+            path: path.to_owned(),
+            source,
+        })?;
+        write_and_roll_back(&mut conn).map_err(|source| StoreError::Unwritable {
+            path: path.to_owned(),
+            source,
+        })?;
         refuse_unknown_migrations(&mut conn, path)?;
         conn.run_pending_migrations(MIGRATIONS)
             .map_err(|e| StoreError::Migration {
@@ -220,21 +250,22 @@ impl Store {
 
         // Connections opened later never create a file: if the database has
         // gone from its path, they fail instead of starting an empty one.
-        let pool = Pool::builder()
-            .max_size(POOL_SIZE)
-            .min_idle(Some(1))
-            .connection_timeout(Duration::from_secs(10))
-            .connection_customizer(Box::new(ConnectionSettings))
-            .build(ConnectionManager::new(sqlite_uri(
-                path,
-                file::Found::Existing,
-            )))?;
-        let enroller = enroller::Enroller::start(pool.clone(), file.clone())?;
+        let connections = Arc::new(Connections::open(sqlite_uri(path, file::Found::Existing))?);
+        let enroller = enroller::Enroller::start(connections.clone(), file.clone())?;
         Ok(Self {
-            pool,
+            connections,
             enroller,
             file,
         })
+    }
+
+    async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut PooledSqlite) -> Result<T, StoreError> + Send + 'static,
+    {
+        let connections = self.connections.clone();
+        tokio::task::spawn_blocking(move || work(&mut connections.get()?)).await?
     }
 
     async fn run<T, F>(&self, work: F) -> Result<T, StoreError>
@@ -242,8 +273,29 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut PooledSqlite) -> Result<T, StoreError> + Send + 'static,
     {
-        let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || work(&mut pool.get()?)).await?
+        let connections = self.connections.clone();
+        let outcome = tokio::task::spawn_blocking(move || connections.write(work)).await;
+        outcome.unwrap_or_else(|error| {
+            let error = StoreError::from(error);
+            self.connections.report(Some(&error));
+            Err(error)
+        })
+    }
+
+    /// Whether writes currently succeed; changes with every write's outcome.
+    pub fn availability(&self) -> watch::Receiver<Availability> {
+        self.connections.availability()
+    }
+
+    /// Proves the database writable, and still at its path, with a write
+    /// that is rolled back; reports the outcome like any other write.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        let file = self.file.clone();
+        self.run(move |conn| {
+            file.ensure_in_place()?;
+            Ok(write_and_roll_back(conn)?)
+        })
+        .await
     }
 
     /// Runs `work` in a write transaction; see [`transaction_in_place`].
@@ -261,7 +313,7 @@ impl Store {
     /// quarantined: logged, counted in `muster_store_rows_quarantined`, and
     /// left out, so one bad row cannot keep the fleet from being served.
     pub async fn load_nodes(&self) -> Result<Vec<StoredNode>, StoreError> {
-        self.run(|conn| {
+        self.read(|conn| {
             let rows = known_nodes::table
                 .select(NodeRow::as_select())
                 .order(known_nodes::node_id)
@@ -299,6 +351,27 @@ impl Store {
         now: SystemTime,
     ) -> Result<Enrolled, StoreError> {
         self.enroller.enroll(registration, secret_hash, now).await
+    }
+
+    /// Whether `node_id` is stored with this node secret. Only reads, so it
+    /// answers while writes fail.
+    pub async fn holds_secret(
+        &self,
+        node_id: NodeId,
+        secret_hash: SecretHash,
+    ) -> Result<bool, StoreError> {
+        self.read(move |conn| {
+            let stored: Option<Option<String>> = known_nodes::table
+                .find(node_id.as_str())
+                .select(known_nodes::secret_hash)
+                .first(conn)
+                .optional()?;
+            Ok(stored
+                .flatten()
+                .and_then(|stored| SecretHash::from_hex(&stored))
+                .is_some_and(|stored| stored.matches(&secret_hash)))
+        })
+        .await
     }
 
     /// Deletes a node's row, whatever its generation, and returns the
@@ -341,6 +414,19 @@ impl Store {
             Ok(())
         })
         .await
+    }
+}
+
+/// Writes to the database in a transaction that is then rolled back: SQLite
+/// opens a file it may not write read-only, and only a real write shows it.
+fn write_and_roll_back(conn: &mut SqliteConnection) -> Result<(), diesel::result::Error> {
+    let outcome = conn.immediate_transaction(|conn| {
+        conn.batch_execute("CREATE TABLE muster_write_check (written INTEGER)")?;
+        Err::<(), _>(diesel::result::Error::RollbackTransaction)
+    });
+    match outcome {
+        Err(diesel::result::Error::RollbackTransaction) => Ok(()),
+        other => other,
     }
 }
 
@@ -724,6 +810,51 @@ mod tests {
         assert!(matches!(claimed, Enrolled::Admitted(e) if e.generation > first.generation));
         let absent = NodeId::parse("node_id", "absent").unwrap();
         assert_eq!(store.remove(absent).await.unwrap(), None);
+    }
+
+    #[test]
+    fn a_row_breaking_a_constraint_is_not_an_outage_but_any_other_failure_is() {
+        use diesel::result::{DatabaseErrorKind, Error};
+        let database = |kind, message: &str| {
+            StoreError::Query(Error::DatabaseError(kind, Box::new(message.to_owned())))
+        };
+        assert!(!database(DatabaseErrorKind::UniqueViolation, "UNIQUE").is_unavailable());
+        assert!(
+            !StoreError::Corrupt {
+                node_id: "a".to_owned(),
+                reason: "bad".to_owned()
+            }
+            .is_unavailable()
+        );
+        let readonly = database(
+            DatabaseErrorKind::Unknown,
+            "attempt to write a readonly database",
+        );
+        assert!(readonly.is_unavailable());
+        assert!(database(DatabaseErrorKind::Unknown, "database or disk is full").is_unavailable());
+        assert!(StoreError::Batch(Arc::new(readonly)).is_unavailable());
+        assert!(StoreError::EnrollerStopped.is_unavailable());
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_makes_the_store_unavailable_until_one_succeeds() {
+        let (dir, store) = temp_store().await;
+        let mut availability = store.availability();
+        assert_eq!(*availability.borrow_and_update(), Availability::Available);
+        let mut lock =
+            SqliteConnection::establish(&dir.path().join("muster.db").to_string_lossy()).unwrap();
+        lock.batch_execute("PRAGMA busy_timeout = 0; BEGIN IMMEDIATE")
+            .unwrap();
+        let refused = store.check_writable().await.unwrap_err();
+        assert!(refused.is_unavailable(), "{refused}");
+        assert!(availability.has_changed().unwrap());
+        assert!(matches!(
+            &*availability.borrow_and_update(),
+            Availability::Failing { cause } if cause.contains("locked")
+        ));
+        lock.batch_execute("ROLLBACK").unwrap();
+        store.check_writable().await.unwrap();
+        assert_eq!(*availability.borrow_and_update(), Availability::Available);
     }
 
     #[tokio::test]

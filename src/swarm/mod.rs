@@ -29,6 +29,7 @@ use crate::{
     agent::{Identity, reconnect, register_message},
     auth::NodeSecret,
     config::SwarmConfig,
+    connections::{self, ConnectionLimits},
     error::{InvalidInput, RunError},
     grpc, limits,
     node::{Claim, NodeId, validate_url},
@@ -96,7 +97,7 @@ pub async fn run(config: SwarmConfig, shutdown: CancellationToken) -> Result<(),
     }
 
     let status = status::SwarmStatus::new(agent_address(config.first_agent)?, identities);
-    let router = grpc::server(None, grpc::KEEPALIVE)?
+    let router = grpc::server(None, grpc::KEEPALIVE, connections::HANDSHAKE_TIMEOUT)?
         .add_service(AgentServer::new(status).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES));
     info!(
         %address,
@@ -108,7 +109,13 @@ pub async fn run(config: SwarmConfig, shutdown: CancellationToken) -> Result<(),
     );
 
     let tasks = TaskTracker::new();
-    tasks.spawn(grpc::serve(router, listener, shutdown.clone()));
+    let open_files = limits::open_files().map_or(1_024, |files| files.soft);
+    tasks.spawn(grpc::serve(
+        router,
+        listener,
+        ConnectionLimits::for_open_files(open_files),
+        shutdown.clone(),
+    ));
     for (node_id, link, probed) in links {
         let span = tracing::info_span!("agent", %node_id);
         tasks.spawn(reconnect::run(link, probed, shutdown.clone()).instrument(span));

@@ -93,9 +93,29 @@ impl Process {
     /// Like [`Process::start`], but a process that exits before listening is
     /// an error carrying its last log line.
     pub fn try_start(name: &str, args: &[String]) -> Result<Self, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_muster"))
+        Self::try_start_with_env(name, args, &[])
+    }
+
+    /// Like [`Process::try_start`], with `env` added to the environment.
+    pub fn try_start_with_env(
+        name: &str,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Result<Self, String> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));
+        command
             .args(args)
-            .env("MUSTER_LOG", "info,muster=debug")
+            .envs(env.iter().map(|(key, value)| (key, value)));
+        Self::try_spawn(name, command)
+    }
+
+    /// Like [`Process::try_start`], for a `muster` command the caller has
+    /// set up further (its environment, its resource limits).
+    pub fn try_spawn(name: &str, mut command: Command) -> Result<Self, String> {
+        if command.get_envs().all(|(key, _)| key != "MUSTER_LOG") {
+            command.env("MUSTER_LOG", "info,muster=debug");
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -684,6 +704,20 @@ impl Process {
         log.iter()
             .filter(|line| needles.iter().all(|needle| line.contains(needle)))
             .count()
+    }
+}
+
+impl Coordinator {
+    /// Like [`Coordinator::start`], with `env` added to the process's
+    /// environment.
+    pub fn start_with_env(db: &Path, listen: &str, extra: &[&str], env: &[(&str, String)]) -> Self {
+        let args = Self::args(db, listen, extra);
+        let process = Process::try_start_with_env("coordinator", &args, env)
+            .unwrap_or_else(|failure| panic!("{failure}"));
+        Self {
+            process,
+            db: db.to_owned(),
+        }
     }
 }
 

@@ -1,0 +1,378 @@
+//! A database that cannot be written: at start-up, while running, and at
+//! shutdown. Run-time faults are real ones: another process holds SQLite's
+//! write lock, so every write of the coordinator fails once its busy timeout
+//! has passed, exactly as on a database it may not write. That works as root
+//! and as any other user.
+
+mod common;
+
+use std::{
+    os::unix::{
+        fs::{MetadataExt, PermissionsExt},
+        process::CommandExt,
+    },
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use common::{
+    Coordinator, FAST_TIMING, Process, RawStream, hold_for, node, register_message, start_agent,
+    start_agent_with, state_of, wait_for, wait_for_state,
+};
+use diesel::{Connection, SqliteConnection, connection::SimpleConnection};
+use muster::proto::NodeState;
+use nix::sys::signal::Signal;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// Long enough for a write to wait out the coordinator's 5 s busy timeout,
+/// fail, and be noticed, on a loaded machine.
+const OUTAGE_NOTICED: Duration = Duration::from_secs(30);
+const SERVICE: &str = "muster.v1.Coordinator";
+const NOBODY: u32 = 65534;
+
+/// Holds SQLite's write lock on a database, as a second process would, until
+/// released or dropped.
+struct WriteLock(SqliteConnection);
+
+impl WriteLock {
+    fn take(db: &Path) -> Self {
+        let mut conn = SqliteConnection::establish(&db.display().to_string()).expect("open db");
+        conn.batch_execute("BEGIN IMMEDIATE")
+            .expect("take the write lock");
+        Self(conn)
+    }
+
+    fn release(mut self) {
+        self.0.batch_execute("ROLLBACK").expect("release the lock");
+    }
+}
+
+async fn health(url: &str, service: &str) -> Option<ServingStatus> {
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let request = HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    let response = HealthClient::new(channel).check(request).await.ok()?;
+    ServingStatus::try_from(response.into_inner().status).ok()
+}
+
+async fn wait_for_health(url: &str, wanted: ServingStatus, deadline: Duration) {
+    for service in ["", SERVICE] {
+        wait_for(
+            &format!("health of {service:?} to be {wanted:?}"),
+            deadline,
+            || async move { (health(url, service).await == Some(wanted)).then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// A command running `muster` as a user that file permissions bind: as
+/// nobody, from a copy of the binary in `dir`, when the tests run as root
+/// (permissions do not bind root); as the current user otherwise. `dir` and
+/// what it holds become nobody's.
+fn unprivileged_muster(dir: &Path) -> Command {
+    let running_as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    if !running_as_root {
+        return Command::new(env!("CARGO_BIN_EXE_muster"));
+    }
+    // Copied by a child process: a file this process had open for writing
+    // could leak into a concurrent test's fork, and exec would then fail
+    // with "text file busy".
+    let binary = dir.join("muster");
+    let copied = Command::new("cp")
+        .arg(env!("CARGO_BIN_EXE_muster"))
+        .arg(&binary)
+        .status()
+        .expect("run cp");
+    assert!(copied.success());
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        std::os::unix::fs::chown(entry.unwrap().path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut command = Command::new(&binary);
+    command.uid(NOBODY).gid(NOBODY);
+    command
+}
+
+/// Runs `command` to completion; one still running after `deadline` (a
+/// coordinator that started serving) is killed and fails the test.
+fn output_within(mut command: Command, deadline: Duration) -> std::process::Output {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run muster");
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("try_wait").is_none() {
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the coordinator was still running after {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    child.wait_with_output().expect("collect output")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_database_at_start_up_is_a_one_line_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("muster.db");
+    drop(muster::store::Store::open(&db).await.unwrap());
+    // Only the file is read-only: the directory stays writable, so SQLite
+    // can still open the file (read-only) and an empty transaction passes.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let mut command = unprivileged_muster(dir.path());
+    command
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .env("MUSTER_LOG", "off");
+    let output = output_within(command, Duration::from_secs(20));
+    common::one_line_error(&output, &db.display().to_string());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot write database"), "{stderr}");
+    assert!(stderr.contains("readonly"), "the cause is named: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unwritable_database_is_a_readiness_problem_that_clears_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("muster.db");
+    let coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
+    let url = coordinator.url();
+    let steady = start_agent(&url, "steady", &dir.path().join("steady"));
+    let doomed = start_agent(&url, "doomed", &dir.path().join("doomed"));
+    let mut mover = start_agent(&url, "mover", &dir.path().join("mover"));
+    for node_id in ["steady", "doomed", "mover"] {
+        wait_for_state(&url, &[node_id], NodeState::Online, Duration::from_secs(20)).await;
+    }
+    let mover_generation = node(&url, "mover").await.unwrap().session_generation;
+    wait_for_health(&url, ServingStatus::Serving, Duration::from_secs(20)).await;
+
+    let lock = WriteLock::take(&db);
+    wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
+    assert_eq!(
+        coordinator
+            .process
+            .log_count(&["database writes are failing"]),
+        1
+    );
+
+    let refused = match RawStream::open(
+        &url,
+        register_message("newcomer", "http://127.0.0.1:9", "b"),
+    )
+    .await
+    {
+        Err(status) => status,
+        Ok(stream) => stream
+            .registered()
+            .await
+            .err()
+            .expect("registration refused"),
+    };
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("locked"),
+        "the cause is named: {refused:?}"
+    );
+
+    // A new agent keeps retrying; a node whose agent comes back during the
+    // outage is shown ONLINE, not OFFLINE, though it cannot register; one
+    // whose agent dies goes OFFLINE, a change waiting to be written.
+    let latecomer = start_agent_with(
+        &url,
+        "latecomer",
+        &dir.path().join("latecomer"),
+        &["--max-backoff", "1s"],
+    );
+    mover.kill();
+    let mover = start_agent_with(
+        &url,
+        "mover",
+        &dir.path().join("mover"),
+        &["--max-backoff", "1s"],
+    );
+    drop(doomed);
+    wait_for_state(
+        &url,
+        &["doomed"],
+        NodeState::Offline,
+        Duration::from_secs(10),
+    )
+    .await;
+    wait_for_state(&url, &["mover"], NodeState::Online, OUTAGE_NOTICED).await;
+    hold_for(
+        "steady and mover ONLINE during the outage",
+        Duration::from_secs(6),
+        || {
+            let url = url.clone();
+            async move {
+                for node_id in ["steady", "mover"] {
+                    let node = node(&url, node_id).await.ok_or("node missing")?;
+                    if state_of(&node) != NodeState::Online {
+                        return Err(format!("{node_id} is {:?}", state_of(&node)));
+                    }
+                }
+                Ok(())
+            }
+        },
+    )
+    .await;
+    assert!(node(&url, "latecomer").await.is_none());
+    assert!(
+        latecomer.log_contains("Unavailable"),
+        "the agent was told UNAVAILABLE"
+    );
+    assert_eq!(
+        coordinator
+            .process
+            .log_count(&["database writes are failing"]),
+        1,
+        "one log line per outage, not one per failed write"
+    );
+
+    lock.release();
+    wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
+    wait_for_state(&url, &["latecomer"], NodeState::Online, OUTAGE_NOTICED).await;
+    wait_for("mover to register again", OUTAGE_NOTICED, || {
+        let url = url.clone();
+        async move {
+            let node = node(&url, "mover").await?;
+            (node.session_generation > mover_generation).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        coordinator
+            .process
+            .log_count(&["database writes succeed again"]),
+        1
+    );
+    assert_eq!(
+        state_of(&node(&url, "steady").await.unwrap()),
+        NodeState::Online
+    );
+    drop((steady, mover, latecomer));
+
+    let status = coordinator
+        .process
+        .stop_with(Signal::SIGTERM, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    let store = muster::store::Store::open(&db).await.unwrap();
+    let stored = store.load_nodes().await.unwrap();
+    let doomed = stored
+        .iter()
+        .find(|n| n.registration.node_id.as_str() == "doomed")
+        .expect("doomed is stored");
+    assert!(
+        doomed.offline_since.is_some(),
+        "the OFFLINE change made during the outage was written"
+    );
+    assert!(
+        stored
+            .iter()
+            .any(|n| n.registration.node_id.as_str() == "latecomer"),
+        "the registration refused during the outage was written on retry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutting_down_with_unsaved_changes_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("muster.db");
+    let coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
+    let url = coordinator.url();
+    let lost = start_agent(&url, "lost", &dir.path().join("lost"));
+    wait_for_state(&url, &["lost"], NodeState::Online, Duration::from_secs(20)).await;
+
+    let lock = WriteLock::take(&db);
+    drop(lost);
+    wait_for_state(&url, &["lost"], NodeState::Offline, Duration::from_secs(10)).await;
+    let skip = coordinator.process.log_len();
+    coordinator.process.signal(Signal::SIGTERM);
+    let line = coordinator
+        .process
+        .wait_for_log(skip, Duration::from_secs(30), |line| {
+            (line.contains("not saved") && line.contains("node_id=lost")).then(|| line.to_owned())
+        })
+        .await;
+    assert!(line.contains("went OFFLINE"), "{line}");
+    assert!(line.contains("ERROR"), "{line}");
+    coordinator
+        .process
+        .wait_for_log(skip, Duration::from_secs(30), |line| {
+            line.contains("coordinator stopped").then_some(())
+        })
+        .await;
+    drop(lock);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_made_writable_again_is_used_again_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("muster.db");
+    drop(muster::store::Store::open(&db).await.unwrap());
+    let mut command = unprivileged_muster(dir.path());
+    command
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .args(FAST_TIMING);
+    let coordinator = Process::try_spawn("coordinator", command).unwrap();
+    let url = coordinator.url();
+    let agents = tempfile::tempdir().unwrap();
+    let _steady = start_agent(&url, "steady", &agents.path().join("steady"));
+    wait_for_state(
+        &url,
+        &["steady"],
+        NodeState::Online,
+        Duration::from_secs(20),
+    )
+    .await;
+    wait_for_health(&url, ServingStatus::Serving, Duration::from_secs(20)).await;
+
+    // Open connections keep writing through a file made read-only; a failed
+    // write makes the coordinator open new ones, and those are read-only.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
+    let lock = WriteLock::take(&db);
+    wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
+    lock.release();
+    let refused = match RawStream::open(
+        &url,
+        register_message("newcomer", "http://127.0.0.1:9", "b"),
+    )
+    .await
+    {
+        Err(status) => status,
+        Ok(stream) => stream
+            .registered()
+            .await
+            .err()
+            .expect("registration refused"),
+    };
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("readonly"),
+        "the cause is named: {refused:?}"
+    );
+    assert_eq!(health(&url, "").await, Some(ServingStatus::NotServing));
+    assert_eq!(
+        state_of(&node(&url, "steady").await.unwrap()),
+        NodeState::Online
+    );
+
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
+    RawStream::register(&url, "newcomer", "http://127.0.0.1:9", "b").await;
+    assert_eq!(coordinator.log_count(&["database writes are failing"]), 1);
+    assert_eq!(coordinator.log_count(&["database writes succeed again"]), 1);
+}
