@@ -249,7 +249,9 @@ const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
 const MAX_OFFLINE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_EXPIRE_AFTER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(3600);
-const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// An agent's `--max-backoff` is at most what a coordinator allows for after
+/// a restart.
+const MAX_BACKOFF: Duration = crate::node::MAX_MAX_BACKOFF;
 
 fn check_range(flag: &'static str, value: Duration, max: Duration) -> Result<(), InvalidInput> {
     if value.is_zero() || value > max {

@@ -36,7 +36,7 @@ use crate::{
 const FIRST_RETRY_CEILING: Duration = Duration::from_secs(1);
 /// The longest an agent waits between attempts by default
 /// (`--max-backoff`); a restarted coordinator's reload grace allows for it.
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_BACKOFF: Duration = crate::node::DEFAULT_MAX_BACKOFF;
 /// How long a coordinator may take to answer `register`. Generous, so that a
 /// coordinator that was paused for a while answers the attempt already made
 /// rather than finding a pile of abandoned ones when it resumes.

@@ -315,9 +315,11 @@ impl RunningCoordinator {
         // sooner it has panicked, and a coordinator that can no longer persist
         // or detect failures must not go on looking healthy.
         let mut sweeper_stopped = false;
+        let mut serve_ended = false;
         let served = loop {
             tokio::select! {
                 served = &mut serve => {
+                    serve_ended = true;
                     break served.unwrap_or_else(|error| Err(RunError::TaskFailed {
                         task: "gRPC server",
                         reason: error.to_string(),
@@ -336,6 +338,11 @@ impl RunningCoordinator {
             }
         };
         shutdown.cancel();
+        // After a task failed, the server is still draining: it must stop
+        // listening before the database lock is let go.
+        if !serve_ended {
+            let _ = serve.await;
+        }
         sessions.close();
         sessions.wait().await;
         writer_stop.cancel();

@@ -515,6 +515,7 @@ mod serve_loop {
         messages: mpsc::Sender<Result<AgentMessage, Status>>,
         acks: mpsc::Receiver<Result<CoordinatorMessage, Status>>,
         session: JoinHandle<()>,
+        shutdown: CancellationToken,
     }
 
     /// Records leaves in memory, or fails every one as a failing store does.
@@ -564,15 +565,14 @@ mod serve_loop {
             );
             let (messages, inbound) = mpsc::channel(64);
             let (outbound, acks) = mpsc::channel(ACKS_QUEUED);
-            let session = tokio::spawn(session.run(
-                ReceiverStream::new(inbound),
-                outbound,
-                CancellationToken::new(),
-            ));
+            let shutdown = CancellationToken::new();
+            let session =
+                tokio::spawn(session.run(ReceiverStream::new(inbound), outbound, shutdown.clone()));
             Self {
                 messages,
                 acks,
                 session,
+                shutdown,
             }
         }
 
@@ -674,6 +674,36 @@ mod serve_loop {
         let refused = agent.refusal().await;
         assert_eq!(refused.code(), Code::DeadlineExceeded, "{refused:?}");
         agent.ended().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_closed_by_shutdown_leaves_its_node_online() {
+        let registry = handle(timing(1000));
+        let mut agent = Agent::start(&registry, timing(1000), "gpu-1", 1);
+        agent.heartbeat(1).await;
+        assert_eq!(agent.ack().await.sequence, 1);
+        agent.shutdown.cancel();
+        let refused = agent.refusal().await;
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        agent.ended().await;
+        assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Online, 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_closing_its_stream_takes_its_node_offline() {
+        let registry = handle(timing(1000));
+        let mut agent = Agent::start(&registry, timing(1000), "gpu-1", 1);
+        agent.heartbeat(1).await;
+        assert_eq!(agent.ack().await.sequence, 1);
+        let Agent {
+            messages, session, ..
+        } = agent;
+        drop(messages);
+        tokio::time::timeout(DEADLINE, session)
+            .await
+            .expect("the session ended")
+            .unwrap();
+        assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Offline, 1)));
     }
 
     #[tokio::test(start_paused = true)]
