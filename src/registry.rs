@@ -61,7 +61,7 @@ use std::{
 
 use crate::{
     clock::Moment,
-    node::{Drain, NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
+    node::{DEFAULT_MAX_BACKOFF, Drain, NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -111,6 +111,16 @@ impl Timing {
     /// UNKNOWN after a restart.
     fn reload_grace_for(&self, registration: &Registration) -> Duration {
         registration.max_backoff + self.reload_grace
+    }
+
+    /// How long a node answering a probe counts as live before its stream
+    /// must be back. The probe cuts the agent's backoff short, so the agent's
+    /// own ceiling counts only up to the default one: an agent that declares
+    /// an hour and dies right after answering is not shown ONLINE for an hour.
+    fn probed_live_for(&self, registration: &Registration, interval: Duration) -> Duration {
+        let backoff = registration.max_backoff.min(DEFAULT_MAX_BACKOFF);
+        self.offline_after_at(interval)
+            .max(backoff + self.reload_grace)
     }
 
     /// `offline_after` for a node heartbeating every `interval`.
@@ -479,9 +489,7 @@ impl Registry {
         let Some(entry) = self.nodes.get_mut(&target.node_id) else {
             return false;
         };
-        let live_for = timing
-            .offline_after_at(entry.interval)
-            .max(timing.reload_grace_for(&entry.registration));
+        let live_for = timing.probed_live_for(&entry.registration, entry.interval);
         if entry.state != NodeState::Unknown || entry.generation != target.generation {
             return false;
         }
@@ -1710,6 +1718,22 @@ mod tests {
         assert_eq!(state(&registry, "slow"), Some(NodeState::Unknown));
         registry.sweep(t0.after(slow_backoff + GRACE));
         assert_eq!(state(&registry, "slow"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_probed_node_whose_agent_declares_a_long_backoff_is_not_kept_online_for_it() {
+        let t0 = Moment::now();
+        let mut long = stored("long", 1, None, t0);
+        long.registration.max_backoff = crate::node::MAX_MAX_BACKOFF;
+        let mut registry = registry();
+        registry.load([long], t0);
+        let target = registry.unproven().remove(0);
+        assert!(registry.probe_succeeded(&target, t0));
+        let allowance = DEFAULT_MAX_BACKOFF + GRACE;
+        registry.sweep(t0.after(allowance - Duration::from_millis(1)));
+        assert_eq!(state(&registry, "long"), Some(NodeState::Online));
+        registry.sweep(t0.after(allowance));
+        assert_eq!(state(&registry, "long"), Some(NodeState::Offline));
     }
 
     #[test]
