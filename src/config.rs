@@ -174,7 +174,7 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_OFFLINE_AFTER", default_value = "15s", value_parser = parse_duration)]
     pub offline_after: Duration,
 
-    /// Time a node stays OFFLINE before it is removed, by the monotonic clock;
+    /// Time a node stays OFFLINE or LEFT before it is removed, by the monotonic clock;
     /// RELIABILITY.md says how restarts and clock steps count.
     #[arg(long, env = "MUSTER_EXPIRE_AFTER", default_value = "24h", value_parser = parse_duration)]
     pub expire_after: Duration,
@@ -182,6 +182,7 @@ pub struct CoordinatorConfig {
     /// Expiry pauses while more than this fraction of the known fleet is
     /// OFFLINE or UNKNOWN at once (fleets of 3 nodes or more), as when the
     /// coordinator's own network fails; in (0, 1], where 1 never pauses.
+    /// LEFT nodes, which left on purpose, are not counted.
     #[arg(long, env = "MUSTER_EXPIRY_GUARD_FRACTION", default_value_t = 0.5)]
     pub expiry_guard_fraction: f64,
 
@@ -248,7 +249,9 @@ const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
 const MAX_OFFLINE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_EXPIRE_AFTER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(3600);
-const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// An agent's `--max-backoff` is at most what a coordinator allows for after
+/// a restart.
+const MAX_BACKOFF: Duration = crate::node::MAX_MAX_BACKOFF;
 
 fn check_range(flag: &'static str, value: Duration, max: Duration) -> Result<(), InvalidInput> {
     if value.is_zero() || value > max {
@@ -433,6 +436,25 @@ pub enum NodesCommand {
     /// Forget a node, so that its id can be claimed afresh. Stop its agent
     /// first, or it registers again.
     Remove {
+        /// The node id.
+        node_id: String,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
+    /// Take a node out of service: it stays a member and keeps
+    /// heartbeating, but nothing new is placed on it. Draining a drained
+    /// node replaces its reason.
+    Drain {
+        /// The node id.
+        node_id: String,
+        /// Why, for whoever reads `nodes list` next (1-256 bytes).
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
+    /// Put a drained node back in service.
+    Undrain {
         /// The node id.
         node_id: String,
         #[command(flatten)]

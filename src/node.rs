@@ -215,6 +215,41 @@ pub enum NodeState {
     Unknown,
     Online,
     Offline,
+    /// Its agent shut down on purpose and said so; expires like OFFLINE.
+    Left,
+}
+
+/// An operator took the node out of service: it stays a member, but
+/// anything that places work skips it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drain {
+    pub reason: String,
+    /// When the node was first drained; draining it again keeps this.
+    pub since: SystemTime,
+}
+
+pub const MAX_DRAIN_REASON_LEN: usize = 256;
+
+/// A drain reason, or a leave's: 1 to [`MAX_DRAIN_REASON_LEN`] bytes with no
+/// control characters, as it reaches logs and terminals.
+pub fn validate_reason(field: &'static str, reason: &str) -> Result<(), InvalidInput> {
+    if reason.trim().is_empty() {
+        return Err(InvalidInput::new(
+            field,
+            "must say why, in 1 to 256 bytes; got nothing",
+        ));
+    }
+    refuse_control_characters(field, reason)?;
+    if reason.len() > MAX_DRAIN_REASON_LEN {
+        return Err(InvalidInput::new(
+            field,
+            format!(
+                "must be at most {MAX_DRAIN_REASON_LEN} bytes, got {}",
+                reason.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A node as the store keeps it.
@@ -225,6 +260,9 @@ pub struct StoredNode {
     pub last_seen: SystemTime,
     pub generation: u64,
     pub offline_since: Option<SystemTime>,
+    pub drain: Option<Drain>,
+    /// Set when the agent left on purpose: the node reloads LEFT.
+    pub left_at: Option<SystemTime>,
 }
 
 /// A node as the registry shows it to readers.
@@ -236,6 +274,7 @@ pub struct NodeSnapshot {
     pub last_seen: SystemTime,
     pub generation: u64,
     pub offline_since: Option<SystemTime>,
+    pub drain: Option<Drain>,
     pub last_probe_error: Option<String>,
 }
 
@@ -257,6 +296,14 @@ mod tests {
         for bad in ["", "-a", ".a", "A", "gpu 1", "gpü", &"a".repeat(64)] {
             let err = NodeId::parse("node_id", bad).expect_err(bad);
             assert_eq!(err.field, "node_id");
+        }
+    }
+
+    #[test]
+    fn reason_rules() {
+        assert!(validate_reason("reason", "replacing a fan").is_ok());
+        for bad in ["", "  ", "a\nb", "\u{1b}[31m", &"a".repeat(257)] {
+            assert!(validate_reason("reason", bad).is_err(), "{bad:?}");
         }
     }
 

@@ -29,6 +29,16 @@
 //!   coordinator's own network failing than half the machines dying. The
 //!   guard applies to fleets of at least [`MIN_GUARDED_FLEET`] nodes, so a
 //!   home lab's one dead machine still expires. Going OFFLINE never pauses.
+//! - A LEFT node (its agent shut down on purpose and said so) expires like
+//!   an OFFLINE one, counted from when it left, by the same rules across a
+//!   restart. It is never judged by silence nor probed, it reloads LEFT
+//!   after a restart, and only a new registration brings it back. LEFT
+//!   nodes count neither as down nor as known for the mass-expiry guard:
+//!   they left on purpose.
+//! - A node's drain is changed only by [`Registry::set_drain`], after the
+//!   store has recorded it; a re-registration keeps it. A drain that reaches
+//!   a node whose registration the store has committed but the registry not
+//!   yet applied is held for that registration.
 //! - Every node heartbeats at an interval the registry assigns: the
 //!   configured `heartbeat_interval`, stretched in whole multiples of it so
 //!   that the whole fleet stays within `max_heartbeats_per_second`. A node's
@@ -51,7 +61,7 @@ use std::{
 
 use crate::{
     clock::Moment,
-    node::{NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
+    node::{DEFAULT_MAX_BACKOFF, Drain, NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -101,6 +111,16 @@ impl Timing {
     /// UNKNOWN after a restart.
     fn reload_grace_for(&self, registration: &Registration) -> Duration {
         registration.max_backoff + self.reload_grace
+    }
+
+    /// How long a node answering a probe counts as live before its stream
+    /// must be back. The probe cuts the agent's backoff short, so the agent's
+    /// own ceiling counts only up to the default one: an agent that declares
+    /// an hour and dies right after answering is not shown ONLINE for an hour.
+    fn probed_live_for(&self, registration: &Registration, interval: Duration) -> Duration {
+        let backoff = registration.max_backoff.min(DEFAULT_MAX_BACKOFF);
+        self.offline_after_at(interval)
+            .max(backoff + self.reload_grace)
     }
 
     /// `offline_after` for a node heartbeating every `interval`.
@@ -192,6 +212,7 @@ pub struct ExpiryGuard {
     pub paused: bool,
     /// Nodes OFFLINE or UNKNOWN.
     pub down: usize,
+    /// Nodes not LEFT.
     pub known: usize,
 }
 
@@ -215,6 +236,7 @@ struct Entry {
     /// The node becomes OFFLINE if not proven alive again before this.
     live_until: Instant,
     offline_since: Option<SystemTime>,
+    drain: Option<Drain>,
     /// Set with `offline_since`: the node is removed once OFFLINE past this.
     expires_at: Option<Instant>,
     last_seen_dirty: bool,
@@ -235,6 +257,7 @@ impl Entry {
             last_seen: self.last_seen,
             generation: self.generation,
             offline_since: self.offline_since,
+            drain: self.drain.clone(),
             last_probe_error: self.last_probe_error.clone(),
         }
     }
@@ -249,6 +272,11 @@ pub struct Registry {
     /// the store committed at or below it was deleted with the row, so it
     /// must not be applied, even if it arrives after the removal.
     removed_at: BTreeMap<NodeId, u64>,
+    /// Drains the store recorded on a row of the given generation while the
+    /// registry held no entry for the node: its registration was committed
+    /// but not yet applied. A registration at or below that generation
+    /// takes the drain.
+    drain_ahead: BTreeMap<NodeId, (u64, Option<Drain>)>,
     /// As the latest sweep found it.
     guard: ExpiryGuard,
 }
@@ -260,6 +288,7 @@ impl Registry {
             nodes: BTreeMap::new(),
             changes: Vec::new(),
             removed_at: BTreeMap::new(),
+            drain_ahead: BTreeMap::new(),
             guard: ExpiryGuard::default(),
         }
     }
@@ -270,13 +299,16 @@ impl Registry {
         let stored: Vec<StoredNode> = stored.into_iter().collect();
         let interval = self.timing.interval_for(self.nodes.len() + stored.len());
         for node in stored {
+            let (state, offline_since) = match node.left_at {
+                Some(left_at) => (NodeState::Left, Some(left_at)),
+                None => (NodeState::Unknown, node.offline_since),
+            };
             let grace = if node.offline_since.is_some() {
                 self.timing.offline_after_at(interval)
             } else {
                 self.timing.reload_grace_for(&node.registration)
             };
-            let expires_at = node
-                .offline_since
+            let expires_at = offline_since
                 .map(|since| now.monotonic + self.timing.expiry_after_restart(since, now.wall));
             self.nodes.insert(
                 node.registration.node_id.clone(),
@@ -284,11 +316,12 @@ impl Registry {
                     registration: node.registration,
                     registered_at: node.registered_at,
                     generation: node.generation,
-                    state: NodeState::Unknown,
+                    state,
                     last_seen: node.last_seen,
                     interval,
                     live_until: now.monotonic + grace,
-                    offline_since: node.offline_since,
+                    offline_since,
+                    drain: node.drain,
                     expires_at,
                     last_seen_dirty: false,
                     pardoned: false,
@@ -314,15 +347,20 @@ impl Registry {
             }
             self.removed_at.remove(&registration.node_id);
         }
-        let known = match self.nodes.get(&registration.node_id) {
+        let (known, mut drain) = match self.nodes.get(&registration.node_id) {
             Some(entry) if entry.generation >= enrollment.generation => {
                 return Err(SessionRejected::Superseded {
                     current: entry.generation,
                 });
             }
-            Some(_) => self.nodes.len(),
-            None => self.nodes.len() + 1,
+            Some(entry) => (self.nodes.len(), entry.drain.clone()),
+            None => (self.nodes.len() + 1, None),
         };
+        if let Some((recorded_at, ahead)) = self.drain_ahead.remove(&registration.node_id)
+            && recorded_at >= enrollment.generation
+        {
+            drain = ahead;
+        }
         let interval = self.timing.interval_for(known);
         // A probe failure outlives the registration that followed it: the
         // next restart's probe would fail the same way.
@@ -341,6 +379,7 @@ impl Registry {
                 interval,
                 live_until: now.monotonic + self.timing.offline_after_at(interval),
                 offline_since: None,
+                drain,
                 expires_at: None,
                 last_seen_dirty: false,
                 pardoned: false,
@@ -388,7 +427,7 @@ impl Registry {
     pub fn session_ended(&mut self, node_id: &NodeId, generation: u64, now: Moment) {
         let expire_after = self.timing.expire_after;
         if let Ok(entry) = self.current_entry(node_id, generation)
-            && entry.state != NodeState::Offline
+            && matches!(entry.state, NodeState::Unknown | NodeState::Online)
         {
             let since = entry.offline_since.unwrap_or(now.wall);
             entry.state = NodeState::Offline;
@@ -402,6 +441,45 @@ impl Registry {
         }
     }
 
+    /// The agent of the session holding `generation` has left on purpose,
+    /// and the store has recorded it at `left_at.wall`: the node is LEFT,
+    /// and expires `expire_after` from then.
+    pub fn leave(
+        &mut self,
+        node_id: &NodeId,
+        generation: u64,
+        left_at: Moment,
+    ) -> Result<(), SessionRejected> {
+        let expire_after = self.timing.expire_after;
+        let entry = self.current_entry(node_id, generation)?;
+        entry.state = NodeState::Left;
+        entry.offline_since = Some(left_at.wall);
+        entry.expires_at = Some(left_at.monotonic + expire_after);
+        Ok(())
+    }
+
+    /// Applies a drain (`Some`) or an undrain (`None`) the store has
+    /// recorded on the node's row, which held `row_generation`. Returns the
+    /// node as it now is; `None` if the registry holds no entry for it.
+    pub fn set_drain(
+        &mut self,
+        node_id: &NodeId,
+        row_generation: u64,
+        drain: Option<Drain>,
+    ) -> Option<NodeSnapshot> {
+        match self.nodes.get_mut(node_id) {
+            Some(entry) => {
+                entry.drain = drain;
+                Some(entry.snapshot())
+            }
+            None => {
+                self.drain_ahead
+                    .insert(node_id.clone(), (row_generation, drain));
+                None
+            }
+        }
+    }
+
     /// A Status probe sent to `target` was answered with the node's own id.
     /// Only an UNKNOWN node of the probed generation changes: a late answer
     /// never overrides what a session has reported since. Returns whether
@@ -411,9 +489,7 @@ impl Registry {
         let Some(entry) = self.nodes.get_mut(&target.node_id) else {
             return false;
         };
-        let live_for = timing
-            .offline_after_at(entry.interval)
-            .max(timing.reload_grace_for(&entry.registration));
+        let live_for = timing.probed_live_for(&entry.registration, entry.interval);
         if entry.state != NodeState::Unknown || entry.generation != target.generation {
             return false;
         }
@@ -486,7 +562,7 @@ impl Registry {
     pub fn pardon_stall(&mut self, stalled: Duration, now: Moment) {
         let timing = self.timing;
         for entry in self.nodes.values_mut() {
-            if entry.state != NodeState::Offline && !entry.pardoned {
+            if matches!(entry.state, NodeState::Unknown | NodeState::Online) && !entry.pardoned {
                 let latest = now.monotonic + timing.offline_after_at(entry.interval);
                 entry.live_until = entry
                     .live_until
@@ -502,7 +578,9 @@ impl Registry {
         let mut report = SweepReport::default();
         let expire_after = self.timing.expire_after;
         for (node_id, entry) in &mut self.nodes {
-            if entry.state != NodeState::Offline && now.monotonic >= entry.live_until {
+            if matches!(entry.state, NodeState::Unknown | NodeState::Online)
+                && now.monotonic >= entry.live_until
+            {
                 entry.state = NodeState::Offline;
                 report.went_offline += 1;
                 if entry.offline_since.is_none() {
@@ -526,7 +604,7 @@ impl Registry {
         }
         let changes = &mut self.changes;
         self.nodes.retain(|node_id, entry| {
-            let expired = entry.state == NodeState::Offline
+            let expired = matches!(entry.state, NodeState::Offline | NodeState::Left)
                 && entry.expires_at.is_some_and(|at| now.monotonic >= at);
             if expired {
                 report.expired += 1;
@@ -541,10 +619,13 @@ impl Registry {
     }
 
     fn measure_guard(&self) -> ExpiryGuard {
-        let known = self.nodes.len();
-        let down = self
-            .nodes
-            .values()
+        let members = || {
+            self.nodes
+                .values()
+                .filter(|entry| entry.state != NodeState::Left)
+        };
+        let known = members().count();
+        let down = members()
             .filter(|entry| entry.state != NodeState::Online)
             .count();
         let paused = known >= MIN_GUARDED_FLEET
@@ -615,6 +696,7 @@ impl Registry {
     /// A registration committed at that generation or below, but not yet
     /// applied, will be refused when it arrives.
     pub fn remove(&mut self, node_id: &NodeId, removed_generation: u64) -> Option<NodeSnapshot> {
+        self.drain_ahead.remove(node_id);
         let recorded = self.removed_at.entry(node_id.clone()).or_insert(0);
         *recorded = (*recorded).max(removed_generation);
         if self.nodes.get(node_id)?.generation > removed_generation {
@@ -745,7 +827,175 @@ mod tests {
             last_seen: at.wall,
             generation,
             offline_since,
+            drain: None,
+            left_at: None,
         }
+    }
+
+    fn drain(reason: &str, at: Moment) -> Option<Drain> {
+        Some(Drain {
+            reason: reason.to_owned(),
+            since: at.wall,
+        })
+    }
+
+    #[test]
+    fn a_left_node_is_not_judged_by_silence_and_expires_from_when_it_left() {
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 1, t0);
+        let left = t0.after(Duration::from_secs(1));
+        registry.leave(&id("a"), 1, left).unwrap();
+        registry.session_ended(&id("a"), 1, left);
+        assert_eq!(state(&registry, "a"), Some(NodeState::Left));
+        assert_eq!(
+            registry.get(&id("a")).unwrap().offline_since,
+            Some(left.wall)
+        );
+        assert!(
+            registry.take_changes().is_empty(),
+            "the session wrote the leave"
+        );
+
+        let report = registry.sweep(left.after(EXPIRE_AFTER - Duration::from_millis(1)));
+        assert_eq!(
+            report,
+            SweepReport::default(),
+            "never OFFLINE, not yet expired"
+        );
+        assert_eq!(state(&registry, "a"), Some(NodeState::Left));
+        assert_eq!(registry.sweep(left.after(EXPIRE_AFTER)).expired, 1);
+        assert_eq!(state(&registry, "a"), None);
+    }
+
+    #[test]
+    fn a_stale_generations_leave_is_ignored() {
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 1, t0);
+        registry
+            .register(registration("a", "b2"), enroll(2, t0), t0)
+            .unwrap();
+        assert_eq!(
+            registry.leave(&id("a"), 1, t0),
+            Err(SessionRejected::Superseded { current: 2 })
+        );
+        assert_eq!(state(&registry, "a"), Some(NodeState::Online));
+        assert_eq!(
+            registry.leave(&id("z"), 1, t0),
+            Err(SessionRejected::Forgotten)
+        );
+    }
+
+    #[test]
+    fn a_left_node_registering_again_is_online() {
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 1, t0);
+        registry.leave(&id("a"), 1, t0).unwrap();
+        registry
+            .register(registration("a", "b2"), enroll(2, t0), t0)
+            .unwrap();
+        let node = registry.get(&id("a")).unwrap();
+        assert_eq!((node.state, node.offline_since), (NodeState::Online, None));
+    }
+
+    #[test]
+    fn a_left_node_reloads_left_and_is_not_probed() {
+        let t0 = Moment::now();
+        let left_at = t0.wall - Duration::from_secs(60);
+        let mut node = stored("a", 1, None, t0);
+        node.left_at = Some(left_at);
+        let mut registry = registry();
+        registry.load([node, stored("b", 2, None, t0)], t0);
+        assert_eq!(state(&registry, "a"), Some(NodeState::Left));
+        let probed: Vec<_> = registry.unproven().into_iter().map(|t| t.node_id).collect();
+        assert_eq!(probed, [id("b")]);
+        registry.sweep(t0.after(GRACE));
+        assert_eq!(state(&registry, "a"), Some(NodeState::Left));
+        assert_eq!(
+            registry
+                .sweep(t0.after(EXPIRE_AFTER - Duration::from_secs(60)))
+                .expired,
+            1,
+            "expiry counts from when it left, not from the restart"
+        );
+        assert_eq!(state(&registry, "a"), None);
+    }
+
+    #[test]
+    fn left_nodes_do_not_count_toward_the_mass_expiry_guard() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        register_fleet(&mut registry, 7, t0);
+        // Three leave on purpose and one dies: one of the four members is
+        // down, well under half, though four of seven nodes are not ONLINE.
+        for (i, node) in ["n0", "n1", "n2"].into_iter().enumerate() {
+            registry.leave(&id(node), i as u64 + 1, t0).unwrap();
+        }
+        registry.session_ended(&id("n3"), 4, t0);
+        let later = t0.after(EXPIRE_AFTER);
+        for (i, node) in ["n4", "n5", "n6"].into_iter().enumerate() {
+            registry.heartbeat(&id(node), i as u64 + 5, later).unwrap();
+        }
+        let report = registry.sweep(later);
+        assert_eq!(report.guard_changed, None);
+        assert_eq!(
+            registry.expiry_guard(),
+            ExpiryGuard {
+                paused: false,
+                down: 1,
+                known: 4
+            }
+        );
+        assert_eq!(report.expired, 4, "the LEFT nodes and the dead one");
+    }
+
+    #[test]
+    fn a_drain_is_kept_by_re_registration_and_cleared_by_undrain() {
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 1, t0);
+        let drained = registry.set_drain(&id("a"), 1, drain("fan", t0)).unwrap();
+        assert_eq!(drained.drain, drain("fan", t0));
+        registry
+            .register(registration("a", "b2"), enroll(2, t0), t0)
+            .unwrap();
+        assert_eq!(registry.get(&id("a")).unwrap().drain, drain("fan", t0));
+        registry.set_drain(&id("a"), 2, None).unwrap();
+        assert_eq!(registry.get(&id("a")).unwrap().drain, None);
+    }
+
+    #[test]
+    fn a_drain_recorded_before_its_nodes_registration_applies_is_kept() {
+        let t0 = Moment::now();
+        let mut registry = registry();
+        // The store committed generation 3, then the drain; the registry
+        // hears of the drain first.
+        assert!(registry.set_drain(&id("a"), 3, drain("rma", t0)).is_none());
+        registry
+            .register(registration("a", "b"), enroll(3, t0), t0)
+            .unwrap();
+        assert_eq!(registry.get(&id("a")).unwrap().drain, drain("rma", t0));
+
+        // One recorded on an older row does not reach a newer registration.
+        registry.set_drain(&id("b"), 1, drain("old", t0));
+        registry
+            .register(registration("b", "b"), enroll(4, t0), t0)
+            .unwrap();
+        assert_eq!(registry.get(&id("b")).unwrap().drain, None);
+    }
+
+    #[test]
+    fn a_drained_node_is_still_judged_by_silence_and_probed() {
+        let t0 = Moment::now();
+        let mut node = stored("a", 1, None, t0);
+        node.drain = drain("fan", t0);
+        let mut registry = registry();
+        registry.load([node], t0);
+        assert_eq!(registry.unproven().len(), 1);
+        registry.sweep(t0.after(GRACE));
+        let node = registry.get(&id("a")).unwrap();
+        assert_eq!(
+            (node.state, node.drain),
+            (NodeState::Offline, drain("fan", t0))
+        );
     }
 
     #[test]
@@ -1468,6 +1718,22 @@ mod tests {
         assert_eq!(state(&registry, "slow"), Some(NodeState::Unknown));
         registry.sweep(t0.after(slow_backoff + GRACE));
         assert_eq!(state(&registry, "slow"), Some(NodeState::Offline));
+    }
+
+    #[test]
+    fn a_probed_node_whose_agent_declares_a_long_backoff_is_not_kept_online_for_it() {
+        let t0 = Moment::now();
+        let mut long = stored("long", 1, None, t0);
+        long.registration.max_backoff = crate::node::MAX_MAX_BACKOFF;
+        let mut registry = registry();
+        registry.load([long], t0);
+        let target = registry.unproven().remove(0);
+        assert!(registry.probe_succeeded(&target, t0));
+        let allowance = DEFAULT_MAX_BACKOFF + GRACE;
+        registry.sweep(t0.after(allowance - Duration::from_millis(1)));
+        assert_eq!(state(&registry, "long"), Some(NodeState::Online));
+        registry.sweep(t0.after(allowance));
+        assert_eq!(state(&registry, "long"), Some(NodeState::Offline));
     }
 
     #[test]

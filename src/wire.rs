@@ -58,6 +58,7 @@ impl From<NodeState> for proto::NodeState {
             NodeState::Unknown => Self::Unknown,
             NodeState::Online => Self::Online,
             NodeState::Offline => Self::Offline,
+            NodeState::Left => Self::Left,
         }
     }
 }
@@ -77,6 +78,9 @@ impl From<NodeSnapshot> for proto::Node {
             hostname: registration.hostname,
             session_generation: node.generation,
             offline_since: node.offline_since.map(Into::into),
+            drained: node.drain.is_some(),
+            drained_at: node.drain.as_ref().map(|drain| drain.since.into()),
+            drain_reason: node.drain.map(|drain| drain.reason).unwrap_or_default(),
             last_probe_error: node.last_probe_error.unwrap_or_default(),
         }
     }

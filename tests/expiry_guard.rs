@@ -5,29 +5,13 @@
 
 mod common;
 
-use std::{
-    io::{Read, Write},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::*;
 use muster::proto::{self, NodeState};
 
 const EXPIRE_AFTER: Duration = Duration::from_secs(3);
 const MARGIN: Duration = Duration::from_secs(3);
-
-fn scrape(address: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: muster\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
 
 fn expiry_paused_gauge(address: &str) -> Option<f64> {
     scrape(address).lines().find_map(|line| {

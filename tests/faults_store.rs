@@ -5,17 +5,12 @@
 
 mod common;
 
-use std::{
-    io::{Read, Write},
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use common::{
     Coordinator, FAST_TIMING, RawStream, START_DEADLINE, field, hold_none_offline, node,
-    one_line_error, output_within, register_message, start_agent, stored_node_ids, wait_for,
-    wait_for_state,
+    one_line_error, output_within, register_message, scrape, start_agent, stored_node_ids,
+    wait_for, wait_for_state,
 };
 use diesel::{Connection, RunQueryDsl, SqliteConnection, connection::SimpleConnection};
 use muster::proto::{self, NodeState};
@@ -254,20 +249,6 @@ async fn a_coordinator_that_cannot_listen_creates_no_database() {
         .map(|entry| entry.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "files created: {left:?}");
-}
-
-/// The Prometheus text the coordinator serves at `address`.
-fn scrape(address: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: muster\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -430,6 +430,22 @@ async fn a_second_agent_on_a_state_directory_exits_naming_the_first() {
     let _again = start_agent(&coordinator.url(), "gpu-1", &state);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_outright_leaves_no_lock_that_blocks_its_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", &[]);
+    let state = dir.path().join("state");
+    let mut first = start_agent(&coordinator.url(), "gpu-1", &state);
+    first.kill();
+    assert!(
+        state.join("lock").exists(),
+        "the killed agent's lock file stays behind"
+    );
+    let again = start_agent(&coordinator.url(), "gpu-1", &state);
+    let status = again.stop_with(Signal::SIGTERM, START_DEADLINE);
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn usage_lines_mark_optional_flags_as_options() {
     for command in [

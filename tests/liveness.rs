@@ -145,7 +145,7 @@ async fn expiry_counts_from_the_stored_offline_moment_across_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sigterm_stops_an_agent_gracefully_and_its_node_goes_offline() {
+async fn sigterm_stops_an_agent_gracefully_and_its_node_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("muster.db");
     let coordinator = Coordinator::start(&db, "127.0.0.1:0", &timing("200ms", "60s", "24h"));
@@ -155,7 +155,7 @@ async fn sigterm_stops_an_agent_gracefully_and_its_node_goes_offline() {
 
     let status = agent.stop_with(Signal::SIGTERM, Duration::from_secs(10));
     assert!(status.success(), "agent exit: {status:?}");
-    wait_for_state(&url, &["gpu-1"], NodeState::Offline, MARGIN).await;
+    wait_for_state(&url, &["gpu-1"], NodeState::Left, MARGIN).await;
 
     let status = coordinator
         .process

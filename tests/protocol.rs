@@ -187,6 +187,7 @@ fn interval_in(message: Option<proto::CoordinatorMessage>) -> Option<Duration> {
     let interval = match message?.kind? {
         coordinator_message::Kind::Registered(registered) => registered.heartbeat_interval,
         coordinator_message::Kind::Ack(ack) => ack.heartbeat_interval,
+        coordinator_message::Kind::Left(_) => None,
     };
     Duration::try_from(interval?).ok()
 }

@@ -29,6 +29,9 @@ use crate::{
 
 /// Limit of one attempt to reach the coordinator, name lookup included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a shutting-down agent waits for the coordinator to record its
+/// leave before it exits anyway.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs an agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
@@ -94,6 +97,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             events: Arc::new(reconnect::Unobserved),
             max_backoff: config.max_backoff,
             connect_timeout: CONNECT_TIMEOUT,
+            leave_timeout: Some(LEAVE_TIMEOUT),
         },
         probed,
         shutdown.clone(),

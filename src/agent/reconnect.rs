@@ -36,7 +36,7 @@ use crate::{
 const FIRST_RETRY_CEILING: Duration = Duration::from_secs(1);
 /// The longest an agent waits between attempts by default
 /// (`--max-backoff`); a restarted coordinator's reload grace allows for it.
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_BACKOFF: Duration = crate::node::DEFAULT_MAX_BACKOFF;
 /// How long a coordinator may take to answer `register`. Generous, so that a
 /// coordinator that was paused for a while answers the attempt already made
 /// rather than finding a pile of abandoned ones when it resumes.
@@ -67,6 +67,8 @@ enum LinkError {
     Silent(Duration),
     #[error("unexpected message from the coordinator: {0}")]
     Unexpected(&'static str),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
 }
 
 impl LinkError {
@@ -138,6 +140,10 @@ pub struct Link {
     /// endpoint's own connect timeout does not: a host cut off from its DNS
     /// server can wait on a lookup far longer than on a TCP connect.
     pub connect_timeout: Duration,
+    /// On shutdown, send `leave` on a registered stream and wait this long
+    /// for `left`, so the node shows LEFT rather than OFFLINE; `None` just
+    /// hangs up.
+    pub leave_timeout: Option<Duration>,
 }
 
 /// Hooks called as a link runs. They must return quickly: they run on the
@@ -164,10 +170,17 @@ pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
     let mut abandoned = None;
     loop {
         let mut registered_at = None;
-        let error = tokio::select! {
-            () = shutdown.cancelled() => return,
-            error = hold_stream(&link, &mut registered_at, &mut interval, &mut abandoned) => error,
-        };
+        let error = hold_stream(
+            &link,
+            &mut registered_at,
+            &mut interval,
+            &mut abandoned,
+            &shutdown,
+        )
+        .await;
+        if shutdown.is_cancelled() {
+            return;
+        }
         if registered_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER) {
             backoff = ReconnectBackoff::new(interval, link.max_backoff);
         }
@@ -205,10 +218,14 @@ async fn hold_stream(
     registered_at: &mut Option<Instant>,
     interval: &mut Duration,
     abandoned: &mut Option<AbandonedStream>,
+    shutdown: &CancellationToken,
 ) -> LinkError {
     let attempt_began = Instant::now();
     let url = link.coordinator.uri().to_string();
-    let connected = grpc::connect(link.coordinator.clone(), &url, link.connect_timeout).await;
+    let connected = tokio::select! {
+        () = shutdown.cancelled() => return LinkError::ShuttingDown,
+        connected = grpc::connect(link.coordinator.clone(), &url, link.connect_timeout) => connected,
+    };
     let channel = match connected {
         Ok(channel) => channel,
         Err(error) => return LinkError::Connect(error),
@@ -241,8 +258,11 @@ async fn hold_stream(
             )),
         }
     };
-    let (mut inbound, accepted) = match tokio::time::timeout(REGISTERED_TIMEOUT, registration).await
-    {
+    let registration = tokio::select! {
+        () = shutdown.cancelled() => return LinkError::ShuttingDown,
+        registration = tokio::time::timeout(REGISTERED_TIMEOUT, registration) => registration,
+    };
+    let (mut inbound, accepted) = match registration {
         Err(_) => return LinkError::NoReply(REGISTERED_TIMEOUT),
         Ok(Err(error)) => return error,
         Ok(Ok(registered)) => registered,
@@ -265,6 +285,12 @@ async fn hold_stream(
     let mut sent_at = Instant::now();
     loop {
         tokio::select! {
+            () = shutdown.cancelled() => {
+                if let Some(timeout) = link.leave_timeout {
+                    leave(&outbound, &mut inbound, timeout).await;
+                }
+                return LinkError::ShuttingDown;
+            }
             _ = ticker.tick() => {
                 sequence += 1;
                 sent_at = Instant::now();
@@ -291,6 +317,9 @@ async fn hold_stream(
                 Ok(Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Registered(_)) })) => {
                     return LinkError::Unexpected("a second registered on one stream");
                 }
+                Ok(Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Left(_)) })) => {
+                    return LinkError::Unexpected("left before this agent sent leave");
+                }
                 Ok(Some(proto::CoordinatorMessage { kind: None })) => {}
                 Ok(None) => return LinkError::Closed,
                 Err(status) => return LinkError::Stream(status),
@@ -308,6 +337,40 @@ fn usable_interval(interval: Option<prost_types::Duration>) -> Option<Duration> 
     interval
         .and_then(|d| Duration::try_from(d).ok())
         .map(|d| d.max(MIN_INTERVAL))
+}
+
+/// Tells the coordinator this agent is leaving on purpose, and waits at most
+/// `timeout` for it to be recorded.
+async fn leave(
+    outbound: &mpsc::Sender<AgentMessage>,
+    inbound: &mut tonic::Streaming<proto::CoordinatorMessage>,
+    timeout: Duration,
+) {
+    let leave = AgentMessage {
+        kind: Some(agent_message::Kind::Leave(proto::Leave {
+            reason: "the agent is shutting down".to_owned(),
+        })),
+    };
+    let acknowledged = tokio::time::timeout(timeout, async {
+        outbound.send(leave).await.ok()?;
+        loop {
+            match inbound.message().await {
+                Ok(Some(proto::CoordinatorMessage {
+                    kind: Some(coordinator_message::Kind::Left(_)),
+                })) => return Some(()),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    })
+    .await;
+    match acknowledged {
+        Ok(Some(())) => info!("left the fleet: the coordinator shows this node LEFT"),
+        Ok(None) | Err(_) => warn!(
+            ?timeout,
+            "the coordinator did not acknowledge the leave; it will show this node OFFLINE"
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Operator commands: `muster nodes list`, `get` and `remove`,
-//! `muster health`, and `muster tls`.
+//! Operator commands: `muster nodes list`, `get`, `remove`, `drain` and
+//! `undrain`, `muster health`, and `muster tls`.
 
 mod health;
 mod output;
@@ -63,6 +63,32 @@ pub async fn run_nodes(command: NodesCommand, out: &mut impl Write) -> Result<()
             if let Some(node) = removed.node {
                 output::write_node(out, client.output, &node)?;
             }
+        }
+        NodesCommand::Drain {
+            node_id,
+            reason,
+            client,
+        } => {
+            let operator = Operator::connect(&client).await?;
+            let request = operator.request(proto::DrainNodeRequest { node_id, reason });
+            let node = operator
+                .coordinator()
+                .drain_node(request)
+                .await
+                .map_err(|status| operator.rpc_error(status))?
+                .into_inner();
+            output::write_node(out, client.output, &node)?;
+        }
+        NodesCommand::Undrain { node_id, client } => {
+            let operator = Operator::connect(&client).await?;
+            let request = operator.request(proto::UndrainNodeRequest { node_id });
+            let node = operator
+                .coordinator()
+                .undrain_node(request)
+                .await
+                .map_err(|status| operator.rpc_error(status))?
+                .into_inner();
+            output::write_node(out, client.output, &node)?;
         }
     }
     Ok(())

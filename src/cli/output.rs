@@ -19,6 +19,9 @@ struct NodeView<'a> {
     last_seen: Option<String>,
     registered_at: Option<String>,
     offline_since: Option<String>,
+    drained: bool,
+    drain_reason: Option<&'a str>,
+    drained_at: Option<String>,
     boot_id: &'a str,
     session_generation: u64,
     version: &'a str,
@@ -36,6 +39,9 @@ impl<'a> From<&'a proto::Node> for NodeView<'a> {
             last_seen: node.last_seen.map(rfc3339),
             registered_at: node.registered_at.map(rfc3339),
             offline_since: node.offline_since.map(rfc3339),
+            drained: node.drained,
+            drain_reason: node.drained.then_some(node.drain_reason.as_str()),
+            drained_at: node.drained_at.map(rfc3339),
             boot_id: &node.boot_id,
             session_generation: node.session_generation,
             version: &node.version,
@@ -97,8 +103,17 @@ pub fn write_expiry_note(out: &mut impl Write, paused: &proto::ExpiryPaused) -> 
 
 fn write_table(out: &mut impl Write, nodes: &[proto::Node]) -> io::Result<()> {
     let now = SystemTime::now();
-    let header = ["NODE", "STATE", "LAST SEEN", "AGENT URL", "GEN", "LABELS"].map(str::to_owned);
-    let rows: Vec<[String; 6]> = nodes
+    let header = [
+        "NODE",
+        "STATE",
+        "LAST SEEN",
+        "AGENT URL",
+        "GEN",
+        "LABELS",
+        "DRAINED",
+    ]
+    .map(str::to_owned);
+    let rows: Vec<[String; 7]> = nodes
         .iter()
         .map(|node| {
             let labels: Vec<String> = node
@@ -116,6 +131,7 @@ fn write_table(out: &mut impl Write, nodes: &[proto::Node]) -> io::Result<()> {
                 node.agent_url.clone(),
                 node.session_generation.to_string(),
                 labels.join(","),
+                drain_cell(node),
             ]
         })
         .collect();
@@ -136,11 +152,21 @@ fn write_table(out: &mut impl Write, nodes: &[proto::Node]) -> io::Result<()> {
     Ok(())
 }
 
+/// `-` for a node in service; the reason, quoted, for a drained one.
+fn drain_cell(node: &proto::Node) -> String {
+    if node.drained {
+        format!("{:?}", node.drain_reason)
+    } else {
+        "-".to_owned()
+    }
+}
+
 fn state_name(state: i32) -> &'static str {
     match proto::NodeState::try_from(state) {
         Ok(proto::NodeState::Online) => "ONLINE",
         Ok(proto::NodeState::Offline) => "OFFLINE",
         Ok(proto::NodeState::Unknown) => "UNKNOWN",
+        Ok(proto::NodeState::Left) => "LEFT",
         Ok(proto::NodeState::Unspecified) | Err(_) => "UNSPECIFIED",
     }
 }
@@ -193,6 +219,35 @@ mod tests {
             lines[2].contains("UNKNOWN") && lines[2].contains("gpu=a100"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_drained_node_shows_its_reason_in_the_table_and_in_json() {
+        let mut drained = node("gpu-1", proto::NodeState::Online);
+        drained.drained = true;
+        drained.drain_reason = "fan replacement".to_owned();
+        drained.drained_at = Some(SystemTime::now().into());
+        let nodes = [drained, node("gpu-2", proto::NodeState::Left)];
+        let mut out = Vec::new();
+        write_nodes(&mut out, OutputFormat::Table, &nodes).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert!(lines[0].ends_with("DRAINED"), "{text}");
+        assert!(lines[1].ends_with("\"fan replacement\""), "{text}");
+        assert!(
+            lines[2].contains("LEFT") && lines[2].ends_with('-'),
+            "{text}"
+        );
+
+        let mut out = Vec::new();
+        write_nodes(&mut out, OutputFormat::Json, &nodes).unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed[0]["drained"], true);
+        assert_eq!(parsed[0]["drain_reason"], "fan replacement");
+        assert!(parsed[0]["drained_at"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(parsed[1]["drained"], false);
+        assert!(parsed[1]["drain_reason"].is_null());
+        assert_eq!(parsed[1]["state"], "LEFT");
     }
 
     #[test]

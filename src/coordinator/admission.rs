@@ -272,6 +272,7 @@ async fn admit(
     };
     let session = Session::new(
         shared.registry.clone(),
+        shared.store.clone(),
         shared.timing,
         node_id,
         enrollment.generation,

@@ -101,6 +101,9 @@ pub(crate) struct Shared {
     admin_token: Option<Token>,
     /// Serves the coordinator, and dials agents for probes.
     tls: Option<Tls>,
+    /// Held across each drain's store write and registry update, so that
+    /// the registry applies drains in the order the store recorded them.
+    drains: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -202,6 +205,7 @@ pub async fn start(
         join_token,
         admin_token,
         tls,
+        drains: tokio::sync::Mutex::new(()),
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -311,9 +315,11 @@ impl RunningCoordinator {
         // sooner it has panicked, and a coordinator that can no longer persist
         // or detect failures must not go on looking healthy.
         let mut sweeper_stopped = false;
+        let mut serve_ended = false;
         let served = loop {
             tokio::select! {
                 served = &mut serve => {
+                    serve_ended = true;
                     break served.unwrap_or_else(|error| Err(RunError::TaskFailed {
                         task: "gRPC server",
                         reason: error.to_string(),
@@ -332,6 +338,11 @@ impl RunningCoordinator {
             }
         };
         shutdown.cancel();
+        // After a task failed, the server is still draining: it must stop
+        // listening before the database lock is let go.
+        if !serve_ended {
+            let _ = serve.await;
+        }
         sessions.close();
         sessions.wait().await;
         writer_stop.cancel();

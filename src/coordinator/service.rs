@@ -17,8 +17,9 @@ use super::{
 };
 use crate::{
     auth,
+    clock::Moment,
     error::ServiceError,
-    node::NodeId,
+    node::{NodeId, validate_reason},
     proto::{self, AgentMessage, CoordinatorMessage, coordinator_server::Coordinator},
 };
 
@@ -146,9 +147,58 @@ impl Coordinator for CoordinatorService {
             node: removed.map(proto::Node::from),
         }))
     }
+
+    async fn drain_node(
+        &self,
+        request: Request<proto::DrainNodeRequest>,
+    ) -> Result<Response<proto::Node>, Status> {
+        self.require_admin(&request)?;
+        let request = request.into_inner();
+        let node_id = NodeId::parse("node_id", &request.node_id).map_err(ServiceError::from)?;
+        validate_reason("reason", &request.reason).map_err(ServiceError::from)?;
+        let node = self
+            .set_drain(node_id.clone(), Some(request.reason.clone()))
+            .await?;
+        info!(%node_id, reason = %request.reason, "node drained by an operator");
+        Ok(Response::new(node))
+    }
+
+    async fn undrain_node(
+        &self,
+        request: Request<proto::UndrainNodeRequest>,
+    ) -> Result<Response<proto::Node>, Status> {
+        self.require_admin(&request)?;
+        let node_id =
+            NodeId::parse("node_id", &request.into_inner().node_id).map_err(ServiceError::from)?;
+        let node = self.set_drain(node_id.clone(), None).await?;
+        info!(%node_id, "node undrained by an operator");
+        Ok(Response::new(node))
+    }
 }
 
 impl CoordinatorService {
+    /// Records a drain (`reason` given) or an undrain in the store, then in
+    /// the registry, as RemoveNode does: once the call answers, the drain
+    /// survives a restart.
+    async fn set_drain(
+        &self,
+        node_id: NodeId,
+        reason: Option<String>,
+    ) -> Result<proto::Node, ServiceError> {
+        let _in_order = self.shared.drains.lock().await;
+        let (row_generation, drain) = self
+            .shared
+            .store
+            .set_drain(node_id.clone(), reason, Moment::now().wall)
+            .await?
+            .ok_or_else(|| ServiceError::NodeNotFound(node_id.clone()))?;
+        let node = self
+            .shared
+            .update(|registry| registry.set_drain(&node_id, row_generation, drain));
+        node.map(proto::Node::from)
+            .ok_or(ServiceError::NodeNotFound(node_id))
+    }
+
     fn require_admin<T>(&self, request: &Request<T>) -> Result<(), ServiceError> {
         let authorization = request.metadata().get(auth::AUTHORIZATION_METADATA);
         let authorization = authorization.map(|value| value.as_bytes());

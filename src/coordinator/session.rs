@@ -6,13 +6,18 @@
 //! (sequence numbers strictly increase, the session is still the node's
 //! newest), applied to the registry and acknowledged.
 //!
-//! However the stream ends, its node goes OFFLINE at once, unless a newer
-//! session of the node exists or the coordinator itself is shutting down
-//! (a restart must not show any node as dead). A stream whose node the
+//! A `leave` (the agent is shutting down on purpose) is recorded in the
+//! store before anything else: only once it is durable does the node become
+//! LEFT in the registry and the agent get `left`; then the session ends.
+//! A leave that cannot be recorded is never acknowledged.
+//!
+//! However else the stream ends, its node goes OFFLINE at once, unless a
+//! newer session of the node exists, the node has left, or the coordinator
+//! itself is shutting down (a restart must not show any node as dead). A stream whose node the
 //! sweeper has marked OFFLINE, or which a newer session has replaced, is
 //! closed once it has been silent for `offline_after`, so no session lingers.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration, time::SystemTime};
 
 use futures::{Stream, StreamExt};
 use tokio::{sync::mpsc, time::Instant};
@@ -23,10 +28,11 @@ use tracing::{debug, info, warn};
 use super::RegistryHandle;
 use crate::{
     clock::Moment,
-    error::{InvalidInput, ServiceError},
-    node::{Claim, NodeId, NodeState},
+    error::{InvalidInput, ServiceError, display_chain},
+    node::{Claim, NodeId, NodeState, validate_short_field},
     proto::{self, AgentMessage, CoordinatorMessage, agent_message, coordinator_message},
     registry::{SessionRejected, Timing},
+    store::{Store, StoreError},
 };
 
 pub(super) type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
@@ -53,6 +59,11 @@ where
         })) => Err(ServiceError::OutOfOrder(
             "the first message on a Heartbeat stream must be register, got heartbeat".to_owned(),
         )),
+        Some(Ok(AgentMessage {
+            kind: Some(agent_message::Kind::Leave(_)),
+        })) => Err(ServiceError::OutOfOrder(
+            "the first message on a Heartbeat stream must be register, got leave".to_owned(),
+        )),
         Some(Ok(AgentMessage { kind: None })) => Err(InvalidInput::new(
             "agent_message.kind",
             "must be set; the first message on a Heartbeat stream must be register",
@@ -61,11 +72,35 @@ where
     }
 }
 
+/// Where a session makes a leave durable before it acknowledges it.
+pub(super) trait LeaveRecorder: Send + Sync + 'static {
+    /// Records that the agent of the session holding `generation` left at
+    /// `left_at`; whether that session's row was found.
+    fn record_leave(
+        &self,
+        node_id: NodeId,
+        generation: u64,
+        left_at: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+impl LeaveRecorder for Store {
+    fn record_leave(
+        &self,
+        node_id: NodeId,
+        generation: u64,
+        left_at: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        Store::record_leave(self, node_id, generation, left_at)
+    }
+}
+
 /// A registered session, ready to run. It reaches the coordinator only
-/// through its registry handle, so it runs as well over a `Vec` of messages
-/// in a unit test as over a gRPC stream.
-pub(super) struct Session {
+/// through its registry handle and its leave recorder, so it runs as well
+/// over a `Vec` of messages in a unit test as over a gRPC stream.
+pub(super) struct Session<L = Store> {
     registry: RegistryHandle,
+    leaves: L,
     timing: Timing,
     node_id: NodeId,
     generation: u64,
@@ -78,11 +113,12 @@ pub(super) struct Session {
     last_sequence: Option<u64>,
 }
 
-impl Session {
+impl<L: LeaveRecorder> Session<L> {
     /// A session of `node_id` at `generation`, whose agent was told to
     /// heartbeat every `interval`.
     pub(super) fn new(
         registry: RegistryHandle,
+        leaves: L,
         timing: Timing,
         node_id: NodeId,
         generation: u64,
@@ -90,6 +126,7 @@ impl Session {
     ) -> Self {
         Self {
             registry,
+            leaves,
             timing,
             node_id,
             generation,
@@ -125,6 +162,8 @@ impl Session {
                 let _ = outbound.try_send(Err(ServiceError::ShuttingDown.into()));
             }
             Ended::Stream(reason) => self.end(reason),
+            Ended::Left => info!("session ended: the agent left"),
+            Ended::Leaving(_) => unreachable!("serve handles a leave before it returns"),
             Ended::Refused(error) => {
                 warn!(error = %error, "session refused a message");
                 self.end("refused".to_owned());
@@ -172,6 +211,7 @@ impl Session {
             last_heard = Instant::now();
             let ack = match self.on_heartbeat(message) {
                 Ok(ack) => ack,
+                Err(Ended::Leaving(leave)) => return self.on_leave(leave, outbound).await,
                 Err(ended) => return ended,
             };
             // An agent that leaves this many acks unread is not reading at all.
@@ -218,6 +258,9 @@ impl Session {
                 kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
             })) => heartbeat,
             Some(Ok(AgentMessage {
+                kind: Some(agent_message::Kind::Leave(leave)),
+            })) => return Err(Ended::Leaving(leave)),
+            Some(Ok(AgentMessage {
                 kind: Some(agent_message::Kind::Register(_)),
             })) => {
                 return Err(Ended::Refused(ServiceError::OutOfOrder(
@@ -260,6 +303,45 @@ impl Session {
             })),
         })
     }
+
+    /// The agent is leaving on purpose: records the leave in the store, then
+    /// in the registry, then acknowledges it with `left`.
+    async fn on_leave(&self, leave: proto::Leave, outbound: &Outbound) -> Ended {
+        if let Err(invalid) = validate_short_field("leave.reason", &leave.reason) {
+            return Ended::Refused(invalid.into());
+        }
+        let left_at = Moment::now();
+        let recorded = self
+            .leaves
+            .record_leave(self.node_id.clone(), self.generation, left_at.wall)
+            .await;
+        match recorded {
+            Ok(true) => {}
+            Ok(false) => {
+                let state = self
+                    .registry
+                    .lock()
+                    .session_state(&self.node_id, self.generation);
+                let rejected = state.err().unwrap_or(SessionRejected::Forgotten);
+                return Ended::Refused(rejection(&self.node_id, self.generation, rejected));
+            }
+            Err(error) => {
+                warn!(error = %display_chain(&error), "could not record a leave; the node goes OFFLINE instead");
+                return Ended::Stream("its leave could not be recorded".to_owned());
+            }
+        }
+        let left = self
+            .registry
+            .update(|registry| registry.leave(&self.node_id, self.generation, left_at));
+        if let Err(rejected) = left {
+            return Ended::Refused(rejection(&self.node_id, self.generation, rejected));
+        }
+        info!(reason = %leave.reason, "node left");
+        let _ = outbound.try_send(Ok(CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Left(proto::Left {})),
+        }));
+        Ended::Left
+    }
 }
 
 #[derive(Debug)]
@@ -267,6 +349,10 @@ enum Ended {
     Shutdown,
     Stream(String),
     Refused(ServiceError),
+    /// The agent sent `leave`; the session records it before it ends.
+    Leaving(proto::Leave),
+    /// The node is recorded LEFT and the agent told so.
+    Left,
 }
 
 pub(super) fn rejection(
@@ -364,7 +450,10 @@ mod tests {
 /// no network, no sleeping in real time.
 #[cfg(test)]
 mod serve_loop {
-    use std::time::SystemTime;
+    use std::{
+        sync::{Arc, Mutex},
+        time::SystemTime,
+    };
 
     use tokio::{sync::mpsc, task::JoinHandle};
     use tokio_stream::wrappers::ReceiverStream;
@@ -426,23 +515,64 @@ mod serve_loop {
         messages: mpsc::Sender<Result<AgentMessage, Status>>,
         acks: mpsc::Receiver<Result<CoordinatorMessage, Status>>,
         session: JoinHandle<()>,
+        shutdown: CancellationToken,
+    }
+
+    /// Records leaves in memory, or fails every one as a failing store does.
+    #[derive(Clone, Default)]
+    struct Leaves {
+        recorded: Arc<Mutex<Vec<(NodeId, u64)>>>,
+        failing: bool,
+    }
+
+    impl LeaveRecorder for Leaves {
+        async fn record_leave(
+            &self,
+            node_id: NodeId,
+            generation: u64,
+            _left_at: SystemTime,
+        ) -> Result<bool, StoreError> {
+            if self.failing {
+                return Err(StoreError::Query(
+                    diesel::result::Error::BrokenTransactionManager,
+                ));
+            }
+            self.recorded.lock().unwrap().push((node_id, generation));
+            Ok(true)
+        }
     }
 
     impl Agent {
         fn start(registry: &RegistryHandle, timing: Timing, node: &str, generation: u64) -> Self {
+            Self::start_recording(registry, timing, node, generation, Leaves::default())
+        }
+
+        fn start_recording(
+            registry: &RegistryHandle,
+            timing: Timing,
+            node: &str,
+            generation: u64,
+            leaves: Leaves,
+        ) -> Self {
             let interval = register(registry, node, generation);
-            let session = Session::new(registry.clone(), timing, id(node), generation, interval);
+            let session = Session::new(
+                registry.clone(),
+                leaves,
+                timing,
+                id(node),
+                generation,
+                interval,
+            );
             let (messages, inbound) = mpsc::channel(64);
             let (outbound, acks) = mpsc::channel(ACKS_QUEUED);
-            let session = tokio::spawn(session.run(
-                ReceiverStream::new(inbound),
-                outbound,
-                CancellationToken::new(),
-            ));
+            let shutdown = CancellationToken::new();
+            let session =
+                tokio::spawn(session.run(ReceiverStream::new(inbound), outbound, shutdown.clone()));
             Self {
                 messages,
                 acks,
                 session,
+                shutdown,
             }
         }
 
@@ -450,6 +580,16 @@ mod serve_loop {
             let heartbeat = proto::Heartbeat { sequence };
             let message = AgentMessage {
                 kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
+            };
+            self.messages.send(Ok(message)).await.unwrap();
+        }
+
+        async fn leave(&self) {
+            let leave = proto::Leave {
+                reason: "SIGTERM".to_owned(),
+            };
+            let message = AgentMessage {
+                kind: Some(agent_message::Kind::Leave(leave)),
             };
             self.messages.send(Ok(message)).await.unwrap();
         }
@@ -537,6 +677,36 @@ mod serve_loop {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_session_closed_by_shutdown_leaves_its_node_online() {
+        let registry = handle(timing(1000));
+        let mut agent = Agent::start(&registry, timing(1000), "gpu-1", 1);
+        agent.heartbeat(1).await;
+        assert_eq!(agent.ack().await.sequence, 1);
+        agent.shutdown.cancel();
+        let refused = agent.refusal().await;
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        agent.ended().await;
+        assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Online, 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_closing_its_stream_takes_its_node_offline() {
+        let registry = handle(timing(1000));
+        let mut agent = Agent::start(&registry, timing(1000), "gpu-1", 1);
+        agent.heartbeat(1).await;
+        assert_eq!(agent.ack().await.sequence, 1);
+        let Agent {
+            messages, session, ..
+        } = agent;
+        drop(messages);
+        tokio::time::timeout(DEADLINE, session)
+            .await
+            .expect("the session ended")
+            .unwrap();
+        assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Offline, 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_agent_that_stops_reading_its_acks_is_let_go() {
         let registry = handle(timing(1000));
         let agent = Agent::start(&registry, timing(1000), "gpu-1", 1);
@@ -573,5 +743,65 @@ mod serve_loop {
         );
         agent.heartbeat(3).await;
         assert_eq!(agent.ack().await.heartbeat_interval, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leave_is_recorded_then_acknowledged_and_the_node_stays_left() {
+        let registry = handle(timing(1000));
+        let leaves = Leaves::default();
+        let mut agent = Agent::start_recording(&registry, timing(1000), "gpu-1", 1, leaves.clone());
+        agent.heartbeat(1).await;
+        agent.ack().await;
+        agent.leave().await;
+        match agent.next().await {
+            Ok(CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Left(_)),
+            }) => {}
+            other => panic!("expected left, got {other:?}"),
+        }
+        assert_eq!(*leaves.recorded.lock().unwrap(), [(id("gpu-1"), 1)]);
+        agent.ended().await;
+        assert_eq!(
+            state(&registry, "gpu-1"),
+            Some((NodeState::Left, 1)),
+            "the stream's end does not turn a LEFT node OFFLINE"
+        );
+
+        // Long past offline-after, it is still LEFT, never OFFLINE.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        registry.update(|registry| registry.sweep(Moment::now()));
+        assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Left, 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leave_the_store_cannot_record_is_not_acknowledged() {
+        let registry = handle(timing(1000));
+        let leaves = Leaves {
+            failing: true,
+            ..Leaves::default()
+        };
+        let agent = Agent::start_recording(&registry, timing(1000), "gpu-1", 1, leaves);
+        agent.leave().await;
+        let Agent {
+            mut acks, session, ..
+        } = agent;
+        tokio::time::timeout(DEADLINE, session)
+            .await
+            .expect("the session ended")
+            .unwrap();
+        assert!(acks.try_recv().is_err(), "no left for an unrecorded leave");
+        assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Offline, 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_superseded_sessions_leave_changes_nothing() {
+        let registry = handle(timing(1000));
+        let mut old = Agent::start(&registry, timing(1000), "gpu-1", 1);
+        register(&registry, "gpu-1", 2);
+        old.leave().await;
+        let refused = old.refusal().await;
+        assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+        old.ended().await;
+        assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Online, 2)));
     }
 }

@@ -100,6 +100,8 @@ impl ModelStore {
                 last_seen: now,
                 generation: self.last_issued,
                 offline_since: None,
+                drain: None,
+                left_at: None,
             },
         );
         Enrollment {

@@ -45,13 +45,13 @@ pub use self::lock::{DatabaseLock, Holder, lock_path};
 use self::{
     connections::Connections,
     file::DatabaseFile,
-    rows::{NodeRow, generation_to_column},
+    rows::{DrainRow, NodeRow, generation_to_column},
     schema::known_nodes,
 };
 use crate::{
     auth::SecretHash,
     clock::{from_unix_millis, to_unix_millis},
-    node::{NodeId, Registration, StoredNode},
+    node::{Drain, NodeId, Registration, StoredNode},
     registry::{Change, Enrollment},
 };
 
@@ -315,14 +315,18 @@ impl Store {
     pub async fn load_nodes(&self) -> Result<Vec<StoredNode>, StoreError> {
         self.read(|conn| {
             let rows = known_nodes::table
-                .select(NodeRow::as_select())
+                .select((NodeRow::as_select(), DrainRow::as_select()))
                 .order(known_nodes::node_id)
-                .load_iter::<NodeRow, diesel::connection::DefaultLoadingMode>(conn)?;
+                .load_iter::<(NodeRow, DrainRow), diesel::connection::DefaultLoadingMode>(conn)?;
             let mut nodes = Vec::new();
             let mut quarantined = 0_u32;
             for row in rows {
+                let (row, drain) = match row {
+                    Ok((row, drain)) => (Ok(row), drain.into_drain()),
+                    Err(error) => (Err(error), None),
+                };
                 match decode(row)? {
-                    Decoded::Node(node) => nodes.push(node),
+                    Decoded::Node(node) => nodes.push(StoredNode { drain, ..*node }),
                     Decoded::Unreadable { node_id, reason } => {
                         quarantined += 1;
                         warn!(
@@ -392,6 +396,67 @@ impl Store {
         .await
     }
 
+    /// Drains (`reason` given) or undrains a node's row, whatever its
+    /// generation. Draining a drained node replaces its reason and keeps
+    /// the moment it was first drained. Returns the generation the row held
+    /// and the drain as recorded; `None` if there was no such row.
+    pub async fn set_drain(
+        &self,
+        node_id: NodeId,
+        reason: Option<String>,
+        now: SystemTime,
+    ) -> Result<Option<(u64, Option<Drain>)>, StoreError> {
+        self.write_transaction(move |conn| {
+            let row = known_nodes::table.find(node_id.as_str());
+            let found: Option<(i64, Option<i64>)> = row
+                .select((known_nodes::session_generation, known_nodes::drained_at))
+                .first(conn)
+                .optional()?;
+            let Some((generation, drained_at)) = found else {
+                return Ok(None);
+            };
+            let drain = reason.map(|reason| Drain {
+                since: drained_at.map_or(now, from_unix_millis),
+                reason,
+            });
+            diesel::update(row)
+                .set((
+                    known_nodes::drained_at
+                        .eq(drain.as_ref().map(|drain| to_unix_millis(drain.since))),
+                    known_nodes::drain_reason.eq(drain.as_ref().map(|drain| drain.reason.clone())),
+                ))
+                .execute(conn)?;
+            let generation = u64::try_from(generation).map_err(|_| StoreError::Corrupt {
+                node_id: node_id.to_string(),
+                reason: format!("negative session_generation {generation}"),
+            })?;
+            Ok(Some((generation, drain)))
+        })
+        .await
+    }
+
+    /// Records that the agent of the session holding `generation` left on
+    /// purpose at `left_at`. Returns whether that session's row was found:
+    /// a superseded session's leave changes nothing.
+    pub async fn record_leave(
+        &self,
+        node_id: NodeId,
+        generation: u64,
+        left_at: SystemTime,
+    ) -> Result<bool, StoreError> {
+        self.write_transaction(move |conn| {
+            let updated = diesel::update(
+                known_nodes::table
+                    .find(node_id.as_str())
+                    .filter(known_nodes::session_generation.eq(generation_to_column(generation))),
+            )
+            .set(known_nodes::left_at.eq(Some(to_unix_millis(left_at))))
+            .execute(conn)?;
+            Ok(updated == 1)
+        })
+        .await
+    }
+
     /// Writes registry changes and heartbeat times in one transaction. Shared
     /// slices let a caller keep the batch for a retry without copying it.
     pub async fn write(
@@ -446,7 +511,7 @@ fn transaction_in_place<T>(
 
 /// A row as read: a node, or why it cannot be one.
 enum Decoded {
-    Node(StoredNode),
+    Node(Box<StoredNode>),
     Unreadable {
         /// `None` when not even the row's columns could be decoded.
         node_id: Option<String>,
@@ -456,7 +521,7 @@ enum Decoded {
 
 fn decode(row: QueryResult<NodeRow>) -> Result<Decoded, StoreError> {
     match row.map_err(StoreError::from).and_then(StoredNode::try_from) {
-        Ok(node) => Ok(Decoded::Node(node)),
+        Ok(node) => Ok(Decoded::Node(Box::new(node))),
         Err(StoreError::Corrupt { node_id, reason }) => Ok(Decoded::Unreadable {
             node_id: Some(node_id),
             reason,
@@ -920,7 +985,7 @@ mod tests {
              CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
                  version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
                  session_generation BIGINT, offline_since BIGINT, secret_hash TEXT,
-                 max_backoff_ms BIGINT);
+                 max_backoff_ms BIGINT, drained_at BIGINT, drain_reason TEXT, left_at BIGINT);
              INSERT INTO known_nodes SELECT * FROM old_nodes;
              DROP TABLE old_nodes;",
         );
@@ -980,6 +1045,62 @@ mod tests {
             .load(&mut SqliteConnection::establish(path.to_str().unwrap()).unwrap())
             .unwrap();
         assert_eq!(labels, ["not json"]);
+    }
+
+    #[tokio::test]
+    async fn a_drain_survives_re_registration_and_a_leave_is_cleared_by_it() {
+        let (_dir, store) = temp_store().await;
+        let now = SystemTime::now();
+        let a = NodeId::parse("node_id", "a").unwrap();
+        let first = admit(&store, registration("a", "b1"), now).await;
+        let (generation, drain) = store
+            .set_drain(a.clone(), Some("fan".to_owned()), now)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(generation, first.generation);
+        let later = now + Duration::from_secs(5);
+        let (_, again) = store
+            .set_drain(a.clone(), Some("new fan".to_owned()), later)
+            .await
+            .unwrap()
+            .unwrap();
+        let again = again.unwrap();
+        assert_eq!(again.reason, "new fan");
+        assert_eq!(
+            to_unix_millis(again.since),
+            to_unix_millis(drain.unwrap().since),
+            "draining again keeps the first moment"
+        );
+        assert!(
+            !store
+                .record_leave(a.clone(), generation + 1, later)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .record_leave(a.clone(), generation, later)
+                .await
+                .unwrap()
+        );
+        let loaded = store.load_nodes().await.unwrap().remove(0);
+        assert_eq!(loaded.drain.as_ref().unwrap().reason, "new fan");
+        assert!(loaded.left_at.is_some());
+
+        admit(&store, registration("a", "b2"), later).await;
+        let loaded = store.load_nodes().await.unwrap().remove(0);
+        assert_eq!(
+            loaded.drain.unwrap().reason,
+            "new fan",
+            "kept by registration"
+        );
+        assert_eq!(loaded.left_at, None, "cleared by registration");
+
+        store.set_drain(a.clone(), None, later).await.unwrap();
+        assert_eq!(store.load_nodes().await.unwrap()[0].drain, None);
+        let absent = NodeId::parse("node_id", "z").unwrap();
+        assert_eq!(store.set_drain(absent, None, later).await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use super::{StoreError, schema::known_nodes};
 use crate::{
     auth::SecretHash,
     clock::{from_unix_millis, to_unix_millis},
-    node::{self, NodeId, Registration, StoredNode},
+    node::{self, Drain, NodeId, Registration, StoredNode},
     registry::Enrollment,
 };
 
@@ -28,6 +28,25 @@ pub struct NodeRow {
     pub offline_since: Option<i64>,
     pub secret_hash: Option<String>,
     pub max_backoff_ms: Option<i64>,
+    pub left_at: Option<i64>,
+}
+
+/// The drain columns, kept out of [`NodeRow`] so that a registration, which
+/// writes a whole `NodeRow`, never changes them.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = known_nodes, check_for_backend(diesel::sqlite::Sqlite))]
+pub struct DrainRow {
+    pub drained_at: Option<i64>,
+    pub drain_reason: Option<String>,
+}
+
+impl DrainRow {
+    pub fn into_drain(self) -> Option<Drain> {
+        Some(Drain {
+            since: from_unix_millis(self.drained_at?),
+            reason: self.drain_reason.unwrap_or_default(),
+        })
+    }
 }
 
 impl NodeRow {
@@ -55,6 +74,7 @@ impl NodeRow {
             offline_since: None,
             secret_hash: Some(secret_hash.to_hex()),
             max_backoff_ms: Some(duration_to_column(registration.max_backoff)),
+            left_at: None,
         })
     }
 }
@@ -93,6 +113,8 @@ impl TryFrom<NodeRow> for StoredNode {
             last_seen: from_unix_millis(row.last_seen),
             generation,
             offline_since: row.offline_since.map(from_unix_millis),
+            drain: None,
+            left_at: row.left_at.map(from_unix_millis),
         })
     }
 }

@@ -14,6 +14,9 @@ diesel::table! {
         offline_since -> Nullable<BigInt>,
         secret_hash -> Nullable<Text>,
         max_backoff_ms -> Nullable<BigInt>,
+        drained_at -> Nullable<BigInt>,
+        drain_reason -> Nullable<Text>,
+        left_at -> Nullable<BigInt>,
     }
 }
 

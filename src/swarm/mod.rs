@@ -92,6 +92,8 @@ pub async fn run(config: SwarmConfig, shutdown: CancellationToken) -> Result<(),
             events: Arc::new(stats::AgentEvents::new(stats.clone())),
             max_backoff: reconnect::DEFAULT_MAX_BACKOFF,
             connect_timeout: CONNECT_TIMEOUT,
+            // A benchmark's agents vanish together; they do not leave.
+            leave_timeout: None,
         };
         links.push((node_id, link, probed));
     }

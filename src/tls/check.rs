@@ -61,14 +61,18 @@ pub fn own_certificate(flag: &'static str, path: &Path, pem: &[u8]) -> Result<Us
     Ok(usages)
 }
 
-/// Checks every certificate of a CA file (`--tls-ca`): each must parse and
-/// be valid now.
+/// Checks every certificate of a CA file (`--tls-ca`): each must parse, and
+/// at least one must be valid now. A bundle (a system's trust store) may
+/// carry a root that has expired; rustls passes over it, and so does this
+/// check, with a warning.
 pub fn ca_certificates(flag: &'static str, path: &Path, pem: &[u8]) -> Result<(), RunError> {
     let refuse = |problem: String| RunError::TlsCertificate {
         flag,
         path: path.to_owned(),
         problem,
     };
+    let mut first_invalid = None;
+    let mut any_valid = false;
     for block in Pem::iter_from_buffer(pem) {
         let block = block.map_err(|e| refuse(format!("is not valid PEM ({e})")))?;
         if block.label != "CERTIFICATE" {
@@ -77,9 +81,24 @@ pub fn ca_certificates(flag: &'static str, path: &Path, pem: &[u8]) -> Result<()
         let certificate = block
             .parse_x509()
             .map_err(|e| refuse(format!("is not a valid X.509 certificate ({e})")))?;
-        check_validity(&certificate).map_err(refuse)?;
+        match check_validity(&certificate) {
+            Ok(()) => any_valid = true,
+            Err(problem) => {
+                tracing::warn!(
+                    flag,
+                    path = %path.display(),
+                    subject = %certificate.subject(),
+                    %problem,
+                    "passing over a CA certificate that is not valid now"
+                );
+                first_invalid.get_or_insert(problem);
+            }
+        }
     }
-    Ok(())
+    match first_invalid {
+        Some(problem) if !any_valid => Err(refuse(problem)),
+        _ => Ok(()),
+    }
 }
 
 fn first_certificate(pem: &[u8]) -> Option<Pem> {
@@ -101,4 +120,48 @@ fn check_validity(certificate: &X509Certificate<'_>) -> Result<(), String> {
         return Err(format!("certificate expired on {}", validity.not_after));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, IsCa, KeyPair};
+    use time::{Duration, OffsetDateTime};
+
+    use super::*;
+
+    fn ca_pem(name: &str, expired: bool) -> String {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let now = OffsetDateTime::now_utc();
+        (params.not_before, params.not_after) = if expired {
+            (now - Duration::days(30), now - Duration::days(1))
+        } else {
+            (now - Duration::days(1), now + Duration::days(30))
+        };
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn a_bundle_with_an_expired_root_among_valid_ones_is_accepted() {
+        let bundle = format!(
+            "# a system trust store\n{}{}",
+            ca_pem("old root", true),
+            ca_pem("current root", false)
+        );
+        ca_certificates("--tls-ca", Path::new("bundle.pem"), bundle.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn a_ca_file_with_only_expired_certificates_is_refused() {
+        let expired = ca_pem("old root", true);
+        let refused = ca_certificates("--tls-ca", Path::new("ca.pem"), expired.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("expired"), "{refused}");
+        assert!(refused.contains("--tls-ca"), "{refused}");
+    }
 }

@@ -2,10 +2,8 @@
 //! flags and restarts.
 
 use std::{
-    io::{Read, Write},
     path::Path,
     process::{Command, Output},
-    time::Duration,
 };
 
 use crate::common::*;
@@ -54,20 +52,6 @@ pub async fn restart_and_probe(db: &Path, flags: &[&str], node_id: &str) -> Coor
     let coordinator = Coordinator::start(db, "127.0.0.1:0", flags);
     wait_for_line(&coordinator.process, &["probe passed", node_id]).await;
     coordinator
-}
-
-/// The Prometheus text the coordinator serves at `address`.
-pub fn scrape(address: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: muster\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
 }
 
 pub fn metric(text: &str, series: &str) -> Option<f64> {
