@@ -160,6 +160,13 @@ async fn an_unwritable_database_is_a_readiness_problem_that_clears_by_itself() {
 
     let lock = WriteLock::take(&db);
     wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
+    // Logged before readiness changes, but read from the pipe in its own time.
+    coordinator
+        .process
+        .wait_for_log(0, OUTAGE_NOTICED, |line| {
+            line.contains("database writes are failing").then_some(())
+        })
+        .await;
     assert_eq!(
         coordinator
             .process
@@ -252,6 +259,12 @@ async fn an_unwritable_database_is_a_readiness_problem_that_clears_by_itself() {
         }
     })
     .await;
+    coordinator
+        .process
+        .wait_for_log(0, OUTAGE_NOTICED, |line| {
+            line.contains("database writes succeed again").then_some(())
+        })
+        .await;
     assert_eq!(
         coordinator
             .process
@@ -373,6 +386,11 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
     RawStream::register(&url, "newcomer", "http://127.0.0.1:9", "b").await;
+    coordinator
+        .wait_for_log(0, OUTAGE_NOTICED, |line| {
+            line.contains("database writes succeed again").then_some(())
+        })
+        .await;
     assert_eq!(coordinator.log_count(&["database writes are failing"]), 1);
     assert_eq!(coordinator.log_count(&["database writes succeed again"]), 1);
 }

@@ -129,7 +129,7 @@ async fn a_deleted_database_takes_no_registration_and_a_restart_says_it_creates_
     let db = dir.path().join("muster.db");
     let coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
     let url = coordinator.url();
-    let (_kept, _) = RawStream::register(&url, "kept", "http://127.0.0.1:9", "b1").await;
+    let (kept, _) = RawStream::register(&url, "kept", "http://127.0.0.1:9", "b1").await;
 
     std::fs::remove_file(&db).unwrap();
     for attempt in 0..3 {
@@ -153,6 +153,22 @@ async fn a_deleted_database_takes_no_registration_and_a_restart_says_it_creates_
         !db.exists(),
         "nothing is created in the deleted file's place"
     );
+    coordinator
+        .process
+        .wait_for_log(0, START_DEADLINE, |line| {
+            (line.contains("ERROR") && line.contains("was deleted")).then_some(())
+        })
+        .await;
+    // Each refusal is logged, if at all, before it is sent; a line the
+    // coordinator logs after the last refusal was received is read after
+    // every line of the refusals.
+    drop(kept);
+    coordinator
+        .process
+        .wait_for_log(0, START_DEADLINE, |line| {
+            line.contains("session ended").then_some(())
+        })
+        .await;
     assert_eq!(
         coordinator.process.log_count(&["ERROR", "was deleted"]),
         1,

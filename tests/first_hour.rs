@@ -341,17 +341,21 @@ async fn a_probe_refused_for_a_certificate_is_warned_once_and_shown_by_nodes_get
         "{error}"
     );
 
-    let warnings = || {
-        second
-            .process
-            .log_lines()
-            .into_iter()
-            .filter(|line| {
-                line.contains("WARN") && line.contains("probe failed") && line.contains("gpu-1")
-            })
-            .count()
+    let is_warning = |line: &str| {
+        line.contains("WARN") && line.contains("probe failed") && line.contains("gpu-1")
     };
-    assert_eq!(warnings(), 1);
+    // The prober records the error before it logs the warning.
+    second
+        .process
+        .wait_for_log(0, START_DEADLINE, |line| is_warning(line).then_some(()))
+        .await;
+    let warnings = second
+        .process
+        .log_lines()
+        .into_iter()
+        .filter(|line| is_warning(line))
+        .count();
+    assert_eq!(warnings, 1);
 
     let flags = pki.flags("operator");
     let table = muster(

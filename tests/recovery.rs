@@ -313,6 +313,15 @@ async fn a_probe_that_reaches_a_different_node_is_rejected() {
         START_DEADLINE,
     )
     .await;
+    // The registry shows OFFLINE before the writer commits it; killed in
+    // between, the ghost would be reloaded as live, with its agent's whole
+    // backoff ceiling as grace. The writer logs a change once committed.
+    first
+        .process
+        .wait_for_log(0, START_DEADLINE, |line| {
+            (line.contains("node offline") && line.contains("node_id=gpu-ghost")).then_some(())
+        })
+        .await;
     first.process.kill();
 
     let second = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
