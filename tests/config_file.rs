@@ -58,6 +58,13 @@ fn assert_one_line_error(output: &Output, expected: &[&str]) {
     assert!(output.stdout.is_empty(), "{output:?}");
 }
 
+/// A config file that cannot be read or used is a usage error, like a
+/// command line clap cannot parse: status 2 and one line.
+fn assert_config_file_error(output: &Output, expected: &[&str]) {
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_one_line_error(output, expected);
+}
+
 #[test]
 fn a_flag_beats_the_environment_which_beats_the_file_which_beats_the_default() {
     let dir = tempfile::tempdir().unwrap();
@@ -172,7 +179,7 @@ fn an_unknown_key_is_one_line_naming_the_key_and_the_file() {
         let file = write_config(dir.path(), "typo.toml", "heartbeat-intervall = \"5s\"\n");
         let file = file.to_str().unwrap();
         let output = muster(&[command, "--config", file], &[]);
-        assert_one_line_error(&output, &["`heartbeat-intervall`", file]);
+        assert_config_file_error(&output, &["`heartbeat-intervall`", file]);
     }
 }
 
@@ -194,14 +201,14 @@ fn a_value_of_the_wrong_type_is_one_line_naming_the_key_and_the_file() {
         let file = file.to_str().unwrap();
         // A flag overriding the key does not hide the file's mistake.
         let output = muster(&[command, "--config", file, "--print-config"], &[]);
-        assert_one_line_error(&output, &[key, file]);
+        assert_config_file_error(&output, &[key, file]);
     }
     let file = write_config(dir.path(), "broken.toml", "listen = \n");
     let output = muster(&["coordinator", "--config", file.to_str().unwrap()], &[]);
-    assert_one_line_error(&output, &[file.to_str().unwrap(), "not valid TOML"]);
+    assert_config_file_error(&output, &[file.to_str().unwrap(), "not valid TOML"]);
     let missing = dir.path().join("missing.toml");
     let output = muster(&["agent", "--config", missing.to_str().unwrap()], &[]);
-    assert_one_line_error(&output, &[missing.to_str().unwrap(), "cannot read"]);
+    assert_config_file_error(&output, &[missing.to_str().unwrap(), "cannot read"]);
 }
 
 /// Prints the configuration of `muster COMMAND FLAGS` under `env`, feeds
