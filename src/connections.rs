@@ -72,8 +72,9 @@ pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
-/// How long the acceptor waits, with no new connection, before it forgets
-/// the closed ones it still remembers.
+/// How often the acceptor, while no new connection arrives, forgets the
+/// closed ones it still remembers. It keeps looking while it remembers any:
+/// connections that were all open when it started waiting close later.
 const FORGET_CLOSED_AFTER: Duration = Duration::from_secs(2);
 
 /// What a server tolerates from the connections it accepts.
@@ -174,11 +175,12 @@ struct Failing {
 impl Acceptor {
     async fn next(&mut self) -> Connection {
         loop {
-            let closed_remembered = self.accepted.len() > self.tally.open();
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
-                () = tokio::time::sleep(FORGET_CLOSED_AFTER), if closed_remembered => {
-                    self.forget_closed();
+                () = tokio::time::sleep(FORGET_CLOSED_AFTER), if !self.accepted.is_empty() => {
+                    if self.accepted.len() > self.tally.open() {
+                        self.forget_closed();
+                    }
                     continue;
                 }
             };
