@@ -174,19 +174,11 @@ async fn an_unwritable_database_is_a_readiness_problem_that_clears_by_itself() {
         1
     );
 
-    let refused = match RawStream::open(
+    let refused = RawStream::refused(
         &url,
         register_message("newcomer", "http://127.0.0.1:9", "b"),
     )
-    .await
-    {
-        Err(status) => status,
-        Ok(stream) => stream
-            .registered()
-            .await
-            .err()
-            .expect("registration refused"),
-    };
+    .await;
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(
         refused.message().contains("locked"),
@@ -359,18 +351,22 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
     let lock = WriteLock::take(&db);
     wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
     lock.release();
-    let refused = match RawStream::open(
-        &url,
-        register_message("newcomer", "http://127.0.0.1:9", "b"),
-    )
-    .await
-    {
-        Err(status) => status,
-        Ok(stream) => stream
-            .registered()
-            .await
-            .err()
-            .expect("registration refused"),
+    // A connection opened before the chmod may still write; each write it
+    // takes is durable, so registrations can succeed until the pool has been
+    // replaced. Every attempt has its own node id.
+    let deadline = tokio::time::Instant::now() + OUTAGE_NOTICED;
+    let mut attempt = 0;
+    let refused = loop {
+        attempt += 1;
+        let node_id = format!("early-{attempt}");
+        if let Err(status) = try_register(&url, &node_id).await {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "registrations still acknowledged {OUTAGE_NOTICED:?} into a read-only file"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(
@@ -385,7 +381,16 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
 
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
-    RawStream::register(&url, "newcomer", "http://127.0.0.1:9", "b").await;
+    // As an agent does, retry: a connection still read-only fails once more,
+    // and is replaced.
+    let deadline = tokio::time::Instant::now() + OUTAGE_NOTICED;
+    while let Err(status) = try_register(&url, "newcomer").await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still refused {OUTAGE_NOTICED:?} after the file was writable again: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     coordinator
         .wait_for_log(0, OUTAGE_NOTICED, |line| {
             line.contains("database writes succeed again").then_some(())
@@ -393,4 +398,14 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
         .await;
     assert_eq!(coordinator.log_count(&["database writes are failing"]), 1);
     assert_eq!(coordinator.log_count(&["database writes succeed again"]), 1);
+}
+
+/// One registration attempt, as an agent makes it.
+async fn try_register(url: &str, node_id: &str) -> Result<(), tonic::Status> {
+    let registration = register_message(node_id, "http://127.0.0.1:9", "b");
+    RawStream::open(url, registration)
+        .await?
+        .registered()
+        .await?;
+    Ok(())
 }

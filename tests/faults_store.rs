@@ -134,13 +134,7 @@ async fn a_deleted_database_takes_no_registration_and_a_restart_says_it_creates_
     std::fs::remove_file(&db).unwrap();
     for attempt in 0..3 {
         let registration = register_message(&format!("new-{attempt}"), "http://127.0.0.1:9", "b1");
-        let refused = match RawStream::open(&url, registration).await {
-            Err(status) => status,
-            Ok(stream) => match stream.registered().await {
-                Err(status) => status,
-                Ok((_, generation)) => panic!("acknowledged as generation {generation}"),
-            },
-        };
+        let refused = RawStream::refused(&url, registration).await;
         assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
         assert!(
             refused

@@ -545,6 +545,18 @@ impl RawStream {
             .expect("registration accepted")
     }
 
+    /// Opens a stream whose registration must be refused, and returns the
+    /// refusal, whether it came at once or in place of `registered`.
+    pub async fn refused(url: &str, first: proto::AgentMessage) -> tonic::Status {
+        match Self::open(url, first).await {
+            Err(status) => status,
+            Ok(stream) => match stream.registered().await {
+                Err(status) => status,
+                Ok((_, generation)) => panic!("acknowledged as generation {generation}"),
+            },
+        }
+    }
+
     pub async fn send(&self, message: proto::AgentMessage) {
         self.outbound.send(message).await.expect("stream open");
     }
