@@ -12,6 +12,12 @@
 //!   again; a fresh one sees the file as it is now. The exception is a
 //!   database file gone from its path: the open connections keep it, and
 //!   are the ones that can write to it again if it is put back.
+//! - Only connections of the current pool speak for availability. A write
+//!   through a connection of a replaced pool (one that was checked out when
+//!   the pool was replaced) still returns its outcome to its caller, but
+//!   neither clears nor raises an outage: an old connection that can still
+//!   write says nothing about the fresh ones, and one that fails says nothing
+//!   new.
 
 use std::{
     sync::{PoisonError, RwLock},
@@ -39,8 +45,14 @@ pub enum Availability {
 
 pub(super) struct Connections {
     url: String,
-    pool: RwLock<SqlitePool>,
+    pool: RwLock<Generation>,
     availability: watch::Sender<Availability>,
+}
+
+/// A pool and how many pools came before it.
+struct Generation {
+    number: u64,
+    pool: SqlitePool,
 }
 
 impl Connections {
@@ -49,18 +61,18 @@ impl Connections {
         let pool = builder().build(ConnectionManager::new(url.clone()))?;
         Ok(Self {
             url,
-            pool: RwLock::new(pool),
+            pool: RwLock::new(Generation { number: 0, pool }),
             availability: watch::Sender::new(Availability::Available),
         })
     }
 
     pub(super) fn get(&self) -> Result<PooledSqlite, StoreError> {
-        let pool = self
-            .pool
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        Ok(pool.get()?)
+        Ok(self.current().1.get()?)
+    }
+
+    fn current(&self) -> (u64, SqlitePool) {
+        let generation = self.pool.read().unwrap_or_else(PoisonError::into_inner);
+        (generation.number, generation.pool.clone())
     }
 
     /// Runs `write` on a connection and reports its outcome.
@@ -68,8 +80,14 @@ impl Connections {
         &self,
         write: impl FnOnce(&mut PooledSqlite) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let outcome = self.get().and_then(|mut conn| write(&mut conn));
-        self.report(outcome.as_ref().err());
+        let (generation, pool) = self.current();
+        let outcome = pool
+            .get()
+            .map_err(StoreError::from)
+            .and_then(|mut conn| write(&mut conn));
+        if generation == self.current().0 {
+            self.report(outcome.as_ref().err());
+        }
         outcome
     }
 
@@ -109,7 +127,9 @@ impl Connections {
     /// of the old one close as soon as their holders return them.
     fn reconnect(&self) {
         let fresh = builder().build_unchecked(ConnectionManager::new(self.url.clone()));
-        *self.pool.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        let mut generation = self.pool.write().unwrap_or_else(PoisonError::into_inner);
+        generation.number += 1;
+        generation.pool = fresh;
     }
 }
 
