@@ -236,6 +236,23 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// The event history keeps at least this many events (and every event
+    /// younger than --event-history-age). Hidden: tests shrink it.
+    #[arg(long, hide = true, default_value_t = 10_000)]
+    pub event_history_events: u64,
+
+    #[arg(long, hide = true, default_value = "1h", value_parser = parse_duration)]
+    pub event_history_age: Duration,
+
+    /// How often a watch with nothing to send sends a BOOKMARK. Hidden:
+    /// tests shorten it.
+    #[arg(long, hide = true, default_value = "10s", value_parser = parse_duration)]
+    pub watch_bookmark_interval: Duration,
+
+    /// Events a watcher may fall behind before its stream is ended.
+    #[arg(long, hide = true, default_value_t = 4096)]
+    pub watch_buffer: usize,
+
     #[command(flatten)]
     pub tls: TlsArgs,
 

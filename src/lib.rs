@@ -9,6 +9,8 @@
 //!   reconnecting heartbeat link.
 //! - [`cli`] holds the operator commands.
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
+//! - [`events`] is the fleet's event feed: pure, fed by the store after
+//!   each commit, read by `WatchNodes`.
 //! - [`wire`] converts between the wire types of [`proto`] and the domain.
 //!
 //! Modules depend one way, from the top down, and the graph has no cycle
@@ -27,7 +29,8 @@
 //! tls         -> error
 //! error       -> auth node store validation
 //! wire        -> auth node proto validation
-//! store       -> auth clock node registry
+//! store       -> auth clock events node proto registry wire
+//! events      -> proto
 //! registry    -> clock node
 //! node        -> auth validation
 //! auth        -> validation
@@ -42,6 +45,7 @@ pub mod config;
 pub mod connections;
 pub mod coordinator;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod limits;
 pub mod memory;

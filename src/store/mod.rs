@@ -18,6 +18,7 @@
 
 mod connections;
 mod enroller;
+mod events;
 mod file;
 mod lock;
 mod rows;
@@ -41,9 +42,11 @@ use tokio::sync::watch;
 use tracing::warn;
 
 pub use self::connections::Availability;
+pub use self::events::{EventSettings, History};
 pub use self::lock::{DatabaseLock, Holder, lock_path};
 use self::{
     connections::Connections,
+    events::{EventLog, Recorder},
     file::DatabaseFile,
     rows::{DrainRow, NodeRow, generation_to_column},
     schema::known_nodes,
@@ -51,7 +54,9 @@ use self::{
 use crate::{
     auth::SecretHash,
     clock::{from_unix_millis, to_unix_millis},
-    node::{Drain, NodeId, Registration, StoredNode},
+    events::{EventHub, EventKind, NodeEvent, Reason},
+    node::{Drain, NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
+    proto,
     registry::{Change, Enrollment},
 };
 
@@ -211,6 +216,7 @@ pub struct Store {
     connections: Arc<Connections>,
     enroller: enroller::Enroller,
     file: Arc<DatabaseFile>,
+    events: Arc<EventLog>,
 }
 
 impl Store {
@@ -219,11 +225,16 @@ impl Store {
     /// logged, only where no file exists; an empty file, or a database
     /// migrated by a newer muster, is refused.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&path)).await?
+        Self::open_with(path, EventSettings::default()).await
     }
 
-    fn open_blocking(path: &Path) -> Result<Self, StoreError> {
+    /// [`Store::open`], keeping the event history `events` asks for.
+    pub async fn open_with(path: &Path, events: EventSettings) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&path, events)).await?
+    }
+
+    fn open_blocking(path: &Path, settings: EventSettings) -> Result<Self, StoreError> {
         let found = file::inspect(path)?;
         let mut conn = SqliteConnection::establish(&sqlite_uri(path, found)).map_err(|source| {
             StoreError::Open {
@@ -246,16 +257,19 @@ impl Store {
                 path: path.to_owned(),
                 reason: e.to_string(),
             })?;
+        let events = Arc::new(EventLog::open(&mut conn, settings)?);
         drop(conn);
 
         // Connections opened later never create a file: if the database has
         // gone from its path, they fail instead of starting an empty one.
         let connections = Arc::new(Connections::open(sqlite_uri(path, file::Found::Existing))?);
-        let enroller = enroller::Enroller::start(connections.clone(), file.clone())?;
+        let enroller =
+            enroller::Enroller::start(connections.clone(), file.clone(), events.clone())?;
         Ok(Self {
             connections,
             enroller,
             file,
+            events,
         })
     }
 
@@ -298,15 +312,54 @@ impl Store {
         .await
     }
 
-    /// Runs `work` in a write transaction; see [`transaction_in_place`].
-    async fn write_transaction<T, F>(&self, work: F) -> Result<T, StoreError>
+    /// Runs `work` in a write transaction that also appends the events it
+    /// records; see [`EventLog::transaction`].
+    async fn event_transaction<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut SqliteConnection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut SqliteConnection, &mut Recorder) -> Result<T, StoreError> + Send + 'static,
     {
         let file = self.file.clone();
-        self.run(move |conn| transaction_in_place(&file, conn, work))
+        let events = self.events.clone();
+        self.run(move |conn| events.transaction(&file, conn, SystemTime::now(), work))
             .await
+    }
+
+    /// The feed every committed event is published to, in revision order.
+    pub fn event_hub(&self) -> Arc<EventHub> {
+        self.events.hub().clone()
+    }
+
+    /// The span of revisions the database holds.
+    pub async fn history(&self) -> Result<History, StoreError> {
+        self.read(|conn| events::history(conn)).await
+    }
+
+    /// Stored events with revisions in `(after, through]`, oldest first, at
+    /// most `limit` of them.
+    pub async fn replay(
+        &self,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<Vec<NodeEvent>, StoreError> {
+        self.read(move |conn| events::replay(conn, after, through, limit))
+            .await
+    }
+
+    /// Records that the coordinator restarted and reloaded `nodes` as they
+    /// now are (UNKNOWN until proven alive, or LEFT): one event each.
+    pub async fn record_reload(&self, nodes: Vec<NodeSnapshot>) -> Result<(), StoreError> {
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        self.event_transaction(move |_, recorder| {
+            for node in nodes {
+                recorder.changed(Reason::Reloaded, proto::Node::from(node));
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Every readable node in the store. A row that cannot be read is
@@ -382,7 +435,10 @@ impl Store {
     /// generation it held (0 when that cannot be read); `None` if there was
     /// no such row.
     pub async fn remove(&self, node_id: NodeId) -> Result<Option<u64>, StoreError> {
-        self.write_transaction(move |conn| {
+        self.event_transaction(move |conn, recorder| {
+            if let Some(node) = events::row_node(conn, &node_id, NodeState::Online)? {
+                recorder.record(EventKind::Removed, Reason::Removed, node);
+            }
             let row = known_nodes::table.find(node_id.as_str());
             let generation: Option<Option<i64>> = row
                 .select(known_nodes::session_generation.nullable())
@@ -406,7 +462,8 @@ impl Store {
         reason: Option<String>,
         now: SystemTime,
     ) -> Result<Option<(u64, Option<Drain>)>, StoreError> {
-        self.write_transaction(move |conn| {
+        let events = self.events.clone();
+        self.event_transaction(move |conn, recorder| {
             let row = known_nodes::table.find(node_id.as_str());
             let found: Option<(i64, Option<i64>)> = row
                 .select((known_nodes::session_generation, known_nodes::drained_at))
@@ -430,6 +487,22 @@ impl Store {
                 node_id: node_id.to_string(),
                 reason: format!("negative session_generation {generation}"),
             })?;
+            // A drain leaves the state as it was, and a row cannot tell
+            // ONLINE from UNKNOWN: the last event of this session can.
+            let live = match events.published_state(&node_id) {
+                Some((published, proto::NodeState::Unknown)) if published == generation => {
+                    NodeState::Unknown
+                }
+                _ => NodeState::Online,
+            };
+            if let Some(node) = events::row_node(conn, &node_id, live)? {
+                let reason = if drain.is_some() {
+                    Reason::Drained
+                } else {
+                    Reason::Undrained
+                };
+                recorder.changed(reason, node);
+            }
             Ok(Some((generation, drain)))
         })
         .await
@@ -444,7 +517,7 @@ impl Store {
         generation: u64,
         left_at: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.write_transaction(move |conn| {
+        self.event_transaction(move |conn, recorder| {
             let updated = diesel::update(
                 known_nodes::table
                     .find(node_id.as_str())
@@ -452,13 +525,20 @@ impl Store {
             )
             .set(known_nodes::left_at.eq(Some(to_unix_millis(left_at))))
             .execute(conn)?;
+            if updated == 1
+                && let Some(node) = events::row_node(conn, &node_id, NodeState::Online)?
+            {
+                recorder.changed(Reason::Left, node);
+            }
             Ok(updated == 1)
         })
         .await
     }
 
-    /// Writes registry changes and heartbeat times in one transaction. Shared
-    /// slices let a caller keep the batch for a retry without copying it.
+    /// Writes registry changes and heartbeat times in one transaction, with
+    /// an event for each change that found its session's row, and prunes
+    /// the event history. Shared slices let a caller keep the batch for a
+    /// retry without copying it.
     pub async fn write(
         &self,
         changes: Arc<[Change]>,
@@ -467,16 +547,17 @@ impl Store {
         if changes.is_empty() && last_seen.is_empty() {
             return Ok(());
         }
-        self.write_transaction(move |conn| {
+        let settings = self.events.settings();
+        self.event_transaction(move |conn, recorder| {
             for (node_id, seen) in last_seen.iter() {
                 diesel::update(known_nodes::table.find(node_id.as_str()))
                     .set(known_nodes::last_seen.eq(to_unix_millis(*seen)))
                     .execute(conn)?;
             }
             for change in changes.iter() {
-                apply_change(conn, change)?;
+                apply_change(conn, recorder, change)?;
             }
-            Ok(())
+            events::prune(conn, settings, SystemTime::now())
         })
         .await
     }
@@ -493,20 +574,6 @@ fn write_and_roll_back(conn: &mut SqliteConnection) -> Result<(), diesel::result
         Err(diesel::result::Error::RollbackTransaction) => Ok(()),
         other => other,
     }
-}
-
-/// Runs `work` in a write transaction, refused unless the database file is
-/// still at its path both before it and after it has committed: a write
-/// into a file that has gone is never reported as done.
-fn transaction_in_place<T>(
-    file: &DatabaseFile,
-    conn: &mut SqliteConnection,
-    work: impl FnOnce(&mut SqliteConnection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    file.ensure_in_place()?;
-    let done = conn.immediate_transaction(work)?;
-    file.ensure_in_place()?;
-    Ok(done)
 }
 
 /// A row as read: a node, or why it cannot be one.
@@ -591,6 +658,7 @@ fn refuse_unknown_migrations(conn: &mut SqliteConnection, path: &Path) -> Result
 /// is unreadable; then nothing is written.
 fn enroll_in(
     conn: &mut SqliteConnection,
+    recorder: &mut Recorder,
     registration: &Registration,
     secret_hash: SecretHash,
     now: SystemTime,
@@ -635,10 +703,20 @@ fn enroll_in(
         .do_update()
         .set(&row)
         .execute(conn)?;
+    if let Some(node) = events::row_node(conn, &registration.node_id, NodeState::Online)? {
+        recorder.changed(Reason::Registered, node);
+    }
     Ok(Enrolled::Admitted(enrollment))
 }
 
-fn apply_change(conn: &mut SqliteConnection, change: &Change) -> Result<(), StoreError> {
+/// Applies one change to its session's row, and records its event if the
+/// row was found: a change of a superseded session changes nothing and is
+/// no event.
+fn apply_change(
+    conn: &mut SqliteConnection,
+    recorder: &mut Recorder,
+    change: &Change,
+) -> Result<(), StoreError> {
     use known_nodes::dsl;
     let of_session = |node_id: &NodeId, generation: u64| {
         dsl::known_nodes
@@ -650,20 +728,48 @@ fn apply_change(conn: &mut SqliteConnection, change: &Change) -> Result<(), Stor
             node_id,
             generation,
             since,
-        } => diesel::update(of_session(node_id, *generation))
-            .set(dsl::offline_since.eq(Some(to_unix_millis(*since))))
-            .execute(conn)?,
+        } => {
+            let updated = diesel::update(of_session(node_id, *generation))
+                .set(dsl::offline_since.eq(Some(to_unix_millis(*since))))
+                .execute(conn)?;
+            if updated == 1
+                && let Some(node) = events::row_node(conn, node_id, NodeState::Online)?
+            {
+                // A leave recorded meanwhile wins over the silence.
+                let reason = if node.state() == proto::NodeState::Left {
+                    Reason::Left
+                } else {
+                    Reason::Offline
+                };
+                recorder.changed(reason, node);
+            }
+        }
         Change::CameOnline {
             node_id,
             generation,
-        } => diesel::update(of_session(node_id, *generation))
-            .set(dsl::offline_since.eq(None::<i64>))
-            .execute(conn)?,
+        } => {
+            let updated = diesel::update(of_session(node_id, *generation))
+                .set(dsl::offline_since.eq(None::<i64>))
+                .execute(conn)?;
+            if updated == 1
+                && let Some(node) = events::row_node(conn, node_id, NodeState::Online)?
+            {
+                recorder.changed(Reason::Online, node);
+            }
+        }
         Change::Expired {
             node_id,
             generation,
-        } => diesel::delete(of_session(node_id, *generation)).execute(conn)?,
-    };
+        } => {
+            let row = events::row_node(conn, node_id, NodeState::Online)?;
+            let deleted = diesel::delete(of_session(node_id, *generation)).execute(conn)?;
+            if deleted == 1
+                && let Some(node) = row
+            {
+                recorder.record(EventKind::Removed, Reason::Expired, node);
+            }
+        }
+    }
     Ok(())
 }
 
