@@ -477,6 +477,19 @@ pub enum NodesCommand {
         #[command(flatten)]
         client: NodesClientConfig,
     },
+    /// Print every change of every node as it happens, one line each: the
+    /// fleet as it is first (or every change after --since), then changes
+    /// live. Resumes by itself after a dropped connection; lists the fleet
+    /// again, saying so on stderr, when the coordinator no longer holds the
+    /// revision to resume from.
+    Watch {
+        /// Print only the changes after this revision (as printed by an
+        /// earlier watch) instead of listing the fleet first.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -92,6 +92,74 @@ pub fn write_node(
 }
 
 /// One line telling the operator that no OFFLINE node is being removed.
+/// The JSON shape of a watch event: one object per line.
+#[derive(Debug, Serialize)]
+struct EventView<'a> {
+    revision: u64,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    reason: &'a str,
+    database_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<NodeView<'a>>,
+}
+
+/// One line for one event of `muster nodes watch`.
+pub fn write_event(
+    out: &mut impl Write,
+    format: OutputFormat,
+    event: &proto::NodeEvent,
+) -> io::Result<()> {
+    let kind = event_kind_name(event.kind);
+    match format {
+        OutputFormat::Json => {
+            let view = EventView {
+                revision: event.revision,
+                kind,
+                reason: &event.reason,
+                database_id: &event.database_id,
+                node: event.node.as_ref().map(NodeView::from),
+            };
+            serde_json::to_writer(&mut *out, &view)?;
+            writeln!(out)?;
+        }
+        OutputFormat::Table => {
+            let (node_id, state, drain) = event.node.as_ref().map_or_else(
+                || ("-".to_owned(), "-", "-".to_owned()),
+                |node| {
+                    (
+                        node.node_id.clone(),
+                        state_name(node.state),
+                        drain_cell(node),
+                    )
+                },
+            );
+            let reason = if event.reason.is_empty() {
+                "-"
+            } else {
+                &event.reason
+            };
+            writeln!(
+                out,
+                "{:>8}  {kind:<12}  {reason:<10}  {node_id:<24}  {state:<11}  {drain}",
+                event.revision
+            )?;
+        }
+    }
+    out.flush()
+}
+
+fn event_kind_name(kind: i32) -> &'static str {
+    match proto::NodeEventKind::try_from(kind) {
+        Ok(proto::NodeEventKind::Snapshot) => "snapshot",
+        Ok(proto::NodeEventKind::SnapshotEnd) => "snapshot_end",
+        Ok(proto::NodeEventKind::Changed) => "changed",
+        Ok(proto::NodeEventKind::Removed) => "removed",
+        Ok(proto::NodeEventKind::Bookmark) => "bookmark",
+        Ok(proto::NodeEventKind::Unspecified) | Err(_) => "unspecified",
+    }
+}
+
 pub fn write_expiry_note(out: &mut impl Write, paused: &proto::ExpiryPaused) -> io::Result<()> {
     writeln!(
         out,
@@ -263,6 +331,35 @@ mod tests {
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(text.contains("7 of 10 nodes"), "{text}");
         assert!(text.contains("--expiry-guard-fraction 0.5"), "{text}");
+    }
+
+    #[test]
+    fn a_watch_event_is_one_line_in_either_format() {
+        let event = proto::NodeEvent {
+            revision: 42,
+            kind: proto::NodeEventKind::Changed.into(),
+            node: Some(node("a", proto::NodeState::Offline)),
+            reason: "offline".to_owned(),
+            database_id: "d1".to_owned(),
+        };
+        let mut json = Vec::new();
+        write_event(&mut json, OutputFormat::Json, &event).unwrap();
+        let text = String::from_utf8(json).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["revision"], 42);
+        assert_eq!(parsed["kind"], "changed");
+        assert_eq!(parsed["reason"], "offline");
+        assert_eq!(parsed["database_id"], "d1");
+        assert_eq!(parsed["node"]["state"], "OFFLINE");
+
+        let mut table = Vec::new();
+        write_event(&mut table, OutputFormat::Table, &event).unwrap();
+        let line = String::from_utf8(table).unwrap();
+        assert_eq!(line.lines().count(), 1);
+        for word in ["42", "changed", "offline", "a", "OFFLINE"] {
+            assert!(line.split_whitespace().any(|w| w == word), "{word}: {line}");
+        }
     }
 
     #[test]

@@ -234,3 +234,207 @@ pub(super) async fn serve(
     tracing::debug!(error = %ended, revision, "watch ended");
     let _ = tokio::time::timeout(FAREWELL_TIMEOUT, outbound.send(Err(ended.into()))).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, time::SystemTime};
+
+    use super::*;
+    use crate::{
+        auth::NodeSecret,
+        node::{NodeId, Registration},
+        store::{Enrolled, EventSettings},
+    };
+
+    const NO_BOOKMARKS: Duration = Duration::from_secs(3600);
+
+    async fn store_with(settings: EventSettings) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_with(&dir.path().join("muster.db"), settings)
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    async fn register(store: &Store, node: &str) {
+        let registration = Registration {
+            node_id: NodeId::parse("node_id", node).unwrap(),
+            agent_url: format!("http://{node}:7701"),
+            boot_id: "boot".to_owned(),
+            version: "v".to_owned(),
+            hostname: node.to_owned(),
+            labels: BTreeMap::new(),
+            max_backoff: Duration::from_secs(30),
+        };
+        let secret = NodeSecret::parse("secret", "0123456789abcdef0123").unwrap();
+        let enrolled = store
+            .enroll(registration, secret.hash(), SystemTime::now())
+            .await
+            .unwrap();
+        assert!(matches!(enrolled, Enrolled::Admitted(_)), "{enrolled:?}");
+    }
+
+    async fn next_revisions(watch: &mut Watch, count: usize) -> Vec<(u64, i32)> {
+        let mut seen = Vec::new();
+        for _ in 0..count {
+            let event = watch.next().await.unwrap();
+            seen.push((event.revision, event.kind));
+        }
+        seen
+    }
+
+    async fn nothing_more(watch: &mut Watch) {
+        let more = tokio::time::timeout(Duration::from_millis(100), watch.next()).await;
+        assert!(more.is_err(), "unexpected {more:?}");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_watch_replays_then_goes_live_without_a_gap_or_a_duplicate() {
+        let (_dir, store) = store_with(EventSettings::default()).await;
+        for node in ["a", "b", "c", "d"] {
+            register(&store, node).await;
+        }
+        let source = EventSource::new(store.clone(), NO_BOOKMARKS);
+        let mut watch = source.watch(2).await.unwrap();
+        // Committed after the watch subscribed, before it replays.
+        register(&store, "e").await;
+        register(&store, "f").await;
+        let changed = proto::NodeEventKind::Changed as i32;
+        assert_eq!(
+            next_revisions(&mut watch, 4).await,
+            [(3, changed), (4, changed), (5, changed), (6, changed)]
+        );
+        nothing_more(&mut watch).await;
+        register(&store, "g").await;
+        assert_eq!(next_revisions(&mut watch, 1).await, [(7, changed)]);
+        assert_eq!(watch.revision(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_zero_sends_the_fleet_then_its_revision_then_live_changes() {
+        let (_dir, store) = store_with(EventSettings::default()).await;
+        register(&store, "a").await;
+        register(&store, "b").await;
+        register(&store, "a").await;
+        let source = EventSource::new(store.clone(), NO_BOOKMARKS);
+        let mut watch = source.watch(0).await.unwrap();
+        register(&store, "c").await;
+        let events: Vec<proto::NodeEvent> = [
+            watch.next().await.unwrap(),
+            watch.next().await.unwrap(),
+            watch.next().await.unwrap(),
+            watch.next().await.unwrap(),
+        ]
+        .into();
+        let shape: Vec<(u64, proto::NodeEventKind, &str)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.revision,
+                    e.kind(),
+                    e.node.as_ref().map_or("", |n| n.node_id.as_str()),
+                )
+            })
+            .collect();
+        use proto::NodeEventKind as K;
+        assert_eq!(
+            shape,
+            [
+                (3, K::Snapshot, "a"),
+                (3, K::Snapshot, "b"),
+                (3, K::SnapshotEnd, ""),
+                (4, K::Changed, "c"),
+            ]
+        );
+        assert!(events.iter().all(|e| e.database_id == source.database_id()));
+        nothing_more(&mut watch).await;
+    }
+
+    #[tokio::test]
+    async fn revisions_outside_the_history_are_refused_saying_what_to_do() {
+        let settings = EventSettings {
+            keep_events: 2,
+            keep_for: Duration::ZERO,
+            watcher_buffer: 16,
+        };
+        let (_dir, store) = store_with(settings).await;
+        for node in ["a", "b", "c", "d", "e"] {
+            register(&store, node).await;
+        }
+        store
+            .write(Vec::new().into(), Vec::new().into())
+            .await
+            .unwrap();
+        let a = NodeId::parse("node_id", "a").unwrap();
+        store
+            .write(Vec::new().into(), vec![(a, SystemTime::now())].into())
+            .await
+            .unwrap();
+        let source = EventSource::new(store.clone(), NO_BOOKMARKS);
+        let pruned = source.watch(1).await.err().unwrap();
+        assert!(
+            matches!(
+                pruned,
+                ServiceError::HistoryPruned {
+                    since: 1,
+                    pruned_through: 3
+                }
+            ),
+            "{pruned}"
+        );
+        let status = Status::from(pruned);
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
+        assert!(status.message().contains("since_revision=0"), "{status:?}");
+        assert!(
+            source.watch(3).await.is_ok(),
+            "the oldest resumable revision"
+        );
+
+        let ahead = source.watch(6).await.err().unwrap();
+        assert!(
+            matches!(
+                ahead,
+                ServiceError::RevisionAhead {
+                    since: 6,
+                    latest: 5
+                }
+            ),
+            "{ahead}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_falls_behind_is_ended_with_the_revision_to_resume_from() {
+        let settings = EventSettings {
+            watcher_buffer: 2,
+            ..EventSettings::default()
+        };
+        let (_dir, store) = store_with(settings).await;
+        register(&store, "a").await;
+        let source = EventSource::new(store.clone(), NO_BOOKMARKS);
+        let mut watch = source.watch(1).await.unwrap();
+        for node in ["b", "c", "d", "e"] {
+            register(&store, node).await;
+        }
+        let behind = watch.next().await.err().unwrap();
+        assert!(
+            matches!(behind, ServiceError::WatcherBehind { resume_from: 1 }),
+            "{behind}"
+        );
+        assert_eq!(Status::from(behind).code(), tonic::Code::Aborted);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_watch_sends_bookmarks_with_its_revision() {
+        let (_dir, store) = store_with(EventSettings::default()).await;
+        register(&store, "a").await;
+        let source = EventSource::new(store.clone(), Duration::from_millis(20));
+        let mut watch = source.watch(1).await.unwrap();
+        let bookmark = tokio::time::timeout(Duration::from_secs(5), watch.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(bookmark.kind(), proto::NodeEventKind::Bookmark);
+        assert_eq!(bookmark.revision, 1);
+    }
+}

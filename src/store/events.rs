@@ -303,7 +303,7 @@ pub(super) fn prune(
     );
     let newest_old: Option<i64> = node_events::table
         .filter(node_events::revision.le(revision_to_column(beyond_count)))
-        .filter(node_events::at.lt(cutoff))
+        .filter(node_events::at.le(cutoff))
         .select(diesel::dsl::max(node_events::revision))
         .first(conn)?;
     let Some(through) = newest_old else {

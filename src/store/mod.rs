@@ -843,6 +843,195 @@ mod tests {
         assert_eq!(store.load_nodes().await.unwrap().len(), 200);
     }
 
+    /// Every event the store has, through its public replay.
+    async fn all_events(store: &Store) -> Vec<NodeEvent> {
+        let history = store.history().await.unwrap();
+        store
+            .replay(history.pruned_through, history.last_revision, usize::MAX)
+            .await
+            .unwrap()
+    }
+
+    fn summary(events: &[NodeEvent]) -> Vec<(u64, &str, Reason, proto::NodeState)> {
+        events
+            .iter()
+            .map(|e| (e.revision, e.node_id(), e.reason, e.node.state()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn every_change_that_finds_its_row_is_one_event_in_its_transaction_and_is_published() {
+        let (_dir, store) = temp_store().await;
+        let hub = store.event_hub();
+        let (_, mut live) = hub.follow();
+        let now = SystemTime::now();
+        let a = NodeId::parse("node_id", "a").unwrap();
+        let first = admit(&store, registration("a", "b1"), now).await;
+        store
+            .set_drain(a.clone(), Some("fan".to_owned()), now)
+            .await
+            .unwrap();
+        let offline = Change::WentOffline {
+            node_id: a.clone(),
+            generation: first.generation,
+            since: now,
+        };
+        let stale = Change::CameOnline {
+            node_id: a.clone(),
+            generation: first.generation + 7,
+        };
+        write_batch(&store, vec![offline, stale], vec![(a.clone(), now)])
+            .await
+            .unwrap();
+        let second = admit(&store, registration("a", "b2"), now).await;
+        assert!(
+            store
+                .record_leave(a.clone(), second.generation, now)
+                .await
+                .unwrap()
+        );
+        write_batch(
+            &store,
+            vec![Change::Expired {
+                node_id: a.clone(),
+                generation: second.generation,
+            }],
+            vec![],
+        )
+        .await
+        .unwrap();
+
+        use proto::NodeState as S;
+        let events = all_events(&store).await;
+        assert_eq!(
+            summary(&events),
+            [
+                (1, "a", Reason::Registered, S::Online),
+                (2, "a", Reason::Drained, S::Online),
+                (3, "a", Reason::Offline, S::Offline),
+                (4, "a", Reason::Registered, S::Online),
+                (5, "a", Reason::Left, S::Left),
+                (6, "a", Reason::Expired, S::Left),
+            ],
+            "the stale generation's change is no event"
+        );
+        assert!(events[3].node.drained, "registration keeps the drain");
+        assert_eq!(events[5].kind, EventKind::Removed);
+        let published: Vec<u64> = std::iter::from_fn(|| match live.try_next() {
+            Some(crate::events::Next::Event(event)) => Some(event.revision),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(published, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(hub.revision(), 6);
+        assert!(hub.node("a").is_none(), "expired");
+
+        let refused = Change::WentOffline {
+            node_id: a.clone(),
+            generation: second.generation,
+            since: now,
+        };
+        write_batch(&store, vec![refused], vec![]).await.unwrap();
+        assert_eq!(store.history().await.unwrap().last_revision, 6);
+    }
+
+    #[tokio::test]
+    async fn a_drain_keeps_a_reloaded_node_unknown_and_revisions_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        let now = SystemTime::now();
+        admit(&store, registration("a", "b1"), now).await;
+        let database_id = store.event_hub().database_id().to_owned();
+        drop(store);
+
+        let store = Store::open(&path).await.unwrap();
+        assert_eq!(store.event_hub().database_id(), database_id);
+        assert_eq!(store.event_hub().revision(), 1);
+        let mut reloaded = store.load_nodes().await.unwrap();
+        let node = reloaded.remove(0);
+        store
+            .record_reload(vec![NodeSnapshot {
+                registration: node.registration,
+                state: NodeState::Unknown,
+                registered_at: node.registered_at,
+                last_seen: node.last_seen,
+                generation: node.generation,
+                offline_since: None,
+                drain: None,
+                last_probe_error: None,
+            }])
+            .await
+            .unwrap();
+        let a = NodeId::parse("node_id", "a").unwrap();
+        store
+            .set_drain(a, Some("fan".to_owned()), now)
+            .await
+            .unwrap();
+        let events = all_events(&store).await;
+        use proto::NodeState as S;
+        assert_eq!(
+            summary(&events)[1..],
+            [
+                (2, "a", Reason::Reloaded, S::Unknown),
+                (3, "a", Reason::Drained, S::Unknown),
+            ]
+        );
+
+        let other = Store::open(&dir.path().join("other.db")).await.unwrap();
+        assert_ne!(other.event_hub().database_id(), database_id);
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_last_events_or_the_young_ones_whichever_is_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = EventSettings {
+            keep_events: 3,
+            keep_for: Duration::ZERO,
+            watcher_buffer: 16,
+        };
+        let store = Store::open_with(&dir.path().join("muster.db"), settings)
+            .await
+            .unwrap();
+        let now = SystemTime::now();
+        for i in 0..8 {
+            admit(&store, registration(&format!("n{i}"), "b"), now).await;
+        }
+        assert_eq!(store.history().await.unwrap().pruned_through, 0);
+        let n0 = NodeId::parse("node_id", "n0").unwrap();
+        write_batch(&store, vec![], vec![(n0, now)]).await.unwrap();
+        let history = store.history().await.unwrap();
+        assert_eq!(
+            history,
+            History {
+                pruned_through: 5,
+                last_revision: 8
+            }
+        );
+        let kept: Vec<u64> = all_events(&store)
+            .await
+            .iter()
+            .map(|e| e.revision)
+            .collect();
+        assert_eq!(kept, [6, 7, 8]);
+
+        let young = Store::open_with(
+            &dir.path().join("young.db"),
+            EventSettings {
+                keep_for: Duration::from_secs(3600),
+                ..settings
+            },
+        )
+        .await
+        .unwrap();
+        for i in 0..8 {
+            admit(&young, registration(&format!("n{i}"), "b"), now).await;
+        }
+        let n0 = NodeId::parse("node_id", "n0").unwrap();
+        write_batch(&young, vec![], vec![(n0, now)]).await.unwrap();
+        assert_eq!(young.history().await.unwrap().pruned_through, 0);
+    }
+
     async fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("muster.db")).await.unwrap();
