@@ -195,8 +195,9 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
 
-    /// File holding the operators' token. When set, ListNodes, GetNode and
-    /// RemoveNode need it as `authorization: Bearer <token>`.
+    /// File holding the operators' token. When set, every operator call
+    /// (ListNodes, GetNode, RemoveNode, DrainNode, UndrainNode, WatchNodes)
+    /// needs it as `authorization: Bearer <token>`.
     #[arg(long, env = "MUSTER_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 

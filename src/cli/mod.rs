@@ -187,8 +187,16 @@ async fn watch(
             backoff = WATCH_FIRST_BACKOFF;
         }
         let pause = backoff.mul_f64(rand::random_range(0.5..=1.0));
+        // Once events have flowed, a dropped connection is the coordinator
+        // going away, not a TLS mismatch the generic advice suspects.
+        let why = match &failure {
+            RunError::Dropped { url, .. } if printed_any => {
+                format!("{url} closed the connection")
+            }
+            other => other.to_string(),
+        };
         eprintln!(
-            "muster: watch interrupted ({failure}); resuming after revision {resume_from} in {}",
+            "muster: watch interrupted ({why}); resuming after revision {resume_from} in {}",
             humantime::format_duration(Duration::from_millis(
                 u64::try_from(pause.as_millis()).unwrap_or(u64::MAX)
             ))

@@ -932,7 +932,66 @@ mod tests {
             since: now,
         };
         write_batch(&store, vec![refused], vec![]).await.unwrap();
-        assert_eq!(store.history().await.unwrap().last_revision, 6);
+        admit(&store, registration("b", "b1"), now).await;
+        let b = NodeId::parse("node_id", "b").unwrap();
+        write_batch(&store, vec![], vec![(b, now + Duration::from_secs(1))])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.history().await.unwrap().last_revision,
+            7,
+            "a heartbeat's last_seen is no event"
+        );
+    }
+
+    /// Registrations, drains, leaves and writer batches commit from many
+    /// threads at once; the hub must still see every revision once, in
+    /// order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn events_committed_by_many_writers_at_once_are_published_in_revision_order() {
+        let (_dir, store) = temp_store().await;
+        let hub = store.event_hub();
+        let (_, mut live) = hub.follow();
+        let now = SystemTime::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let node = format!("n{i}");
+                let id = NodeId::parse("node_id", &node).unwrap();
+                let enrollment = admit(&store, registration(&node, "b1"), now).await;
+                store
+                    .set_drain(id.clone(), Some("fan".to_owned()), now)
+                    .await
+                    .unwrap();
+                let offline = Change::WentOffline {
+                    node_id: id.clone(),
+                    generation: enrollment.generation,
+                    since: now,
+                };
+                store
+                    .write(vec![offline].into(), vec![(id.clone(), now)].into())
+                    .await
+                    .unwrap();
+                admit(&store, registration(&node, "b2"), now).await;
+                store.set_drain(id, None, now).await.unwrap();
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let published: Vec<u64> = std::iter::from_fn(|| match live.try_next() {
+            Some(crate::events::Next::Event(event)) => Some(event.revision),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(published, (1..=200).collect::<Vec<u64>>());
+        let stored: Vec<u64> = all_events(&store)
+            .await
+            .iter()
+            .map(|e| e.revision)
+            .collect();
+        assert_eq!(stored, published);
     }
 
     #[tokio::test]
