@@ -385,6 +385,20 @@ async fn a_watch_across_churn_and_a_coordinator_restart_reproduces_list_nodes() 
     wait_for_state(&url, &ids[15..20], NodeState::Offline, SETTLE_DEADLINE).await;
     wait_for_events_to_match_list(&url, &seen, "after the restart and the returns").await;
 
+    // 40 agents heartbeat every 500 ms meanwhile: no event comes of it.
+    let settled = seen.lock().unwrap().last_revision();
+    hold_for("no event from heartbeats", Duration::from_secs(2), || {
+        let now = seen.lock().unwrap().last_revision();
+        async move {
+            if now == settled {
+                Ok(())
+            } else {
+                Err(format!("revision moved from {settled} to {now}"))
+            }
+        }
+    })
+    .await;
+
     let listed = list_nodes(&url).await.unwrap();
     assert_eq!(listed.len(), FLEET - 1);
     assert!(listed.iter().all(|n| n.node_id != name(5)), "removed");
@@ -631,4 +645,90 @@ async fn a_watch_needs_the_admin_token_and_sends_bookmarks() {
     assert!(!status.success());
     let stderr = std::fs::read_to_string(out.with_extension("stderr")).unwrap();
     assert!(stderr.contains("--admin-token-file"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watcher_that_stops_reading_slows_nobody_and_is_told_where_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [watch_timing(), vec!["--watch-buffer", "16"]].concat();
+    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", &extra);
+    let url = coordinator.url();
+    let _agent = start_agent(&url, "gpu-1", &dir.path().join("gpu-1"));
+    wait_for_state(&url, &["gpu-1"], NodeState::Online, START_DEADLINE).await;
+    let mut client = coordinator.client().await;
+    // Its own connection, with a small window, so that a watcher that stops
+    // reading fills it soon.
+    let small_window = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .initial_stream_window_size(16 * 1024)
+        .initial_connection_window_size(16 * 1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut watcher = proto::coordinator_client::CoordinatorClient::new(small_window);
+    let mut stalled = watcher
+        .watch_nodes(proto::WatchNodesRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    while stalled.message().await.unwrap().unwrap().kind() != NodeEventKind::SnapshotEnd {}
+
+    // Enough events to fill the stream's flow-control window, its queue
+    // and the watcher's buffer, while the watcher reads nothing.
+    let started = std::time::Instant::now();
+    for i in 0..600 {
+        client
+            .drain_node(proto::DrainNodeRequest {
+                node_id: "gpu-1".to_owned(),
+                reason: format!("reason {i} {}", "x".repeat(200)),
+            })
+            .await
+            .unwrap();
+    }
+    say(&format!(
+        "600 drains took {:?} with a stalled watcher",
+        started.elapsed()
+    ));
+    assert!(
+        list_nodes(&url).await.is_some(),
+        "the coordinator still answers"
+    );
+
+    let mut last = 0;
+    let mut ended = None;
+    for _ in 0..1_000 {
+        let message = tokio::time::timeout(START_DEADLINE, stalled.message())
+            .await
+            .expect("the stalled watch answers");
+        match message {
+            Ok(Some(event)) if event.kind() == NodeEventKind::Bookmark => {
+                panic!("the stalled watcher caught up at {last} instead of being ended")
+            }
+            Ok(Some(event)) => last = event.revision,
+            Ok(None) => panic!("the watch ended without a status after {last}"),
+            Err(status) => {
+                ended = Some(status);
+                break;
+            }
+        }
+    }
+    let ended = ended.expect("the stalled watch ended within 1,000 messages");
+    assert_eq!(ended.code(), Code::Aborted, "{ended:?}");
+    let resume_from: u64 = ended
+        .message()
+        .rsplit("since_revision=")
+        .next()
+        .and_then(|tail| tail.parse().ok())
+        .unwrap_or_else(|| panic!("no revision to resume from in {ended:?}"));
+    assert_eq!(resume_from, last, "the last revision the watcher received");
+
+    let mut resumed = client
+        .watch_nodes(proto::WatchNodesRequest {
+            since_revision: resume_from,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let next = resumed.message().await.unwrap().unwrap();
+    assert_eq!(next.revision, resume_from + 1, "resumed without a gap");
 }

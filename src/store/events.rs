@@ -301,6 +301,15 @@ pub(super) fn prune(
         now.checked_sub(settings.keep_for)
             .unwrap_or(SystemTime::UNIX_EPOCH),
     );
+    // Checked first, as it is nearly always true: the oldest event is young.
+    let oldest: Option<i64> = node_events::table
+        .order(node_events::revision)
+        .select(node_events::at)
+        .first(conn)
+        .optional()?;
+    if oldest.is_none_or(|at| at > cutoff) {
+        return Ok(());
+    }
     let newest_old: Option<i64> = node_events::table
         .filter(node_events::revision.le(revision_to_column(beyond_count)))
         .filter(node_events::at.le(cutoff))
