@@ -20,17 +20,17 @@
 //! ```text
 //! swarm       -> agent auth config error grpc limits node proto
 //! agent       -> auth config error grpc node proto tls
-//! cli         -> auth config error grpc node proto tls
-//! coordinator -> auth clock config error grpc limits node proto registry store telemetry tls
+//! cli         -> auth config error grpc node proto tls wire
+//! coordinator -> auth clock config error events grpc limits node proto registry store telemetry tls
 //! telemetry   -> error grpc
 //! shutdown    -> error
 //! grpc        -> error proto tls
 //! config      -> auth error tls
 //! tls         -> error
 //! error       -> auth node store validation
-//! wire        -> auth node proto validation
 //! store       -> auth clock events node proto registry wire
 //! events      -> proto
+//! wire        -> auth node proto validation
 //! registry    -> clock node
 //! node        -> auth validation
 //! auth        -> validation

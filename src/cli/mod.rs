@@ -138,16 +138,20 @@ async fn watch(
                         message: "the watch ended without a status".to_owned(),
                     });
                 };
-                if database_id
-                    .as_ref()
-                    .is_some_and(|known| *known != event.database_id)
+                if let Some(known) = database_id.replace(event.database_id.clone())
+                    && known != event.database_id
+                    && resume_from != 0
                 {
-                    eprintln!(
-                        "muster: the coordinator's database changed (database_id {}); its revisions start over",
-                        event.database_id
-                    );
+                    // Revisions of another database say nothing about ours.
+                    return Err(RunError::Rpc {
+                        url: client.coordinator.clone(),
+                        code: tonic::Code::FailedPrecondition,
+                        message: format!(
+                            "the coordinator's database changed (database_id {known} is now {})",
+                            event.database_id
+                        ),
+                    });
                 }
-                database_id = Some(event.database_id.clone());
                 // A snapshot counts only once complete: resuming from its
                 // revision halfway through would skip the nodes not printed.
                 if event.kind != proto::NodeEventKind::Snapshot as i32 {

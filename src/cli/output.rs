@@ -6,55 +6,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
-
-use crate::{config::OutputFormat, proto};
-
-/// The JSON shape of a node: times in RFC 3339, state as its short name.
-#[derive(Debug, Serialize)]
-struct NodeView<'a> {
-    node_id: &'a str,
-    state: &'static str,
-    agent_url: &'a str,
-    last_seen: Option<String>,
-    registered_at: Option<String>,
-    offline_since: Option<String>,
-    drained: bool,
-    drain_reason: Option<&'a str>,
-    drained_at: Option<String>,
-    boot_id: &'a str,
-    session_generation: u64,
-    version: &'a str,
-    hostname: &'a str,
-    labels: BTreeMap<&'a str, &'a str>,
-    last_probe_error: Option<&'a str>,
-}
-
-impl<'a> From<&'a proto::Node> for NodeView<'a> {
-    fn from(node: &'a proto::Node) -> Self {
-        Self {
-            node_id: &node.node_id,
-            state: state_name(node.state),
-            agent_url: &node.agent_url,
-            last_seen: node.last_seen.map(rfc3339),
-            registered_at: node.registered_at.map(rfc3339),
-            offline_since: node.offline_since.map(rfc3339),
-            drained: node.drained,
-            drain_reason: node.drained.then_some(node.drain_reason.as_str()),
-            drained_at: node.drained_at.map(rfc3339),
-            boot_id: &node.boot_id,
-            session_generation: node.session_generation,
-            version: &node.version,
-            hostname: &node.hostname,
-            labels: node
-                .labels
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect(),
-            last_probe_error: Some(node.last_probe_error.as_str()).filter(|e| !e.is_empty()),
-        }
-    }
-}
+use crate::{
+    config::OutputFormat,
+    proto,
+    wire::json::{EventJson, NodeJson, event_kind_name, state_name},
+};
 
 pub fn write_nodes(
     out: &mut impl Write,
@@ -63,7 +19,7 @@ pub fn write_nodes(
 ) -> io::Result<()> {
     match format {
         OutputFormat::Json => {
-            let views: Vec<NodeView<'_>> = nodes.iter().map(NodeView::from).collect();
+            let views: Vec<NodeJson<'_>> = nodes.iter().map(NodeJson::from).collect();
             serde_json::to_writer_pretty(&mut *out, &views)?;
             writeln!(out)
         }
@@ -78,7 +34,7 @@ pub fn write_node(
 ) -> io::Result<()> {
     match format {
         OutputFormat::Json => {
-            serde_json::to_writer_pretty(&mut *out, &NodeView::from(node))?;
+            serde_json::to_writer_pretty(&mut *out, &NodeJson::from(node))?;
             writeln!(out)
         }
         OutputFormat::Table => {
@@ -92,35 +48,15 @@ pub fn write_node(
 }
 
 /// One line telling the operator that no OFFLINE node is being removed.
-/// The JSON shape of a watch event: one object per line.
-#[derive(Debug, Serialize)]
-struct EventView<'a> {
-    revision: u64,
-    kind: &'static str,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    reason: &'a str,
-    database_id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    node: Option<NodeView<'a>>,
-}
-
 /// One line for one event of `muster nodes watch`.
 pub fn write_event(
     out: &mut impl Write,
     format: OutputFormat,
     event: &proto::NodeEvent,
 ) -> io::Result<()> {
-    let kind = event_kind_name(event.kind);
     match format {
         OutputFormat::Json => {
-            let view = EventView {
-                revision: event.revision,
-                kind,
-                reason: &event.reason,
-                database_id: &event.database_id,
-                node: event.node.as_ref().map(NodeView::from),
-            };
-            serde_json::to_writer(&mut *out, &view)?;
+            serde_json::to_writer(&mut *out, &EventJson::from(event))?;
             writeln!(out)?;
         }
         OutputFormat::Table => {
@@ -141,23 +77,13 @@ pub fn write_event(
             };
             writeln!(
                 out,
-                "{:>8}  {kind:<12}  {reason:<10}  {node_id:<24}  {state:<11}  {drain}",
-                event.revision
+                "{:>8}  {:<12}  {reason:<10}  {node_id:<24}  {state:<11}  {drain}",
+                event.revision,
+                event_kind_name(event.kind)
             )?;
         }
     }
     out.flush()
-}
-
-fn event_kind_name(kind: i32) -> &'static str {
-    match proto::NodeEventKind::try_from(kind) {
-        Ok(proto::NodeEventKind::Snapshot) => "snapshot",
-        Ok(proto::NodeEventKind::SnapshotEnd) => "snapshot_end",
-        Ok(proto::NodeEventKind::Changed) => "changed",
-        Ok(proto::NodeEventKind::Removed) => "removed",
-        Ok(proto::NodeEventKind::Bookmark) => "bookmark",
-        Ok(proto::NodeEventKind::Unspecified) | Err(_) => "unspecified",
-    }
 }
 
 pub fn write_expiry_note(out: &mut impl Write, paused: &proto::ExpiryPaused) -> io::Result<()> {
@@ -229,22 +155,8 @@ fn drain_cell(node: &proto::Node) -> String {
     }
 }
 
-fn state_name(state: i32) -> &'static str {
-    match proto::NodeState::try_from(state) {
-        Ok(proto::NodeState::Online) => "ONLINE",
-        Ok(proto::NodeState::Offline) => "OFFLINE",
-        Ok(proto::NodeState::Unknown) => "UNKNOWN",
-        Ok(proto::NodeState::Left) => "LEFT",
-        Ok(proto::NodeState::Unspecified) | Err(_) => "UNSPECIFIED",
-    }
-}
-
 fn to_system_time(timestamp: prost_types::Timestamp) -> SystemTime {
     SystemTime::try_from(timestamp).unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
-fn rfc3339(timestamp: prost_types::Timestamp) -> String {
-    humantime::format_rfc3339_millis(to_system_time(timestamp)).to_string()
 }
 
 fn age(timestamp: prost_types::Timestamp, now: SystemTime) -> String {
