@@ -944,6 +944,62 @@ mod tests {
         );
     }
 
+    /// An event that cannot be written takes its change down with it: the
+    /// two share one transaction, so neither is ever durable alone.
+    #[tokio::test]
+    async fn a_change_whose_event_cannot_be_written_is_not_written_either() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        let now = SystemTime::now();
+        let a = NodeId::parse("node_id", "a").unwrap();
+        let first = admit(&store, registration("a", "b1"), now).await;
+        execute_sql(
+            &path,
+            "CREATE TRIGGER refuse_events BEFORE INSERT ON node_events
+             BEGIN SELECT RAISE(ABORT, 'no events'); END;",
+        );
+
+        let refused = store
+            .set_drain(a.clone(), Some("fan".to_owned()), now)
+            .await;
+        assert!(refused.is_err(), "{refused:?}");
+        let offline = Change::WentOffline {
+            node_id: a.clone(),
+            generation: first.generation,
+            since: now,
+        };
+        assert!(write_batch(&store, vec![offline], vec![]).await.is_err());
+        assert!(
+            store
+                .record_leave(a.clone(), first.generation, now)
+                .await
+                .is_err()
+        );
+        assert!(
+            store
+                .enroll(registration("b", "b1"), secret_of("b"), now)
+                .await
+                .is_err()
+        );
+        assert!(store.remove(a.clone()).await.is_err());
+        let nodes = store.load_nodes().await.unwrap();
+        assert_eq!(nodes.len(), 1, "neither b registered nor a removed");
+        let stored = &nodes[0];
+        assert_eq!(stored.drain, None);
+        assert_eq!(stored.offline_since, None);
+        assert_eq!(stored.left_at, None);
+        assert_eq!(store.history().await.unwrap().last_revision, 1);
+        assert_eq!(store.event_hub().revision(), 1, "nothing published");
+
+        execute_sql(&path, "DROP TRIGGER refuse_events");
+        store
+            .set_drain(a, Some("fan".to_owned()), now)
+            .await
+            .unwrap();
+        assert_eq!(store.history().await.unwrap().last_revision, 2);
+    }
+
     /// Registrations, drains, leaves and writer batches commit from many
     /// threads at once; the hub must still see every revision once, in
     /// order.
