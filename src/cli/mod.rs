@@ -113,6 +113,7 @@ async fn watch(
     let mut resume_from = since;
     let mut backoff = WATCH_FIRST_BACKOFF;
     let mut database_id: Option<String> = None;
+    output::write_event_header(out, client.output)?;
     loop {
         let mut printed_any = false;
         let attempt = async {

@@ -48,6 +48,18 @@ pub fn write_node(
 }
 
 /// One line telling the operator that no OFFLINE node is being removed.
+/// The table's header, once before the events; JSON has none.
+pub fn write_event_header(out: &mut impl Write, format: OutputFormat) -> io::Result<()> {
+    if format == OutputFormat::Table {
+        writeln!(
+            out,
+            "{:>8}  {:<12}  {:<10}  {:<24}  {:<11}  DRAINED",
+            "REVISION", "KIND", "REASON", "NODE", "STATE"
+        )?;
+    }
+    out.flush()
+}
+
 /// One line for one event of `muster nodes watch`.
 pub fn write_event(
     out: &mut impl Write,
@@ -265,10 +277,20 @@ mod tests {
         assert_eq!(parsed["database_id"], "d1");
         assert_eq!(parsed["node"]["state"], "OFFLINE");
 
+        let mut header = Vec::new();
+        write_event_header(&mut header, OutputFormat::Json).unwrap();
+        assert!(header.is_empty(), "JSON lines only");
+        write_event_header(&mut header, OutputFormat::Table).unwrap();
+        let header = String::from_utf8(header).unwrap();
         let mut table = Vec::new();
         write_event(&mut table, OutputFormat::Table, &event).unwrap();
         let line = String::from_utf8(table).unwrap();
         assert_eq!(line.lines().count(), 1);
+        assert_eq!(
+            header.find("NODE"),
+            line.find(" a ").map(|at| at + 1),
+            "columns line up:\n{header}{line}"
+        );
         for word in ["42", "changed", "offline", "a", "OFFLINE"] {
             assert!(line.split_whitespace().any(|w| w == word), "{word}: {line}");
         }
