@@ -8,6 +8,7 @@
 //! - [`agent`] is the daemon on each node: identity, Status service and the
 //!   reconnecting heartbeat link.
 //! - [`cli`] holds the operator commands.
+//! - [`pool`] is the VRAM lease pool: pure, driven by time passed in.
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
 //! - [`wire`] converts between the wire types of [`proto`] and the domain.
 //!
@@ -29,6 +30,7 @@
 //! wire        -> auth node proto validation
 //! store       -> auth clock node registry
 //! registry    -> clock node
+//! pool        -> clock node validation
 //! node        -> auth validation
 //! auth        -> validation
 //! ```
@@ -46,6 +48,7 @@ pub mod grpc;
 pub mod limits;
 pub mod memory;
 pub mod node;
+pub mod pool;
 pub mod proto;
 pub mod registry;
 pub mod shutdown;
