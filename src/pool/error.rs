@@ -42,7 +42,9 @@ pub enum Unrenewable {
 impl fmt::Display for Unrenewable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Expired { at } => write!(f, "expired at {}", humantime::format_rfc3339_millis(*at)),
+            Self::Expired { at } => {
+                write!(f, "expired at {}", humantime::format_rfc3339_millis(*at))
+            }
             Self::Revoked { at } => write!(
                 f,
                 "was revoked at {} for a more important lease",

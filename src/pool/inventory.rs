@@ -1,10 +1,11 @@
 //! The pool's copy of the fleet: nodes, their GPUs, what is counted against
 //! each GPU, and the best-fit index.
 //!
-//! Invariant: `fit` holds exactly the placeable GPUs (present, healthy, on
+//! Invariants: `fit` holds exactly the placeable GPUs (present, healthy, on
 //! an ONLINE node that is not drained), each once, keyed by its current
-//! free memory. Every change to a GPU's counts or to its node goes through
-//! [`Inventory::reindex`].
+//! free memory; `irregular` holds exactly the placeable GPUs with revoked
+//! or reserved memory. Every change to a GPU's counts or to its node goes
+//! through [`Inventory::reindex`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -116,6 +117,11 @@ impl GpuEntry {
             .saturating_sub(staying + self.reserved_mib.max(unaccounted))
     }
 
+    /// Its key in the best-fit index; `None` when it is not placeable.
+    pub fn fit_key(&self) -> Option<&FitKey> {
+        self.indexed_as.as_ref()
+    }
+
     fn in_use(&self) -> bool {
         !self.leases.is_empty() || self.reserved_mib > 0
     }
@@ -131,6 +137,9 @@ pub(super) struct Inventory {
     /// uuids across nodes).
     pub nodes_of_uuid: HashMap<String, BTreeSet<NodeId>>,
     pub fit: BTreeSet<FitKey>,
+    /// Placeable GPUs holding revoked or reserved memory: for these the
+    /// free memory after revocations differs from the index's.
+    pub irregular: BTreeSet<GpuKey>,
 }
 
 impl Inventory {
@@ -206,9 +215,19 @@ impl Inventory {
             .get(&key.0)
             .is_some_and(|node| node.state == NodeState::Online && !node.drained);
         if node_placeable && gpu.present && gpu.healthy {
-            let fit_key = (gpu.free_mib(), Some(key.0.clone()), gpu.index, key.1.clone());
+            let fit_key = (
+                gpu.free_mib(),
+                Some(key.0.clone()),
+                gpu.index,
+                key.1.clone(),
+            );
             self.fit.insert(fit_key.clone());
             gpu.indexed_as = Some(fit_key);
+        }
+        if gpu.indexed_as.is_some() && (gpu.revoked_mib > 0 || gpu.reserved_mib > 0) {
+            self.irregular.insert(key.clone());
+        } else {
+            self.irregular.remove(key);
         }
     }
 
@@ -227,11 +246,12 @@ impl Inventory {
         if !unused {
             return;
         }
-        if let Some(gpu) = self.gpus.remove(key) {
-            if let Some(old) = gpu.indexed_as {
-                self.fit.remove(&old);
-            }
+        if let Some(gpu) = self.gpus.remove(key)
+            && let Some(old) = gpu.indexed_as
+        {
+            self.fit.remove(&old);
         }
+        self.irregular.remove(key);
         if let Some(uuids) = self.gpus_of_node.get_mut(&key.0) {
             uuids.remove(&key.1);
             if uuids.is_empty() {
@@ -261,26 +281,61 @@ impl Inventory {
         min_free_mib: u64,
     ) -> Box<dyn Iterator<Item = &'a FitKey> + 'a> {
         let start = (min_free_mib, None, 0, String::new());
-        let matching = move |key: &&FitKey| self.satisfies(key, constraints);
         match (&constraints.node_id, &constraints.gpu_uuid) {
-            (None, None) => Box::new(self.fit.range(start..).filter(matching)),
-            _ => {
-                let mut narrowed: Vec<&FitKey> = self
-                    .narrowed_keys(constraints)
-                    .filter_map(|key| self.gpus.get(&key)?.indexed_as.as_ref())
-                    .filter(|fit_key| fit_key.0 >= min_free_mib)
-                    .filter(matching)
-                    .collect();
-                narrowed.sort();
-                Box::new(narrowed.into_iter())
-            }
+            (None, None) => Box::new(
+                self.fit
+                    .range(start..)
+                    .filter(move |key| self.satisfies(key, constraints)),
+            ),
+            _ => Box::new(self.narrowed(constraints, min_free_mib).into_iter()),
         }
     }
 
-    /// GPU keys named by a node or uuid constraint.
-    fn narrowed_keys<'a>(&'a self, constraints: &'a Constraints) -> Box<dyn Iterator<Item = GpuKey> + 'a> {
+    /// Placeable GPUs that satisfy the constraints, most free memory first
+    /// (ties in reverse best-fit order).
+    pub fn candidates_by_most_free<'a>(
+        &'a self,
+        constraints: &'a Constraints,
+    ) -> Box<dyn Iterator<Item = &'a FitKey> + 'a> {
         match (&constraints.node_id, &constraints.gpu_uuid) {
-            (Some(node_id), Some(uuid)) => Box::new(std::iter::once((node_id.clone(), uuid.clone()))),
+            (None, None) => Box::new(
+                self.fit
+                    .iter()
+                    .rev()
+                    .filter(move |key| self.satisfies(key, constraints)),
+            ),
+            _ => Box::new(self.narrowed(constraints, 0).into_iter().rev()),
+        }
+    }
+
+    pub fn count_candidates(&self, constraints: &Constraints) -> usize {
+        if *constraints == Constraints::default() {
+            self.fit.len()
+        } else {
+            self.candidates(constraints, 0).count()
+        }
+    }
+
+    fn narrowed<'a>(&'a self, constraints: &'a Constraints, min_free_mib: u64) -> Vec<&'a FitKey> {
+        let mut narrowed: Vec<&FitKey> = self
+            .narrowed_keys(constraints)
+            .filter_map(|key| self.gpus.get(&key)?.indexed_as.as_ref())
+            .filter(|fit_key| fit_key.0 >= min_free_mib)
+            .filter(|fit_key| self.satisfies(fit_key, constraints))
+            .collect();
+        narrowed.sort();
+        narrowed
+    }
+
+    /// GPU keys named by a node or uuid constraint.
+    fn narrowed_keys<'a>(
+        &'a self,
+        constraints: &'a Constraints,
+    ) -> Box<dyn Iterator<Item = GpuKey> + 'a> {
+        match (&constraints.node_id, &constraints.gpu_uuid) {
+            (Some(node_id), Some(uuid)) => {
+                Box::new(std::iter::once((node_id.clone(), uuid.clone())))
+            }
             (Some(node_id), None) => Box::new(
                 self.gpus_of_node
                     .get(node_id)
@@ -299,7 +354,7 @@ impl Inventory {
         }
     }
 
-    fn satisfies(&self, key: &FitKey, constraints: &Constraints) -> bool {
+    pub fn satisfies(&self, key: &FitKey, constraints: &Constraints) -> bool {
         let (_, Some(node_id), _, uuid) = key else {
             return false;
         };

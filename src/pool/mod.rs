@@ -109,7 +109,7 @@ mod properties;
 mod tests;
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -159,6 +159,10 @@ impl Default for PoolConfig {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per call and moved, never stored in bulk"
+)]
 pub enum Acquisition {
     Granted(Lease),
     Waiting(Wait),
@@ -203,7 +207,10 @@ impl LeaseFilter {
     fn matches(&self, lease: &Lease) -> bool {
         self.node_id.as_ref().is_none_or(|n| *n == lease.node_id)
             && self.gpu_uuid.as_ref().is_none_or(|u| *u == lease.gpu_uuid)
-            && self.holder.as_ref().is_none_or(|h| *h == lease.terms.holder)
+            && self
+                .holder
+                .as_ref()
+                .is_none_or(|h| *h == lease.terms.holder)
             && (self.states.is_empty() || self.states.contains(&lease.state))
     }
 }
@@ -233,6 +240,11 @@ impl Entry {
     }
 }
 
+struct VictimSearch {
+    budget: u64,
+    best: Option<(Victims, FitKey)>,
+}
+
 struct Reservation {
     terms: LeaseTerms,
     gpu: GpuKey,
@@ -254,6 +266,9 @@ pub struct Pool {
     by_request: HashMap<String, u64>,
     reservations: HashMap<String, Reservation>,
     timers: BTreeSet<(Instant, Timer)>,
+    /// How many ACTIVE leases there are of each priority: a request above
+    /// none of them has nothing to preempt, without a scan.
+    active_by_priority: BTreeMap<i32, usize>,
     last_generation: u64,
     settled: bool,
 }
@@ -269,6 +284,7 @@ impl Pool {
             by_request: HashMap::new(),
             reservations: HashMap::new(),
             timers: BTreeSet::new(),
+            active_by_priority: BTreeMap::new(),
             last_generation: 0,
             settled: true,
         }
@@ -300,6 +316,9 @@ impl Pool {
                 )));
             }
             pool.last_generation = pool.last_generation.max(generation);
+            if lease.state == LeaseState::Active {
+                pool.count_active(lease.terms.priority, true);
+            }
             if lease.state.counts() {
                 let gpu = pool
                     .inventory
@@ -378,7 +397,9 @@ impl Pool {
             .keys()
             .filter_map(|key| self.inventory.usage(key))
             .collect();
-        gpus.sort_unstable_by(|a, b| (&a.node_id, a.index, &a.uuid).cmp(&(&b.node_id, b.index, &b.uuid)));
+        gpus.sort_unstable_by(|a, b| {
+            (&a.node_id, a.index, &a.uuid).cmp(&(&b.node_id, b.index, &b.uuid))
+        });
         gpus
     }
 
@@ -419,7 +440,10 @@ impl Pool {
             if gpu.uuid.is_empty() || gpu.uuid.len() > MAX_GPU_UUID_LEN {
                 return Err(InvalidInput::new(
                     "gpus.uuid",
-                    format!("must be 1 to {MAX_GPU_UUID_LEN} bytes, got {}", gpu.uuid.len()),
+                    format!(
+                        "must be 1 to {MAX_GPU_UUID_LEN} bytes, got {}",
+                        gpu.uuid.len()
+                    ),
                 )
                 .into());
             }
@@ -447,7 +471,9 @@ impl Pool {
         let changes = self
             .leases_on_node(node_id)
             .into_iter()
-            .filter_map(|generation| self.release_entry(generation, ReleaseReason::NodeRemoved, now))
+            .filter_map(|generation| {
+                self.release_entry(generation, ReleaseReason::NodeRemoved, now)
+            })
             .collect();
         self.inventory.remove_node(node_id);
         changes
@@ -505,10 +531,10 @@ impl Pool {
             }
             return Ok((Acquisition::Granted(lease.clone()), Vec::new()));
         }
-        if let Some(reservation) = self.reservations.get(&request.request_id) {
-            if let Some(field) = reservation.terms.first_difference(&request.terms) {
-                return Err(reused(field));
-            }
+        if let Some(reservation) = self.reservations.get(&request.request_id)
+            && let Some(field) = reservation.terms.first_difference(&request.terms)
+        {
+            return Err(reused(field));
         }
         self.check_constraints_name_known(&request.terms.constraints)?;
         if let Some(outcome) = self.acquire_reserved(request, now) {
@@ -527,13 +553,20 @@ impl Pool {
     }
 
     /// Extends an ACTIVE (or SUSPENDED) lease by its TTL from `now`.
-    pub fn renew(&mut self, lease_id: &LeaseId, now: Moment) -> Result<(Lease, Vec<Change>), PoolError> {
+    pub fn renew(
+        &mut self,
+        lease_id: &LeaseId,
+        now: Moment,
+    ) -> Result<(Lease, Vec<Change>), PoolError> {
         let generation = *self
             .by_id
             .get(lease_id)
             .ok_or_else(|| PoolError::UnknownLease(lease_id.clone()))?;
         let settled = self.settled;
-        let entry = self.leases.get_mut(&generation).expect("indexed leases exist");
+        let entry = self
+            .leases
+            .get_mut(&generation)
+            .expect("indexed leases exist");
         let refuse = |why| PoolError::NotRenewable {
             lease_id: lease_id.clone(),
             why,
@@ -613,7 +646,9 @@ impl Pool {
         let reason = match entry.lease.state {
             LeaseState::Active => ReleaseReason::Expired,
             LeaseState::Revoked => match (entry.expires, entry.grace_ends) {
-                (Some(expires), Some(grace_ends)) if expires <= grace_ends => ReleaseReason::Expired,
+                (Some(expires), Some(grace_ends)) if expires <= grace_ends => {
+                    ReleaseReason::Expired
+                }
                 _ => ReleaseReason::RevokeGraceEnded,
             },
             LeaseState::Suspended => ReleaseReason::Orphaned,
@@ -623,7 +658,10 @@ impl Pool {
     }
 
     fn forget(&mut self, generation: u64) -> Change {
-        let entry = self.leases.remove(&generation).expect("checked by the caller");
+        let entry = self
+            .leases
+            .remove(&generation)
+            .expect("checked by the caller");
         self.by_id.remove(&entry.lease.lease_id);
         if self.by_request.get(&entry.lease.request_id) == Some(&generation) {
             self.by_request.remove(&entry.lease.request_id);
@@ -635,13 +673,13 @@ impl Pool {
     }
 
     fn check_constraints_name_known(&self, constraints: &Constraints) -> Result<(), InvalidInput> {
-        if let Some(node_id) = &constraints.node_id {
-            if !self.inventory.nodes.contains_key(node_id) {
-                return Err(InvalidInput::new(
-                    "node_id",
-                    format!("names no known node: {node_id}"),
-                ));
-            }
+        if let Some(node_id) = &constraints.node_id
+            && !self.inventory.nodes.contains_key(node_id)
+        {
+            return Err(InvalidInput::new(
+                "node_id",
+                format!("names no known node: {node_id}"),
+            ));
         }
         if let Some(uuid) = &constraints.gpu_uuid {
             let present_on = |node_id: &NodeId| {
@@ -693,8 +731,8 @@ impl Pool {
         let reserved_until = reservation.until;
         let mb = request.terms.mb;
         let placeable = self.inventory.is_placeable(&key);
-        let fits_reserved = placeable
-            && self.inventory.gpus[&key].free_mib_without_reservation(mb) >= mb;
+        let fits_reserved =
+            placeable && self.inventory.gpus[&key].free_mib_without_reservation(mb) >= mb;
         let target = if fits_reserved {
             Some(key)
         } else {
@@ -711,7 +749,10 @@ impl Pool {
         }
         let until = (now.monotonic + request.wait).max(reserved_until);
         self.set_reservation_until(&request.request_id, until);
-        Some((Acquisition::Waiting(self.wait_for(&request.request_id)), Vec::new()))
+        Some((
+            Acquisition::Waiting(self.wait_for(&request.request_id)),
+            Vec::new(),
+        ))
     }
 
     fn preempt(
@@ -720,44 +761,50 @@ impl Pool {
         now: Moment,
     ) -> Result<(Acquisition, Vec<Change>), PoolError> {
         let terms = &request.terms;
-        let mut budget = PREEMPTION_SEARCH_STEPS;
-        let mut eligible_gpus = 0;
-        let mut most_free: Option<&FitKey> = None;
-        let mut best: Option<(Victims, &FitKey)> = None;
-        for fit_key in self.inventory.candidates(&terms.constraints, 0) {
-            eligible_gpus += 1;
-            if most_free.is_none_or(|most| fit_key.0 > most.0) {
-                most_free = Some(fit_key);
-            }
-            let gpu = &self.inventory.gpus[&gpu_key(fit_key)];
-            let needed = terms.mb.saturating_sub(gpu.free_mib_after_revocations());
-            if needed == 0 && gpu.revoked_mib == 0 {
-                continue;
-            }
-            if best.as_ref().is_some_and(|(victims, _)| needed > victims.revoked_mib) {
-                continue;
-            }
-            let candidates: Vec<Candidate> = gpu
-                .leases
-                .iter()
-                .map(|generation| &self.leases[generation].lease)
-                .filter(|lease| lease.state == LeaseState::Active && lease.terms.priority < terms.priority)
-                .map(|lease| Candidate {
-                    generation: lease.generation,
-                    mb: lease.terms.mb,
-                    priority: lease.terms.priority,
-                })
-                .collect();
-            let Some(victims) = preemption::choose(candidates, needed, &mut budget) else {
-                continue;
-            };
-            let better = best.as_ref().is_none_or(|(best_victims, best_key)| {
-                (&victims, &fit_key.1, fit_key.2) < (best_victims, &best_key.1, best_key.2)
-            });
-            if better {
-                best = Some((victims, fit_key));
+        let mut search = VictimSearch {
+            budget: PREEMPTION_SEARCH_STEPS,
+            best: None,
+        };
+        // GPUs with revoked or reserved memory first: the scan below relies
+        // on a GPU's index key being its free memory after revocations.
+        for key in &self.inventory.irregular {
+            if let Some(fit_key) = self.inventory.gpus[key].fit_key()
+                && self.inventory.satisfies(fit_key, &terms.constraints)
+            {
+                self.consider_victims(terms, fit_key, &mut search);
             }
         }
+        // The rest, most free first: what must be revoked only grows, so
+        // the scan stops once it exceeds the best set found. Without an
+        // ACTIVE lease of lower priority anywhere there is nothing to scan.
+        let anything_to_revoke = self
+            .active_by_priority
+            .first_key_value()
+            .is_some_and(|(lowest, _)| *lowest < terms.priority);
+        let regular = self
+            .inventory
+            .candidates_by_most_free(&terms.constraints)
+            .take_while(|_| anything_to_revoke);
+        for fit_key in regular {
+            let key = gpu_key(fit_key);
+            if self.inventory.irregular.contains(&key) {
+                continue;
+            }
+            let needed = terms.mb.saturating_sub(fit_key.0);
+            if search
+                .best
+                .as_ref()
+                .is_some_and(|(victims, _)| needed > victims.revoked_mib)
+            {
+                break;
+            }
+            self.consider_victims(terms, fit_key, &mut search);
+        }
+        let best = search.best;
+        let most_free = self
+            .inventory
+            .candidates_by_most_free(&terms.constraints)
+            .next();
         let gpu_free = |fit_key: &FitKey| GpuFree {
             node_id: gpu_key(fit_key).0,
             index: fit_key.2,
@@ -766,12 +813,12 @@ impl Pool {
         let shortfall = |blocked| Shortfall {
             mb: terms.mb,
             priority: terms.priority,
-            eligible_gpus,
+            eligible_gpus: self.inventory.count_candidates(&terms.constraints),
             most_free: most_free.map(gpu_free),
             blocked,
         };
         let Some((victims, fit_key)) = best else {
-            let blocked = if eligible_gpus == 0 {
+            let blocked = if most_free.is_none() {
                 Blocked::NoEligibleGpu
             } else {
                 Blocked::NothingToRevoke
@@ -780,12 +827,12 @@ impl Pool {
         };
         if request.wait.is_zero() {
             return Err(PoolError::Exhausted(shortfall(Blocked::WouldRevoke {
-                gpu: gpu_free(fit_key),
+                gpu: gpu_free(&fit_key),
                 leases: victims.count,
                 revoked_mib: victims.revoked_mib,
             })));
         }
-        let key = gpu_key(fit_key);
+        let key = gpu_key(&fit_key);
         let changes: Vec<Change> = victims
             .generations()
             .iter()
@@ -793,12 +840,60 @@ impl Pool {
             .filter_map(|generation| self.revoke(*generation, &request.request_id, now))
             .collect();
         self.reserve(request, key, now);
-        Ok((Acquisition::Waiting(self.wait_for(&request.request_id)), changes))
+        Ok((
+            Acquisition::Waiting(self.wait_for(&request.request_id)),
+            changes,
+        ))
+    }
+
+    /// Updates `search` with the best victims on one GPU, if any would do.
+    fn consider_victims(&self, terms: &LeaseTerms, fit_key: &FitKey, search: &mut VictimSearch) {
+        let gpu = &self.inventory.gpus[&gpu_key(fit_key)];
+        let needed = terms.mb.saturating_sub(gpu.free_mib_after_revocations());
+        if needed == 0 && gpu.revoked_mib == 0 {
+            return;
+        }
+        if search
+            .best
+            .as_ref()
+            .is_some_and(|(victims, _)| needed > victims.revoked_mib)
+        {
+            return;
+        }
+        let revocable = gpu
+            .leases
+            .iter()
+            .map(|generation| &self.leases[generation].lease)
+            .filter(|lease| {
+                lease.state == LeaseState::Active && lease.terms.priority < terms.priority
+            });
+        if revocable.clone().map(|lease| lease.terms.mb).sum::<u64>() < needed {
+            return;
+        }
+        let candidates: Vec<Candidate> = revocable
+            .map(|lease| Candidate {
+                generation: lease.generation,
+                mb: lease.terms.mb,
+                priority: lease.terms.priority,
+            })
+            .collect();
+        let Some(victims) = preemption::choose(candidates, needed, &mut search.budget) else {
+            return;
+        };
+        let better = search.best.as_ref().is_none_or(|(best, best_key)| {
+            (&victims, &fit_key.1, fit_key.2) < (best, &best_key.1, best_key.2)
+        });
+        if better {
+            search.best = Some((victims, fit_key.clone()));
+        }
     }
 
     fn grant(&mut self, request: &AcquireRequest, key: GpuKey, now: Moment) -> (Lease, Change) {
         let mut generation = self.last_generation + 1;
-        while self.by_id.contains_key(&LeaseId::for_generation(generation)) {
+        while self
+            .by_id
+            .contains_key(&LeaseId::for_generation(generation))
+        {
             generation += 1;
         }
         self.last_generation = generation;
@@ -821,6 +916,7 @@ impl Pool {
         let gpu = self.inventory.gpu_entry(&key);
         gpu.leased_mib += lease.terms.mb;
         gpu.leases.insert(generation);
+        self.count_active(lease.terms.priority, true);
         self.inventory.reindex(&key);
         self.by_id.insert(lease.lease_id.clone(), generation);
         self.by_request.insert(lease.request_id.clone(), generation);
@@ -853,8 +949,10 @@ impl Pool {
         entry.lease.revoked_at = Some(now.wall);
         entry.grace_ends = Some(now.monotonic + self.config.revoke_grace);
         let lease = entry.lease.clone();
-        let gpu = self.inventory.gpu_entry(&(lease.node_id.clone(), lease.gpu_uuid.clone()));
-        gpu.revoked_mib += lease.terms.mb;
+        self.count_active(lease.terms.priority, false);
+        let key = (lease.node_id.clone(), lease.gpu_uuid.clone());
+        self.inventory.gpu_entry(&key).revoked_mib += lease.terms.mb;
+        self.inventory.reindex(&key);
         self.retime(generation);
         Some(Change {
             event: Event::Revoked {
@@ -873,6 +971,7 @@ impl Pool {
         entry.lease.suspended_at = Some(now.wall);
         entry.grace_ends = Some(now.monotonic + self.config.orphan_grace);
         let lease = entry.lease.clone();
+        self.count_active(lease.terms.priority, false);
         self.retime(generation);
         Some(Change {
             event: Event::Suspended,
@@ -896,6 +995,7 @@ impl Pool {
         entry.expires = Some(now.monotonic + ttl);
         entry.grace_ends = None;
         let lease = entry.lease.clone();
+        self.count_active(lease.terms.priority, true);
         self.retime(generation);
         Some(Change {
             event: Event::Resumed,
@@ -903,7 +1003,12 @@ impl Pool {
         })
     }
 
-    fn release_entry(&mut self, generation: u64, reason: ReleaseReason, now: Moment) -> Option<Change> {
+    fn release_entry(
+        &mut self,
+        generation: u64,
+        reason: ReleaseReason,
+        now: Moment,
+    ) -> Option<Change> {
         let entry = self.leases.get_mut(&generation)?;
         let previous = entry.lease.state;
         if previous == LeaseState::Released {
@@ -915,6 +1020,9 @@ impl Pool {
         entry.grace_ends = None;
         entry.forget_at = Some(now.monotonic + self.config.released_retention);
         let lease = entry.lease.clone();
+        if previous == LeaseState::Active {
+            self.count_active(lease.terms.priority, false);
+        }
         let key = (lease.node_id.clone(), lease.gpu_uuid.clone());
         let gpu = self.inventory.gpu_entry(&key);
         gpu.leased_mib -= lease.terms.mb;
@@ -961,6 +1069,18 @@ impl Pool {
         })
     }
 
+    fn count_active(&mut self, priority: i32, added: bool) {
+        let count = self.active_by_priority.entry(priority).or_default();
+        if added {
+            *count += 1;
+        } else {
+            *count -= 1;
+            if *count == 0 {
+                self.active_by_priority.remove(&priority);
+            }
+        }
+    }
+
     fn retime(&mut self, generation: u64) {
         let Some(entry) = self.leases.get_mut(&generation) else {
             return;
@@ -1004,10 +1124,8 @@ impl Pool {
         let Some(reservation) = self.reservations.remove(request_id) else {
             return;
         };
-        self.timers.remove(&(
-            reservation.until,
-            Timer::Reservation(request_id.to_owned()),
-        ));
+        self.timers
+            .remove(&(reservation.until, Timer::Reservation(request_id.to_owned())));
         if let Some(gpu) = self.inventory.gpus.get_mut(&reservation.gpu) {
             gpu.reserved_mib -= reservation.terms.mb;
         }
@@ -1037,7 +1155,10 @@ impl Pool {
             node_id: reservation.gpu.0.clone(),
             gpu_uuid: reservation.gpu.1.clone(),
             gpu_index: gpu.index,
-            waiting_for: revoked.iter().map(|entry| entry.lease.lease_id.clone()).collect(),
+            waiting_for: revoked
+                .iter()
+                .map(|entry| entry.lease.lease_id.clone())
+                .collect(),
             retry_at,
             reserved_until: reservation.until,
         }

@@ -104,7 +104,11 @@ impl Search<'_> {
         }
         // Adding any candidate frees more than `freed`, so once that is at
         // least the best set's size no completion can beat it.
-        if self.best.as_ref().is_some_and(|best| freed >= best.revoked_mib) {
+        if self
+            .best
+            .as_ref()
+            .is_some_and(|best| freed >= best.revoked_mib)
+        {
             return;
         }
         if *self.budget == 0 && self.best.is_some() {
@@ -147,7 +151,12 @@ mod tests {
 
     #[test]
     fn equal_mib_revokes_lower_priorities() {
-        let candidates = vec![candidate(1, 8, 3), candidate(2, 8, 1), candidate(3, 4, 2), candidate(4, 4, 0)];
+        let candidates = vec![
+            candidate(1, 8, 3),
+            candidate(2, 8, 1),
+            candidate(3, 4, 2),
+            candidate(4, 4, 0),
+        ];
         assert_eq!(chosen(candidates, 8), Some(vec![2]));
         // The highest priority revoked counts before the number of leases.
         let candidates = vec![candidate(1, 8, 3), candidate(2, 4, 1), candidate(3, 4, 0)];
@@ -181,7 +190,11 @@ mod tests {
         let victims = choose(candidates.clone(), 60, &mut budget).unwrap();
         assert!(victims.revoked_mib >= 60);
         let by_generation = |g: u64| candidates.iter().find(|c| c.generation == g).unwrap().mb;
-        let freed: u64 = victims.generations().iter().map(|g| by_generation(*g)).sum();
+        let freed: u64 = victims
+            .generations()
+            .iter()
+            .map(|g| by_generation(*g))
+            .sum();
         assert_eq!(freed, victims.revoked_mib);
     }
 

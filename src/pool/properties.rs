@@ -150,16 +150,18 @@ impl World {
                             ..Constraints::default()
                         },
                     },
-                    wait: if *waits { Duration::from_secs(20) } else { Duration::ZERO },
+                    wait: if *waits {
+                        Duration::from_secs(20)
+                    } else {
+                        Duration::ZERO
+                    },
                 });
                 let request = request.clone();
                 match self.pool.acquire(&request, self.now) {
                     Ok((Acquisition::Granted(lease), changes)) => {
                         prop_assert_eq!(&lease.terms, &request.terms);
-                        if let Some(earlier) = self.granted.get(key) {
-                            if *earlier == lease.lease_id {
-                                prop_assert!(changes.is_empty());
-                            }
+                        if self.granted.get(key) == Some(&lease.lease_id) {
+                            prop_assert!(changes.is_empty());
                         }
                         if !changes.is_empty() {
                             prop_assert!(lease.generation > self.highest_generation_seen);
@@ -205,7 +207,10 @@ impl World {
             Op::Advance(by) => {
                 self.now = self.now.after(*by);
                 for change in self.pool.tick(self.now) {
-                    prop_assert!(matches!(change.event, Event::Released(_) | Event::Forgotten));
+                    prop_assert!(matches!(
+                        change.event,
+                        Event::Released(_) | Event::Forgotten
+                    ));
                 }
             }
             Op::SetState(node, state) => {
@@ -218,7 +223,10 @@ impl World {
                     prop_assert_eq!(change.lease.node_id, node_id(*node));
                     let expected = match state {
                         NodeState::Online => {
-                            matches!(change.event, Event::Resumed | Event::Released(ReleaseReason::Orphaned))
+                            matches!(
+                                change.event,
+                                Event::Resumed | Event::Released(ReleaseReason::Orphaned)
+                            )
                         }
                         NodeState::Offline => change.event == Event::Suspended,
                         NodeState::Left => change.event == Event::Released(ReleaseReason::NodeLeft),
@@ -266,7 +274,11 @@ impl World {
                 let views: Vec<NodeView> = self.nodes.values().cloned().collect();
                 let changes = self.pool.reconcile(views, self.now);
                 for change in &changes {
-                    let node_gone = match self.nodes.iter().find(|(n, _)| node_id(**n) == change.lease.node_id) {
+                    let node_gone = match self
+                        .nodes
+                        .iter()
+                        .find(|(n, _)| node_id(**n) == change.lease.node_id)
+                    {
                         None => true,
                         Some((_, view)) => view.state == NodeState::Left,
                     };
@@ -320,6 +332,13 @@ fn check_invariants(pool: &Pool) -> Result<(), TestCaseError> {
             }
         }
     }
+    let mut active: BTreeMap<i32, usize> = BTreeMap::new();
+    for entry in pool.leases.values() {
+        if entry.lease.state == LeaseState::Active {
+            *active.entry(entry.lease.terms.priority).or_default() += 1;
+        }
+    }
+    prop_assert_eq!(&pool.active_by_priority, &active);
     let mut reserved: HashMap<GpuKey, u64> = HashMap::new();
     for reservation in pool.reservations.values() {
         *reserved.entry(reservation.gpu.clone()).or_default() += reservation.terms.mb;
@@ -329,7 +348,10 @@ fn check_invariants(pool: &Pool) -> Result<(), TestCaseError> {
         let (sum, revoked) = leased.get(key).copied().unwrap_or_default();
         prop_assert_eq!(gpu.leased_mib, sum, "leased on {:?}", key);
         prop_assert_eq!(gpu.revoked_mib, revoked, "revoked on {:?}", key);
-        prop_assert_eq!(gpu.reserved_mib, reserved.get(key).copied().unwrap_or_default());
+        prop_assert_eq!(
+            gpu.reserved_mib,
+            reserved.get(key).copied().unwrap_or_default()
+        );
         prop_assert!(
             gpu.leased_mib <= gpu.total_mib || !gpu.present,
             "{:?}: {} MiB leased on a GPU of {}",
@@ -343,6 +365,10 @@ fn check_invariants(pool: &Pool) -> Result<(), TestCaseError> {
             && gpu.healthy
             && node.is_some_and(|n| n.state == NodeState::Online && !n.drained);
         prop_assert_eq!(pool.inventory.is_placeable(key), should_place);
+        prop_assert_eq!(
+            pool.inventory.irregular.contains(key),
+            should_place && (gpu.revoked_mib > 0 || gpu.reserved_mib > 0)
+        );
         if should_place {
             placeable += 1;
             prop_assert!(pool.inventory.fit.contains(&(
@@ -354,8 +380,18 @@ fn check_invariants(pool: &Pool) -> Result<(), TestCaseError> {
         }
     }
     prop_assert_eq!(pool.inventory.fit.len(), placeable);
+    prop_assert!(
+        pool.inventory
+            .irregular
+            .iter()
+            .all(|key| pool.inventory.gpus.contains_key(key))
+    );
     for key in leased.keys() {
-        prop_assert!(pool.inventory.gpus.contains_key(key), "no entry for {:?}", key);
+        prop_assert!(
+            pool.inventory.gpus.contains_key(key),
+            "no entry for {:?}",
+            key
+        );
     }
     Ok(())
 }

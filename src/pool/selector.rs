@@ -55,7 +55,9 @@ impl LabelSelector {
             if key.is_empty() || key.len() > MAX_LABEL_KEY_LEN {
                 return Err(InvalidInput::new(
                     field,
-                    format!("term {number} ({term:?}) needs a key of 1 to {MAX_LABEL_KEY_LEN} bytes"),
+                    format!(
+                        "term {number} ({term:?}) needs a key of 1 to {MAX_LABEL_KEY_LEN} bytes"
+                    ),
                 ));
             }
             if value.len() > MAX_LABEL_VALUE_LEN {
@@ -74,7 +76,10 @@ impl LabelSelector {
         if required.len() > MAX_LABELS {
             return Err(InvalidInput::new(
                 field,
-                format!("at most {MAX_LABELS} terms are allowed, got {}", required.len()),
+                format!(
+                    "at most {MAX_LABELS} terms are allowed, got {}",
+                    required.len()
+                ),
             ));
         }
         Ok(Self { required })

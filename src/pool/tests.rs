@@ -39,7 +39,8 @@ impl Fixture {
 
     /// An ONLINE node with one GPU per size, in GiB, indexed in order.
     fn node(&mut self, node: &str, sizes_gib: &[u64]) {
-        self.pool.upsert_node(view(node, NodeState::Online), self.now);
+        self.pool
+            .upsert_node(view(node, NodeState::Online), self.now);
         let gpus = sizes_gib
             .iter()
             .enumerate()
@@ -63,7 +64,10 @@ impl Fixture {
         self.pool.tick(self.now)
     }
 
-    fn acquire(&mut self, request: &AcquireRequest) -> Result<(Acquisition, Vec<Change>), PoolError> {
+    fn acquire(
+        &mut self,
+        request: &AcquireRequest,
+    ) -> Result<(Acquisition, Vec<Change>), PoolError> {
         self.pool.acquire(request, self.now)
     }
 
@@ -84,7 +88,10 @@ impl Fixture {
     fn exhausted(&mut self, request: &AcquireRequest) -> Shortfall {
         match self.acquire(request) {
             Err(PoolError::Exhausted(shortfall)) => shortfall,
-            other => panic!("{} was not refused for lack of memory: {other:?}", request.request_id),
+            other => panic!(
+                "{} was not refused for lack of memory: {other:?}",
+                request.request_id
+            ),
         }
     }
 
@@ -199,12 +206,27 @@ fn reported_use_counts_when_it_exceeds_the_leases() {
         healthy: true,
     };
     f.pool.set_gpus(&node_id("a"), vec![busy.clone()]).unwrap();
-    assert_eq!(f.pool.gpu_usage(&node_id("a"), &uuid("a", 0)).unwrap().free_mib, 10 * GIB);
+    assert_eq!(
+        f.pool
+            .gpu_usage(&node_id("a"), &uuid("a", 0))
+            .unwrap()
+            .free_mib,
+        10 * GIB
+    );
     f.exhausted(&request("big", 20, 0));
-    let quiet = GpuView { used_mib: 5 * GIB, ..busy };
+    let quiet = GpuView {
+        used_mib: 5 * GIB,
+        ..busy
+    };
     f.pool.set_gpus(&node_id("a"), vec![quiet]).unwrap();
     // Leases count when the node reports less in use than they hold.
-    assert_eq!(f.pool.gpu_usage(&node_id("a"), &uuid("a", 0)).unwrap().free_mib, 70 * GIB);
+    assert_eq!(
+        f.pool
+            .gpu_usage(&node_id("a"), &uuid("a", 0))
+            .unwrap()
+            .free_mib,
+        70 * GIB
+    );
     f.granted(&request("big", 20, 0));
     assert_eq!(f.state(&lease), LeaseState::Active);
 }
@@ -236,7 +258,10 @@ fn only_healthy_gpus_on_online_undrained_nodes_take_leases() {
     assert_eq!(shortfall.eligible_gpus, 1);
     let shortfall = f.exhausted(&on(request("r3", 1, 0), "drained"));
     assert_eq!(shortfall.blocked, Blocked::NoEligibleGpu);
-    assert!(shortfall.to_string().contains("no healthy GPU"), "{shortfall}");
+    assert!(
+        shortfall.to_string().contains("no healthy GPU"),
+        "{shortfall}"
+    );
 }
 
 #[test]
@@ -281,7 +306,8 @@ fn constraints_narrow_placement() {
     assert_eq!(placed(&f.granted(&by_uuid)), ("b".into(), uuid("b", 1)));
 
     let mut by_label = request("l", 10, 0);
-    by_label.terms.constraints.labels = LabelSelector::parse("label_selector", "zone=west").unwrap();
+    by_label.terms.constraints.labels =
+        LabelSelector::parse("label_selector", "zone=west").unwrap();
     assert_eq!(placed(&f.granted(&by_label)), ("c".into(), uuid("c", 0)));
 
     let mut nowhere = request("x", 10, 0);
@@ -319,7 +345,11 @@ fn bad_input_names_the_field() {
     let mut r = request("r", 1, 0);
     r.terms.mb = 0;
     cases.push((r, "mb"));
-    for ttl in [Duration::from_millis(4_999), MAX_TTL + Duration::from_secs(1), Duration::ZERO] {
+    for ttl in [
+        Duration::from_millis(4_999),
+        MAX_TTL + Duration::from_secs(1),
+        Duration::ZERO,
+    ] {
         let mut r = request("r", 1, 0);
         r.terms.ttl = ttl;
         cases.push((r, "ttl"));
@@ -328,7 +358,10 @@ fn bad_input_names_the_field() {
     r.wait = MAX_WAIT + Duration::from_secs(1);
     cases.push((r, "wait"));
     cases.push((request("", 1, 0), "request_id"));
-    cases.push((request(&"r".repeat(MAX_REQUEST_ID_LEN + 1), 1, 0), "request_id"));
+    cases.push((
+        request(&"r".repeat(MAX_REQUEST_ID_LEN + 1), 1, 0),
+        "request_id",
+    ));
     let mut r = request("r", 1, 0);
     r.terms.holder = String::new();
     cases.push((r, "holder"));
@@ -370,13 +403,18 @@ fn the_same_request_id_returns_the_same_lease() {
     assert!(changes.is_empty());
     assert_eq!(f.leased_mib("a", 0), 10 * GIB);
     // Even after it was released, until it is forgotten.
-    let Acquisition::Granted(lease) = first else { unreachable!() };
+    let Acquisition::Granted(lease) = first else {
+        unreachable!()
+    };
     f.pool.release(&lease.lease_id, f.now);
     let released = f.granted(&r);
     assert_eq!(released.lease_id, lease.lease_id);
     assert_eq!(released.state, LeaseState::Released);
     let forgotten = f.advance(DEFAULT_RELEASED_RETENTION);
-    assert_eq!(events(&forgotten), vec![(Event::Forgotten, lease.lease_id.to_string())]);
+    assert_eq!(
+        events(&forgotten),
+        vec![(Event::Forgotten, lease.lease_id.to_string())]
+    );
     let fresh = f.granted(&r);
     assert!(fresh.generation > lease.generation);
     assert_eq!(fresh.state, LeaseState::Active);
@@ -419,10 +457,20 @@ fn a_reused_request_id_with_other_terms_is_refused_naming_the_field() {
 fn release_is_idempotent() {
     let mut f = Fixture::new();
     f.node("a", &[80]);
-    assert!(f.pool.release(&LeaseId::new("never-granted"), f.now).is_empty());
+    assert!(
+        f.pool
+            .release(&LeaseId::new("never-granted"), f.now)
+            .is_empty()
+    );
     let lease = f.granted(&request("r", 10, 0));
     let changes = f.pool.release(&lease.lease_id, f.now);
-    assert_eq!(events(&changes), vec![(Event::Released(ReleaseReason::Holder), lease.lease_id.to_string())]);
+    assert_eq!(
+        events(&changes),
+        vec![(
+            Event::Released(ReleaseReason::Holder),
+            lease.lease_id.to_string()
+        )]
+    );
     assert!(f.pool.release(&lease.lease_id, f.now).is_empty());
     assert_eq!(f.leased_mib("a", 0), 0);
 }
@@ -438,7 +486,13 @@ fn renew_extends_by_the_ttl() {
     assert_eq!(changes[0].event, Event::Renewed);
     assert!(f.advance(Duration::from_secs(59)).is_empty());
     let expired = f.advance(Duration::from_secs(1));
-    assert_eq!(events(&expired), vec![(Event::Released(ReleaseReason::Expired), lease.lease_id.to_string())]);
+    assert_eq!(
+        events(&expired),
+        vec![(
+            Event::Released(ReleaseReason::Expired),
+            lease.lease_id.to_string()
+        )]
+    );
     assert_eq!(f.leased_mib("a", 0), 0);
 }
 
@@ -450,11 +504,23 @@ fn renewing_an_expired_lease_fails_clearly() {
     // At the deadline, before any tick has released it.
     f.now = f.now.after(TTL);
     let error = f.pool.renew(&lease.lease_id, f.now).unwrap_err();
-    assert!(matches!(&error, PoolError::NotRenewable { why: Unrenewable::Expired { .. }, .. }));
+    assert!(matches!(
+        &error,
+        PoolError::NotRenewable {
+            why: Unrenewable::Expired { .. },
+            ..
+        }
+    ));
     assert!(error.to_string().contains("expired at"), "{error}");
     f.pool.tick(f.now);
     let error = f.pool.renew(&lease.lease_id, f.now).unwrap_err();
-    assert!(matches!(error, PoolError::NotRenewable { why: Unrenewable::Expired { .. }, .. }));
+    assert!(matches!(
+        error,
+        PoolError::NotRenewable {
+            why: Unrenewable::Expired { .. },
+            ..
+        }
+    ));
     f.advance(DEFAULT_RELEASED_RETENTION);
     let error = f.pool.renew(&lease.lease_id, f.now).unwrap_err();
     assert_eq!(error, PoolError::UnknownLease(lease.lease_id.clone()));
@@ -467,12 +533,21 @@ fn renewing_a_released_or_revoked_lease_fails() {
     let released = f.granted(&request("released", 10, 0));
     f.pool.release(&released.lease_id, f.now);
     let error = f.pool.renew(&released.lease_id, f.now).unwrap_err();
-    assert!(error.to_string().contains("released by its holder"), "{error}");
+    assert!(
+        error.to_string().contains("released by its holder"),
+        "{error}"
+    );
 
     let victim = f.granted(&request("victim", 70, 0));
     f.waiting(&waiting_request("boss", 70, 1));
     let error = f.pool.renew(&victim.lease_id, f.now).unwrap_err();
-    assert!(matches!(error, PoolError::NotRenewable { why: Unrenewable::Revoked { .. }, .. }));
+    assert!(matches!(
+        error,
+        PoolError::NotRenewable {
+            why: Unrenewable::Revoked { .. },
+            ..
+        }
+    ));
     assert!(error.to_string().contains("revoked"), "{error}");
 }
 
@@ -480,11 +555,17 @@ fn renewing_a_released_or_revoked_lease_fails() {
 fn nothing_is_revoked_when_all_lower_priority_leases_together_free_too_little() {
     let mut f = Fixture::new();
     f.node("a", &[80]);
-    let low = [f.granted(&request("l1", 30, 0)), f.granted(&request("l2", 30, 0))];
+    let low = [
+        f.granted(&request("l1", 30, 0)),
+        f.granted(&request("l2", 30, 0)),
+    ];
     let high = f.granted(&request("h", 20, 5));
     let shortfall = f.exhausted(&waiting_request("big", 70, 3));
     assert_eq!(shortfall.blocked, Blocked::NothingToRevoke);
-    assert!(shortfall.to_string().contains("priority below 3"), "{shortfall}");
+    assert!(
+        shortfall.to_string().contains("priority below 3"),
+        "{shortfall}"
+    );
     for lease in low.iter().chain([&high]) {
         assert_eq!(f.state(lease), LeaseState::Active);
     }
@@ -495,7 +576,10 @@ fn equal_priority_never_preempts() {
     let mut f = Fixture::new();
     f.node("a", &[80]);
     let holder = f.granted(&request("first", 80, 3));
-    assert_eq!(f.exhausted(&waiting_request("second", 10, 3)).blocked, Blocked::NothingToRevoke);
+    assert_eq!(
+        f.exhausted(&waiting_request("second", 10, 3)).blocked,
+        Blocked::NothingToRevoke
+    );
     assert_eq!(f.state(&holder), LeaseState::Active);
     let (wait, changes) = f.waiting(&waiting_request("third", 10, 4));
     assert_eq!(wait.waiting_for, vec![holder.lease_id.clone()]);
@@ -519,7 +603,12 @@ fn preemption_revokes_the_fewest_mib_on_one_gpu() {
     assert_eq!(wait.retry_at, Some(f.now.monotonic + DEFAULT_REVOKE_GRACE));
     assert_eq!(
         events(&changes),
-        vec![(Event::Revoked { for_request: "boss".into() }, b40_newer.lease_id.to_string())]
+        vec![(
+            Event::Revoked {
+                for_request: "boss".into()
+            },
+            b40_newer.lease_id.to_string()
+        )]
     );
     for lease in [&a50, &a30, &b40] {
         assert_eq!(f.state(lease), LeaseState::Active);
@@ -565,14 +654,20 @@ fn the_revoke_grace_frees_a_holder_that_does_not_release() {
     let victim = f.granted(&request("victim", 60, 0));
     let boss = waiting_request("boss", 60, 5);
     f.waiting(&boss);
-    assert!(f.advance(DEFAULT_REVOKE_GRACE - Duration::from_millis(1)).is_empty());
+    assert!(
+        f.advance(DEFAULT_REVOKE_GRACE - Duration::from_millis(1))
+            .is_empty()
+    );
     let (wait, changes) = f.waiting(&boss);
     assert!(changes.is_empty(), "a retry revokes nothing more");
     assert_eq!(wait.waiting_for, vec![victim.lease_id.clone()]);
     let freed = f.advance(Duration::from_millis(1));
     assert_eq!(
         events(&freed),
-        vec![(Event::Released(ReleaseReason::RevokeGraceEnded), victim.lease_id.to_string())]
+        vec![(
+            Event::Released(ReleaseReason::RevokeGraceEnded),
+            victim.lease_id.to_string()
+        )]
     );
     f.granted(&boss);
 }
@@ -583,8 +678,14 @@ fn a_request_that_does_not_wait_revokes_nothing() {
     f.node("a", &[80]);
     let victim = f.granted(&request("victim", 60, 0));
     let shortfall = f.exhausted(&request("impatient", 60, 5));
-    assert!(matches!(shortfall.blocked, Blocked::WouldRevoke { leases: 1, .. }));
-    assert!(shortfall.to_string().contains("does not wait"), "{shortfall}");
+    assert!(matches!(
+        shortfall.blocked,
+        Blocked::WouldRevoke { leases: 1, .. }
+    ));
+    assert!(
+        shortfall.to_string().contains("does not wait"),
+        "{shortfall}"
+    );
     assert_eq!(f.state(&victim), LeaseState::Active);
 }
 
@@ -596,7 +697,13 @@ fn a_withdrawn_or_lapsed_reservation_frees_its_memory() {
     f.waiting(&waiting_request("boss", 60, 5));
     f.pool.release(&victim.lease_id, f.now);
     f.pool.withdraw("boss");
-    assert_eq!(f.pool.gpu_usage(&node_id("a"), &uuid("a", 0)).unwrap().reserved_mib, 0);
+    assert_eq!(
+        f.pool
+            .gpu_usage(&node_id("a"), &uuid("a", 0))
+            .unwrap()
+            .reserved_mib,
+        0
+    );
     f.granted(&request("next", 60, 0));
 
     let mut g = Fixture::new();
@@ -639,7 +746,13 @@ fn a_waiting_request_takes_another_gpu_that_fits_meanwhile() {
     // b frees up before a's victim does.
     f.pool.release(&b_low.lease_id, f.now);
     assert_eq!(f.granted(&boss).node_id.as_str(), "b");
-    assert_eq!(f.pool.gpu_usage(&node_id("a"), &uuid("a", 0)).unwrap().reserved_mib, 0);
+    assert_eq!(
+        f.pool
+            .gpu_usage(&node_id("a"), &uuid("a", 0))
+            .unwrap()
+            .reserved_mib,
+        0
+    );
 }
 
 #[test]
@@ -659,7 +772,10 @@ fn an_offline_node_suspends_its_leases_and_they_resume_within_the_grace() {
     assert_eq!(f.state(&first), LeaseState::Suspended);
     assert_eq!(f.leased_mib("a", 0), 80 * GIB, "still counted");
     // Longer than the TTL: a suspended lease does not expire.
-    assert!(f.advance(DEFAULT_ORPHAN_GRACE - Duration::from_secs(1)).is_empty());
+    assert!(
+        f.advance(DEFAULT_ORPHAN_GRACE - Duration::from_secs(1))
+            .is_empty()
+    );
     let changes = f.set_state("a", NodeState::Online);
     assert_eq!(changes.len(), 2);
     assert!(changes.iter().all(|c| c.event == Event::Resumed));
@@ -680,7 +796,13 @@ fn suspended_leases_are_not_placed_elsewhere_and_may_be_renewed() {
     let (renewed, _) = f.pool.renew(&lease.lease_id, f.now).unwrap();
     assert_eq!(renewed.state, LeaseState::Suspended);
     assert_eq!(renewed.node_id.as_str(), "a");
-    assert_eq!(f.pool.gpu_usage(&node_id("b"), &uuid("b", 0)).unwrap().leased_mib, 0);
+    assert_eq!(
+        f.pool
+            .gpu_usage(&node_id("b"), &uuid("b", 0))
+            .unwrap()
+            .leased_mib,
+        0
+    );
 }
 
 #[test]
@@ -690,7 +812,13 @@ fn leases_orphaned_past_the_grace_are_released() {
     let lease = f.granted(&request("r", 10, 0));
     f.set_state("a", NodeState::Offline);
     let changes = f.advance(DEFAULT_ORPHAN_GRACE);
-    assert_eq!(events(&changes), vec![(Event::Released(ReleaseReason::Orphaned), lease.lease_id.to_string())]);
+    assert_eq!(
+        events(&changes),
+        vec![(
+            Event::Released(ReleaseReason::Orphaned),
+            lease.lease_id.to_string()
+        )]
+    );
     assert_eq!(f.leased_mib("a", 0), 0);
 
     // Back after the grace but before any tick: released, not resumed.
@@ -700,7 +828,13 @@ fn leases_orphaned_past_the_grace_are_released() {
     g.set_state("a", NodeState::Offline);
     g.now = g.now.after(DEFAULT_ORPHAN_GRACE);
     let changes = g.set_state("a", NodeState::Online);
-    assert_eq!(events(&changes), vec![(Event::Released(ReleaseReason::Orphaned), lease.lease_id.to_string())]);
+    assert_eq!(
+        events(&changes),
+        vec![(
+            Event::Released(ReleaseReason::Orphaned),
+            lease.lease_id.to_string()
+        )]
+    );
 }
 
 #[test]
@@ -711,16 +845,34 @@ fn a_node_that_left_or_was_removed_releases_its_leases_at_once() {
     let on_a = f.granted(&on(request("ra", 10, 0), "a"));
     let on_b = f.granted(&on(request("rb", 10, 0), "b"));
     let changes = f.set_state("a", NodeState::Left);
-    assert_eq!(events(&changes), vec![(Event::Released(ReleaseReason::NodeLeft), on_a.lease_id.to_string())]);
+    assert_eq!(
+        events(&changes),
+        vec![(
+            Event::Released(ReleaseReason::NodeLeft),
+            on_a.lease_id.to_string()
+        )]
+    );
     let changes = f.pool.remove_node(&node_id("b"), f.now);
-    assert_eq!(events(&changes), vec![(Event::Released(ReleaseReason::NodeRemoved), on_b.lease_id.to_string())]);
+    assert_eq!(
+        events(&changes),
+        vec![(
+            Event::Released(ReleaseReason::NodeRemoved),
+            on_b.lease_id.to_string()
+        )]
+    );
     assert_eq!(f.pool.gpu_usage(&node_id("b"), &uuid("b", 0)), None);
     // Suspended leases too.
     f.node("c", &[80]);
     let on_c = f.granted(&on(request("rc", 10, 0), "c"));
     f.set_state("c", NodeState::Offline);
     let changes = f.pool.remove_node(&node_id("c"), f.now);
-    assert_eq!(events(&changes), vec![(Event::Released(ReleaseReason::NodeRemoved), on_c.lease_id.to_string())]);
+    assert_eq!(
+        events(&changes),
+        vec![(
+            Event::Released(ReleaseReason::NodeRemoved),
+            on_c.lease_id.to_string()
+        )]
+    );
 }
 
 #[test]
@@ -747,7 +899,12 @@ fn a_vanished_gpu_keeps_its_leases_but_takes_no_new_ones() {
     };
     f.pool.set_gpus(&node_id("a"), vec![only_first]).unwrap();
     assert_eq!(f.leased_mib("a", 1), 30 * GIB);
-    assert!(!f.pool.gpu_usage(&node_id("a"), &uuid("a", 1)).unwrap().placeable);
+    assert!(
+        !f.pool
+            .gpu_usage(&node_id("a"), &uuid("a", 1))
+            .unwrap()
+            .placeable
+    );
     let mut there = request("r2", 1, 0);
     there.terms.constraints.gpu_uuid = Some(uuid("a", 1));
     assert!(matches!(f.acquire(&there), Err(PoolError::Invalid(_))));
@@ -766,10 +923,22 @@ fn inventory_with_duplicates_is_refused() {
         used_mib: 0,
         healthy: true,
     };
-    let error = f.pool.set_gpus(&node_id("a"), vec![gpu(0, "x"), gpu(1, "x")]).unwrap_err();
-    assert!(matches!(error, PoolError::Invalid(ref i) if i.field == "gpus.uuid"), "{error}");
-    let error = f.pool.set_gpus(&node_id("a"), vec![gpu(0, "x"), gpu(0, "y")]).unwrap_err();
-    assert!(matches!(error, PoolError::Invalid(ref i) if i.field == "gpus.index"), "{error}");
+    let error = f
+        .pool
+        .set_gpus(&node_id("a"), vec![gpu(0, "x"), gpu(1, "x")])
+        .unwrap_err();
+    assert!(
+        matches!(error, PoolError::Invalid(ref i) if i.field == "gpus.uuid"),
+        "{error}"
+    );
+    let error = f
+        .pool
+        .set_gpus(&node_id("a"), vec![gpu(0, "x"), gpu(0, "y")])
+        .unwrap_err();
+    assert!(
+        matches!(error, PoolError::Invalid(ref i) if i.field == "gpus.index"),
+        "{error}"
+    );
     let error = f.pool.set_gpus(&node_id("zz"), vec![]).unwrap_err();
     assert_eq!(error, PoolError::UnknownNode(node_id("zz")));
 }
@@ -785,16 +954,35 @@ fn list_filters_leases() {
     let b = f.granted(&other);
     f.pool.release(&a.lease_id, f.now);
     let ids = |filter: LeaseFilter| -> Vec<LeaseId> {
-        f.pool.list(&filter).into_iter().map(|l| l.lease_id).collect()
+        f.pool
+            .list(&filter)
+            .into_iter()
+            .map(|l| l.lease_id)
+            .collect()
     };
-    assert_eq!(ids(LeaseFilter::default()), vec![a.lease_id.clone(), b.lease_id.clone()]);
-    let by_node = LeaseFilter { node_id: Some(node_id("b")), ..LeaseFilter::default() };
+    assert_eq!(
+        ids(LeaseFilter::default()),
+        vec![a.lease_id.clone(), b.lease_id.clone()]
+    );
+    let by_node = LeaseFilter {
+        node_id: Some(node_id("b")),
+        ..LeaseFilter::default()
+    };
     assert_eq!(ids(by_node), vec![b.lease_id.clone()]);
-    let by_holder = LeaseFilter { holder: Some("trainer".into()), ..LeaseFilter::default() };
+    let by_holder = LeaseFilter {
+        holder: Some("trainer".into()),
+        ..LeaseFilter::default()
+    };
     assert_eq!(ids(by_holder), vec![a.lease_id.clone()]);
-    let active = LeaseFilter { states: vec![LeaseState::Active], ..LeaseFilter::default() };
+    let active = LeaseFilter {
+        states: vec![LeaseState::Active],
+        ..LeaseFilter::default()
+    };
     assert_eq!(ids(active), vec![b.lease_id.clone()]);
-    let by_gpu = LeaseFilter { gpu_uuid: Some(uuid("a", 0)), ..LeaseFilter::default() };
+    let by_gpu = LeaseFilter {
+        gpu_uuid: Some(uuid("a", 0)),
+        ..LeaseFilter::default()
+    };
     assert_eq!(ids(by_gpu), vec![a.lease_id]);
 }
 
@@ -835,13 +1023,18 @@ fn inconsistent_persisted_leases_are_refused() {
     let lease = f.granted(&request("r", 10, 0));
     let mut twice = f.pool.snapshot();
     twice.leases.push(lease.clone());
-    assert!(matches!(Pool::restore(PoolConfig::default(), twice), Err(PoolError::Inconsistent(_))));
+    assert!(matches!(
+        Pool::restore(PoolConfig::default(), twice),
+        Err(PoolError::Inconsistent(_))
+    ));
     let mut same_request = f.pool.snapshot();
     let mut copy = lease;
     copy.generation += 1;
     copy.lease_id = LeaseId::new("other");
     same_request.leases.push(copy);
-    let error = Pool::restore(PoolConfig::default(), same_request).err().unwrap();
+    let error = Pool::restore(PoolConfig::default(), same_request)
+        .err()
+        .unwrap();
     assert!(error.to_string().contains("request_id"), "{error}");
 }
 
@@ -860,7 +1053,10 @@ fn no_lease_is_released_merely_because_of_a_restart() {
     restart(&mut f);
     // The coordinator was down for longer than every deadline.
     f.now = f.now.after(Duration::from_secs(3600));
-    assert!(f.pool.tick(f.now).is_empty(), "nothing runs before reconcile");
+    assert!(
+        f.pool.tick(f.now).is_empty(),
+        "nothing runs before reconcile"
+    );
     assert!(!f.pool.is_settled());
     let nodes = vec![
         view("a", NodeState::Online),
@@ -875,11 +1071,17 @@ fn no_lease_is_released_merely_because_of_a_restart() {
             (Event::Reconciled, on_a.lease_id.to_string()),
             (Event::Reconciled, on_c.lease_id.to_string()),
             (Event::Reconciled, on_d.lease_id.to_string()),
-            (Event::Released(ReleaseReason::NodeRemoved), on_d.lease_id.to_string()),
+            (
+                Event::Released(ReleaseReason::NodeRemoved),
+                on_d.lease_id.to_string()
+            ),
         ]
     );
     assert_eq!(f.state(&on_a), LeaseState::Active);
-    assert_eq!(f.pool.get(&on_a.lease_id).unwrap().expires_at, f.now.wall + TTL);
+    assert_eq!(
+        f.pool.get(&on_a.lease_id).unwrap().expires_at,
+        f.now.wall + TTL
+    );
     assert_eq!(f.state(&on_b), LeaseState::Suspended);
     assert_eq!(f.state(&on_c), LeaseState::Active);
     // Each deadline runs in full from the reconcile.
@@ -889,7 +1091,10 @@ fn no_lease_is_released_merely_because_of_a_restart() {
     assert_eq!(
         events(&expired),
         vec![
-            (Event::Released(ReleaseReason::Expired), on_c.lease_id.to_string()),
+            (
+                Event::Released(ReleaseReason::Expired),
+                on_c.lease_id.to_string()
+            ),
             (Event::Forgotten, on_d.lease_id.to_string()),
         ]
     );
