@@ -116,6 +116,12 @@ impl fmt::Display for Shortfall {
                 "; revoking leases of priority below {} would not free enough on any one GPU",
                 self.priority
             ),
+            Blocked::WouldRevoke { gpu, leases: 0, .. } => write!(
+                f,
+                "; node {} GPU {} would have room once leases revoked earlier are freed, \
+                 but the request does not wait (set a wait)",
+                gpu.node_id, gpu.index
+            ),
             Blocked::WouldRevoke {
                 gpu,
                 leases,

@@ -47,9 +47,12 @@
 //!   the new call's wait. The service waits up to its deadline, calling
 //!   again when a lease it waits for is released, when the GPU's inventory
 //!   changes, or at `retry_at`; when the deadline passes it calls
-//!   [`Pool::withdraw`] and answers RESOURCE_EXHAUSTED with
-//!   [`Blocked::WaitedInVain`]. A reservation nobody withdraws lapses at its
-//!   wait's end on [`Pool::tick`]. Reservations are not persisted: after a
+//!   [`Pool::withdraw`], which frees the reservation and returns the
+//!   [`Shortfall`] ([`Blocked::WaitedInVain`]) to answer RESOURCE_EXHAUSTED
+//!   with. A reservation nobody withdraws lapses at its wait's end on
+//!   [`Pool::tick`]. Any request, of any priority, may wait for memory that
+//!   leases already REVOKED will free, as long as the reservations already
+//!   made there leave room: it revokes nothing more. Reservations are not persisted: after a
 //!   restart the caller's retry starts over, and the leases already REVOKED
 //!   count as freed, so nothing more is revoked for it.
 //! - A REVOKED lease is freed when its holder releases it or when
@@ -95,7 +98,13 @@
 //!
 //! Cost: acquire and release are O(log GPUs) without constraints or with a
 //! node or GPU constraint; a label selector scans the best-fit index from
-//! the requested size up. Preemption and `list` are O(GPUs + leases).
+//! the requested size up. Deadlines sit in one ordered set, so `tick` costs
+//! O(log leases) per deadline due. Preemption is skipped outright when no
+//! ACTIVE lease has a lower priority; otherwise it visits GPUs holding
+//! revoked or reserved memory, then the others from the most free down,
+//! stopping once a GPU would need more revoked than the best set found, so
+//! it is O(GPUs + leases) only when nothing can be revoked anywhere. `list`
+//! is O(leases).
 
 mod error;
 mod inventory;
@@ -547,9 +556,26 @@ impl Pool {
         self.preempt(request, now)
     }
 
-    /// Gives up a waiting acquisition's reservation.
-    pub fn withdraw(&mut self, request_id: &str) {
+    /// Gives up a waiting acquisition's reservation when its wait is over,
+    /// saying what it waited for; `None` when it holds no reservation.
+    pub fn withdraw(&mut self, request_id: &str) -> Option<Shortfall> {
+        let wait = self.wait_for(request_id)?;
+        let terms = self.reservations[request_id].terms.clone();
         self.drop_reservation(request_id);
+        let most_free = self
+            .inventory
+            .candidates_by_most_free(&terms.constraints)
+            .next()
+            .map(gpu_free);
+        Some(Shortfall {
+            mb: terms.mb,
+            priority: terms.priority,
+            eligible_gpus: self.inventory.count_candidates(&terms.constraints),
+            most_free,
+            blocked: Blocked::WaitedInVain {
+                waiting_for: wait.waiting_for,
+            },
+        })
     }
 
     /// Extends an ACTIVE (or SUSPENDED) lease by its TTL from `now`.
@@ -750,7 +776,7 @@ impl Pool {
         let until = (now.monotonic + request.wait).max(reserved_until);
         self.set_reservation_until(&request.request_id, until);
         Some((
-            Acquisition::Waiting(self.wait_for(&request.request_id)),
+            Acquisition::Waiting(self.wait_for(&request.request_id).expect("reserved above")),
             Vec::new(),
         ))
     }
@@ -805,11 +831,6 @@ impl Pool {
             .inventory
             .candidates_by_most_free(&terms.constraints)
             .next();
-        let gpu_free = |fit_key: &FitKey| GpuFree {
-            node_id: gpu_key(fit_key).0,
-            index: fit_key.2,
-            free_mib: fit_key.0,
-        };
         let shortfall = |blocked| Shortfall {
             mb: terms.mb,
             priority: terms.priority,
@@ -841,7 +862,7 @@ impl Pool {
             .collect();
         self.reserve(request, key, now);
         Ok((
-            Acquisition::Waiting(self.wait_for(&request.request_id)),
+            Acquisition::Waiting(self.wait_for(&request.request_id).expect("reserved above")),
             changes,
         ))
     }
@@ -1133,8 +1154,8 @@ impl Pool {
         self.inventory.forget_if_unused(&reservation.gpu);
     }
 
-    fn wait_for(&self, request_id: &str) -> Wait {
-        let reservation = &self.reservations[request_id];
+    fn wait_for(&self, request_id: &str) -> Option<Wait> {
+        let reservation = self.reservations.get(request_id)?;
         let gpu = &self.inventory.gpus[&reservation.gpu];
         let revoked: Vec<&Entry> = gpu
             .leases
@@ -1151,7 +1172,7 @@ impl Pool {
                 .collect::<Option<Vec<Instant>>>()
                 .and_then(|dues| dues.into_iter().max())
         };
-        Wait {
+        Some(Wait {
             node_id: reservation.gpu.0.clone(),
             gpu_uuid: reservation.gpu.1.clone(),
             gpu_index: gpu.index,
@@ -1161,7 +1182,7 @@ impl Pool {
                 .collect(),
             retry_at,
             reserved_until: reservation.until,
-        }
+        })
     }
 
     /// Generations of the leases counted on the node's GPUs, in order.
@@ -1177,5 +1198,13 @@ impl Pool {
             .collect();
         generations.sort_unstable();
         generations
+    }
+}
+
+fn gpu_free(fit_key: &FitKey) -> GpuFree {
+    GpuFree {
+        node_id: gpu_key(fit_key).0,
+        index: fit_key.2,
+        free_mib: fit_key.0,
     }
 }

@@ -203,7 +203,15 @@ impl World {
                     }
                 }
             }
-            Op::Withdraw(key) => self.pool.withdraw(&format!("req-{key}")),
+            Op::Withdraw(key) => {
+                let request_id = format!("req-{key}");
+                if let Some(shortfall) = self.pool.withdraw(&request_id) {
+                    let waited = matches!(shortfall.blocked, Blocked::WaitedInVain { .. });
+                    prop_assert!(waited, "{}", shortfall);
+                    let again = self.pool.withdraw(&request_id);
+                    prop_assert!(again.is_none());
+                }
+            }
             Op::Advance(by) => {
                 self.now = self.now.after(*by);
                 for change in self.pool.tick(self.now) {

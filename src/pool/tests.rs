@@ -690,13 +690,43 @@ fn a_request_that_does_not_wait_revokes_nothing() {
 }
 
 #[test]
+fn a_request_that_does_not_wait_is_told_when_revoked_leases_would_make_room() {
+    let mut f = Fixture::new();
+    f.node("a", &[80]);
+    let victim = f.granted(&request("victim", 60, 0));
+    f.waiting(&waiting_request("boss", 40, 5));
+    let shortfall = f.exhausted(&request("small", 20, 0));
+    assert!(matches!(
+        shortfall.blocked,
+        Blocked::WouldRevoke { leases: 0, .. }
+    ));
+    let message = shortfall.to_string();
+    assert!(message.contains("once leases revoked earlier"), "{message}");
+    assert_eq!(f.state(&victim), LeaseState::Revoked);
+}
+
+#[test]
 fn a_withdrawn_or_lapsed_reservation_frees_its_memory() {
     let mut f = Fixture::new();
     f.node("a", &[80]);
     let victim = f.granted(&request("victim", 60, 0));
     f.waiting(&waiting_request("boss", 60, 5));
+    let shortfall = f.pool.withdraw("boss").unwrap();
+    assert_eq!(
+        shortfall.blocked,
+        Blocked::WaitedInVain {
+            waiting_for: vec![victim.lease_id.clone()]
+        }
+    );
+    let message = shortfall.to_string();
+    assert!(message.contains("no GPU can take 61440 MiB"), "{message}");
+    assert!(
+        message.contains("the most free is 20480 MiB on node a GPU 0"),
+        "{message}"
+    );
+    assert!(message.contains(victim.lease_id.as_str()), "{message}");
+    assert_eq!(f.pool.withdraw("boss"), None);
     f.pool.release(&victim.lease_id, f.now);
-    f.pool.withdraw("boss");
     assert_eq!(
         f.pool
             .gpu_usage(&node_id("a"), &uuid("a", 0))
