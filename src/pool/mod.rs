@@ -28,13 +28,14 @@
 //! - Only ACTIVE leases of strictly lower priority are candidates; equal
 //!   priority never preempts, and SUSPENDED or REVOKED leases are not
 //!   revoked (again).
-//! - All victims are on ONE GPU, and together they must free enough,
-//!   counting the memory of leases already REVOKED there as freed; if no
-//!   GPU has such a set, nothing is revoked.
+//! - All victims are on ONE placeable GPU satisfying the constraints, and
+//!   together they must free enough, counting the memory of leases already
+//!   REVOKED there as freed and the memory in use that no lease accounts
+//!   for as staying in use; if no GPU has such a set, nothing is revoked.
 //! - The set chosen on a GPU and the GPU chosen are the least by: MiB
 //!   revoked, then the highest priority among the victims, then the number
 //!   of victims, then the newest victims, then node id and GPU index (see
-//!   [`preemption`] for the exact order).
+//!   `preemption.rs` for the exact order).
 //! - A request with a zero `wait` revokes nothing: it is told what revoking
 //!   would free. Otherwise the victims become REVOKED and the request's
 //!   memory is **reserved** on that GPU: no other acquisition can take the
@@ -52,9 +53,10 @@
 //!   with. A reservation nobody withdraws lapses at its wait's end on
 //!   [`Pool::tick`]. Any request, of any priority, may wait for memory that
 //!   leases already REVOKED will free, as long as the reservations already
-//!   made there leave room: it revokes nothing more. Reservations are not persisted: after a
-//!   restart the caller's retry starts over, and the leases already REVOKED
-//!   count as freed, so nothing more is revoked for it.
+//!   made there leave room: it revokes nothing more.
+//! - Reservations are not persisted: after a restart the caller's retry
+//!   starts over, and the leases already REVOKED count as freed, so nothing
+//!   more is revoked for it.
 //! - A REVOKED lease is freed when its holder releases it or when
 //!   `revoke_grace` has passed since it was revoked, whichever is first
 //!   (or its TTL, if that comes sooner). It cannot be renewed.
