@@ -34,7 +34,7 @@ pub(super) struct Victims {
 }
 
 impl Victims {
-    fn of(chosen: &[Candidate]) -> Self {
+    pub(super) fn of(chosen: &[Candidate]) -> Self {
         let mut generations: Vec<u64> = chosen.iter().map(|c| c.generation).collect();
         generations.sort_unstable_by(|a, b| b.cmp(a));
         Self {

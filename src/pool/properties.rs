@@ -7,7 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use proptest::prelude::*;
 
-use super::*;
+use super::{
+    inventory::gpu_key,
+    preemption::{Candidate, Victims},
+    *,
+};
 
 const NODES: usize = 3;
 const GPUS_PER_NODE: u32 = 2;
@@ -157,6 +161,10 @@ impl World {
                     },
                 });
                 let request = request.clone();
+                let fresh = !self.pool.by_request.contains_key(&request.request_id)
+                    && !self.pool.reservations.contains_key(&request.request_id);
+                let fits = self.pool.best_fit(&request.terms).is_some();
+                let expected = best_victims_by_brute_force(&self.pool, &request.terms);
                 match self.pool.acquire(&request, self.now) {
                     Ok((Acquisition::Granted(lease), changes)) => {
                         prop_assert_eq!(&lease.terms, &request.terms);
@@ -171,13 +179,29 @@ impl World {
                     }
                     Ok((Acquisition::Waiting(wait), changes)) => {
                         prop_assert!(!request.wait.is_zero(), "only waiting requests revoke");
+                        if fresh {
+                            let revoked: Vec<u64> =
+                                changes.iter().map(|c| c.lease.generation).collect();
+                            let gpu = (wait.node_id.clone(), wait.gpu_uuid.clone());
+                            prop_assert_eq!(expected, Some((gpu, revoked)));
+                        }
                         for change in &changes {
                             prop_assert!(change.lease.terms.priority < request.terms.priority);
                             prop_assert_eq!(change.lease.state, LeaseState::Revoked);
                             prop_assert_eq!(&change.lease.node_id, &wait.node_id);
                         }
                     }
-                    Err(PoolError::Exhausted(_)) => {}
+                    Err(PoolError::Exhausted(shortfall)) => {
+                        if fresh && !fits {
+                            match shortfall.blocked {
+                                Blocked::WouldRevoke { leases, .. } => {
+                                    let count = expected.map(|(_, victims)| victims.len());
+                                    prop_assert_eq!(count, Some(leases));
+                                }
+                                _ => prop_assert_eq!(expected, None),
+                            }
+                        }
+                    }
                     Err(PoolError::Invalid(invalid)) => {
                         prop_assert_eq!(invalid.field, "node_id");
                     }
@@ -306,6 +330,53 @@ impl World {
         }
         check_invariants(&self.pool)
     }
+}
+
+/// The victims preemption must choose, by trying every subset of the
+/// candidates on every eligible GPU: the GPU and the generations revoked,
+/// oldest first.
+fn best_victims_by_brute_force(pool: &Pool, terms: &LeaseTerms) -> Option<(GpuKey, Vec<u64>)> {
+    let mut best: Option<((Victims, NodeId, u32), GpuKey, Vec<u64>)> = None;
+    for fit_key in pool.inventory.candidates(&terms.constraints, 0) {
+        let key = gpu_key(fit_key);
+        let gpu = &pool.inventory.gpus[&key];
+        let needed = terms.mb.saturating_sub(gpu.free_mib_after_revocations());
+        if needed == 0 && gpu.revoked_mib == 0 {
+            continue;
+        }
+        let candidates: Vec<Candidate> = gpu
+            .leases
+            .iter()
+            .map(|generation| &pool.leases[generation].lease)
+            .filter(|lease| {
+                lease.state == LeaseState::Active && lease.terms.priority < terms.priority
+            })
+            .map(|lease| Candidate {
+                generation: lease.generation,
+                mb: lease.terms.mb,
+                priority: lease.terms.priority,
+            })
+            .collect();
+        for mask in 0u32..(1 << candidates.len()) {
+            let chosen: Vec<Candidate> = (0..candidates.len())
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| candidates[i])
+                .collect();
+            if chosen.iter().map(|c| c.mb).sum::<u64>() < needed {
+                continue;
+            }
+            let rank = (Victims::of(&chosen), key.0.clone(), gpu.index);
+            if best
+                .as_ref()
+                .is_none_or(|(best_rank, _, _)| rank < *best_rank)
+            {
+                let mut generations: Vec<u64> = chosen.iter().map(|c| c.generation).collect();
+                generations.sort_unstable();
+                best = Some((rank, key.clone(), generations));
+            }
+        }
+    }
+    best.map(|(_, key, generations)| (key, generations))
 }
 
 fn counted(leases: &[Lease]) -> std::collections::BTreeSet<LeaseId> {
