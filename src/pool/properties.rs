@@ -336,7 +336,8 @@ impl World {
 /// candidates on every eligible GPU: the GPU and the generations revoked,
 /// oldest first.
 fn best_victims_by_brute_force(pool: &Pool, terms: &LeaseTerms) -> Option<(GpuKey, Vec<u64>)> {
-    let mut best: Option<((Victims, NodeId, u32), GpuKey, Vec<u64>)> = None;
+    type Rank = (Victims, NodeId, u32);
+    let mut best: Option<(Rank, GpuKey, Vec<u64>)> = None;
     for fit_key in pool.inventory.candidates(&terms.constraints, 0) {
         let key = gpu_key(fit_key);
         let gpu = &pool.inventory.gpus[&key];
