@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use proptest::prelude::*;
 
 use super::{
-    inventory::gpu_key,
+    inventory::{GpuKey, gpu_key},
     preemption::{Candidate, Victims},
     *,
 };
