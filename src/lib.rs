@@ -8,6 +8,7 @@
 //! - [`agent`] is the daemon on each node: identity, Status service and the
 //!   reconnecting heartbeat link.
 //! - [`cli`] holds the operator commands.
+//! - [`pool`] is the VRAM lease pool: pure, driven by time passed in.
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
 //! - [`events`] is the fleet's event feed: pure, fed by the store after
 //!   each commit, read by `WatchNodes`.
@@ -32,6 +33,7 @@
 //! events      -> proto
 //! wire        -> auth node proto validation
 //! registry    -> clock node
+//! pool        -> clock node validation
 //! node        -> auth validation
 //! auth        -> validation
 //! ```
@@ -50,6 +52,7 @@ pub mod grpc;
 pub mod limits;
 pub mod memory;
 pub mod node;
+pub mod pool;
 pub mod proto;
 pub mod registry;
 pub mod shutdown;
