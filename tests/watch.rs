@@ -746,3 +746,32 @@ async fn a_watcher_that_stops_reading_slows_nobody_and_is_told_where_to_resume()
     let next = resumed.message().await.unwrap().unwrap();
     assert_eq!(next.revision, resume_from + 1, "resumed without a gap");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_watch_ends_with_unavailable_when_the_coordinator_shuts_down_and_does_not_delay_it()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = InProcessCoordinator::start(&dir.path().join("muster.db"), &[]).await;
+    let mut stream = coordinator
+        .client()
+        .await
+        .watch_nodes(proto::WatchNodesRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let end = stream.message().await.unwrap().unwrap();
+    assert_eq!(end.kind(), NodeEventKind::SnapshotEnd);
+
+    let started = std::time::Instant::now();
+    coordinator.stop().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "shutdown waited {:?} for the watch",
+        started.elapsed()
+    );
+    let ended = tokio::time::timeout(START_DEADLINE, stream.message())
+        .await
+        .expect("the watch ends")
+        .expect_err("with a status");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+}
