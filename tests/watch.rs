@@ -433,13 +433,14 @@ async fn a_watch_across_churn_and_a_coordinator_restart_reproduces_list_nodes() 
     );
     let reasons: std::collections::BTreeSet<&str> =
         events.iter().map(|e| e.reason.as_str()).collect();
+    // Not "online": after the restart, agents re-registering may beat the
+    // probes that would have proven them alive.
     for reason in [
         "registered",
         "left",
         "offline",
         "drained",
         "reloaded",
-        "online",
         "removed",
     ] {
         assert!(

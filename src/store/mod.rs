@@ -1065,6 +1065,7 @@ mod tests {
         assert_eq!(store.event_hub().revision(), 1);
         let mut reloaded = store.load_nodes().await.unwrap();
         let node = reloaded.remove(0);
+        let generation = node.generation;
         store
             .record_reload(vec![NodeSnapshot {
                 registration: node.registration,
@@ -1080,9 +1081,14 @@ mod tests {
             .unwrap();
         let a = NodeId::parse("node_id", "a").unwrap();
         store
-            .set_drain(a, Some("fan".to_owned()), now)
+            .set_drain(a.clone(), Some("fan".to_owned()), now)
             .await
             .unwrap();
+        let proven = Change::CameOnline {
+            node_id: a,
+            generation,
+        };
+        write_batch(&store, vec![proven], vec![]).await.unwrap();
         let events = all_events(&store).await;
         use proto::NodeState as S;
         assert_eq!(
@@ -1090,8 +1096,10 @@ mod tests {
             [
                 (2, "a", Reason::Reloaded, S::Unknown),
                 (3, "a", Reason::Drained, S::Unknown),
+                (4, "a", Reason::Online, S::Online),
             ]
         );
+        assert!(events[3].node.drained);
 
         let other = Store::open(&dir.path().join("other.db")).await.unwrap();
         assert_ne!(other.event_hub().database_id(), database_id);
