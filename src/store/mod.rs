@@ -20,6 +20,7 @@ mod connections;
 mod enroller;
 mod events;
 mod file;
+mod leases;
 mod lock;
 mod rows;
 mod schema;
@@ -56,6 +57,7 @@ use crate::{
     clock::{from_unix_millis, to_unix_millis},
     events::{EventHub, EventKind, NodeEvent, Reason},
     node::{Drain, NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
+    pool::{Change as LeaseChange, PersistedPool},
     proto,
     registry::{Change, Enrollment},
 };
@@ -130,6 +132,8 @@ pub enum StoreError {
     Query(#[from] diesel::result::Error),
     #[error("stored node {node_id:?} is unreadable: {reason}")]
     Corrupt { node_id: String, reason: String },
+    #[error("stored lease of generation {generation} is unreadable: {reason}")]
+    CorruptLease { generation: i64, reason: String },
     #[error("database task did not finish")]
     Task(#[from] tokio::task::JoinError),
     #[error("cannot start the registration thread")]
@@ -151,7 +155,7 @@ impl StoreError {
         use diesel::result::{DatabaseErrorKind as Kind, Error};
         match self {
             Self::Batch(cause) => cause.is_unavailable(),
-            Self::Corrupt { .. } => false,
+            Self::Corrupt { .. } | Self::CorruptLease { .. } => false,
             Self::Query(Error::DatabaseError(
                 Kind::UniqueViolation
                 | Kind::ForeignKeyViolation
@@ -294,6 +298,22 @@ impl Store {
             self.connections.report(Some(&error));
             Err(error)
         })
+    }
+
+    /// The lease pool as it was last committed.
+    pub async fn load_leases(&self) -> Result<PersistedPool, StoreError> {
+        self.read(|conn| leases::load(conn)).await
+    }
+
+    /// Commits the lease pool's changes, in order, in one transaction, and
+    /// raises the last generation issued to `last_generation`.
+    pub async fn write_leases(
+        &self,
+        changes: Arc<[LeaseChange]>,
+        last_generation: u64,
+    ) -> Result<(), StoreError> {
+        self.event_transaction(move |conn, _| leases::write(conn, &changes, last_generation))
+            .await
     }
 
     /// Whether writes currently succeed; changes with every write's outcome.

@@ -46,3 +46,31 @@ diesel::table! {
         database_id -> Text,
     }
 }
+
+diesel::table! {
+    leases (generation) {
+        generation -> BigInt,
+        request_id -> Text,
+        holder -> Text,
+        mb -> BigInt,
+        priority -> Integer,
+        ttl_ms -> BigInt,
+        constraints -> Text,
+        node_id -> Text,
+        gpu_uuid -> Text,
+        granted_at -> BigInt,
+        expires_at -> BigInt,
+        state -> Text,
+        revoked_at -> Nullable<BigInt>,
+        suspended_at -> Nullable<BigInt>,
+        released_at -> Nullable<BigInt>,
+        release_reason -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    lease_generations (id) {
+        id -> Integer,
+        last_issued -> BigInt,
+    }
+}

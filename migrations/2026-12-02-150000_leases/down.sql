@@ -1,0 +1,2 @@
+DROP TABLE lease_generations;
+DROP TABLE leases;
