@@ -17,9 +17,9 @@
 //!
 //! ```text
 //! swarm       -> agent auth config error grpc limits node proto
-//! agent       -> auth config error grpc node proto tls
+//! agent       -> auth config error grpc node proto tls wire
 //! cli         -> auth config error grpc node proto tls
-//! coordinator -> auth clock config error grpc limits node proto registry store telemetry tls
+//! coordinator -> auth clock config error grpc limits node proto registry store telemetry tls wire
 //! telemetry   -> error grpc
 //! shutdown    -> error
 //! grpc        -> error proto tls

@@ -4,7 +4,9 @@
 //! the store and applies it to the registry before `registered` is sent.
 //! From then on the session needs no store: each heartbeat is checked
 //! (sequence numbers strictly increase, the session is still the node's
-//! newest), applied to the registry and acknowledged.
+//! newest), applied to the registry and acknowledged. A heartbeat that
+//! carries a GPU inventory replaces the node's; the writer persists it with
+//! its next batch.
 //!
 //! A `leave` (the agent is shutting down on purpose) is recorded in the
 //! store before anything else: only once it is durable does the node become
@@ -33,6 +35,7 @@ use crate::{
     proto::{self, AgentMessage, CoordinatorMessage, agent_message, coordinator_message},
     registry::{SessionRejected, Timing},
     store::{Store, StoreError},
+    wire,
 };
 
 pub(super) type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
@@ -282,9 +285,20 @@ impl<L: LeaveRecorder> Session<L> {
             ))));
         }
         self.last_sequence = Some(heartbeat.sequence);
-        let accepted = self
-            .registry
-            .update(|registry| registry.heartbeat(&self.node_id, self.generation, Moment::now()));
+        let inventory = match heartbeat.inventory {
+            None => None,
+            Some(inventory) => Some(
+                wire::gpu_inventory("heartbeat.inventory", inventory)
+                    .map_err(|invalid| Ended::Refused(invalid.into()))?,
+            ),
+        };
+        let accepted = self.registry.update(|registry| {
+            let retuned = registry.heartbeat(&self.node_id, self.generation, Moment::now())?;
+            if let Some(gpus) = inventory {
+                registry.report_inventory(&self.node_id, self.generation, gpus)?;
+            }
+            Ok(retuned)
+        });
         let retuned = accepted.map_err(|rejected| {
             Ended::Refused(rejection(&self.node_id, self.generation, rejected))
         })?;
@@ -393,6 +407,7 @@ mod tests {
         AgentMessage {
             kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat {
                 sequence,
+                inventory: None,
             })),
         }
     }
@@ -493,6 +508,7 @@ mod serve_loop {
             hostname: node.to_owned(),
             labels: Default::default(),
             max_backoff: DEFAULT_MAX_BACKOFF,
+            gpus: Default::default(),
         };
         let enrollment = Enrollment {
             generation,
@@ -577,7 +593,10 @@ mod serve_loop {
         }
 
         async fn heartbeat(&self, sequence: u64) {
-            let heartbeat = proto::Heartbeat { sequence };
+            let heartbeat = proto::Heartbeat {
+                sequence,
+                inventory: None,
+            };
             let message = AgentMessage {
                 kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
             };

@@ -52,7 +52,7 @@ use crate::{
     auth::SecretHash,
     clock::{from_unix_millis, to_unix_millis},
     node::{Drain, NodeId, Registration, StoredNode},
-    registry::{Change, Enrollment},
+    registry::{Change, Enrollment, InventoryUpdate},
 };
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -457,20 +457,31 @@ impl Store {
         .await
     }
 
-    /// Writes registry changes and heartbeat times in one transaction. Shared
-    /// slices let a caller keep the batch for a retry without copying it.
+    /// Writes registry changes, heartbeat times and GPU inventories in one
+    /// transaction. Shared slices let a caller keep the batch for a retry
+    /// without copying it. An inventory is written only over the row of the
+    /// session that reported it.
     pub async fn write(
         &self,
         changes: Arc<[Change]>,
         last_seen: Arc<[(NodeId, SystemTime)]>,
+        inventories: Arc<[InventoryUpdate]>,
     ) -> Result<(), StoreError> {
-        if changes.is_empty() && last_seen.is_empty() {
+        if changes.is_empty() && last_seen.is_empty() && inventories.is_empty() {
             return Ok(());
         }
         self.write_transaction(move |conn| {
             for (node_id, seen) in last_seen.iter() {
                 diesel::update(known_nodes::table.find(node_id.as_str()))
                     .set(known_nodes::last_seen.eq(to_unix_millis(*seen)))
+                    .execute(conn)?;
+            }
+            for update in inventories.iter() {
+                let of_session = known_nodes::table.find(update.node_id.as_str()).filter(
+                    known_nodes::session_generation.eq(generation_to_column(update.generation)),
+                );
+                diesel::update(of_session)
+                    .set(known_nodes::gpus.eq(rows::encode_gpus(&update.node_id, &update.gpus)?))
                     .execute(conn)?;
             }
             for change in changes.iter() {
@@ -682,6 +693,7 @@ mod tests {
             hostname: node.to_owned(),
             labels: BTreeMap::from([("gpu".to_owned(), "a100".to_owned())]),
             max_backoff: Duration::from_secs(90),
+            gpus: Default::default(),
         }
     }
 
@@ -690,7 +702,9 @@ mod tests {
         changes: Vec<Change>,
         last_seen: Vec<(NodeId, SystemTime)>,
     ) -> Result<(), StoreError> {
-        store.write(changes.into(), last_seen.into()).await
+        store
+            .write(changes.into(), last_seen.into(), Arc::from([]))
+            .await
     }
 
     fn secret_of(node: &str) -> SecretHash {
@@ -849,6 +863,74 @@ mod tests {
         assert!(store.load_nodes().await.unwrap().is_empty());
     }
 
+    fn gpus(used: u64) -> crate::node::GpuInventory {
+        crate::node::GpuInventory::new(
+            "gpus",
+            vec![crate::node::Gpu {
+                index: 0,
+                uuid: "GPU-0".to_owned(),
+                name: "A100-80G".to_owned(),
+                memory_total_mib: 81_920,
+                memory_used_mib: used,
+                unhealthy: Some("critical Xid 79".to_owned()),
+                ..Default::default()
+            }],
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn inventories_are_kept_by_registration_and_by_batches_of_the_current_session_only() {
+        let (dir, store) = temp_store().await;
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut registration = registration("a", "b1");
+        registration.gpus = gpus(100);
+        admit(&store, registration.clone(), now).await;
+        assert_eq!(
+            store.load_nodes().await.unwrap()[0].registration.gpus,
+            gpus(100)
+        );
+
+        let a = NodeId::parse("node_id", "a").unwrap();
+        let update = |generation, used| InventoryUpdate {
+            node_id: a.clone(),
+            generation,
+            gpus: gpus(used),
+        };
+        store
+            .write(Arc::from([]), Arc::from([]), Arc::from([update(1, 2_000)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.load_nodes().await.unwrap()[0].registration.gpus,
+            gpus(2_000)
+        );
+        store
+            .write(Arc::from([]), Arc::from([]), Arc::from([update(0, 3_000)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.load_nodes().await.unwrap()[0].registration.gpus,
+            gpus(2_000),
+            "an older session's inventory changes nothing"
+        );
+
+        drop(store);
+        let store = Store::open(&dir.path().join("muster.db")).await.unwrap();
+        assert_eq!(
+            store.load_nodes().await.unwrap()[0].registration.gpus,
+            gpus(2_000)
+        );
+        registration.gpus = Default::default();
+        admit(&store, registration, now).await;
+        assert!(
+            store.load_nodes().await.unwrap()[0]
+                .registration
+                .gpus
+                .is_empty()
+        );
+    }
+
     #[tokio::test]
     async fn a_node_id_held_by_another_secret_is_refused_and_nothing_is_written() {
         let (_dir, store) = temp_store().await;
@@ -985,7 +1067,8 @@ mod tests {
              CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
                  version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
                  session_generation BIGINT, offline_since BIGINT, secret_hash TEXT,
-                 max_backoff_ms BIGINT, drained_at BIGINT, drain_reason TEXT, left_at BIGINT);
+                 max_backoff_ms BIGINT, drained_at BIGINT, drain_reason TEXT, left_at BIGINT,
+                 gpus TEXT);
              INSERT INTO known_nodes SELECT * FROM old_nodes;
              DROP TABLE old_nodes;",
         );

@@ -473,6 +473,7 @@ pub fn register_message(node_id: &str, agent_url: &str, boot_id: &str) -> proto:
             labels: Default::default(),
             node_secret: secret_of(node_id),
             max_backoff: None,
+            inventory: None,
         })),
     }
 }
@@ -486,6 +487,7 @@ pub fn heartbeat_message(sequence: u64) -> proto::AgentMessage {
     proto::AgentMessage {
         kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat {
             sequence,
+            inventory: None,
         })),
     }
 }
