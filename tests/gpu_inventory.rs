@@ -266,7 +266,7 @@ fn agent_command(dir: &Path, gpu_source: &str) -> Command {
         .arg("--state-dir")
         .arg(dir.join("state"))
         .args(["--gpu-source", gpu_source])
-        .env("MUSTER_LOG", "off");
+        .env("MUSTER_LOG", "info");
     command
 }
 

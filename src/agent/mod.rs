@@ -37,7 +37,6 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Runs an agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
-    let gpus = gpu::start(&config.gpu_source, config.gpu_poll_interval).await?;
     let _state_dir_lock = state_lock::lock_state_dir(&config.state_dir).await?;
     let hostname = gethostname::gethostname().to_string_lossy().into_owned();
     let node_id = resolve_node_id(config.node_id.as_deref(), &config.state_dir, &hostname).await?;
@@ -72,6 +71,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     Claim::try_from(register.clone())?;
     validate_url("--coordinator", &config.coordinator)?;
     let coordinator = grpc::endpoint(&config.coordinator, tls.as_ref())?;
+    // Last of what can fail at start-up: `auto` without a driver logs a
+    // line, and nothing is logged before a start-up error.
+    let gpus = gpu::start(&config.gpu_source, config.gpu_poll_interval).await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<StatusService>>().await;
