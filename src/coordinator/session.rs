@@ -603,6 +603,17 @@ mod serve_loop {
             self.messages.send(Ok(message)).await.unwrap();
         }
 
+        async fn heartbeat_with_gpus(&self, sequence: u64, gpus: Vec<proto::Gpu>) {
+            let heartbeat = proto::Heartbeat {
+                sequence,
+                inventory: Some(proto::GpuInventory { gpus }),
+            };
+            let message = AgentMessage {
+                kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
+            };
+            self.messages.send(Ok(message)).await.unwrap();
+        }
+
         async fn leave(&self) {
             let leave = proto::Leave {
                 reason: "SIGTERM".to_owned(),
@@ -657,6 +668,53 @@ mod serve_loop {
         assert!(refused.message().contains("got 4 after 5"), "{refused:?}");
         agent.ended().await;
         assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Offline, 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_replaces_the_inventory_and_a_broken_one_ends_the_session() {
+        let registry = handle(timing(1000));
+        let mut agent = Agent::start(&registry, timing(1000), "gpu-1", 1);
+        let gpu = proto::Gpu {
+            index: 0,
+            uuid: "GPU-0".to_owned(),
+            name: "A100-80G".to_owned(),
+            memory_total_mib: 81_920,
+            memory_used_mib: 4_096,
+            healthy: true,
+            ..Default::default()
+        };
+        agent.heartbeat_with_gpus(1, vec![gpu.clone()]).await;
+        assert_eq!(agent.ack().await.sequence, 1);
+        let gpus = |registry: &RegistryHandle| {
+            registry.lock().get(&id("gpu-1")).unwrap().registration.gpus
+        };
+        assert_eq!(gpus(&registry).gpus()[0].memory_used_mib, 4_096);
+        agent.heartbeat(2).await;
+        assert_eq!(agent.ack().await.sequence, 2);
+        assert_eq!(
+            gpus(&registry).gpus().len(),
+            1,
+            "kept by a heartbeat without one"
+        );
+        assert_eq!(registry.lock().take_inventories().len(), 1);
+
+        agent
+            .heartbeat_with_gpus(
+                3,
+                vec![proto::Gpu {
+                    memory_used_mib: 100_000,
+                    ..gpu
+                }],
+            )
+            .await;
+        let refused = agent.refusal().await;
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().starts_with("heartbeat.inventory GPU 0"),
+            "{refused:?}"
+        );
+        agent.ended().await;
+        assert_eq!(gpus(&registry).gpus()[0].memory_used_mib, 4_096);
     }
 
     #[tokio::test(start_paused = true)]
