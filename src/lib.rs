@@ -17,7 +17,7 @@
 //!
 //! ```text
 //! swarm       -> agent auth config error grpc limits node proto
-//! agent       -> auth config error grpc node proto tls wire
+//! agent       -> auth config error grpc node proto tls
 //! cli         -> auth config error grpc node proto tls
 //! coordinator -> auth clock config error grpc limits node proto registry store telemetry tls wire
 //! telemetry   -> error grpc

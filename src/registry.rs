@@ -297,6 +297,9 @@ pub struct Registry {
     drain_ahead: BTreeMap<NodeId, (u64, Option<Drain>)>,
     /// As the latest sweep found it.
     guard: ExpiryGuard,
+    /// Some entry's inventory may be dirty; without one, collecting
+    /// inventories skips the walk over the fleet.
+    inventories_pending: bool,
 }
 
 impl Registry {
@@ -308,6 +311,7 @@ impl Registry {
             removed_at: BTreeMap::new(),
             drain_ahead: BTreeMap::new(),
             guard: ExpiryGuard::default(),
+            inventories_pending: false,
         }
     }
 
@@ -453,6 +457,7 @@ impl Registry {
         let entry = self.current_entry(node_id, generation)?;
         entry.registration.gpus = gpus;
         entry.inventory_dirty = true;
+        self.inventories_pending = true;
         Ok(())
     }
 
@@ -714,6 +719,9 @@ impl Registry {
     /// The inventory of every node whose inventory changed since the
     /// previous call.
     pub fn take_inventories(&mut self) -> Vec<InventoryUpdate> {
+        if !std::mem::take(&mut self.inventories_pending) {
+            return Vec::new();
+        }
         self.nodes
             .iter_mut()
             .filter(|(_, entry)| entry.inventory_dirty)
@@ -736,6 +744,7 @@ impl Registry {
                 && entry.generation == update.generation
             {
                 entry.inventory_dirty = true;
+                self.inventories_pending = true;
             }
         }
     }

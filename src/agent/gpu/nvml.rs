@@ -64,18 +64,16 @@ impl NvmlSource {
             .device
             .uuid()
             .unwrap_or_else(|_| "(unknown)".to_owned());
-        match event.event_data {
-            Some(XidError::Value(xid)) if APPLICATION_XIDS.contains(&xid) => {
-                info!(%uuid, xid, "an application caused an Xid error; the GPU stays healthy");
-            }
-            xid => {
-                let reason = match xid {
-                    Some(XidError::Value(xid)) => format!("critical Xid {xid}"),
-                    _ => "critical Xid error".to_owned(),
-                };
+        let xid = match event.event_data {
+            Some(XidError::Value(xid)) => Some(xid),
+            Some(XidError::Unknown) | None => None,
+        };
+        match unhealthy_after(xid) {
+            Some(reason) => {
                 warn!(%uuid, %reason, "the GPU is unhealthy until the agent restarts");
                 self.unhealthy.insert(uuid, reason);
             }
+            None => info!(%uuid, ?xid, "an application caused an Xid error; the GPU stays healthy"),
         }
     }
 
@@ -96,6 +94,16 @@ impl NvmlSource {
             unhealthy: self.unhealthy.get(&uuid).cloned(),
             uuid,
         })
+    }
+}
+
+/// Why a critical Xid event makes its GPU unhealthy; `None` for one an
+/// application caused. An event without its Xid counts against the GPU.
+fn unhealthy_after(xid: Option<u64>) -> Option<String> {
+    match xid {
+        Some(xid) if APPLICATION_XIDS.contains(&xid) => None,
+        Some(xid) => Some(format!("critical Xid {xid}")),
+        None => Some("critical Xid error".to_owned()),
     }
 }
 
@@ -159,6 +167,31 @@ impl GpuSource for NvmlSource {
                 self.events = None;
                 std::thread::sleep(interval);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xids_of_the_hardware_make_a_gpu_unhealthy_and_those_of_applications_do_not() {
+        assert_eq!(
+            unhealthy_after(Some(79)).as_deref(),
+            Some("critical Xid 79")
+        );
+        assert_eq!(
+            unhealthy_after(Some(48)).as_deref(),
+            Some("critical Xid 48")
+        );
+        assert!(unhealthy_after(None).is_some());
+        for application in APPLICATION_XIDS {
+            assert_eq!(
+                unhealthy_after(Some(application)),
+                None,
+                "Xid {application}"
+            );
         }
     }
 }
