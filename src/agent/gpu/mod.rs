@@ -233,6 +233,49 @@ mod tests {
         assert!(worth(vec![]));
     }
 
+    /// Hands out its readings in order, then nothing new.
+    struct Scripted(std::collections::VecDeque<Result<Option<Vec<Gpu>>, String>>);
+
+    impl GpuSource for Scripted {
+        fn read(&mut self) -> Result<Option<Vec<Gpu>>, String> {
+            self.0.pop_front().unwrap_or(Ok(None))
+        }
+
+        fn wait(&mut self, interval: Duration) {
+            std::thread::sleep(interval);
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_and_invalid_readings_keep_the_last_good_inventory_and_the_thread_ends_with_the_feed()
+     {
+        let mut over_used = gpu(0, 0, 0);
+        over_used.memory_used_mib = 100_000;
+        let source = Scripted(
+            [
+                Err("the file is gone".to_owned()),
+                Ok(Some(vec![over_used])),
+                Ok(None),
+                Ok(Some(vec![gpu(0, 5_000, 0)])),
+            ]
+            .into(),
+        );
+        let (sender, mut feed) = watch::channel(inventory(vec![gpu(0, 0, 0)]));
+        let polling = std::thread::spawn(move || {
+            poll(Box::new(source), &sender, Duration::from_millis(1), "test");
+        });
+        tokio::time::timeout(Duration::from_secs(10), feed.changed())
+            .await
+            .expect("the good reading arrives")
+            .unwrap();
+        assert_eq!(feed.borrow_and_update().gpus()[0].memory_used_mib, 5_000);
+        drop(feed);
+        tokio::task::spawn_blocking(move || polling.join())
+            .await
+            .unwrap()
+            .expect("the thread ends once nobody holds the feed");
+    }
+
     #[test]
     fn a_slow_drift_is_reported_once_it_adds_up() {
         let (sender, mut feed) = watch::channel(inventory(vec![gpu(0, 0, 0)]));
