@@ -310,8 +310,9 @@ async fn hold_stream(
                     Ok(true) => Some(proto::GpuInventory::from(&*gpus.borrow_and_update())),
                     Ok(false) | Err(_) => None,
                 };
+                let heartbeat = proto::Heartbeat { sequence, inventory };
                 let heartbeat = AgentMessage {
-                    kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat { sequence, inventory })),
+                    kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
                 };
                 if outbound.send(heartbeat).await.is_err() {
                     return LinkError::Closed;
