@@ -8,7 +8,10 @@
 //! - [`agent`] is the daemon on each node: identity, Status service and the
 //!   reconnecting heartbeat link.
 //! - [`cli`] holds the operator commands.
+//! - [`pool`] is the VRAM lease pool: pure, driven by time passed in.
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
+//! - [`events`] is the fleet's event feed: pure, fed by the store after
+//!   each commit, read by `WatchNodes`.
 //! - [`wire`] converts between the wire types of [`proto`] and the domain.
 //!
 //! Modules depend one way, from the top down, and the graph has no cycle
@@ -18,17 +21,19 @@
 //! ```text
 //! swarm       -> agent auth config error grpc limits node proto
 //! agent       -> auth config error grpc node proto tls
-//! cli         -> auth config error grpc node proto tls
-//! coordinator -> auth clock config error grpc limits node proto registry store telemetry tls wire
+//! cli         -> auth config error grpc node proto tls wire
+//! coordinator -> auth clock config error events grpc limits node proto registry store telemetry tls wire
 //! telemetry   -> error grpc
 //! shutdown    -> error
 //! grpc        -> error proto tls
 //! config      -> auth error tls
 //! tls         -> error
 //! error       -> auth node store validation
+//! store       -> auth clock events node proto registry wire
+//! events      -> proto
 //! wire        -> auth node proto validation
-//! store       -> auth clock node registry
 //! registry    -> clock node
+//! pool        -> clock node validation
 //! node        -> auth validation
 //! auth        -> validation
 //! ```
@@ -42,10 +47,12 @@ pub mod config;
 pub mod connections;
 pub mod coordinator;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod limits;
 pub mod memory;
 pub mod node;
+pub mod pool;
 pub mod proto;
 pub mod registry;
 pub mod shutdown;

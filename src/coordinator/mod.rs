@@ -17,6 +17,7 @@ mod readiness;
 mod service;
 mod session;
 mod sweeper;
+mod watch;
 mod writer;
 
 use std::{
@@ -38,13 +39,14 @@ use crate::{
     grpc, limits,
     proto::coordinator_server::CoordinatorServer,
     registry::{Registry, Timing},
-    store::{DatabaseLock, Store},
+    store::{DatabaseLock, EventSettings, Store},
     telemetry::{self, MetricsListener},
     tls::Tls,
 };
 
 pub use prober::{ProbeCredentials, ProbeOutcome, probe};
 pub use session::read_registration;
+pub use watch::{EventSource, Watch};
 
 /// How many Status probes run at once after a restart.
 const PROBE_CONCURRENCY: usize = 256;
@@ -104,6 +106,8 @@ pub(crate) struct Shared {
     /// Held across each drain's store write and registry update, so that
     /// the registry applies drains in the order the store recorded them.
     drains: tokio::sync::Mutex<()>,
+    /// The fleet's events, for watchers.
+    events: EventSource,
 }
 
 impl Shared {
@@ -177,7 +181,15 @@ pub async fn start(
     // Held until supervision ends; the kernel releases it if the process
     // dies.
     let database_lock = DatabaseLock::acquire(&config.db, address).await?;
-    let store = Store::open(&config.db).await?;
+    let store = Store::open_with(
+        &config.db,
+        EventSettings {
+            keep_events: config.event_history_events,
+            keep_for: config.event_history_age,
+            watcher_buffer: config.watch_buffer,
+        },
+    )
+    .await?;
     let stored = store.load_nodes().await?;
 
     let reloaded = stored.len();
@@ -194,18 +206,21 @@ pub async fn start(
     timing.reload_grace = timing.offline_after_at(timing.interval_for(reloaded));
     let mut registry = Registry::new(timing);
     registry.load(stored, Moment::now());
+    // Reloaded nodes are UNKNOWN now, whatever the log last said of them.
+    store.record_reload(registry.list()).await?;
     let boot_id = uuid::Uuid::new_v4().to_string();
     let registry = RegistryHandle::new(registry);
     let shared = Arc::new(Shared {
         changes_pending: registry.changes_pending.clone(),
         registry,
         timing,
-        store,
         boot_id: boot_id.clone(),
         join_token,
         admin_token,
         tls,
         drains: tokio::sync::Mutex::new(()),
+        events: EventSource::new(store.clone(), config.watch_bookmark_interval),
+        store,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
