@@ -270,6 +270,11 @@ const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// An agent's `--max-backoff` is at most what a coordinator allows for after
 /// a restart.
 const MAX_BACKOFF: Duration = crate::node::MAX_MAX_BACKOFF;
+/// Reading NVML more often than this costs CPU and tells nothing new.
+const MIN_GPU_POLL_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_GPU_POLL_INTERVAL: Duration = Duration::from_secs(3600);
+/// The most GPUs `muster swarm` gives one simulated agent.
+pub const MAX_GPUS_PER_AGENT: u8 = 64;
 
 fn check_range(flag: &'static str, value: Duration, max: Duration) -> Result<(), InvalidInput> {
     if value.is_zero() || value > max {
@@ -379,6 +384,19 @@ pub struct AgentConfig {
     #[arg(long, env = "MUSTER_MAX_BACKOFF", default_value = "30s", value_parser = parse_duration)]
     pub max_backoff: Duration,
 
+    /// Where this node's GPU inventory comes from: `auto` (NVML if an NVIDIA
+    /// driver loads, else no GPUs), `nvml` (an error if it does not load),
+    /// `none`, or `file:PATH` (a JSON list of GPUs, read again when it
+    /// changes).
+    #[arg(long, env = "MUSTER_GPU_SOURCE", default_value = "auto", value_parser = parse_gpu_source)]
+    pub gpu_source: GpuSourceSpec,
+
+    /// How often the GPUs are read. A change reaches the coordinator on the
+    /// next heartbeat, and only past a threshold (memory ±64 MiB,
+    /// utilisation ±10 points, health, a GPU added or gone).
+    #[arg(long, env = "MUSTER_GPU_POLL_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub gpu_poll_interval: Duration,
+
     #[command(flatten)]
     pub tls: TlsArgs,
 
@@ -428,11 +446,73 @@ pub struct SwarmConfig {
     /// Stop after this long; without it, run until interrupted.
     #[arg(long, env = "MUSTER_SWARM_DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
+
+    /// Synthetic GPUs each simulated agent reports (0-64), with made-up
+    /// uuids and memory use.
+    #[arg(long, env = "MUSTER_SWARM_GPUS_PER_AGENT", default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..=i64::from(MAX_GPUS_PER_AGENT)))]
+    pub gpus_per_agent: u8,
 }
 
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), InvalidInput> {
-        check_range("--max-backoff", self.max_backoff, MAX_BACKOFF)
+        check_range("--max-backoff", self.max_backoff, MAX_BACKOFF)?;
+        check_range(
+            "--gpu-poll-interval",
+            self.gpu_poll_interval,
+            MAX_GPU_POLL_INTERVAL,
+        )?;
+        if self.gpu_poll_interval < MIN_GPU_POLL_INTERVAL {
+            return Err(InvalidInput::new(
+                "--gpu-poll-interval",
+                format!(
+                    "must be at least {}, got {}",
+                    humantime::format_duration(MIN_GPU_POLL_INTERVAL),
+                    humantime::format_duration(self.gpu_poll_interval)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where an agent reads its GPUs from (`--gpu-source`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuSourceSpec {
+    /// NVML when it loads, otherwise no GPUs.
+    Auto,
+    /// NVML, or refuse to start.
+    Nvml,
+    None,
+    /// A JSON list of GPUs, read again when it changes.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for GpuSourceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Nvml => f.write_str("nvml"),
+            Self::None => f.write_str("none"),
+            Self::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+fn parse_gpu_source(raw: &str) -> Result<GpuSourceSpec, String> {
+    match raw {
+        "auto" => Ok(GpuSourceSpec::Auto),
+        "nvml" => Ok(GpuSourceSpec::Nvml),
+        "none" => Ok(GpuSourceSpec::None),
+        _ => match raw.strip_prefix("file:") {
+            Some("") => {
+                Err("file: must be followed by a path, as in file:/etc/muster/gpus.json".to_owned())
+            }
+            Some(path) => Ok(GpuSourceSpec::File(PathBuf::from(path))),
+            None => Err(format!(
+                "{raw:?} is not a GPU source; use auto, nvml, none or file:PATH"
+            )),
+        },
     }
 }
 
@@ -680,5 +760,41 @@ mod tests {
         );
         let zero = agent(&["--max-backoff", "0s"]).validate().unwrap_err();
         assert_eq!(zero.field, "--max-backoff");
+    }
+
+    #[test]
+    fn gpu_source_is_auto_by_default_and_file_needs_a_path() {
+        let agent = |args: &[&str]| {
+            Cli::try_parse_from(["muster", "agent"].iter().chain(args)).map(|cli| {
+                let Command::Agent(config) = cli.command else {
+                    panic!()
+                };
+                config
+            })
+        };
+        let config = agent(&[]).unwrap();
+        assert_eq!(config.gpu_source, GpuSourceSpec::Auto);
+        assert_eq!(config.gpu_poll_interval, Duration::from_secs(5));
+        for (raw, parsed) in [
+            ("nvml", GpuSourceSpec::Nvml),
+            ("none", GpuSourceSpec::None),
+            (
+                "file:/etc/gpus.json",
+                GpuSourceSpec::File("/etc/gpus.json".into()),
+            ),
+        ] {
+            let config = agent(&["--gpu-source", raw]).unwrap();
+            assert_eq!(config.gpu_source, parsed);
+            assert_eq!(config.gpu_source.to_string(), raw);
+        }
+        for bad in ["file:", "nvidia", ""] {
+            let error = agent(&["--gpu-source", bad]).unwrap_err().to_string();
+            assert!(error.contains("--gpu-source"), "{error}");
+        }
+        let too_often = agent(&["--gpu-poll-interval", "10ms"]).unwrap();
+        assert_eq!(
+            too_often.validate().unwrap_err().field,
+            "--gpu-poll-interval"
+        );
     }
 }

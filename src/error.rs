@@ -147,6 +147,13 @@ pub enum RunError {
     StateDir { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Config(#[from] InvalidInput),
+    /// `--gpu-source` names a source that cannot be read, e.g.
+    /// `file:/etc/gpus.json: line 3 column 7: missing field uuid`.
+    #[error("--gpu-source {source_name}: {problem}")]
+    GpuSource {
+        source_name: String,
+        problem: String,
+    },
     #[error("the {task} task failed: {reason}")]
     TaskFailed { task: &'static str, reason: String },
     #[error("cannot install signal handler")]

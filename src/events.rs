@@ -76,10 +76,12 @@ pub enum Reason {
     /// The coordinator restarted and reloaded the node (UNKNOWN until
     /// proven alive, or LEFT).
     Reloaded,
+    /// Its agent reported its GPUs changed past the agent's thresholds.
+    Gpus,
 }
 
 impl Reason {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 10] = [
         Self::Registered,
         Self::Online,
         Self::Offline,
@@ -89,6 +91,7 @@ impl Reason {
         Self::Expired,
         Self::Removed,
         Self::Reloaded,
+        Self::Gpus,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -102,6 +105,7 @@ impl Reason {
             Self::Expired => "expired",
             Self::Removed => "removed",
             Self::Reloaded => "reloaded",
+            Self::Gpus => "gpus",
         }
     }
 

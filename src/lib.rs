@@ -22,7 +22,7 @@
 //! swarm       -> agent auth config error grpc limits node proto
 //! agent       -> auth config error grpc node proto tls
 //! cli         -> auth config error grpc node proto tls wire
-//! coordinator -> auth clock config error events grpc limits node proto registry store telemetry tls
+//! coordinator -> auth clock config error events grpc limits node proto registry store telemetry tls wire
 //! telemetry   -> error grpc
 //! shutdown    -> error
 //! grpc        -> error proto tls

@@ -12,6 +12,10 @@ use std::{
 
 use crate::{auth::NodeSecret, validation::InvalidInput};
 
+pub mod gpu;
+
+pub use gpu::{Gpu, GpuInventory};
+
 pub const MAX_NODE_ID_LEN: usize = 63;
 pub const MAX_AGENT_URL_LEN: usize = 2048;
 pub const MAX_LABELS: usize = 64;
@@ -95,6 +99,9 @@ pub struct Registration {
     /// [`MAX_MAX_BACKOFF`]: after a coordinator restart the node is given
     /// this long, on top of the usual allowance, to come back.
     pub max_backoff: Duration,
+    /// The node's GPUs: declared in `register`, replaced by every inventory
+    /// a heartbeat carries since.
+    pub gpus: GpuInventory,
 }
 
 /// A validated `register`: what the agent declares about its node, and the

@@ -53,6 +53,10 @@
 //! - Every change the store must know about is queued, in order, for
 //!   [`Registry::take_changes`]. `last_seen` is collected separately by
 //!   [`Registry::take_last_seen`], so heartbeats cost no write of their own.
+//! - A node's GPU inventory is replaced only by its current session, and a
+//!   replaced inventory is collected by [`Registry::take_inventories`] for the
+//!   same batches as `last_seen`: a changing inventory costs no write of its
+//!   own either, and only its latest value is written.
 
 use std::{
     collections::BTreeMap,
@@ -61,7 +65,10 @@ use std::{
 
 use crate::{
     clock::Moment,
-    node::{DEFAULT_MAX_BACKOFF, Drain, NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
+    node::{
+        DEFAULT_MAX_BACKOFF, Drain, GpuInventory, NodeId, NodeSnapshot, NodeState, Registration,
+        StoredNode,
+    },
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -181,6 +188,15 @@ impl Change {
     }
 }
 
+/// A node's latest GPU inventory, to be written over the row of the session
+/// that reported it (an older session's would change nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InventoryUpdate {
+    pub node_id: NodeId,
+    pub generation: u64,
+    pub gpus: GpuInventory,
+}
+
 /// The durable part of a registration, as the store committed it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Enrollment {
@@ -240,6 +256,8 @@ struct Entry {
     /// Set with `offline_since`: the node is removed once OFFLINE past this.
     expires_at: Option<Instant>,
     last_seen_dirty: bool,
+    /// The inventory in `registration` changed since the store last took it.
+    inventory_dirty: bool,
     /// A stall of the coordinator has already been pardoned since the node
     /// was last heard; one pardon per silence, so a dead node is not kept
     /// alive by a coordinator that keeps running late.
@@ -279,6 +297,9 @@ pub struct Registry {
     drain_ahead: BTreeMap<NodeId, (u64, Option<Drain>)>,
     /// As the latest sweep found it.
     guard: ExpiryGuard,
+    /// Some entry's inventory may be dirty; without one, collecting
+    /// inventories skips the walk over the fleet.
+    inventories_pending: bool,
 }
 
 impl Registry {
@@ -290,6 +311,7 @@ impl Registry {
             removed_at: BTreeMap::new(),
             drain_ahead: BTreeMap::new(),
             guard: ExpiryGuard::default(),
+            inventories_pending: false,
         }
     }
 
@@ -324,6 +346,7 @@ impl Registry {
                     drain: node.drain,
                     expires_at,
                     last_seen_dirty: false,
+                    inventory_dirty: false,
                     pardoned: false,
                     last_probe_error: None,
                 },
@@ -382,6 +405,7 @@ impl Registry {
                 drain,
                 expires_at: None,
                 last_seen_dirty: false,
+                inventory_dirty: false,
                 pardoned: false,
                 last_probe_error,
             },
@@ -419,6 +443,21 @@ impl Registry {
             });
         }
         Ok(retuned)
+    }
+
+    /// Replaces the GPU inventory of the node whose session holds
+    /// `generation`, to be written with the next batch.
+    pub fn report_inventory(
+        &mut self,
+        node_id: &NodeId,
+        generation: u64,
+        gpus: GpuInventory,
+    ) -> Result<(), SessionRejected> {
+        let entry = self.current_entry(node_id, generation)?;
+        entry.registration.gpus = gpus;
+        entry.inventory_dirty = true;
+        self.inventories_pending = true;
+        Ok(())
     }
 
     /// The stream of the session holding `generation` has ended. The node goes
@@ -680,6 +719,39 @@ impl Registry {
         }
     }
 
+    /// The inventory of every node whose inventory changed since the
+    /// previous call.
+    pub fn take_inventories(&mut self) -> Vec<InventoryUpdate> {
+        if !std::mem::take(&mut self.inventories_pending) {
+            return Vec::new();
+        }
+        self.nodes
+            .iter_mut()
+            .filter(|(_, entry)| entry.inventory_dirty)
+            .map(|(node_id, entry)| {
+                entry.inventory_dirty = false;
+                InventoryUpdate {
+                    node_id: node_id.clone(),
+                    generation: entry.generation,
+                    gpus: entry.registration.gpus.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Hands back inventories the store failed to write. A node that has
+    /// registered again since wrote its inventory with its registration.
+    pub fn restore_inventories(&mut self, unwritten: &[InventoryUpdate]) {
+        for update in unwritten {
+            if let Some(entry) = self.nodes.get_mut(&update.node_id)
+                && entry.generation == update.generation
+            {
+                entry.inventory_dirty = true;
+                self.inventories_pending = true;
+            }
+        }
+    }
+
     /// The state of a node as seen by its session holding `generation`.
     pub fn session_state(
         &self,
@@ -795,6 +867,7 @@ mod tests {
             hostname: node.to_owned(),
             labels: BTreeMap::new(),
             max_backoff: Duration::ZERO,
+            gpus: Default::default(),
         }
     }
 
@@ -1437,6 +1510,55 @@ mod tests {
 
         registry.restore_last_seen(&batch);
         assert_eq!(registry.take_last_seen(), batch);
+    }
+
+    #[test]
+    fn an_inventory_is_replaced_by_the_current_session_only_and_collected_once() {
+        use crate::node::Gpu;
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 2, t0);
+        let gpus = GpuInventory::new(
+            "inventory",
+            vec![Gpu {
+                uuid: "GPU-0".to_owned(),
+                name: "A100".to_owned(),
+                memory_total_mib: 100,
+                ..Gpu::default()
+            }],
+        )
+        .unwrap();
+        assert_eq!(
+            registry.report_inventory(&id("a"), 1, gpus.clone()),
+            Err(SessionRejected::Superseded { current: 2 })
+        );
+        assert!(registry.take_inventories().is_empty());
+        assert!(registry.get(&id("a")).unwrap().registration.gpus.is_empty());
+
+        registry
+            .report_inventory(&id("a"), 2, gpus.clone())
+            .unwrap();
+        assert_eq!(registry.get(&id("a")).unwrap().registration.gpus, gpus);
+        let batch = registry.take_inventories();
+        assert_eq!(
+            batch,
+            vec![InventoryUpdate {
+                node_id: id("a"),
+                generation: 2,
+                gpus: gpus.clone()
+            }]
+        );
+        assert!(registry.take_inventories().is_empty());
+        registry.restore_inventories(&batch);
+        assert_eq!(registry.take_inventories(), batch);
+
+        registry.restore_inventories(&batch);
+        registry
+            .register(registration("a", "again"), enroll(3, t0), t0)
+            .unwrap();
+        assert!(
+            registry.take_inventories().is_empty(),
+            "a registration writes its own inventory"
+        );
     }
 
     #[test]

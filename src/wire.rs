@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::{
     auth::NodeSecret,
-    node::{self, Claim, NodeId, NodeSnapshot, NodeState, Registration},
+    node::{self, Claim, Gpu, GpuInventory, NodeId, NodeSnapshot, NodeState, Registration},
     proto,
     validation::InvalidInput,
 };
@@ -39,6 +39,11 @@ impl TryFrom<proto::Register> for Claim {
                     .map_err(|_| InvalidInput::new("register.max_backoff", "must not be negative"))
             })
             .transpose()?;
+        let gpus = register
+            .inventory
+            .map(|inventory| gpu_inventory("register.inventory", inventory))
+            .transpose()?
+            .unwrap_or_default();
         Ok(Self {
             registration: Registration {
                 node_id,
@@ -48,9 +53,63 @@ impl TryFrom<proto::Register> for Claim {
                 hostname: register.hostname,
                 labels,
                 max_backoff: node::bounded_max_backoff(max_backoff),
+                gpus,
             },
             secret,
         })
+    }
+}
+
+/// An inventory from the wire, validated; `field` names the message it came
+/// in (`register.inventory`, `heartbeat.inventory`).
+pub fn gpu_inventory(
+    field: &'static str,
+    inventory: proto::GpuInventory,
+) -> Result<GpuInventory, InvalidInput> {
+    let gpus = inventory
+        .gpus
+        .into_iter()
+        .map(|gpu| Gpu {
+            index: gpu.index,
+            uuid: gpu.uuid,
+            name: gpu.name,
+            memory_total_mib: gpu.memory_total_mib,
+            memory_used_mib: gpu.memory_used_mib,
+            utilization_percent: gpu.utilization_percent,
+            temperature_celsius: gpu.temperature_celsius,
+            unhealthy: (!gpu.healthy).then(|| {
+                if gpu.unhealthy_reason.is_empty() {
+                    "reported unhealthy".to_owned()
+                } else {
+                    gpu.unhealthy_reason
+                }
+            }),
+        })
+        .collect();
+    GpuInventory::new(field, gpus)
+}
+
+impl From<&Gpu> for proto::Gpu {
+    fn from(gpu: &Gpu) -> Self {
+        Self {
+            index: gpu.index,
+            uuid: gpu.uuid.clone(),
+            name: gpu.name.clone(),
+            memory_total_mib: gpu.memory_total_mib,
+            memory_used_mib: gpu.memory_used_mib,
+            utilization_percent: gpu.utilization_percent,
+            temperature_celsius: gpu.temperature_celsius,
+            healthy: gpu.is_healthy(),
+            unhealthy_reason: gpu.unhealthy.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&GpuInventory> for proto::GpuInventory {
+    fn from(inventory: &GpuInventory) -> Self {
+        Self {
+            gpus: inventory.gpus().iter().map(proto::Gpu::from).collect(),
+        }
     }
 }
 
@@ -84,6 +143,12 @@ impl From<NodeSnapshot> for proto::Node {
             drained_at: node.drain.as_ref().map(|drain| drain.since.into()),
             drain_reason: node.drain.map(|drain| drain.reason).unwrap_or_default(),
             last_probe_error: node.last_probe_error.unwrap_or_default(),
+            gpus: registration
+                .gpus
+                .gpus()
+                .iter()
+                .map(proto::Gpu::from)
+                .collect(),
         }
     }
 }
@@ -162,6 +227,52 @@ mod tests {
         assert_eq!(
             Claim::try_from(message).unwrap_err().field,
             "register.labels"
+        );
+    }
+
+    #[test]
+    fn an_inventory_round_trips_and_a_broken_one_is_refused_naming_the_field() {
+        let gpu = proto::Gpu {
+            index: 0,
+            uuid: "GPU-0".into(),
+            name: "A100-80G".into(),
+            memory_total_mib: 81_920,
+            memory_used_mib: 512,
+            utilization_percent: 40,
+            temperature_celsius: 51,
+            healthy: false,
+            unhealthy_reason: String::new(),
+        };
+        let mut message = register("n", "http://h:1");
+        message.inventory = Some(proto::GpuInventory {
+            gpus: vec![gpu.clone()],
+        });
+        let gpus = Claim::try_from(message).unwrap().registration.gpus;
+        assert_eq!(
+            gpus.gpus()[0].unhealthy.as_deref(),
+            Some("reported unhealthy")
+        );
+        let back = proto::GpuInventory::from(&gpus);
+        assert_eq!(back.gpus[0].memory_used_mib, 512);
+        assert!(!back.gpus[0].healthy);
+
+        let mut message = register("n", "http://h:1");
+        message.inventory = Some(proto::GpuInventory {
+            gpus: vec![proto::Gpu {
+                memory_used_mib: 90_000,
+                ..gpu
+            }],
+        });
+        assert_eq!(
+            Claim::try_from(message).unwrap_err().field,
+            "register.inventory"
+        );
+        assert!(
+            Claim::try_from(register("n", "http://h:1"))
+                .unwrap()
+                .registration
+                .gpus
+                .is_empty()
         );
     }
 

@@ -71,15 +71,27 @@ async fn a_swarm_registers_and_survives_a_killed_coordinator_with_no_node_offlin
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn each_simulated_agent_answers_probes_as_itself() {
+async fn each_simulated_agent_answers_probes_as_itself_and_reports_its_gpus() {
     let dir = tempfile::tempdir().unwrap();
     let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
-    let _swarm = start_swarm(&coordinator.url(), 3);
+    let _swarm = start_swarm_with(&coordinator.url(), 3, &["--gpus-per-agent", "8"]);
     let nodes = wait_for("three simulated agents", FLEET_DEADLINE, || async {
         let nodes = list_nodes(&coordinator.url()).await?;
         (nodes.len() == 3).then_some(nodes)
     })
     .await;
+    let uuids: std::collections::BTreeSet<&str> = nodes
+        .iter()
+        .flat_map(|node| &node.gpus)
+        .map(|gpu| gpu.uuid.as_str())
+        .collect();
+    assert_eq!(uuids.len(), 3 * 8, "8 GPUs each, uuids unique in the fleet");
+    assert!(
+        nodes
+            .iter()
+            .flat_map(|node| &node.gpus)
+            .all(|gpu| gpu.healthy && gpu.memory_used_mib <= gpu.memory_total_mib)
+    );
     let timeout = Duration::from_secs(5);
     for (node, other) in nodes.iter().zip(nodes.iter().cycle().skip(1)) {
         let id = NodeId::parse("node_id", &node.node_id).unwrap();

@@ -1,7 +1,8 @@
 //! The agent daemon: resolves its identity, serves the Agent Status service
-//! (with health and reflection), and keeps a Heartbeat stream open to the
-//! coordinator through [`reconnect`].
+//! (with health and reflection), reads its GPUs through [`gpu`], and keeps a
+//! Heartbeat stream open to the coordinator through [`reconnect`].
 
+pub mod gpu;
 mod identity;
 pub mod reconnect;
 mod state_lock;
@@ -70,6 +71,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     Claim::try_from(register.clone())?;
     validate_url("--coordinator", &config.coordinator)?;
     let coordinator = grpc::endpoint(&config.coordinator, tls.as_ref())?;
+    // Last of what can fail at start-up: `auto` without a driver logs a
+    // line, and nothing is logged before a start-up error.
+    let gpus = gpu::start(&config.gpu_source, config.gpu_poll_interval).await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<StatusService>>().await;
@@ -93,6 +97,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         reconnect::Link {
             coordinator,
             register,
+            gpus,
             join_token,
             events: Arc::new(reconnect::Unobserved),
             max_backoff: config.max_backoff,
@@ -137,6 +142,7 @@ pub fn register_message(
         labels: labels.into_iter().collect(),
         node_secret: node_secret.expose().to_owned(),
         max_backoff: prost_types::Duration::try_from(max_backoff).ok(),
+        inventory: None,
     }
 }
 

@@ -10,6 +10,9 @@
 //! open across a coordinator's pause (see [`AbandonedStream`]). The delay starts over after a stream that stayed
 //! registered for a while, and is cut short when a coordinator probes the
 //! agent's Status service: a coordinator that probes is back.
+//!
+//! Every `register` carries the GPU feed's inventory; a heartbeat carries it
+//! only when the feed has changed since the stream last sent it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -23,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, transport::Endpoint};
 use tracing::{error, info, warn};
 
+use super::gpu::GpuFeed;
 use crate::{
     auth::Token,
     error::{RunError, display_chain},
@@ -130,7 +134,9 @@ impl ReconnectBackoff {
 /// What the agent registers with, and where.
 pub struct Link {
     pub coordinator: Endpoint,
+    /// Sent on every new stream; its inventory is replaced by the feed's.
     pub register: proto::Register,
+    pub gpus: GpuFeed,
     pub join_token: Option<Token>,
     /// Told what happens on the link; the swarm simulator measures with it.
     pub events: Arc<dyn LinkEvents>,
@@ -231,8 +237,14 @@ async fn hold_stream(
         Err(error) => return LinkError::Connect(error),
     };
     let (outbound, receiver) = mpsc::channel(4);
+    let mut gpus = link.gpus.clone();
+    let mut register = link.register.clone();
+    register.inventory = {
+        let inventory = gpus.borrow_and_update();
+        (!inventory.is_empty()).then(|| proto::GpuInventory::from(&*inventory))
+    };
     let register = AgentMessage {
-        kind: Some(agent_message::Kind::Register(link.register.clone())),
+        kind: Some(agent_message::Kind::Register(register)),
     };
     if outbound.send(register).await.is_err() {
         return LinkError::Closed;
@@ -294,8 +306,13 @@ async fn hold_stream(
             _ = ticker.tick() => {
                 sequence += 1;
                 sent_at = Instant::now();
+                let inventory = match gpus.has_changed() {
+                    Ok(true) => Some(proto::GpuInventory::from(&*gpus.borrow_and_update())),
+                    Ok(false) | Err(_) => None,
+                };
+                let heartbeat = proto::Heartbeat { sequence, inventory };
                 let heartbeat = AgentMessage {
-                    kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat { sequence })),
+                    kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
                 };
                 if outbound.send(heartbeat).await.is_err() {
                     return LinkError::Closed;

@@ -1,4 +1,9 @@
 //! Renders nodes as an aligned table for people or as JSON for scripts.
+//!
+//! The table's GPUS column sums a node up: how many GPUs of each model
+//! (`2× A100-SXM4-80GB`, the vendor's name prefix left out) and the share of
+//! their memory in use, with the unhealthy ones counted apart; `nodes get`
+//! adds a line per GPU.
 
 use std::{
     collections::BTreeMap,
@@ -39,6 +44,9 @@ pub fn write_node(
         }
         OutputFormat::Table => {
             write_table(out, std::slice::from_ref(node))?;
+            for gpu in &node.gpus {
+                writeln!(out, "{}", gpu_line(gpu))?;
+            }
             if !node.last_probe_error.is_empty() {
                 writeln!(out, "last probe error: {}", node.last_probe_error)?;
             }
@@ -115,11 +123,12 @@ fn write_table(out: &mut impl Write, nodes: &[proto::Node]) -> io::Result<()> {
         "LAST SEEN",
         "AGENT URL",
         "GEN",
+        "GPUS",
         "LABELS",
         "DRAINED",
     ]
     .map(str::to_owned);
-    let rows: Vec<[String; 7]> = nodes
+    let rows: Vec<[String; 8]> = nodes
         .iter()
         .map(|node| {
             let labels: Vec<String> = node
@@ -136,6 +145,7 @@ fn write_table(out: &mut impl Write, nodes: &[proto::Node]) -> io::Result<()> {
                     .map_or_else(|| "-".to_owned(), |seen| age(seen, now)),
                 node.agent_url.clone(),
                 node.session_generation.to_string(),
+                gpu_summary(&node.gpus),
                 labels.join(","),
                 drain_cell(node),
             ]
@@ -156,6 +166,58 @@ fn write_table(out: &mut impl Write, nodes: &[proto::Node]) -> io::Result<()> {
         writeln!(out, "{}", line.join("  ").trim_end())?;
     }
     Ok(())
+}
+
+/// `2× A100-80G 61%`: GPUs per model and the share of all their memory in
+/// use, then `(1 unhealthy)` if any is; `-` for a node without GPUs.
+fn gpu_summary(gpus: &[proto::Gpu]) -> String {
+    if gpus.is_empty() {
+        return "-".to_owned();
+    }
+    let mut models: BTreeMap<&str, usize> = BTreeMap::new();
+    for gpu in gpus {
+        *models.entry(short_model(&gpu.name)).or_default() += 1;
+    }
+    let models: Vec<String> = models
+        .into_iter()
+        .map(|(model, count)| format!("{count}× {model}"))
+        .collect();
+    let total: u64 = gpus.iter().map(|gpu| gpu.memory_total_mib).sum();
+    let used: u64 = gpus.iter().map(|gpu| gpu.memory_used_mib).sum();
+    let percent = (used * 100).checked_div(total).unwrap_or(0);
+    let mut summary = format!("{} {percent}%", models.join("+"));
+    let unhealthy = gpus.iter().filter(|gpu| !gpu.healthy).count();
+    if unhealthy > 0 {
+        summary.push_str(&format!(" ({unhealthy} unhealthy)"));
+    }
+    summary
+}
+
+/// The model without the vendor's prefix, which every NVML name carries.
+fn short_model(name: &str) -> &str {
+    name.strip_prefix("NVIDIA ").unwrap_or(name)
+}
+
+/// `gpu 0  GPU-5fa2…  A100-SXM4-80GB  1024/81920 MiB (1%)  40% busy  51°C  healthy`
+fn gpu_line(gpu: &proto::Gpu) -> String {
+    let percent = (gpu.memory_used_mib * 100)
+        .checked_div(gpu.memory_total_mib)
+        .unwrap_or(0);
+    let health = if gpu.healthy {
+        "healthy".to_owned()
+    } else {
+        format!("UNHEALTHY: {}", gpu.unhealthy_reason)
+    };
+    format!(
+        "gpu {}  {}  {}  {}/{} MiB ({percent}%)  {}% busy  {}°C  {health}",
+        gpu.index,
+        gpu.uuid,
+        short_model(&gpu.name),
+        gpu.memory_used_mib,
+        gpu.memory_total_mib,
+        gpu.utilization_percent,
+        gpu.temperature_celsius,
+    )
 }
 
 /// `-` for a node in service; the reason, quoted, for a drained one.
@@ -240,6 +302,60 @@ mod tests {
         assert_eq!(parsed[1]["drained"], false);
         assert!(parsed[1]["drain_reason"].is_null());
         assert_eq!(parsed[1]["state"], "LEFT");
+    }
+
+    fn gpu(index: u32, name: &str, used: u64, healthy: bool) -> proto::Gpu {
+        proto::Gpu {
+            index,
+            uuid: format!("GPU-{index}"),
+            name: name.to_owned(),
+            memory_total_mib: 1_000,
+            memory_used_mib: used,
+            utilization_percent: 30,
+            temperature_celsius: 50,
+            healthy,
+            unhealthy_reason: if healthy {
+                String::new()
+            } else {
+                "critical Xid 79".to_owned()
+            },
+        }
+    }
+
+    #[test]
+    fn the_gpu_column_counts_models_and_sums_memory_use() {
+        assert_eq!(gpu_summary(&[]), "-");
+        let two = [
+            gpu(0, "NVIDIA A100-80G", 500, true),
+            gpu(1, "NVIDIA A100-80G", 720, true),
+        ];
+        assert_eq!(gpu_summary(&two), "2× A100-80G 61%");
+        let mixed = [gpu(0, "H100", 0, true), gpu(1, "A100", 1_000, false)];
+        assert_eq!(gpu_summary(&mixed), "1× A100+1× H100 50% (1 unhealthy)");
+
+        let mut with_gpus = node("gpu-1", proto::NodeState::Online);
+        with_gpus.gpus = two.to_vec();
+        let mut out = Vec::new();
+        write_nodes(&mut out, OutputFormat::Table, &[with_gpus.clone()]).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.lines().next().unwrap().contains("GPUS"), "{text}");
+        assert!(text.contains("2× A100-80G 61%"), "{text}");
+
+        with_gpus.gpus = mixed.to_vec();
+        let mut out = Vec::new();
+        write_node(&mut out, OutputFormat::Table, &with_gpus).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("gpu 1  GPU-1  A100  1000/1000 MiB (100%)  30% busy  50°C  UNHEALTHY: critical Xid 79"),
+            "{text}"
+        );
+
+        let mut out = Vec::new();
+        write_node(&mut out, OutputFormat::Json, &with_gpus).unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed["gpus"][1]["unhealthy_reason"], "critical Xid 79");
+        assert!(parsed["gpus"][0]["unhealthy_reason"].is_null());
+        assert_eq!(parsed["gpus"][0]["memory_total_mib"], 1_000);
     }
 
     #[test]

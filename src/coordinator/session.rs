@@ -4,7 +4,9 @@
 //! the store and applies it to the registry before `registered` is sent.
 //! From then on the session needs no store: each heartbeat is checked
 //! (sequence numbers strictly increase, the session is still the node's
-//! newest), applied to the registry and acknowledged.
+//! newest), applied to the registry and acknowledged. A heartbeat that
+//! carries a GPU inventory replaces the node's; the writer persists it with
+//! its next batch.
 //!
 //! A `leave` (the agent is shutting down on purpose) is recorded in the
 //! store before anything else: only once it is durable does the node become
@@ -33,6 +35,7 @@ use crate::{
     proto::{self, AgentMessage, CoordinatorMessage, agent_message, coordinator_message},
     registry::{SessionRejected, Timing},
     store::{Store, StoreError},
+    wire,
 };
 
 pub(super) type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
@@ -282,9 +285,20 @@ impl<L: LeaveRecorder> Session<L> {
             ))));
         }
         self.last_sequence = Some(heartbeat.sequence);
-        let accepted = self
-            .registry
-            .update(|registry| registry.heartbeat(&self.node_id, self.generation, Moment::now()));
+        let inventory = match heartbeat.inventory {
+            None => None,
+            Some(inventory) => Some(
+                wire::gpu_inventory("heartbeat.inventory", inventory)
+                    .map_err(|invalid| Ended::Refused(invalid.into()))?,
+            ),
+        };
+        let accepted = self.registry.update(|registry| {
+            let retuned = registry.heartbeat(&self.node_id, self.generation, Moment::now())?;
+            if let Some(gpus) = inventory {
+                registry.report_inventory(&self.node_id, self.generation, gpus)?;
+            }
+            Ok(retuned)
+        });
         let retuned = accepted.map_err(|rejected| {
             Ended::Refused(rejection(&self.node_id, self.generation, rejected))
         })?;
@@ -393,6 +407,7 @@ mod tests {
         AgentMessage {
             kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat {
                 sequence,
+                inventory: None,
             })),
         }
     }
@@ -493,6 +508,7 @@ mod serve_loop {
             hostname: node.to_owned(),
             labels: Default::default(),
             max_backoff: DEFAULT_MAX_BACKOFF,
+            gpus: Default::default(),
         };
         let enrollment = Enrollment {
             generation,
@@ -577,7 +593,21 @@ mod serve_loop {
         }
 
         async fn heartbeat(&self, sequence: u64) {
-            let heartbeat = proto::Heartbeat { sequence };
+            let heartbeat = proto::Heartbeat {
+                sequence,
+                inventory: None,
+            };
+            let message = AgentMessage {
+                kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
+            };
+            self.messages.send(Ok(message)).await.unwrap();
+        }
+
+        async fn heartbeat_with_gpus(&self, sequence: u64, gpus: Vec<proto::Gpu>) {
+            let heartbeat = proto::Heartbeat {
+                sequence,
+                inventory: Some(proto::GpuInventory { gpus }),
+            };
             let message = AgentMessage {
                 kind: Some(agent_message::Kind::Heartbeat(heartbeat)),
             };
@@ -638,6 +668,53 @@ mod serve_loop {
         assert!(refused.message().contains("got 4 after 5"), "{refused:?}");
         agent.ended().await;
         assert_eq!(state(&registry, "gpu-1"), Some((NodeState::Offline, 1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_replaces_the_inventory_and_a_broken_one_ends_the_session() {
+        let registry = handle(timing(1000));
+        let mut agent = Agent::start(&registry, timing(1000), "gpu-1", 1);
+        let gpu = proto::Gpu {
+            index: 0,
+            uuid: "GPU-0".to_owned(),
+            name: "A100-80G".to_owned(),
+            memory_total_mib: 81_920,
+            memory_used_mib: 4_096,
+            healthy: true,
+            ..Default::default()
+        };
+        agent.heartbeat_with_gpus(1, vec![gpu.clone()]).await;
+        assert_eq!(agent.ack().await.sequence, 1);
+        let gpus = |registry: &RegistryHandle| {
+            registry.lock().get(&id("gpu-1")).unwrap().registration.gpus
+        };
+        assert_eq!(gpus(&registry).gpus()[0].memory_used_mib, 4_096);
+        agent.heartbeat(2).await;
+        assert_eq!(agent.ack().await.sequence, 2);
+        assert_eq!(
+            gpus(&registry).gpus().len(),
+            1,
+            "kept by a heartbeat without one"
+        );
+        assert_eq!(registry.lock().take_inventories().len(), 1);
+
+        agent
+            .heartbeat_with_gpus(
+                3,
+                vec![proto::Gpu {
+                    memory_used_mib: 100_000,
+                    ..gpu
+                }],
+            )
+            .await;
+        let refused = agent.refusal().await;
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().starts_with("heartbeat.inventory GPU 0"),
+            "{refused:?}"
+        );
+        agent.ended().await;
+        assert_eq!(gpus(&registry).gpus()[0].memory_used_mib, 4_096);
     }
 
     #[tokio::test(start_paused = true)]

@@ -265,6 +265,7 @@ mod tests {
             hostname: node.to_owned(),
             labels: BTreeMap::new(),
             max_backoff: Duration::from_secs(30),
+            gpus: Default::default(),
         };
         let secret = NodeSecret::parse("secret", "0123456789abcdef0123").unwrap();
         let enrolled = store
@@ -362,12 +363,16 @@ mod tests {
             register(&store, node).await;
         }
         store
-            .write(Vec::new().into(), Vec::new().into())
+            .write(Vec::new().into(), Vec::new().into(), Vec::new().into())
             .await
             .unwrap();
         let a = NodeId::parse("node_id", "a").unwrap();
         store
-            .write(Vec::new().into(), vec![(a, SystemTime::now())].into())
+            .write(
+                Vec::new().into(),
+                vec![(a, SystemTime::now())].into(),
+                Vec::new().into(),
+            )
             .await
             .unwrap();
         let source = EventSource::new(store.clone(), NO_BOOKMARKS);

@@ -3,7 +3,8 @@
 //! Being the only writer keeps each node's changes in the order the registry
 //! made them.
 //! State changes are written as soon as they happen; `last_seen` of every
-//! node that heartbeated is written in one transaction per flush period (the
+//! node that heartbeated, and the GPU inventory of every node whose
+//! inventory changed, are written in one transaction per flush period (the
 //! heartbeat interval, at least a second), so heartbeats never cost a write
 //! each. A failed write is retried on the next
 //! round, never dropped; the store's availability, not this task, reports
@@ -24,7 +25,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 use super::Shared;
-use crate::{error::display_chain, node::NodeId, registry::Change, store::StoreError};
+use crate::{
+    error::display_chain,
+    node::NodeId,
+    registry::{Change, InventoryUpdate},
+    store::StoreError,
+};
 
 /// How long the final flush at shutdown may keep retrying a failing store.
 pub(super) const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
@@ -56,62 +62,79 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
         // Decided by the clock, not by which branch fired, so a steady stream
         // of state changes can never starve the `last_seen` flush.
         let flush_last_seen = stopping || last_flush.elapsed() >= flush_interval;
-        let last_seen = {
+        let (last_seen, inventories) = {
             let mut registry = shared.lock();
             for change in registry.take_changes() {
                 unwritten.insert(change.node_id().clone(), change);
             }
             if flush_last_seen {
                 last_flush = Instant::now();
-                registry.take_last_seen()
+                (registry.take_last_seen(), registry.take_inventories())
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             }
         };
-        let changes: Arc<[Change]> = std::mem::take(&mut unwritten).into_values().collect();
-        let last_seen: Arc<[(NodeId, SystemTime)]> = last_seen.into();
+        let batch = Batch {
+            changes: std::mem::take(&mut unwritten).into_values().collect(),
+            last_seen: last_seen.into(),
+            inventories: inventories.into(),
+        };
         if stopping {
-            drain(&shared, changes, last_seen).await;
+            drain(&shared, batch).await;
             return;
         }
-        if let Err(error) = write(&shared, changes.clone(), last_seen.clone()).await {
-            debug!(error = %display_chain(&error), changes = changes.len(), "store write failed; will retry");
-            unwritten = changes
+        if let Err(error) = write(&shared, &batch).await {
+            debug!(error = %display_chain(&error), changes = batch.changes.len(), "store write failed; will retry");
+            unwritten = batch
+                .changes
                 .iter()
                 .map(|change| (change.node_id().clone(), change.clone()))
                 .collect();
-            shared.lock().restore_last_seen(&last_seen);
+            let mut registry = shared.lock();
+            registry.restore_last_seen(&batch.last_seen);
+            registry.restore_inventories(&batch.inventories);
         }
     }
 }
 
-async fn write(
-    shared: &Shared,
+/// One round's writes, shared so that a failed round can be retried without
+/// copying them.
+struct Batch {
     changes: Arc<[Change]>,
     last_seen: Arc<[(NodeId, SystemTime)]>,
-) -> Result<(), StoreError> {
-    if changes.is_empty() && last_seen.is_empty() {
+    inventories: Arc<[InventoryUpdate]>,
+}
+
+async fn write(shared: &Shared, batch: &Batch) -> Result<(), StoreError> {
+    if batch.changes.is_empty() && batch.last_seen.is_empty() && batch.inventories.is_empty() {
         return Ok(());
     }
     shared
         .store
-        .write(changes.clone(), last_seen.clone())
+        .write(
+            batch.changes.clone(),
+            batch.last_seen.clone(),
+            batch.inventories.clone(),
+        )
         .await?;
-    changes.iter().for_each(log_change);
+    batch.changes.iter().for_each(log_change);
     metrics::counter!("muster_store_write_transactions_total").increment(1);
-    metrics::counter!("muster_store_changes_written_total").increment(changes.len() as u64);
-    metrics::counter!("muster_store_last_seen_written_total").increment(last_seen.len() as u64);
+    metrics::counter!("muster_store_changes_written_total").increment(batch.changes.len() as u64);
+    metrics::counter!("muster_store_last_seen_written_total")
+        .increment(batch.last_seen.len() as u64);
+    metrics::counter!("muster_store_gpu_inventories_written_total")
+        .increment(batch.inventories.len() as u64);
     Ok(())
 }
 
 /// The final flush: retries until it succeeds or [`DRAIN_DEADLINE`] has
 /// passed, then names whatever stays unsaved.
-async fn drain(shared: &Shared, changes: Arc<[Change]>, last_seen: Arc<[(NodeId, SystemTime)]>) {
+async fn drain(shared: &Shared, batch: Batch) {
     let deadline = Instant::now() + DRAIN_DEADLINE;
     let mut attempts = 0u32;
     let failure = loop {
         attempts += 1;
-        let attempt = write(shared, changes.clone(), last_seen.clone());
+        let attempt = write(shared, &batch);
         let failure = match tokio::time::timeout_at(deadline, attempt).await {
             Ok(Ok(())) => return,
             Ok(Err(error)) => display_chain(&error),
@@ -125,19 +148,29 @@ async fn drain(shared: &Shared, changes: Arc<[Change]>, last_seen: Arc<[(NodeId,
     error!(
         error = %failure,
         attempts,
-        changes = changes.len(),
-        last_seen = last_seen.len(),
+        changes = batch.changes.len(),
+        last_seen = batch.last_seen.len(),
+        inventories = batch.inventories.len(),
         "shutting down with changes the database did not take; they are lost"
     );
-    for change in changes.iter() {
+    for change in batch.changes.iter() {
         error!(node_id = %change.node_id(), change = %describe(change), "not saved");
     }
-    if !last_seen.is_empty() {
-        let nodes: Vec<&str> = last_seen
+    if !batch.last_seen.is_empty() {
+        let nodes: Vec<&str> = batch
+            .last_seen
             .iter()
             .map(|(node_id, _)| node_id.as_str())
             .collect();
         error!(nodes = %nodes.join(","), "last_seen not saved");
+    }
+    if !batch.inventories.is_empty() {
+        let nodes: Vec<&str> = batch
+            .inventories
+            .iter()
+            .map(|update| update.node_id.as_str())
+            .collect();
+        error!(nodes = %nodes.join(","), "GPU inventories not saved");
     }
 }
 

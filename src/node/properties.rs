@@ -93,6 +93,7 @@ fn register() -> impl Strategy<Value = proto::Register> {
                     node_secret,
                     max_backoff: backoff
                         .map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+                    inventory: None,
                 }
             },
         )

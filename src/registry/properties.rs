@@ -91,6 +91,7 @@ impl ModelStore {
             hostname: node_id.to_string(),
             labels: BTreeMap::new(),
             max_backoff: Duration::from_secs(30),
+            gpus: Default::default(),
         };
         self.rows.insert(
             node_id.clone(),

@@ -59,7 +59,7 @@ use crate::{
     node::{Drain, NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
     pool::{Change as LeaseChange, PersistedPool},
     proto,
-    registry::{Change, Enrollment},
+    registry::{Change, Enrollment, InventoryUpdate},
 };
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -555,16 +555,19 @@ impl Store {
         .await
     }
 
-    /// Writes registry changes and heartbeat times in one transaction, with
-    /// an event for each change that found its session's row, and prunes
-    /// the event history. Shared slices let a caller keep the batch for a
-    /// retry without copying it.
+    /// Writes registry changes, heartbeat times and GPU inventories in one
+    /// transaction, with an event for each change and each inventory that
+    /// found its session's row (an inventory is written only over the row
+    /// of the session that reported it), and prunes the event history.
+    /// Shared slices let a caller keep the batch for a retry without
+    /// copying it.
     pub async fn write(
         &self,
         changes: Arc<[Change]>,
         last_seen: Arc<[(NodeId, SystemTime)]>,
+        inventories: Arc<[InventoryUpdate]>,
     ) -> Result<(), StoreError> {
-        if changes.is_empty() && last_seen.is_empty() {
+        if changes.is_empty() && last_seen.is_empty() && inventories.is_empty() {
             return Ok(());
         }
         let settings = self.events.settings();
@@ -573,6 +576,19 @@ impl Store {
                 diesel::update(known_nodes::table.find(node_id.as_str()))
                     .set(known_nodes::last_seen.eq(to_unix_millis(*seen)))
                     .execute(conn)?;
+            }
+            for update in inventories.iter() {
+                let of_session = known_nodes::table.find(update.node_id.as_str()).filter(
+                    known_nodes::session_generation.eq(generation_to_column(update.generation)),
+                );
+                let updated = diesel::update(of_session)
+                    .set(known_nodes::gpus.eq(rows::encode_gpus(&update.node_id, &update.gpus)?))
+                    .execute(conn)?;
+                if updated == 1
+                    && let Some(node) = events::row_node(conn, &update.node_id, NodeState::Online)?
+                {
+                    recorder.changed(Reason::Gpus, node);
+                }
             }
             for change in changes.iter() {
                 apply_change(conn, recorder, change)?;
@@ -808,6 +824,7 @@ mod tests {
             hostname: node.to_owned(),
             labels: BTreeMap::from([("gpu".to_owned(), "a100".to_owned())]),
             max_backoff: Duration::from_secs(90),
+            gpus: Default::default(),
         }
     }
 
@@ -816,7 +833,9 @@ mod tests {
         changes: Vec<Change>,
         last_seen: Vec<(NodeId, SystemTime)>,
     ) -> Result<(), StoreError> {
-        store.write(changes.into(), last_seen.into()).await
+        store
+            .write(changes.into(), last_seen.into(), Arc::from([]))
+            .await
     }
 
     fn secret_of(node: &str) -> SecretHash {
@@ -1046,7 +1065,11 @@ mod tests {
                     since: now,
                 };
                 store
-                    .write(vec![offline].into(), vec![(id.clone(), now)].into())
+                    .write(
+                        vec![offline].into(),
+                        vec![(id.clone(), now)].into(),
+                        Arc::from([]),
+                    )
                     .await
                     .unwrap();
                 admit(&store, registration(&node, "b2"), now).await;
@@ -1287,6 +1310,83 @@ mod tests {
         assert!(store.load_nodes().await.unwrap().is_empty());
     }
 
+    fn gpus(used: u64) -> crate::node::GpuInventory {
+        crate::node::GpuInventory::new(
+            "gpus",
+            vec![crate::node::Gpu {
+                index: 0,
+                uuid: "GPU-0".to_owned(),
+                name: "A100-80G".to_owned(),
+                memory_total_mib: 81_920,
+                memory_used_mib: used,
+                unhealthy: Some("critical Xid 79".to_owned()),
+                ..Default::default()
+            }],
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn inventories_are_kept_by_registration_and_by_batches_of_the_current_session_only() {
+        let (dir, store) = temp_store().await;
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut registration = registration("a", "b1");
+        registration.gpus = gpus(100);
+        admit(&store, registration.clone(), now).await;
+        assert_eq!(
+            store.load_nodes().await.unwrap()[0].registration.gpus,
+            gpus(100)
+        );
+
+        let a = NodeId::parse("node_id", "a").unwrap();
+        let update = |generation, used| InventoryUpdate {
+            node_id: a.clone(),
+            generation,
+            gpus: gpus(used),
+        };
+        store
+            .write(Arc::from([]), Arc::from([]), Arc::from([update(1, 2_000)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.load_nodes().await.unwrap()[0].registration.gpus,
+            gpus(2_000)
+        );
+        let events = all_events(&store).await;
+        let last = events.last().unwrap();
+        assert_eq!(last.reason, Reason::Gpus);
+        assert_eq!(last.node.gpus[0].memory_used_mib, 2_000);
+        store
+            .write(Arc::from([]), Arc::from([]), Arc::from([update(0, 3_000)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.load_nodes().await.unwrap()[0].registration.gpus,
+            gpus(2_000),
+            "an older session's inventory changes nothing"
+        );
+        assert_eq!(
+            all_events(&store).await.len(),
+            events.len(),
+            "and is no event"
+        );
+
+        drop(store);
+        let store = Store::open(&dir.path().join("muster.db")).await.unwrap();
+        assert_eq!(
+            store.load_nodes().await.unwrap()[0].registration.gpus,
+            gpus(2_000)
+        );
+        registration.gpus = Default::default();
+        admit(&store, registration, now).await;
+        assert!(
+            store.load_nodes().await.unwrap()[0]
+                .registration
+                .gpus
+                .is_empty()
+        );
+    }
+
     #[tokio::test]
     async fn a_node_id_held_by_another_secret_is_refused_and_nothing_is_written() {
         let (_dir, store) = temp_store().await;
@@ -1423,7 +1523,8 @@ mod tests {
              CREATE TABLE known_nodes (node_id TEXT PRIMARY KEY, agent_url TEXT, boot_id TEXT,
                  version TEXT, hostname TEXT, labels TEXT, registered_at BIGINT, last_seen BIGINT,
                  session_generation BIGINT, offline_since BIGINT, secret_hash TEXT,
-                 max_backoff_ms BIGINT, drained_at BIGINT, drain_reason TEXT, left_at BIGINT);
+                 max_backoff_ms BIGINT, drained_at BIGINT, drain_reason TEXT, left_at BIGINT,
+                 gpus TEXT);
              INSERT INTO known_nodes SELECT * FROM old_nodes;
              DROP TABLE old_nodes;",
         );

@@ -3,12 +3,13 @@
 use std::time::Duration;
 
 use diesel::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::{StoreError, schema::known_nodes};
 use crate::{
     auth::SecretHash,
     clock::{from_unix_millis, to_unix_millis},
-    node::{self, Drain, NodeId, Registration, StoredNode},
+    node::{self, Drain, Gpu, GpuInventory, NodeId, Registration, StoredNode},
     registry::Enrollment,
 };
 
@@ -29,6 +30,64 @@ pub struct NodeRow {
     pub secret_hash: Option<String>,
     pub max_backoff_ms: Option<i64>,
     pub left_at: Option<i64>,
+    /// A JSON list of [`GpuColumn`].
+    pub gpus: String,
+}
+
+/// One GPU as the `gpus` column keeps it. Its own type, so that renaming a
+/// domain field cannot silently change what is on disk.
+#[derive(Debug, Serialize, Deserialize)]
+struct GpuColumn {
+    index: u32,
+    uuid: String,
+    name: String,
+    memory_total_mib: u64,
+    memory_used_mib: u64,
+    utilization_percent: u32,
+    temperature_celsius: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unhealthy: Option<String>,
+}
+
+pub fn encode_gpus(node_id: &NodeId, gpus: &GpuInventory) -> Result<String, StoreError> {
+    let columns: Vec<GpuColumn> = gpus
+        .gpus()
+        .iter()
+        .map(|gpu| GpuColumn {
+            index: gpu.index,
+            uuid: gpu.uuid.clone(),
+            name: gpu.name.clone(),
+            memory_total_mib: gpu.memory_total_mib,
+            memory_used_mib: gpu.memory_used_mib,
+            utilization_percent: gpu.utilization_percent,
+            temperature_celsius: gpu.temperature_celsius,
+            unhealthy: gpu.unhealthy.clone(),
+        })
+        .collect();
+    serde_json::to_string(&columns).map_err(|e| StoreError::Corrupt {
+        node_id: node_id.to_string(),
+        reason: format!("GPU inventory cannot be encoded: {e}"),
+    })
+}
+
+/// The `gpus` column, held to the same rules as an inventory on the wire.
+fn decode_gpus(column: &str) -> Result<GpuInventory, String> {
+    let columns: Vec<GpuColumn> = serde_json::from_str(column)
+        .map_err(|e| format!("gpus is not a JSON list of GPUs: {e}"))?;
+    let gpus = columns
+        .into_iter()
+        .map(|column| Gpu {
+            index: column.index,
+            uuid: column.uuid,
+            name: column.name,
+            memory_total_mib: column.memory_total_mib,
+            memory_used_mib: column.memory_used_mib,
+            utilization_percent: column.utilization_percent,
+            temperature_celsius: column.temperature_celsius,
+            unhealthy: column.unhealthy,
+        })
+        .collect();
+    GpuInventory::new("gpus", gpus).map_err(|e| e.to_string())
 }
 
 /// The drain columns, kept out of [`NodeRow`] so that a registration, which
@@ -75,6 +134,7 @@ impl NodeRow {
             secret_hash: Some(secret_hash.to_hex()),
             max_backoff_ms: Some(duration_to_column(registration.max_backoff)),
             left_at: None,
+            gpus: encode_gpus(&registration.node_id, &registration.gpus)?,
         })
     }
 }
@@ -90,6 +150,7 @@ impl TryFrom<NodeRow> for StoredNode {
         let node_id = NodeId::parse("node_id", &row.node_id).map_err(|e| corrupt(e.to_string()))?;
         let labels = serde_json::from_str(&row.labels)
             .map_err(|e| corrupt(format!("labels are not a JSON object of strings: {e}")))?;
+        let gpus = decode_gpus(&row.gpus).map_err(&corrupt)?;
         let generation = u64::try_from(row.session_generation).map_err(|_| {
             corrupt(format!(
                 "negative session_generation {}",
@@ -108,6 +169,7 @@ impl TryFrom<NodeRow> for StoredNode {
                     row.max_backoff_ms
                         .map(|millis| Duration::from_millis(millis.max(0).unsigned_abs())),
                 ),
+                gpus,
             },
             registered_at: from_unix_millis(row.registered_at),
             last_seen: from_unix_millis(row.last_seen),

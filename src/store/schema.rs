@@ -17,6 +17,7 @@ diesel::table! {
         drained_at -> Nullable<BigInt>,
         drain_reason -> Nullable<Text>,
         left_at -> Nullable<BigInt>,
+        gpus -> Text,
     }
 }
 

@@ -8,6 +8,10 @@
 //! them, each agent as itself (see [`status`]). What the links report is
 //! gathered in [`stats`] and printed as one JSON line per period on stdout.
 //!
+//! With `--gpus-per-agent N`, every agent reports N synthetic GPUs, the same
+//! for the whole run, so a benchmark's coordinator holds a fleet's worth of
+//! inventories.
+//!
 //! The swarm refuses to start when the open-file limit or the ephemeral port
 //! range cannot hold the fleet asked for, rather than failing part-way.
 
@@ -20,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::Endpoint;
 use tracing::{Instrument, info, warn};
@@ -32,7 +36,7 @@ use crate::{
     connections::{self, ConnectionLimits},
     error::{InvalidInput, RunError},
     grpc, limits,
-    node::{Claim, NodeId, validate_url},
+    node::{Claim, Gpu, GpuInventory, NodeId, validate_url},
     proto::agent_server::AgentServer,
 };
 
@@ -76,6 +80,7 @@ pub async fn run(config: SwarmConfig, shutdown: CancellationToken) -> Result<(),
             &simulated_secret(&node_id)?,
             reconnect::DEFAULT_MAX_BACKOFF,
         );
+        let gpus = synthetic_gpus(number, config.gpus_per_agent)?;
         Claim::try_from(register.clone())?;
         let probed = Arc::new(Notify::new());
         identities.push(Identity::new(
@@ -88,6 +93,8 @@ pub async fn run(config: SwarmConfig, shutdown: CancellationToken) -> Result<(),
         let link = reconnect::Link {
             coordinator: endpoint(&config, index)?,
             register,
+            // The sender is dropped: the inventory never changes.
+            gpus: watch::channel(gpus).1,
             join_token: None,
             events: Arc::new(stats::AgentEvents::new(stats.clone())),
             max_backoff: reconnect::DEFAULT_MAX_BACKOFF,
@@ -170,6 +177,30 @@ fn print_report(report: &Report) {
         Ok(line) => println!("{line}"),
         Err(error) => warn!(%error, "cannot encode a report"),
     }
+}
+
+/// Memory of a synthetic GPU: an 80 GiB card.
+const SYNTHETIC_GPU_MIB: u64 = 81_920;
+
+/// `count` GPUs for agent `number`, with uuids unique in the fleet and
+/// memory use and utilisation spread over the range, the same on every run.
+fn synthetic_gpus(number: u32, count: u8) -> Result<GpuInventory, InvalidInput> {
+    let gpus = (0..u32::from(count))
+        .map(|index| {
+            let spread = u64::from(number.wrapping_mul(31).wrapping_add(index * 17) % 100);
+            Gpu {
+                index,
+                uuid: format!("GPU-sim-{number:08x}-{index:04x}"),
+                name: "SIM-80G".to_owned(),
+                memory_total_mib: SYNTHETIC_GPU_MIB,
+                memory_used_mib: SYNTHETIC_GPU_MIB * spread / 100,
+                utilization_percent: u32::try_from(spread).unwrap_or(0),
+                temperature_celsius: 40,
+                unhealthy: None,
+            }
+        })
+        .collect();
+    GpuInventory::new("--gpus-per-agent", gpus)
 }
 
 /// The connection of agent `index`, from its share of the source addresses.

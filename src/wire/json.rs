@@ -27,6 +27,37 @@ pub struct NodeJson<'a> {
     hostname: &'a str,
     labels: BTreeMap<&'a str, &'a str>,
     last_probe_error: Option<&'a str>,
+    gpus: Vec<GpuJson<'a>>,
+}
+
+/// The JSON shape of a GPU; `unhealthy_reason` only for an unhealthy one.
+#[derive(Debug, Serialize)]
+pub struct GpuJson<'a> {
+    index: u32,
+    uuid: &'a str,
+    name: &'a str,
+    memory_total_mib: u64,
+    memory_used_mib: u64,
+    utilization_percent: u32,
+    temperature_celsius: i32,
+    healthy: bool,
+    unhealthy_reason: Option<&'a str>,
+}
+
+impl<'a> From<&'a proto::Gpu> for GpuJson<'a> {
+    fn from(gpu: &'a proto::Gpu) -> Self {
+        Self {
+            index: gpu.index,
+            uuid: &gpu.uuid,
+            name: &gpu.name,
+            memory_total_mib: gpu.memory_total_mib,
+            memory_used_mib: gpu.memory_used_mib,
+            utilization_percent: gpu.utilization_percent,
+            temperature_celsius: gpu.temperature_celsius,
+            healthy: gpu.healthy,
+            unhealthy_reason: (!gpu.healthy).then_some(gpu.unhealthy_reason.as_str()),
+        }
+    }
 }
 
 impl<'a> From<&'a proto::Node> for NodeJson<'a> {
@@ -51,6 +82,7 @@ impl<'a> From<&'a proto::Node> for NodeJson<'a> {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect(),
             last_probe_error: Some(node.last_probe_error.as_str()).filter(|e| !e.is_empty()),
+            gpus: node.gpus.iter().map(GpuJson::from).collect(),
         }
     }
 }

@@ -348,18 +348,25 @@ pub fn start_agent_with(
 /// Starts `muster swarm` with `agents` simulated agents registering with
 /// `coordinator_url`, its Status listener on an ephemeral port.
 pub fn start_swarm(coordinator_url: &str, agents: usize) -> Process {
+    start_swarm_with(coordinator_url, agents, &[])
+}
+
+/// Like [`start_swarm`], with `extra` arguments.
+pub fn start_swarm_with(coordinator_url: &str, agents: usize, extra: &[&str]) -> Process {
+    let agents = agents.to_string();
     let args: Vec<String> = [
         "swarm",
         "--coordinator",
         coordinator_url,
         "--agents",
-        &agents.to_string(),
+        &agents,
         "--listen",
         "0.0.0.0:0",
         "--report-every",
         "1s",
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     Process::start("swarm", &args)
@@ -473,6 +480,7 @@ pub fn register_message(node_id: &str, agent_url: &str, boot_id: &str) -> proto:
             labels: Default::default(),
             node_secret: secret_of(node_id),
             max_backoff: None,
+            inventory: None,
         })),
     }
 }
@@ -486,6 +494,7 @@ pub fn heartbeat_message(sequence: u64) -> proto::AgentMessage {
     proto::AgentMessage {
         kind: Some(agent_message::Kind::Heartbeat(proto::Heartbeat {
             sequence,
+            inventory: None,
         })),
     }
 }

@@ -1,0 +1,1 @@
+ALTER TABLE known_nodes DROP COLUMN gpus;
