@@ -174,6 +174,16 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_OFFLINE_AFTER", default_value = "15s", value_parser = parse_duration)]
     pub offline_after: Duration,
 
+    /// Time a revoked lease's memory stays counted if its holder does not release it; the
+    /// lease that preempted it is granted when it is freed.
+    #[arg(long, env = "MUSTER_REVOKE_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub revoke_grace: Duration,
+
+    /// Time the leases of an OFFLINE node stay SUSPENDED, waiting for it to come back,
+    /// before they are released.
+    #[arg(long, env = "MUSTER_LEASE_ORPHAN_GRACE", default_value = "10m", value_parser = parse_duration)]
+    pub lease_orphan_grace: Duration,
+
     /// Time a node stays OFFLINE or LEFT before it is removed, by the monotonic clock;
     /// RELIABILITY.md says how restarts and clock steps count.
     #[arg(long, env = "MUSTER_EXPIRE_AFTER", default_value = "24h", value_parser = parse_duration)]
@@ -265,6 +275,7 @@ pub struct CoordinatorConfig {
 /// overflow, and catch a mistyped unit.
 const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
 const MAX_OFFLINE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
+const MAX_LEASE_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_EXPIRE_AFTER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// An agent's `--max-backoff` is at most what a coordinator allows for after
@@ -299,6 +310,12 @@ impl CoordinatorConfig {
         )?;
         check_range("--offline-after", self.offline_after, MAX_OFFLINE_AFTER)?;
         check_range("--expire-after", self.expire_after, MAX_EXPIRE_AFTER)?;
+        check_range("--revoke-grace", self.revoke_grace, MAX_LEASE_GRACE)?;
+        check_range(
+            "--lease-orphan-grace",
+            self.lease_orphan_grace,
+            MAX_LEASE_GRACE,
+        )?;
         check_range("--probe-timeout", self.probe_timeout, MAX_PROBE_TIMEOUT)?;
         if !(self.expiry_guard_fraction > 0.0 && self.expiry_guard_fraction <= 1.0) {
             return Err(InvalidInput::new(

@@ -12,6 +12,7 @@ pub use crate::validation::InvalidInput;
 use crate::{
     auth::{Denied, TokenFileError},
     node::NodeId,
+    pool::PoolError,
     store::StoreError,
 };
 
@@ -66,6 +67,12 @@ pub enum ServiceError {
     RevisionAhead { since: u64, latest: u64 },
     #[error("this watch fell behind the fleet's changes; resume with since_revision={resume_from}")]
     WatcherBehind { resume_from: u64 },
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(
+        "the lease pool is being restored after a coordinator restart; retry once the coordinator is SERVING (or give the request a wait)"
+    )]
+    PoolRestoring,
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error("storage failed")]
@@ -98,7 +105,15 @@ impl From<ServiceError> for Status {
             ServiceError::HistoryPruned { .. } => Code::OutOfRange,
             ServiceError::RevisionAhead { .. } => Code::FailedPrecondition,
             ServiceError::WatcherBehind { .. } => Code::Aborted,
-            ServiceError::ShuttingDown => Code::Unavailable,
+            ServiceError::Pool(pool) => match pool {
+                PoolError::Invalid(_) => Code::InvalidArgument,
+                PoolError::RequestIdReused { .. } => Code::AlreadyExists,
+                PoolError::UnknownLease(_) => Code::NotFound,
+                PoolError::NotRenewable { .. } => Code::FailedPrecondition,
+                PoolError::Exhausted(_) => Code::ResourceExhausted,
+                PoolError::UnknownNode(_) | PoolError::Inconsistent(_) => Code::Internal,
+            },
+            ServiceError::ShuttingDown | ServiceError::PoolRestoring => Code::Unavailable,
             ServiceError::Store(store) if store.is_unavailable() => Code::Unavailable,
             ServiceError::Store(_) | ServiceError::Internal(_) => Code::Internal,
         };
@@ -130,6 +145,8 @@ pub fn display_chain(error: &dyn std::error::Error) -> String {
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot restore the lease pool")]
+    Pool(#[from] PoolError),
     #[error("cannot listen on {address}")]
     Bind {
         address: SocketAddr,

@@ -141,15 +141,18 @@ pub async fn connect(
 
 /// Adds gRPC server reflection, both `v1` and `v1alpha`: many tools in daily
 /// use (grpcurl before 1.8.8, Postman, k6, evans) speak only `v1alpha`.
-/// Only `service` (the one muster service this server implements), health
+/// Only `services` (the muster services this server implements), health
 /// and reflection itself are advertised.
-pub fn with_reflection(router: Routes, service: &str) -> Result<Routes, RunError> {
-    let advertised = [
-        service,
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1.ServerReflection",
-        "grpc.reflection.v1alpha.ServerReflection",
-    ];
+pub fn with_reflection(router: Routes, services: &[&str]) -> Result<Routes, RunError> {
+    let advertised: Vec<&str> = services
+        .iter()
+        .copied()
+        .chain([
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ])
+        .collect();
     let builder = || {
         let builder = tonic_reflection::server::Builder::configure()
             .include_reflection_service(false)

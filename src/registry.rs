@@ -197,6 +197,16 @@ pub struct InventoryUpdate {
     pub gpus: GpuInventory,
 }
 
+/// A node as the lease pool sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolFacts<'a> {
+    pub node_id: &'a NodeId,
+    pub state: NodeState,
+    pub drained: bool,
+    pub labels: &'a BTreeMap<String, String>,
+    pub gpus: &'a GpuInventory,
+}
+
 /// The durable part of a registration, as the store committed it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Enrollment {
@@ -782,6 +792,18 @@ impl Registry {
 
     pub fn get(&self, node_id: &NodeId) -> Option<NodeSnapshot> {
         self.nodes.get(node_id).map(Entry::snapshot)
+    }
+
+    /// What the lease pool needs of every node, borrowed: no copy of the
+    /// fleet is made to find what changed.
+    pub fn pool_facts(&self) -> impl Iterator<Item = PoolFacts<'_>> {
+        self.nodes.iter().map(|(node_id, entry)| PoolFacts {
+            node_id,
+            state: entry.state,
+            drained: entry.drain.is_some(),
+            labels: &entry.registration.labels,
+            gpus: &entry.registration.gpus,
+        })
     }
 
     /// Every node, ordered by id.

@@ -89,7 +89,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let router = server
         .add_service(health_service.max_decoding_message_size(grpc::MAX_MESSAGE_BYTES))
         .add_service(AgentServer::new(status).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES));
-    let router = grpc::with_reflection(router, "muster.v1.Agent")?;
+    let router = grpc::with_reflection(router, &["muster.v1.Agent"])?;
     info!(%address, %node_id, %boot_id, %advertise_url, coordinator = %config.coordinator, "agent listening");
 
     let tasks = TaskTracker::new();

@@ -12,6 +12,8 @@
 //! its final flush.
 
 mod admission;
+mod leases;
+mod pool_service;
 mod prober;
 mod readiness;
 mod service;
@@ -37,7 +39,8 @@ use crate::{
     connections::{self, ConnectionLimits},
     error::RunError,
     grpc, limits,
-    proto::coordinator_server::CoordinatorServer,
+    pool::{Pool, PoolConfig},
+    proto::{coordinator_server::CoordinatorServer, pool_server::PoolServer},
     registry::{Registry, Timing},
     store::{DatabaseLock, EventSettings, Store},
     telemetry::{self, MetricsListener},
@@ -108,6 +111,8 @@ pub(crate) struct Shared {
     drains: tokio::sync::Mutex<()>,
     /// The fleet's events, for watchers.
     events: EventSource,
+    /// The VRAM lease pool.
+    leases: Arc<leases::Leases>,
 }
 
 impl Shared {
@@ -208,6 +213,15 @@ pub async fn start(
     registry.load(stored, Moment::now());
     // Reloaded nodes are UNKNOWN now, whatever the log last said of them.
     store.record_reload(registry.list()).await?;
+    let pool = Pool::restore(
+        PoolConfig {
+            revoke_grace: config.revoke_grace,
+            orphan_grace: config.lease_orphan_grace,
+            ..PoolConfig::default()
+        },
+        store.load_leases().await?,
+    )?;
+    let (leases, lease_writes) = leases::Leases::new(pool);
     let boot_id = uuid::Uuid::new_v4().to_string();
     let registry = RegistryHandle::new(registry);
     let shared = Arc::new(Shared {
@@ -221,6 +235,7 @@ pub async fn start(
         drains: tokio::sync::Mutex::new(()),
         events: EventSource::new(store.clone(), config.watch_bookmark_interval),
         store,
+        leases,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -238,6 +253,17 @@ pub async fn start(
         shared.clone(),
         sweeper::period(config.offline_after),
         config.expiry_guard_fraction,
+        shutdown.clone(),
+    ));
+    background.spawn(leases::write(
+        shared.store.clone(),
+        lease_writes,
+        writer_stop.clone(),
+    ));
+    background.spawn(leases::follow(
+        shared.leases.clone(),
+        shared.registry.clone(),
+        readiness.probe_round(),
         shutdown.clone(),
     ));
     background.spawn(prober::initial_round(
@@ -260,14 +286,22 @@ pub async fn start(
         NonZeroU32::new(config.max_registrations_per_second).unwrap_or(NonZeroU32::MIN),
         shared.join_token.clone(),
     );
+    let pool_service = pool_service::PoolService::new(
+        shared.leases.clone(),
+        shared.admin_token.clone(),
+        shutdown.clone(),
+    );
     let mut server = server;
     let router = server
         .add_service(health_service)
         .add_service(tower::Layer::layer(
             &admission,
             CoordinatorServer::new(service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
-        ));
-    let router = grpc::with_reflection(router, "muster.v1.Coordinator")?;
+        ))
+        .add_service(
+            PoolServer::new(pool_service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
+        );
+    let router = grpc::with_reflection(router, &["muster.v1.Coordinator", "muster.v1.Pool"])?;
     let metrics_address = metrics.as_ref().map(MetricsListener::local_address);
     if let Some(metrics) = metrics {
         background.spawn(telemetry::serve(metrics, shutdown.clone()));

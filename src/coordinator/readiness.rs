@@ -14,7 +14,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
@@ -50,6 +50,8 @@ pub(super) struct Readiness {
     /// reports can never reach it in the opposite order.
     conditions: Mutex<Conditions>,
     health: HealthReporter,
+    /// Turns true, once, when the initial probe round is done.
+    probe_round: watch::Sender<bool>,
 }
 
 impl Readiness {
@@ -58,6 +60,7 @@ impl Readiness {
         let readiness = Self {
             conditions: Mutex::new(Conditions::default()),
             health,
+            probe_round: watch::Sender::new(false),
         };
         readiness.publish(ServingStatus::NotServing).await;
         Arc::new(readiness)
@@ -66,6 +69,13 @@ impl Readiness {
     pub(super) async fn probe_round_done(&self) {
         self.update(|conditions| conditions.probe_round_done = true)
             .await;
+        self.probe_round.send_replace(true);
+    }
+
+    /// Sees `true` once the initial probe round is done (or hit its
+    /// deadline): what the lease pool waits for before it reconciles.
+    pub(super) fn probe_round(&self) -> watch::Receiver<bool> {
+        self.probe_round.subscribe()
     }
 
     async fn store_failing(&self, failing: bool) {

@@ -218,6 +218,9 @@ impl CoordinatorService {
         let node = self
             .shared
             .update(|registry| registry.set_drain(&node_id, row_generation, drain));
+        self.shared
+            .leases
+            .apply_node(&self.shared.registry, &node_id);
         node.map(proto::Node::from)
             .ok_or(ServiceError::NodeNotFound(node_id))
     }

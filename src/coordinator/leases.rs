@@ -1,0 +1,465 @@
+//! The lease pool in the coordinator: the one [`Pool`] behind a short-held
+//! lock, the task that keeps it in step with the registry and its
+//! deadlines, and the writer that commits its changes.
+//!
+//! Invariants:
+//! - Every change the pool makes is queued for the writer while the pool's
+//!   lock is held, so the store receives changes in the pool's order.
+//! - A call is answered only after the batch holding its changes (or, for a
+//!   call that changed nothing, every change queued before it) is
+//!   committed; a batch the database refuses is retried, never dropped.
+//! - The pool learns the fleet from the registry: node states, drains,
+//!   labels and GPU inventories are compared with what it last saw every
+//!   [`SYNC_PERIOD`], and nodes no longer known are removed. It is
+//!   reconciled once, after the initial probe round, before anything else;
+//!   until then no lease is granted and nothing expires.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    pin::pin,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use tokio::{
+    sync::{Notify, mpsc, oneshot, watch},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info};
+
+use super::RegistryHandle;
+use crate::{
+    clock::Moment,
+    error::{ServiceError, display_chain},
+    node::{GpuInventory, NodeId, NodeState},
+    pool::{
+        AcquireRequest, Acquisition, Change, GpuView, Lease, LeaseFilter, LeaseId, NodeView, Pool,
+        PoolError, Shortfall,
+    },
+    registry::PoolFacts,
+    store::Store,
+};
+
+/// How often the pool compares the fleet with what it last saw: the
+/// longest a lease stays ACTIVE on a node the registry shows OFFLINE, or a
+/// new GPU waits before it takes a lease.
+pub(super) const SYNC_PERIOD: Duration = Duration::from_millis(100);
+/// Changes written in one transaction at most.
+const MAX_BATCH: usize = 4_096;
+/// Pause between attempts at a batch the database refused.
+const WRITE_RETRY: Duration = Duration::from_millis(200);
+/// How long the final flush at shutdown keeps retrying.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Changes to commit, and who waits for them.
+struct Write {
+    changes: Vec<Change>,
+    last_generation: u64,
+    done: oneshot::Sender<()>,
+}
+
+/// The pool and what its callers share: the lock, the queue to the writer
+/// and the signal that something changed.
+pub(crate) struct Leases {
+    pool: Mutex<Pool>,
+    writes: mpsc::UnboundedSender<Write>,
+    /// Woken after every change that may let a waiting acquisition through.
+    changed: Notify,
+}
+
+impl Leases {
+    /// The pool and the receiving end of its write queue, for [`write`].
+    pub(super) fn new(pool: Pool) -> (Arc<Self>, WriteQueue) {
+        let (writes, queue) = mpsc::unbounded_channel();
+        let leases = Arc::new(Self {
+            pool: Mutex::new(pool),
+            writes,
+            changed: Notify::new(),
+        });
+        (leases, WriteQueue(queue))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `changes` (possibly none) behind everything queued so far;
+    /// called with the pool's lock held, which `pool` proves.
+    fn queue(&self, pool: &Pool, changes: Vec<Change>) -> oneshot::Receiver<()> {
+        let (done, committed) = oneshot::channel();
+        if !changes.is_empty() {
+            self.changed.notify_waiters();
+        }
+        let write = Write {
+            changes,
+            last_generation: pool.last_generation(),
+            done,
+        };
+        // Only fails once the writer has stopped; the dropped sender then
+        // answers the caller that the coordinator is shutting down.
+        let _ = self.writes.send(write);
+        committed
+    }
+
+    /// Grants a lease, waiting up to `wait` for room: it tries again
+    /// whenever the pool changes, and at the moment revoked leases it waits
+    /// for are freed by their grace.
+    pub(super) async fn acquire(
+        &self,
+        request: AcquireRequest,
+        shutdown: &CancellationToken,
+    ) -> Result<Lease, ServiceError> {
+        let deadline = Instant::now() + request.wait;
+        let mut last_shortfall: Option<Shortfall> = None;
+        loop {
+            let mut changed = pin!(self.changed.notified());
+            changed.as_mut().enable();
+            let mut retry_at = deadline;
+            let (outcome, committed) = {
+                let mut pool = self.lock();
+                if !pool.is_settled() {
+                    (None, None)
+                } else {
+                    match pool.acquire(&request, Moment::now()) {
+                        Ok((acquisition, changes)) => {
+                            let committed = self.queue(&pool, changes);
+                            (Some(Ok(acquisition)), Some(committed))
+                        }
+                        Err(error) => (Some(Err(error)), None),
+                    }
+                }
+            };
+            if let Some(committed) = committed {
+                committed.await.map_err(|_| ServiceError::ShuttingDown)?;
+            }
+            match outcome {
+                None => {}
+                Some(Ok(Acquisition::Granted(lease))) => return Ok(lease),
+                Some(Ok(Acquisition::Waiting(wait))) => {
+                    if let Some(at) = wait.retry_at {
+                        retry_at = retry_at.min(Instant::from_std(at));
+                    }
+                }
+                Some(Err(PoolError::Exhausted(shortfall))) => last_shortfall = Some(shortfall),
+                Some(Err(error)) => return Err(error.into()),
+            }
+            if Instant::now() >= deadline {
+                let withdrawn = self.lock().withdraw(&request.request_id);
+                return Err(match withdrawn.or(last_shortfall) {
+                    Some(shortfall) => PoolError::Exhausted(shortfall).into(),
+                    None => ServiceError::PoolRestoring,
+                });
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(ServiceError::ShuttingDown),
+                () = changed => {}
+                () = tokio::time::sleep_until(retry_at) => {}
+            }
+        }
+    }
+
+    pub(super) async fn renew(&self, lease_id: &LeaseId) -> Result<Lease, ServiceError> {
+        let (lease, committed) = {
+            let mut pool = self.lock();
+            let (lease, changes) = pool.renew(lease_id, Moment::now())?;
+            (lease, self.queue(&pool, changes))
+        };
+        committed.await.map_err(|_| ServiceError::ShuttingDown)?;
+        Ok(lease)
+    }
+
+    /// The lease as it is after the release; `None` if it is not known.
+    pub(super) async fn release(&self, lease_id: &LeaseId) -> Result<Option<Lease>, ServiceError> {
+        let (lease, committed) = {
+            let mut pool = self.lock();
+            let changes = pool.release(lease_id, Moment::now());
+            (pool.get(lease_id).cloned(), self.queue(&pool, changes))
+        };
+        committed.await.map_err(|_| ServiceError::ShuttingDown)?;
+        Ok(lease)
+    }
+
+    /// Applies what the registry now says of one node at once, rather than
+    /// at the next round: an operator's drain takes effect before the call
+    /// that made it answers.
+    pub(super) fn apply_node(&self, registry: &RegistryHandle, node_id: &NodeId) {
+        let Some(node) = registry.lock().get(node_id) else {
+            return;
+        };
+        let view = NodeView {
+            node_id: node_id.clone(),
+            state: node.state,
+            drained: node.drain.is_some(),
+            labels: node.registration.labels,
+        };
+        let mut pool = self.lock();
+        let changes = pool.upsert_node(view, Moment::now());
+        drop(self.queue(&pool, changes));
+        self.changed.notify_waiters();
+    }
+
+    pub(super) fn list(&self, filter: &LeaseFilter) -> Vec<Lease> {
+        self.lock().list(filter)
+    }
+}
+
+/// What the pool last saw of a node.
+struct Seen {
+    state: NodeState,
+    drained: bool,
+    labels: BTreeMap<String, String>,
+    gpus: GpuInventory,
+    /// The sync round that last found it in the registry.
+    round: u64,
+}
+
+/// A node whose facts changed since the last round.
+struct Update {
+    view: NodeView,
+    gpus: Option<Vec<GpuView>>,
+}
+
+fn view(facts: &PoolFacts<'_>) -> NodeView {
+    NodeView {
+        node_id: facts.node_id.clone(),
+        state: facts.state,
+        drained: facts.drained,
+        labels: facts.labels.clone(),
+    }
+}
+
+fn gpu_views(gpus: &GpuInventory) -> Vec<GpuView> {
+    gpus.gpus()
+        .iter()
+        .map(|gpu| GpuView {
+            index: gpu.index,
+            uuid: gpu.uuid.clone(),
+            total_mib: gpu.memory_total_mib,
+            used_mib: gpu.memory_used_mib,
+            healthy: gpu.is_healthy(),
+        })
+        .collect()
+}
+
+/// The pool's copy of the fleet, compared with the registry each round.
+#[derive(Default)]
+struct Fleet {
+    seen: HashMap<NodeId, Seen>,
+    round: u64,
+}
+
+impl Fleet {
+    /// What changed since the last round, and the nodes now gone.
+    fn compare(&mut self, registry: &RegistryHandle) -> (Vec<Update>, Vec<NodeId>) {
+        self.round += 1;
+        let round = self.round;
+        let mut updates = Vec::new();
+        {
+            let registry = registry.lock();
+            for facts in registry.pool_facts() {
+                let seen = self.seen.get_mut(facts.node_id);
+                match seen {
+                    Some(seen) => {
+                        seen.round = round;
+                        let node_changed = seen.state != facts.state
+                            || seen.drained != facts.drained
+                            || seen.labels != *facts.labels;
+                        let gpus_changed = seen.gpus != *facts.gpus;
+                        if !node_changed && !gpus_changed {
+                            continue;
+                        }
+                        seen.state = facts.state;
+                        seen.drained = facts.drained;
+                        if seen.labels != *facts.labels {
+                            seen.labels = facts.labels.clone();
+                        }
+                        if gpus_changed {
+                            seen.gpus = facts.gpus.clone();
+                        }
+                        updates.push(Update {
+                            view: view(&facts),
+                            gpus: gpus_changed.then(|| gpu_views(facts.gpus)),
+                        });
+                    }
+                    None => {
+                        self.seen.insert(
+                            facts.node_id.clone(),
+                            Seen {
+                                state: facts.state,
+                                drained: facts.drained,
+                                labels: facts.labels.clone(),
+                                gpus: facts.gpus.clone(),
+                                round,
+                            },
+                        );
+                        updates.push(Update {
+                            view: view(&facts),
+                            gpus: Some(gpu_views(facts.gpus)),
+                        });
+                    }
+                }
+            }
+        }
+        let gone: Vec<NodeId> = self
+            .seen
+            .iter()
+            .filter(|(_, seen)| seen.round != round)
+            .map(|(node_id, _)| node_id.clone())
+            .collect();
+        for node_id in &gone {
+            self.seen.remove(node_id);
+        }
+        (updates, gone)
+    }
+}
+
+/// Keeps the pool in step with the registry and its own deadlines until
+/// `shutdown`: reconciles it once the initial probe round is done, then
+/// applies what changed in the fleet and every deadline due.
+pub(super) async fn follow(
+    leases: Arc<Leases>,
+    registry: RegistryHandle,
+    mut probe_round: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        () = shutdown.cancelled() => return,
+        done = probe_round.wait_for(|done| *done) => if done.is_err() { return },
+    }
+    let mut fleet = Fleet::default();
+    let (updates, _) = fleet.compare(&registry);
+    {
+        let now = Moment::now();
+        let mut pool = leases.lock();
+        let views = updates.iter().map(|update| update.view.clone()).collect();
+        let mut changes = pool.reconcile(views, now);
+        set_gpus(&mut pool, updates);
+        changes.extend(pool.tick(now));
+        info!(
+            leases = pool.list(&LeaseFilter::default()).len(),
+            changes = changes.len(),
+            "lease pool reconciled with the fleet"
+        );
+        drop(leases.queue(&pool, changes));
+        leases.changed.notify_waiters();
+    }
+    loop {
+        let next_deadline = leases.lock().next_deadline().map(Instant::from_std);
+        let wake = next_deadline.map_or(Instant::now() + SYNC_PERIOD, |at| {
+            at.min(Instant::now() + SYNC_PERIOD)
+        });
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        let (updates, gone) = fleet.compare(&registry);
+        let now = Moment::now();
+        let mut pool = leases.lock();
+        let mut changes = Vec::new();
+        let inventory_changed = !updates.is_empty() || !gone.is_empty();
+        for node_id in &gone {
+            changes.extend(pool.remove_node(node_id, now));
+        }
+        for update in &updates {
+            changes.extend(pool.upsert_node(update.view.clone(), now));
+        }
+        set_gpus(&mut pool, updates);
+        changes.extend(pool.tick(now));
+        if !changes.is_empty() {
+            debug!(changes = changes.len(), "lease pool followed the fleet");
+        }
+        if !changes.is_empty() || inventory_changed {
+            drop(leases.queue(&pool, changes));
+            leases.changed.notify_waiters();
+        }
+    }
+}
+
+fn set_gpus(pool: &mut Pool, updates: Vec<Update>) {
+    for update in updates {
+        let Some(gpus) = update.gpus else { continue };
+        if let Err(error) = pool.set_gpus(&update.view.node_id, gpus) {
+            // The registry validated the inventory; the pool's own rules
+            // are the same, so this is a bug to report, not to crash on.
+            error!(node_id = %update.view.node_id, error = %display_chain(&error), "GPU inventory refused by the lease pool");
+        }
+    }
+}
+
+/// The receiving end of the pool's write queue.
+pub(super) struct WriteQueue(mpsc::UnboundedReceiver<Write>);
+
+/// Commits the pool's changes in batches, in order, until `stop`; then
+/// drains what is queued, retrying for at most [`DRAIN_DEADLINE`].
+pub(super) async fn write(store: Store, queue: WriteQueue, stop: CancellationToken) {
+    let WriteQueue(mut queue) = queue;
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = stop.cancelled() => None,
+            write = queue.recv() => write,
+        };
+        let Some(first) = first else {
+            queue.close();
+            let mut rest = Vec::new();
+            while let Ok(write) = queue.try_recv() {
+                rest.push(write);
+            }
+            if !rest.is_empty() {
+                commit(&store, rest, &stop).await;
+            }
+            return;
+        };
+        let mut batch = vec![first];
+        let mut changes = batch[0].changes.len();
+        while changes < MAX_BATCH
+            && let Ok(write) = queue.try_recv()
+        {
+            changes += write.changes.len();
+            batch.push(write);
+        }
+        commit(&store, batch, &stop).await;
+    }
+}
+
+/// Writes one batch, retrying until it is committed (or, once `stop` is
+/// cancelled, for [`DRAIN_DEADLINE`] more), then answers everyone waiting
+/// for it.
+async fn commit(store: &Store, batch: Vec<Write>, stop: &CancellationToken) {
+    let last_generation = batch.iter().map(|w| w.last_generation).max().unwrap_or(0);
+    let changes: Arc<[Change]> = batch
+        .iter()
+        .flat_map(|write| write.changes.iter().cloned())
+        .collect();
+    if !changes.is_empty() {
+        let mut attempts = 0u32;
+        let mut deadline: Option<Instant> = None;
+        loop {
+            attempts += 1;
+            match store.write_leases(changes.clone(), last_generation).await {
+                Ok(()) => break,
+                Err(failure) => {
+                    debug!(error = %display_chain(&failure), attempts, "lease write failed; will retry");
+                    if stop.is_cancelled() && deadline.is_none() {
+                        deadline = Some(Instant::now() + DRAIN_DEADLINE);
+                    }
+                    if deadline.is_some_and(|deadline| Instant::now() + WRITE_RETRY >= deadline) {
+                        error!(
+                            error = %display_chain(&failure),
+                            changes = changes.len(),
+                            "shutting down with lease changes the database did not take; they are lost"
+                        );
+                        return;
+                    }
+                    tokio::time::sleep(WRITE_RETRY).await;
+                }
+            }
+        }
+        metrics::counter!("muster_lease_write_transactions_total").increment(1);
+        metrics::counter!("muster_lease_changes_written_total").increment(changes.len() as u64);
+    }
+    for write in batch {
+        let _ = write.done.send(());
+    }
+}

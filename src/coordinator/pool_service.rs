@@ -1,0 +1,220 @@
+//! The Pool gRPC service: VRAM leases. The wire types stop here; the pool
+//! sees only its own requests and leases. Guarded by the admin token, as
+//! the operator calls are.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::leases::Leases;
+use crate::{
+    auth::{self, Token},
+    clock::to_unix_millis,
+    error::ServiceError,
+    node::NodeId,
+    pool::{
+        AcquireRequest, Constraints, LabelSelector, Lease, LeaseFilter, LeaseId, LeaseState,
+        LeaseTerms, ReleaseReason,
+    },
+    proto::{self, pool_server::Pool},
+    validation::InvalidInput,
+};
+
+pub(crate) struct PoolService {
+    leases: Arc<Leases>,
+    admin_token: Option<Token>,
+    shutdown: CancellationToken,
+}
+
+impl PoolService {
+    pub(super) fn new(
+        leases: Arc<Leases>,
+        admin_token: Option<Token>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            leases,
+            admin_token,
+            shutdown,
+        }
+    }
+
+    fn require_admin<T>(&self, request: &Request<T>) -> Result<(), ServiceError> {
+        let authorization = request.metadata().get(auth::AUTHORIZATION_METADATA);
+        let authorization = authorization.map(|value| value.as_bytes());
+        auth::require_admin_token(self.admin_token.as_ref(), authorization).map_err(|denied| {
+            metrics::counter!("muster_admin_requests_refused_total").increment(1);
+            warn!(peer = ?request.remote_addr(), %denied, "refused a Pool call");
+            ServiceError::from(denied)
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Pool for PoolService {
+    async fn acquire_lease(
+        &self,
+        request: Request<proto::AcquireLeaseRequest>,
+    ) -> Result<Response<proto::Lease>, Status> {
+        self.require_admin(&request)?;
+        if self.shutdown.is_cancelled() {
+            return Err(ServiceError::ShuttingDown.into());
+        }
+        let request = acquire_request(request.into_inner()).map_err(ServiceError::from)?;
+        let lease = self.leases.acquire(request, &self.shutdown).await?;
+        Ok(Response::new(lease_to_proto(&lease)))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<proto::RenewLeaseRequest>,
+    ) -> Result<Response<proto::Lease>, Status> {
+        self.require_admin(&request)?;
+        let lease_id = lease_id(&request.into_inner().lease_id).map_err(ServiceError::from)?;
+        let lease = self.leases.renew(&lease_id).await?;
+        Ok(Response::new(lease_to_proto(&lease)))
+    }
+
+    async fn release_lease(
+        &self,
+        request: Request<proto::ReleaseLeaseRequest>,
+    ) -> Result<Response<proto::ReleaseLeaseResponse>, Status> {
+        self.require_admin(&request)?;
+        let lease_id = lease_id(&request.into_inner().lease_id).map_err(ServiceError::from)?;
+        let lease = self.leases.release(&lease_id).await?;
+        if let Some(lease) = &lease {
+            info!(%lease_id, holder = %lease.terms.holder, "lease released by its holder");
+        }
+        Ok(Response::new(proto::ReleaseLeaseResponse {
+            lease: lease.as_ref().map(lease_to_proto),
+        }))
+    }
+
+    async fn list_leases(
+        &self,
+        request: Request<proto::ListLeasesRequest>,
+    ) -> Result<Response<proto::ListLeasesResponse>, Status> {
+        self.require_admin(&request)?;
+        let filter = lease_filter(request.into_inner()).map_err(ServiceError::from)?;
+        let leases = self.leases.list(&filter);
+        Ok(Response::new(proto::ListLeasesResponse {
+            leases: leases.iter().map(lease_to_proto).collect(),
+        }))
+    }
+}
+
+fn lease_id(raw: &str) -> Result<LeaseId, InvalidInput> {
+    if raw.is_empty() {
+        return Err(InvalidInput::new("lease_id", "is required"));
+    }
+    Ok(LeaseId::new(raw))
+}
+
+fn duration(
+    field: &'static str,
+    value: Option<prost_types::Duration>,
+) -> Result<Duration, InvalidInput> {
+    let Some(value) = value else {
+        return Ok(Duration::ZERO);
+    };
+    Duration::try_from(value)
+        .map_err(|_| InvalidInput::new(field, format!("must be a positive duration, got {value}")))
+}
+
+fn optional(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+fn acquire_request(request: proto::AcquireLeaseRequest) -> Result<AcquireRequest, InvalidInput> {
+    if request.ttl.is_none() {
+        return Err(InvalidInput::new(
+            "ttl",
+            "is required: a lease lives between 5s and 24h unless renewed",
+        ));
+    }
+    let node_id = optional(request.node_id)
+        .map(|raw| NodeId::parse("node_id", &raw))
+        .transpose()?;
+    Ok(AcquireRequest {
+        request_id: request.request_id,
+        terms: LeaseTerms {
+            holder: request.holder,
+            mb: request.mb,
+            priority: request.priority,
+            ttl: duration("ttl", request.ttl)?,
+            constraints: Constraints {
+                node_id,
+                gpu_uuid: optional(request.gpu_uuid),
+                labels: LabelSelector::parse("label_selector", &request.label_selector)?,
+            },
+        },
+        wait: duration("wait", request.wait)?,
+    })
+}
+
+fn lease_filter(request: proto::ListLeasesRequest) -> Result<LeaseFilter, InvalidInput> {
+    let states = request
+        .states
+        .iter()
+        .map(|raw| match proto::LeaseState::try_from(*raw) {
+            Ok(proto::LeaseState::Active) => Ok(LeaseState::Active),
+            Ok(proto::LeaseState::Revoked) => Ok(LeaseState::Revoked),
+            Ok(proto::LeaseState::Suspended) => Ok(LeaseState::Suspended),
+            Ok(proto::LeaseState::Released) => Ok(LeaseState::Released),
+            Ok(proto::LeaseState::Unspecified) | Err(_) => Err(InvalidInput::new(
+                "states",
+                format!(
+                    "{raw} is not a lease state (1 active, 2 revoked, 3 suspended, 4 released)"
+                ),
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(LeaseFilter {
+        node_id: optional(request.node_id)
+            .map(|raw| NodeId::parse("node_id", &raw))
+            .transpose()?,
+        gpu_uuid: optional(request.gpu_uuid),
+        holder: optional(request.holder),
+        states,
+    })
+}
+
+fn state_to_proto(state: LeaseState) -> proto::LeaseState {
+    match state {
+        LeaseState::Active => proto::LeaseState::Active,
+        LeaseState::Revoked => proto::LeaseState::Revoked,
+        LeaseState::Suspended => proto::LeaseState::Suspended,
+        LeaseState::Released => proto::LeaseState::Released,
+    }
+}
+
+fn timestamp(at: std::time::SystemTime) -> prost_types::Timestamp {
+    let millis = to_unix_millis(at);
+    prost_types::Timestamp {
+        seconds: millis.div_euclid(1000),
+        nanos: i32::try_from(millis.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn lease_to_proto(lease: &Lease) -> proto::Lease {
+    proto::Lease {
+        lease_id: lease.lease_id.to_string(),
+        request_id: lease.request_id.clone(),
+        holder: lease.terms.holder.clone(),
+        node_id: lease.node_id.to_string(),
+        gpu_uuid: lease.gpu_uuid.clone(),
+        mb: lease.terms.mb,
+        priority: lease.terms.priority,
+        generation: lease.generation,
+        expires_at: Some(timestamp(lease.expires_at)),
+        state: state_to_proto(lease.state).into(),
+        ttl: prost_types::Duration::try_from(lease.terms.ttl).ok(),
+        granted_at: Some(timestamp(lease.granted_at)),
+        release_reason: lease
+            .release_reason
+            .map(|reason: ReleaseReason| reason.to_string())
+            .unwrap_or_default(),
+    }
+}
