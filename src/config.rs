@@ -38,6 +38,11 @@ pub enum Command {
         #[command(subcommand)]
         command: NodesCommand,
     },
+    /// Acquire, renew, release and list VRAM leases.
+    Leases {
+        #[command(subcommand)]
+        command: LeasesCommand,
+    },
     /// Ask a coordinator or an agent whether it is healthy; exits 0 only if
     /// it reports SERVING (for container healthchecks).
     Health(HealthConfig),
@@ -588,6 +593,82 @@ pub enum NodesCommand {
         #[command(flatten)]
         client: NodesClientConfig,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeasesCommand {
+    /// List leases, oldest grant first.
+    List {
+        /// Only leases on this node.
+        #[arg(long)]
+        node_id: Option<String>,
+        /// Only leases on this GPU.
+        #[arg(long)]
+        gpu_uuid: Option<String>,
+        /// Only leases of this holder.
+        #[arg(long)]
+        holder: Option<String>,
+        /// Only leases in these states (repeat, or separate with commas).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        state: Vec<LeaseStateArg>,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
+    /// Acquire a lease of VRAM on the best-fitting GPU, and print it.
+    Acquire {
+        /// Who holds the lease, e.g. a service name.
+        #[arg(long)]
+        holder: String,
+        /// VRAM in MiB.
+        #[arg(long)]
+        mb: u64,
+        /// The lease lives this long unless renewed (5s to 24h).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Duration,
+        /// Higher is more important; only a higher priority preempts.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// Wait up to this long for room (revoked leases to be freed).
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<Duration>,
+        /// The idempotency key: the same key returns the same lease. A
+        /// random one when not given.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Place it on this node only.
+        #[arg(long)]
+        node_id: Option<String>,
+        /// Place it on this GPU only.
+        #[arg(long)]
+        gpu_uuid: Option<String>,
+        /// Place it only on nodes with these labels, `k=v,k2=v2`.
+        #[arg(long, default_value = "")]
+        selector: String,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
+    /// Extend a lease by its TTL from now.
+    Renew {
+        /// The lease id.
+        lease_id: String,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
+    /// Release a lease; releasing one already released is fine.
+    Release {
+        /// The lease id.
+        lease_id: String,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LeaseStateArg {
+    Active,
+    Revoked,
+    Suspended,
+    Released,
 }
 
 #[derive(Debug, Clone, Args)]

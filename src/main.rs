@@ -72,6 +72,9 @@ async fn run(command: Command) -> Result<(), RunError> {
             shutdown::run_until_signal(token.clone(), swarm::run(config, token)).await
         }
         Command::Nodes { command } => cli::run_nodes(command, &mut std::io::stdout().lock()).await,
+        Command::Leases { command } => {
+            cli::run_leases(command, &mut std::io::stdout().lock()).await
+        }
         Command::Health(config) => cli::run_health(config, &mut std::io::stdout().lock()).await,
         Command::Tls { command } => cli::run_tls(command, &mut std::io::stdout().lock()),
     }

@@ -1,7 +1,8 @@
 //! Operator commands: `muster nodes list`, `get`, `remove`, `drain`,
-//! `undrain` and `watch`, `muster health`, and `muster tls`.
+//! `undrain` and `watch`, `muster leases`, `muster health`, and `muster tls`.
 
 mod health;
+mod leases;
 mod output;
 mod tls;
 
@@ -11,6 +12,7 @@ use tokio::time::Instant;
 use tonic::{Request, transport::Channel};
 
 pub use health::run_health;
+pub use leases::run_leases;
 pub use tls::run_tls;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -21,7 +23,7 @@ use crate::{
     error::RunError,
     grpc,
     node::validate_url,
-    proto::{self, coordinator_client::CoordinatorClient},
+    proto::{self, coordinator_client::CoordinatorClient, pool_client::PoolClient},
     tls::Tls,
 };
 
@@ -285,6 +287,10 @@ impl Operator {
 
     fn coordinator(&self) -> CoordinatorClient<Channel> {
         CoordinatorClient::new(self.channel.clone())
+    }
+
+    fn pool(&self) -> PoolClient<Channel> {
+        PoolClient::new(self.channel.clone())
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
