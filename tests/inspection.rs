@@ -48,10 +48,14 @@ async fn both_servers_offer_reflection_v1_and_v1alpha_and_health() {
     let servers = [
         (
             coordinator.url(),
-            "muster.v1.Coordinator",
+            &["muster.v1.Coordinator", "muster.v1.Pool"][..],
             "muster.v1.Agent",
         ),
-        (agent.url(), "muster.v1.Agent", "muster.v1.Coordinator"),
+        (
+            agent.url(),
+            &["muster.v1.Agent"][..],
+            "muster.v1.Coordinator",
+        ),
     ];
     for (url, own, other) in servers {
         for services in [
@@ -60,12 +64,12 @@ async fn both_servers_offer_reflection_v1_and_v1alpha_and_health() {
         ] {
             let mut services = services;
             services.sort();
-            let mut expected = vec![
-                own,
+            let mut expected = own.to_vec();
+            expected.extend([
                 "grpc.health.v1.Health",
                 "grpc.reflection.v1.ServerReflection",
                 "grpc.reflection.v1alpha.ServerReflection",
-            ];
+            ]);
             expected.sort();
             assert_eq!(services, expected, "{url} does not serve {other}");
         }
@@ -136,6 +140,7 @@ async fn grpcurl_lists_services_and_nodes() {
     };
     let services = grpcurl(&["-plaintext", &address, "list"]);
     assert!(services.contains("muster.v1.Coordinator"), "{services}");
+    assert!(services.contains("muster.v1.Pool"), "{services}");
     let listed = grpcurl(&["-plaintext", &address, "muster.v1.Coordinator/ListNodes"]);
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed["nodes"][0]["nodeId"], "gpu-1");

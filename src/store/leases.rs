@@ -223,3 +223,93 @@ pub(super) fn write(
     .execute(connection)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::Arc,
+        time::{Duration, SystemTime},
+    };
+
+    use super::*;
+    use crate::store::Store;
+
+    fn lease(generation: u64, state: LeaseState) -> Lease {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        Lease {
+            lease_id: LeaseId::for_generation(generation),
+            request_id: format!("request-{generation}"),
+            terms: LeaseTerms {
+                holder: "trainer".to_owned(),
+                mb: 4_096,
+                priority: -3,
+                ttl: Duration::from_secs(60),
+                constraints: Constraints {
+                    node_id: Some(NodeId::parse("node_id", "gpu-1").unwrap()),
+                    gpu_uuid: None,
+                    labels: LabelSelector::parse("label_selector", "zone=a,rack=7").unwrap(),
+                },
+            },
+            node_id: NodeId::parse("node_id", "gpu-1").unwrap(),
+            gpu_uuid: "GPU-1".to_owned(),
+            generation,
+            granted_at: at,
+            expires_at: at + Duration::from_secs(60),
+            state,
+            revoked_at: (state == LeaseState::Revoked).then_some(at),
+            suspended_at: None,
+            released_at: (state == LeaseState::Released).then_some(at),
+            release_reason: (state == LeaseState::Released).then_some(ReleaseReason::Orphaned),
+        }
+    }
+
+    fn change(event: Event, lease: Lease) -> Change {
+        Change { event, lease }
+    }
+
+    #[tokio::test]
+    async fn leases_round_trip_in_order_forgotten_ones_go_and_the_generation_never_falls() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        assert_eq!(store.load_leases().await.unwrap(), PersistedPool::default());
+
+        let batch: Arc<[Change]> = vec![
+            change(Event::Granted, lease(1, LeaseState::Active)),
+            change(Event::Granted, lease(2, LeaseState::Active)),
+            change(
+                Event::Revoked {
+                    for_request: "x".to_owned(),
+                },
+                lease(2, LeaseState::Revoked),
+            ),
+            change(Event::Granted, lease(3, LeaseState::Active)),
+            change(
+                Event::Released(ReleaseReason::Orphaned),
+                lease(3, LeaseState::Released),
+            ),
+        ]
+        .into();
+        store.write_leases(batch, 3).await.unwrap();
+        store
+            .write_leases(
+                vec![change(Event::Forgotten, lease(1, LeaseState::Released))].into(),
+                1,
+            )
+            .await
+            .unwrap();
+        drop(store);
+
+        let store = Store::open(&path).await.unwrap();
+        let loaded = store.load_leases().await.unwrap();
+        assert_eq!(loaded.last_generation, 3, "a smaller one never lowers it");
+        assert_eq!(
+            loaded.leases,
+            [
+                lease(2, LeaseState::Revoked),
+                lease(3, LeaseState::Released)
+            ],
+            "the latest change of each lease, every field as written"
+        );
+    }
+}
