@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use super::leases::Leases;
 use crate::{
@@ -85,7 +85,7 @@ impl Pool for PoolService {
         let lease_id = lease_id(&request.into_inner().lease_id).map_err(ServiceError::from)?;
         let lease = self.leases.release(&lease_id).await?;
         if let Some(lease) = &lease {
-            info!(%lease_id, holder = %lease.terms.holder, "lease released by its holder");
+            debug!(%lease_id, holder = %lease.terms.holder, "lease released by its holder");
         }
         Ok(Response::new(proto::ReleaseLeaseResponse {
             lease: lease.as_ref().map(lease_to_proto),
