@@ -7,6 +7,8 @@
 //!   sweeper and store writer together.
 //! - [`agent`] is the daemon on each node: identity, Status service and the
 //!   reconnecting heartbeat link.
+//! - [`dashboard`] is the coordinator's HTTP listener: the live web page,
+//!   its JSON and event stream, and `/metrics`.
 //! - [`cli`] holds the operator commands.
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
 //! - [`wire`] converts between the wire types of [`proto`] and the domain.
@@ -19,7 +21,8 @@
 //! swarm       -> agent auth config error grpc limits node proto
 //! agent       -> auth config error grpc node proto tls
 //! cli         -> auth config error grpc node proto tls
-//! coordinator -> auth clock config error grpc limits node proto registry store telemetry tls
+//! coordinator -> auth clock config dashboard error grpc limits node proto registry store telemetry tls
+//! dashboard   -> auth error grpc proto telemetry
 //! telemetry   -> error grpc
 //! shutdown    -> error
 //! grpc        -> error proto tls
@@ -41,6 +44,7 @@ pub mod codec;
 pub mod config;
 pub mod connections;
 pub mod coordinator;
+pub mod dashboard;
 pub mod error;
 pub mod grpc;
 pub mod limits;

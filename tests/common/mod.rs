@@ -244,6 +244,23 @@ pub fn field(line: &str, key: &str) -> Option<String> {
     Some(line[start..].split_whitespace().next()?.to_owned())
 }
 
+/// The coordinator flags that put its HTTP listener on an ephemeral port
+/// (its default, 127.0.0.1:7780, would collide between tests). The harness
+/// adds them unless a test passes its own `--http-listen`.
+pub const EPHEMERAL_HTTP: [&str; 2] = ["--http-listen", "127.0.0.1:0"];
+
+/// The bound HTTP address a coordinator logged with "coordinator listening".
+pub fn http_address_of(process: &Process) -> SocketAddr {
+    let line = process
+        .log_lines()
+        .into_iter()
+        .find(|line| line.contains("coordinator listening"))
+        .expect("the coordinator logged its listening line");
+    field(&line, "http_address=")
+        .and_then(|address| address.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP address in {line}"))
+}
+
 /// A coordinator with its own temporary database.
 pub struct Coordinator {
     pub process: Process,
@@ -288,8 +305,17 @@ impl Coordinator {
             .map(|s| s.to_string())
             .collect();
         args.push(db.display().to_string());
+        if !extra.contains(&"--http-listen") {
+            args.extend(EPHEMERAL_HTTP.iter().map(|s| s.to_string()));
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         args
+    }
+
+    /// The address of its HTTP listener (dashboard, `/api/nodes`,
+    /// `/events`, `/metrics`), from its "listening" log line.
+    pub fn http_address(&self) -> SocketAddr {
+        http_address_of(&self.process)
     }
 
     pub fn url(&self) -> String {
@@ -628,6 +654,7 @@ pub fn say(line: &str) {
 /// error; it stops when dropped.
 pub struct InProcessCoordinator {
     pub address: SocketAddr,
+    pub http_address: Option<SocketAddr>,
     pub metrics_address: Option<SocketAddr>,
     pub db: PathBuf,
     shutdown: tokio_util::sync::CancellationToken,
@@ -644,6 +671,9 @@ impl InProcessCoordinator {
             .map(|s| s.to_string())
             .collect();
         args.push(db.display().to_string());
+        if !extra.contains(&"--http-listen") {
+            args.extend(EPHEMERAL_HTTP.iter().map(|s| s.to_string()));
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let muster::config::Command::Coordinator(config) =
             muster::config::Cli::parse_from(args).command
@@ -661,6 +691,7 @@ impl InProcessCoordinator {
             });
         Self {
             address: running.address,
+            http_address: running.http_address,
             metrics_address: running.metrics_address,
             db: db.to_owned(),
             shutdown,
