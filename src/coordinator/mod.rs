@@ -105,6 +105,14 @@ impl dashboard::Fleet for RegistryHandle {
     fn nodes(&self) -> proto::ListNodesResponse {
         self.list_nodes()
     }
+
+    fn watch(
+        &self,
+        _since_revision: u64,
+    ) -> futures::future::BoxFuture<'static, Result<dashboard::NodeEvents, dashboard::WatchRefused>>
+    {
+        Box::pin(async { Err(dashboard::WatchRefused::Unavailable("TEMPORARY".into())) })
+    }
 }
 
 /// State shared by the service, its sessions and the background tasks.

@@ -15,6 +15,7 @@
 //! - Every response streaming events ends when the coordinator shuts down,
 //!   so the listener's graceful shutdown never waits on an open page.
 
+mod events;
 mod json;
 mod session;
 
@@ -27,19 +28,40 @@ use axum::{
     response::{Html, IntoResponse, Redirect, Response},
     routing::get,
 };
+use futures::{future::BoxFuture, stream::BoxStream};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+pub use events::EventView;
 pub use json::{NodeView, NodesView, state_name};
 
 use crate::{auth::Token, error::RunError, grpc, proto, telemetry};
+
+/// A watch of the fleet's events: each item is the next event, or why the
+/// watch ended (then it yields nothing more).
+pub type NodeEvents = BoxStream<'static, Result<proto::NodeEvent, String>>;
+
+/// Why a watch could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WatchRefused {
+    /// The revision is older than the history, or newer than the database
+    /// has issued (it was replaced): list again from a snapshot.
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
 
 /// What the dashboard needs of the coordinator.
 pub trait Fleet: Send + Sync + 'static {
     /// Every node, as ListNodes answers.
     fn nodes(&self) -> proto::ListNodesResponse;
+
+    /// The events after `since_revision`, as WatchNodes streams them: with
+    /// 0, a snapshot first.
+    fn watch(&self, since_revision: u64) -> BoxFuture<'static, Result<NodeEvents, WatchRefused>>;
 }
 
 /// The bound HTTP listener.
@@ -74,6 +96,8 @@ pub struct Sources {
 struct Dashboard {
     fleet: Arc<dyn Fleet>,
     admin_token: Option<Token>,
+    /// Ends every open event stream.
+    shutdown: CancellationToken,
 }
 
 /// Serves the dashboard on `listener` until `shutdown` is cancelled.
@@ -81,6 +105,7 @@ pub async fn serve(listener: HttpListener, sources: Sources, shutdown: Cancellat
     let dashboard = Dashboard {
         fleet: sources.fleet,
         admin_token: sources.admin_token,
+        shutdown: shutdown.clone(),
     };
     let served = axum::serve(listener.listener, router(dashboard, sources.metrics))
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -96,6 +121,7 @@ fn router(dashboard: Dashboard, metrics: PrometheusHandle) -> Router {
         .route("/login", get(session::login_page).post(session::log_in))
         .route("/logout", axum::routing::post(session::log_out))
         .route("/api/nodes", get(nodes))
+        .route("/events", get(events::events))
         .route("/assets/dashboard.css", get(stylesheet))
         .route("/assets/dashboard.js", get(script))
         .route("/metrics", get(telemetry::render_route(metrics)))
