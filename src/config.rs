@@ -196,7 +196,8 @@ pub struct CoordinatorConfig {
     pub join_token_file: Option<PathBuf>,
 
     /// File holding the operators' token. When set, ListNodes, GetNode and
-    /// RemoveNode need it as `authorization: Bearer <token>`.
+    /// RemoveNode need it as `authorization: Bearer <token>`, and the
+    /// dashboard, `/api/nodes` and `/events` ask for it through a login form.
     #[arg(long, env = "MUSTER_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
