@@ -359,3 +359,80 @@ async fn the_dashboard_follows_the_fleet_live_in_a_real_browser() {
     browser.close().await.expect("close the browser");
     drop(coordinator);
 }
+
+/// Regenerates the README's screenshot, `docs/dashboard.png`: a small fleet
+/// that changes for about a minute while the page watches. Run it by hand:
+/// `cargo test --test dashboard_browser -- --ignored`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "regenerates docs/dashboard.png; run by hand"]
+async fn readme_screenshot() {
+    let what = "the README screenshot";
+    if !tool_available(&["chromedriver", "--version"], INSTALL, what) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+    let url = coordinator.url();
+    let labels = [
+        ("gpu-a100-01", "gpu=a100"),
+        ("gpu-a100-02", "gpu=a100"),
+        ("gpu-h100-01", "gpu=h100"),
+        ("gpu-h100-02", "gpu=h100"),
+        ("gpu-l40s-01", "gpu=l40s"),
+        ("gpu-l40s-02", "gpu=l40s"),
+    ];
+    let start = |node_id: &str, label: &str| {
+        start_agent_with(
+            &url,
+            node_id,
+            &dir.path().join(node_id),
+            &["--label", label, "--label", "rack=r2"],
+        )
+    };
+    let mut agents: Vec<_> = labels.iter().map(|(id, label)| start(id, label)).collect();
+
+    let driver = start_chromedriver().await;
+    let browser = open_browser(&driver).await;
+    browser.set_window_size(1100, 640).await.unwrap();
+    browser
+        .goto(&format!("http://{}/", coordinator.http_address()))
+        .await
+        .unwrap();
+    for (node_id, _) in labels {
+        wait_for_row(&browser, node_id, "ONLINE", BROWSER_DEADLINE).await;
+    }
+    let pause = || tokio::time::sleep(Duration::from_secs(8));
+    pause().await;
+    agents[4].kill();
+    pause().await;
+    agents[5].kill();
+    pause().await;
+    agents[4] = start(labels[4].0, labels[4].1);
+    pause().await;
+    let mut request = tonic::Request::new(proto::DrainNodeRequest {
+        node_id: "gpu-h100-02".into(),
+        reason: "replacing a fan".into(),
+    });
+    bearer(&mut request);
+    connect(&url)
+        .await
+        .unwrap()
+        .drain_node(request)
+        .await
+        .unwrap();
+    pause().await;
+    agents.remove(1).stop_with(Signal::SIGTERM, START_DEADLINE);
+    wait_for_row(&browser, "gpu-a100-02", "LEFT", BROWSER_DEADLINE).await;
+    pause().await;
+    let png = browser.screenshot().await.unwrap();
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/dashboard.png");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, &png).unwrap();
+    assert!(
+        png.len() < 150_000,
+        "{} bytes: keep the README light",
+        png.len()
+    );
+    say(&format!("wrote {} ({} bytes)", path.display(), png.len()));
+    browser.close().await.unwrap();
+}

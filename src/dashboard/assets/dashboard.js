@@ -6,6 +6,7 @@
 "use strict";
 
 const HOUR_MS = 60 * 60 * 1000;
+const MIN_SPAN_MS = 5 * 60 * 1000;
 // A stream silent this long is treated as down: the server sends a
 // BOOKMARK at least every 10 s.
 const SILENCE_MS = 25 * 1000;
@@ -244,10 +245,15 @@ function record(online) {
 function renderChart() {
   const svg = $("chart");
   const ns = "http://www.w3.org/2000/svg";
-  const width = 600, height = 120, now = Date.now(), start = now - HOUR_MS;
+  const width = 600, height = 120, now = Date.now();
   const samples = fleet.samples;
+  // The last hour, or less while the page has watched for less: at least
+  // five minutes, so the first changes are not squeezed into one edge.
+  const watched = samples.length ? now - samples[0][0] : 0;
+  const span = Math.min(HOUR_MS, Math.max(MIN_SPAN_MS, watched));
+  const start = now - span;
   const max = Math.max(1, fleet.nodes.size, ...samples.map((s) => s[1]));
-  const x = (t) => ((Math.max(t, start) - start) / HOUR_MS) * width;
+  const x = (t) => ((Math.max(t, start) - start) / span) * width;
   const y = (v) => height - 4 - (v / max) * (height - 8);
   const shapes = [];
   for (const fraction of [0.25, 0.5, 0.75]) {
@@ -275,6 +281,7 @@ function renderChart() {
   }
   svg.replaceChildren(...shapes);
   $("chart-max").textContent = "max " + max;
+  $("chart-start").textContent = Math.round(span / 60000) + " min ago";
 }
 
 function tick() {
