@@ -393,7 +393,7 @@ async fn readme_screenshot() {
 
     let driver = start_chromedriver().await;
     let browser = open_browser(&driver).await;
-    browser.set_window_size(1100, 640).await.unwrap();
+    browser.set_window_size(1100, 860).await.unwrap();
     browser
         .goto(&format!("http://{}/", coordinator.http_address()))
         .await
