@@ -600,6 +600,20 @@ mod tests {
     }
 
     #[test]
+    fn the_http_listener_is_on_loopback_by_default_and_off_turns_it_off() {
+        let default = coordinator(&[]).unwrap().http_listen;
+        assert_eq!(default, HttpListen(Some("127.0.0.1:7780".parse().unwrap())));
+        let off = coordinator(&["--http-listen", "OFF"]).unwrap().http_listen;
+        assert_eq!(off, HttpListen(None));
+        assert_eq!(off.to_string(), "off");
+        let bound = HttpListen(Some("127.0.0.1:0".parse().unwrap()))
+            .bound(Some("127.0.0.1:4321".parse().unwrap()));
+        assert_eq!(bound.to_string(), "127.0.0.1:4321");
+        let refused = coordinator(&["--http-listen", "localhost:80"]).unwrap_err();
+        assert!(refused.to_string().contains("--http-listen"), "{refused}");
+    }
+
+    #[test]
     fn coordinator_defaults() {
         let config = coordinator(&[]).unwrap();
         assert_eq!(config.listen, "0.0.0.0:7700".parse().unwrap());
