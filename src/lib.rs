@@ -10,6 +10,7 @@
 //! - [`dashboard`] is the coordinator's HTTP listener: the live web page,
 //!   its JSON and event stream, and `/metrics`.
 //! - [`cli`] holds the operator commands.
+//! - [`pool`] is the VRAM lease pool: pure, driven by time passed in.
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
 //! - [`wire`] converts between the wire types of [`proto`] and the domain.
 //!
@@ -32,6 +33,7 @@
 //! wire        -> auth node proto validation
 //! store       -> auth clock node registry
 //! registry    -> clock node
+//! pool        -> clock node validation
 //! node        -> auth validation
 //! auth        -> validation
 //! ```
@@ -50,6 +52,7 @@ pub mod grpc;
 pub mod limits;
 pub mod memory;
 pub mod node;
+pub mod pool;
 pub mod proto;
 pub mod registry;
 pub mod shutdown;
