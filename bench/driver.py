@@ -25,6 +25,7 @@ MAX_HPS = os.environ.get("MAX_HEARTBEATS_PER_SECOND", "100000")
 WINDOW = float(os.environ.get("WINDOW", "30"))
 WARMUP = float(os.environ.get("WARMUP", "10"))
 PER_SWARM = int(os.environ.get("AGENTS_PER_SWARM", "9500"))
+WATCHERS = int(os.environ.get("WATCHERS", "0"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CPUS = sorted(os.sched_getaffinity(0))
@@ -169,6 +170,24 @@ class Swarm:
             self.proc.wait()
 
 
+class Watcher:
+    """`muster nodes watch --output json > /dev/null`, for the whole run; it
+    resumes by itself across the coordinator's restart."""
+
+    def __init__(self, workdir, index, coordinator_url):
+        argv = pinned(swarm_cpus(), [
+            MUSTER, "nodes", "watch", "--output", "json",
+            "--coordinator", coordinator_url,
+        ])
+        self.err_path = os.path.join(workdir, f"watch-{index}.err")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(self.err_path, "w"))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 def wait_until(what, deadline, check, every=0.5):
     started = time.monotonic()
     while True:
@@ -202,6 +221,7 @@ def bench(n):
     time.sleep(1)
     rss_empty = rss_bytes(coordinator.proc.pid)
 
+    watchers = [Watcher(workdir, index, coordinator.url) for index in range(WATCHERS)]
     swarms = []
     for index, first in enumerate(range(0, n, PER_SWARM)):
         swarms.append(Swarm(workdir, index, first, min(PER_SWARM, n - first), coordinator.url))
@@ -222,6 +242,8 @@ def bench(n):
     finally:
         for s in swarms:
             s.stop()
+        for w in watchers:
+            w.stop()
         if coordinator.proc.poll() is None:
             coordinator.kill()
 
@@ -257,6 +279,7 @@ def measure(n, coordinator, swarms, rss_empty, workdir):
     result = {
         "agents": n,
         "swarm_processes": len(swarms),
+        "watchers": WATCHERS,
         "registration_s": registration_s,
         "heartbeats_per_s": heartbeats_per_s,
         "cpu_us_per_heartbeat": (cpu1 - cpu0) / (heartbeats_per_s * (t1 - t0)) * 1e6 if acks else None,

@@ -12,7 +12,9 @@
 #
 # Settings (environment): HEARTBEAT (1s), OFFLINE_AFTER (5s),
 # MAX_HEARTBEATS_PER_SECOND (100000), WINDOW (30, seconds measured), WARMUP
-# (10, seconds after all agents registered), AGENTS_PER_SWARM (9500).
+# (10, seconds after all agents registered), AGENTS_PER_SWARM (9500),
+# WATCHERS (0: how many `muster nodes watch --output json > /dev/null` run
+# for the whole run, pinned with the swarms).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -195,9 +195,10 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
 
-    /// File holding the operators' token. When set, ListNodes, GetNode and
-    /// RemoveNode need it as `authorization: Bearer <token>`, and the
-    /// dashboard, `/api/nodes` and `/events` ask for it through a login form.
+    /// File holding the operators' token. When set, every operator call
+    /// (ListNodes, GetNode, RemoveNode, DrainNode, UndrainNode, WatchNodes)
+    /// needs it as `authorization: Bearer <token>`, and the dashboard,
+    /// `/api/nodes` and `/events` ask for it through a login form.
     #[arg(long, env = "MUSTER_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
@@ -249,6 +250,23 @@ pub struct CoordinatorConfig {
     /// are also served here, and a warning says to use --http-listen.
     #[arg(long, env = "MUSTER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// The event history keeps at least this many events (and every event
+    /// younger than --event-history-age). Hidden: tests shrink it.
+    #[arg(long, hide = true, default_value_t = 10_000)]
+    pub event_history_events: u64,
+
+    #[arg(long, hide = true, default_value = "1h", value_parser = parse_duration)]
+    pub event_history_age: Duration,
+
+    /// How often a watch with nothing to send sends a BOOKMARK. Hidden:
+    /// tests shorten it.
+    #[arg(long, hide = true, default_value = "10s", value_parser = parse_duration)]
+    pub watch_bookmark_interval: Duration,
+
+    /// Events a watcher may fall behind before its stream is ended.
+    #[arg(long, hide = true, default_value_t = 4096)]
+    pub watch_buffer: usize,
 
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -505,6 +523,19 @@ pub enum NodesCommand {
     Undrain {
         /// The node id.
         node_id: String,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
+    /// Print every change of every node as it happens, one line each: the
+    /// fleet as it is first (or every change after --since), then changes
+    /// live. Resumes by itself after a dropped connection; lists the fleet
+    /// again, saying so on stderr, when the coordinator no longer holds the
+    /// revision to resume from.
+    Watch {
+        /// Print only the changes after this revision (as printed by an
+        /// earlier watch) instead of listing the fleet first.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
         #[command(flatten)]
         client: NodesClientConfig,
     },

@@ -56,6 +56,16 @@ pub enum ServiceError {
     RegistrationTimeout(std::time::Duration),
     #[error("no heartbeat within {0:?}; closing the stream")]
     HeartbeatTimeout(std::time::Duration),
+    #[error(
+        "since_revision {since} is older than the event history, which starts after revision {pruned_through}; list again with since_revision=0 (`muster nodes watch` without --since)"
+    )]
+    HistoryPruned { since: u64, pruned_through: u64 },
+    #[error(
+        "since_revision {since} is ahead of this coordinator's latest revision {latest}: its database was replaced or restored (see database_id); list again with since_revision=0"
+    )]
+    RevisionAhead { since: u64, latest: u64 },
+    #[error("this watch fell behind the fleet's changes; resume with since_revision={resume_from}")]
+    WatcherBehind { resume_from: u64 },
     #[error("the coordinator is shutting down")]
     ShuttingDown,
     #[error("storage failed")]
@@ -85,6 +95,9 @@ impl From<ServiceError> for Status {
             ServiceError::RegistrationTimeout(_) | ServiceError::HeartbeatTimeout(_) => {
                 Code::DeadlineExceeded
             }
+            ServiceError::HistoryPruned { .. } => Code::OutOfRange,
+            ServiceError::RevisionAhead { .. } => Code::FailedPrecondition,
+            ServiceError::WatcherBehind { .. } => Code::Aborted,
             ServiceError::ShuttingDown => Code::Unavailable,
             ServiceError::Store(store) if store.is_unavailable() => Code::Unavailable,
             ServiceError::Store(_) | ServiceError::Internal(_) => Code::Internal,

@@ -209,7 +209,8 @@ pub async fn serve(
 }
 
 /// Rewrites tonic's OUT_OF_RANGE for a request message over the decoding
-/// limit, which it sends before any handler runs, through the one mapping
+/// limit, which it sends before any handler runs (and only that one, told
+/// by its wording), through the one mapping
 /// into [`Status`], which makes it RESOURCE_EXHAUSTED. Streams that fail
 /// later reach that mapping through their handler.
 #[derive(Clone, Copy, Debug, Default)]
@@ -251,9 +252,15 @@ where
     }
 }
 
+/// How tonic words its OUT_OF_RANGE for a message over a size limit. Other
+/// OUT_OF_RANGE answers are ours (a watch from a pruned revision) and pass
+/// as they are.
+const TONIC_SIZE_LIMIT: &str = "message length too large";
+
 fn map_oversized<R>(mut response: http::Response<R>) -> http::Response<R> {
     if let Some(status) = Status::from_header_map(response.headers())
         && status.code() == Code::OutOfRange
+        && status.message().contains(TONIC_SIZE_LIMIT)
     {
         let status = Status::from(ServiceError::Inbound(status));
         if let Err(error) = status.add_header(response.headers_mut()) {

@@ -12,6 +12,8 @@
 //! - [`cli`] holds the operator commands.
 //! - [`pool`] is the VRAM lease pool: pure, driven by time passed in.
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
+//! - [`events`] is the fleet's event feed: pure, fed by the store after
+//!   each commit, read by `WatchNodes`.
 //! - [`wire`] converts between the wire types of [`proto`] and the domain.
 //!
 //! Modules depend one way, from the top down, and the graph has no cycle
@@ -21,17 +23,18 @@
 //! ```text
 //! swarm       -> agent auth config error grpc limits node proto
 //! agent       -> auth config error grpc node proto tls
-//! cli         -> auth config error grpc node proto tls
-//! coordinator -> auth clock config dashboard error grpc limits node proto registry store telemetry tls
-//! dashboard   -> auth error grpc proto telemetry
+//! cli         -> auth config error grpc node proto tls wire
+//! coordinator -> auth clock config dashboard error events grpc limits node proto registry store telemetry tls
+//! dashboard   -> auth error grpc proto telemetry wire
 //! telemetry   -> error grpc
 //! shutdown    -> error
 //! grpc        -> error proto tls
 //! config      -> auth error tls
 //! tls         -> error
 //! error       -> auth node store validation
+//! store       -> auth clock events node proto registry wire
+//! events      -> proto
 //! wire        -> auth node proto validation
-//! store       -> auth clock node registry
 //! registry    -> clock node
 //! pool        -> clock node validation
 //! node        -> auth validation
@@ -48,6 +51,7 @@ pub mod connections;
 pub mod coordinator;
 pub mod dashboard;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod limits;
 pub mod memory;

@@ -412,12 +412,11 @@ impl Registry {
         if entry.state != NodeState::Online {
             entry.state = NodeState::Online;
             entry.expires_at = None;
-            if entry.offline_since.take().is_some() {
-                self.changes.push(Change::CameOnline {
-                    node_id: node_id.clone(),
-                    generation,
-                });
-            }
+            entry.offline_since = None;
+            self.changes.push(Change::CameOnline {
+                node_id: node_id.clone(),
+                generation,
+            });
         }
         Ok(retuned)
     }
@@ -500,12 +499,13 @@ impl Registry {
         entry.pardoned = false;
         entry.expires_at = None;
         entry.last_probe_error = None;
-        if entry.offline_since.take().is_some() {
-            self.changes.push(Change::CameOnline {
-                node_id: target.node_id.clone(),
-                generation: entry.generation,
-            });
-        }
+        entry.offline_since = None;
+        // UNKNOWN to ONLINE is a change for the event log even when the row
+        // already says the node is live.
+        self.changes.push(Change::CameOnline {
+            node_id: target.node_id.clone(),
+            generation: entry.generation,
+        });
         true
     }
 
@@ -525,12 +525,13 @@ impl Registry {
         let live_for = timing
             .offline_after_at(entry.interval)
             .max(timing.reload_grace_for(&entry.registration) + refusal_took);
+        let was_online = entry.state == NodeState::Online;
         entry.state = NodeState::Online;
         entry.last_seen = now.wall;
         entry.last_seen_dirty = true;
         entry.live_until = now.monotonic + live_for;
         entry.pardoned = false;
-        if entry.offline_since.take().is_some() {
+        if entry.offline_since.take().is_some() || !was_online {
             self.changes.push(Change::CameOnline {
                 node_id: node_id.clone(),
                 generation: entry.generation,
@@ -586,12 +587,14 @@ impl Registry {
                 if entry.offline_since.is_none() {
                     entry.offline_since = Some(now.wall);
                     entry.expires_at = Some(now.monotonic + expire_after);
-                    self.changes.push(Change::WentOffline {
-                        node_id: node_id.clone(),
-                        generation: entry.generation,
-                        since: now.wall,
-                    });
                 }
+                // Also when it was OFFLINE before a restart: UNKNOWN to
+                // OFFLINE is a change for the event log.
+                self.changes.push(Change::WentOffline {
+                    node_id: node_id.clone(),
+                    generation: entry.generation,
+                    since: entry.offline_since.unwrap_or(now.wall),
+                });
             }
         }
         let guard = self.measure_guard();
@@ -1184,9 +1187,14 @@ mod tests {
 
         registry.sweep(t0.after(GRACE));
         assert_eq!(state(&registry, "a"), Some(NodeState::Offline));
-        assert!(
-            registry.take_changes().is_empty(),
-            "offline_since was already persisted"
+        assert_eq!(
+            registry.take_changes(),
+            [Change::WentOffline {
+                node_id: NodeId::parse("node_id", "a").unwrap(),
+                generation: 1,
+                since: went_offline,
+            }],
+            "UNKNOWN to OFFLINE is written, keeping the persisted moment"
         );
         let due = t0.after(EXPIRE_AFTER - Duration::from_secs(600));
         assert_eq!(

@@ -3,6 +3,8 @@
 //! [`crate::registry`]) never knows the wire types; every field an agent
 //! sends is validated here, on the way in.
 
+pub mod json;
+
 use std::time::Duration;
 
 use crate::{

@@ -179,7 +179,7 @@ async fn truth(url: &str) -> Vec<(String, String, String)> {
         .map(|node| {
             (
                 node.node_id.clone(),
-                muster::dashboard::state_name(node.state).to_owned(),
+                muster::wire::json::state_name(node.state).to_owned(),
                 if node.drained {
                     node.drain_reason
                 } else {

@@ -216,11 +216,11 @@ async fn events_resume_after_the_last_event_id_and_start_over_when_it_is_out_of_
     let snapshot = events
         .next_matching("a snapshot node", EVENT_DEADLINE, |e| e.event == "node")
         .await;
-    assert_eq!(snapshot.json()["kind"], "SNAPSHOT");
+    assert_eq!(snapshot.json()["kind"], "snapshot");
     assert_eq!(snapshot.id, None, "a snapshot's nodes carry no id");
     let end = events
-        .next_matching("SNAPSHOT_END", EVENT_DEADLINE, |e| {
-            e.json()["kind"] == "SNAPSHOT_END"
+        .next_matching("snapshot_end", EVENT_DEADLINE, |e| {
+            e.json()["kind"] == "snapshot_end"
         })
         .await;
     let snapshot_revision: u64 = end.id.clone().unwrap().parse().unwrap();
@@ -231,7 +231,7 @@ async fn events_resume_after_the_last_event_id_and_start_over_when_it_is_out_of_
     drain(&coordinator.url(), "gpu-1", "reseating GPUs", None).await;
     let drained = events
         .next_matching("the drain", EVENT_DEADLINE, |e| {
-            e.json()["kind"] == "CHANGED"
+            e.json()["kind"] == "changed"
         })
         .await;
     let drained_revision: u64 = drained.id.clone().unwrap().parse().unwrap();
@@ -258,7 +258,7 @@ async fn events_resume_after_the_last_event_id_and_start_over_when_it_is_out_of_
         })
         .await;
     assert_eq!(first.id.as_deref(), Some(drained.id.as_deref().unwrap()));
-    assert_eq!(first.json()["kind"], "CHANGED", "no snapshot on a resume");
+    assert_eq!(first.json()["kind"], "changed", "no snapshot on a resume");
     let offline = resumed
         .next_matching("the missed OFFLINE", EVENT_DEADLINE, |e| {
             e.json()["node"]["state"] == "OFFLINE"
@@ -279,7 +279,7 @@ async fn events_resume_after_the_last_event_id_and_start_over_when_it_is_out_of_
     let snapshot = reset
         .next_matching("a fresh snapshot", EVENT_DEADLINE, |e| e.event == "node")
         .await;
-    assert_eq!(snapshot.json()["kind"], "SNAPSHOT");
+    assert_eq!(snapshot.json()["kind"], "snapshot");
     assert_eq!(snapshot.json()["node"]["state"], "OFFLINE");
     assert_eq!(snapshot.json()["database_id"], database_id.as_str());
 
@@ -335,4 +335,77 @@ fn muster_output(args: &[&str]) -> std::process::Output {
             .env("MUSTER_LOG", "off"),
         START_DEADLINE,
     )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revision_the_history_no_longer_holds_gets_a_reset_and_a_fresh_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [
+        FAST_TIMING,
+        &["--event-history-events", "2", "--event-history-age", "1ms"],
+    ]
+    .concat();
+    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", &extra);
+    let url = coordinator.url();
+    let _agent = start_agent(&url, "gpu-1", &dir.path().join("gpu-1"));
+    wait_for_state(&url, &["gpu-1"], NodeState::Online, START_DEADLINE).await;
+    for reason in ["a", "b", "c"] {
+        drain(&url, "gpu-1", reason, None).await;
+    }
+    // The agent's heartbeats make the writer flush, and prune, every second.
+    let client = coordinator.client().await;
+    wait_for("revision 1 to be pruned", START_DEADLINE, || {
+        let mut client = client.clone();
+        async move {
+            let answer = client
+                .watch_nodes(proto::WatchNodesRequest { since_revision: 1 })
+                .await;
+            answer
+                .err()
+                .filter(|status| status.code() == tonic::Code::OutOfRange)
+        }
+    })
+    .await;
+
+    let mut events = SseStream::open(
+        coordinator.http_address(),
+        "/events",
+        &[("Last-Event-ID", "1")],
+    )
+    .await;
+    assert_eq!(events.status, 200);
+    let reset = events.next(EVENT_DEADLINE).await.unwrap();
+    assert_eq!(reset.event, "reset", "{reset:?}");
+    assert!(reset.data.contains("since_revision=0"), "{reset:?}");
+    let snapshot = events.next(EVENT_DEADLINE).await.unwrap();
+    assert_eq!(snapshot.json()["kind"], "snapshot");
+    assert_eq!(snapshot.json()["node"]["drain_reason"], "c");
+    let end = events.next(EVENT_DEADLINE).await.unwrap();
+    assert_eq!(end.json()["kind"], "snapshot_end");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_event_stream_never_holds_up_a_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (coordinator, _agent) = coordinator_with_agent(dir.path(), "gpu-1").await;
+    let mut events = SseStream::open(coordinator.http_address(), "/events", &[]).await;
+    events
+        .next_matching("snapshot_end", EVENT_DEADLINE, |e| {
+            e.event == "node" && e.json()["kind"] == "snapshot_end"
+        })
+        .await;
+    let status = coordinator
+        .process
+        .stop_with(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    let ended = loop {
+        match events.next(EVENT_DEADLINE).await {
+            Some(event) if event.event == "node" => continue,
+            other => break other,
+        }
+    };
+    assert!(
+        ended.is_none() || ended.as_ref().is_some_and(|e| e.event == "end"),
+        "{ended:?}"
+    );
 }

@@ -1,5 +1,5 @@
-//! Operator commands: `muster nodes list`, `get`, `remove`, `drain` and
-//! `undrain`, `muster health`, and `muster tls`.
+//! Operator commands: `muster nodes list`, `get`, `remove`, `drain`,
+//! `undrain` and `watch`, `muster health`, and `muster tls`.
 
 mod health;
 mod output;
@@ -90,8 +90,125 @@ pub async fn run_nodes(command: NodesCommand, out: &mut impl Write) -> Result<()
                 .into_inner();
             output::write_node(out, client.output, &node)?;
         }
+        NodesCommand::Watch { since, client } => watch(&client, since, out).await?,
     }
     Ok(())
+}
+
+/// The first pause before resuming a dropped watch, doubled after each
+/// failed attempt up to [`WATCH_MAX_BACKOFF`].
+const WATCH_FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Prints every event from `since` on, for as long as the process runs:
+/// a dropped stream is resumed from the last revision printed, and a
+/// revision the coordinator no longer holds is answered by listing the
+/// fleet again from revision 0. Ends only on an error that retrying cannot
+/// fix (a refused token, a bad address) or when stdout is closed.
+async fn watch(
+    client: &NodesClientConfig,
+    since: u64,
+    out: &mut impl Write,
+) -> Result<(), RunError> {
+    let mut resume_from = since;
+    let mut backoff = WATCH_FIRST_BACKOFF;
+    let mut database_id: Option<String> = None;
+    output::write_event_header(out, client.output)?;
+    loop {
+        let mut printed_any = false;
+        let attempt = async {
+            let operator = Operator::connect(client).await?;
+            let request = operator.request(proto::WatchNodesRequest {
+                since_revision: resume_from,
+            });
+            let mut stream = operator
+                .coordinator()
+                .watch_nodes(request)
+                .await
+                .map_err(|status| operator.rpc_error(status))?
+                .into_inner();
+            loop {
+                let event = stream
+                    .message()
+                    .await
+                    .map_err(|status| operator.rpc_error(status))?;
+                let Some(event) = event else {
+                    return Err(RunError::Rpc {
+                        url: client.coordinator.clone(),
+                        code: tonic::Code::Unavailable,
+                        message: "the watch ended without a status".to_owned(),
+                    });
+                };
+                if let Some(known) = database_id.replace(event.database_id.clone())
+                    && known != event.database_id
+                    && resume_from != 0
+                {
+                    // Revisions of another database say nothing about ours.
+                    return Err(RunError::Rpc {
+                        url: client.coordinator.clone(),
+                        code: tonic::Code::FailedPrecondition,
+                        message: format!(
+                            "the coordinator's database changed (database_id {known} is now {})",
+                            event.database_id
+                        ),
+                    });
+                }
+                // A snapshot counts only once complete: resuming from its
+                // revision halfway through would skip the nodes not printed.
+                if event.kind != proto::NodeEventKind::Snapshot as i32 {
+                    resume_from = event.revision;
+                }
+                output::write_event(out, client.output, &event)?;
+                printed_any = true;
+            }
+        };
+        let Err::<std::convert::Infallible, RunError>(failure) = attempt.await;
+        match &failure {
+            RunError::Rpc {
+                code: tonic::Code::OutOfRange | tonic::Code::FailedPrecondition,
+                message,
+                ..
+            } => {
+                eprintln!("muster: {message}");
+                eprintln!("muster: listing the fleet again from revision 0");
+                resume_from = 0;
+                continue;
+            }
+            RunError::Rpc {
+                code:
+                    tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::Unimplemented,
+                ..
+            } => return Err(failure),
+            RunError::Rpc { .. }
+            | RunError::Connect { .. }
+            | RunError::ConnectTimeout { .. }
+            | RunError::Dropped { .. } => {}
+            _ => return Err(failure),
+        }
+        if printed_any {
+            backoff = WATCH_FIRST_BACKOFF;
+        }
+        let pause = backoff.mul_f64(rand::random_range(0.5..=1.0));
+        // Once events have flowed, a dropped connection is the coordinator
+        // going away, not a TLS mismatch the generic advice suspects.
+        let why = match &failure {
+            RunError::Dropped { url, .. } if printed_any => {
+                format!("{url} closed the connection")
+            }
+            other => other.to_string(),
+        };
+        eprintln!(
+            "muster: watch interrupted ({why}); resuming after revision {resume_from} in {}",
+            humantime::format_duration(Duration::from_millis(
+                u64::try_from(pause.as_millis()).unwrap_or(u64::MAX)
+            ))
+        );
+        tokio::time::sleep(pause).await;
+        backoff = (backoff * 2).min(WATCH_MAX_BACKOFF);
+    }
 }
 
 /// The node `node_id`; with `wait`, asked for again until it is registered

@@ -6,55 +6,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
-
-use crate::{config::OutputFormat, proto};
-
-/// The JSON shape of a node: times in RFC 3339, state as its short name.
-#[derive(Debug, Serialize)]
-struct NodeView<'a> {
-    node_id: &'a str,
-    state: &'static str,
-    agent_url: &'a str,
-    last_seen: Option<String>,
-    registered_at: Option<String>,
-    offline_since: Option<String>,
-    drained: bool,
-    drain_reason: Option<&'a str>,
-    drained_at: Option<String>,
-    boot_id: &'a str,
-    session_generation: u64,
-    version: &'a str,
-    hostname: &'a str,
-    labels: BTreeMap<&'a str, &'a str>,
-    last_probe_error: Option<&'a str>,
-}
-
-impl<'a> From<&'a proto::Node> for NodeView<'a> {
-    fn from(node: &'a proto::Node) -> Self {
-        Self {
-            node_id: &node.node_id,
-            state: state_name(node.state),
-            agent_url: &node.agent_url,
-            last_seen: node.last_seen.map(rfc3339),
-            registered_at: node.registered_at.map(rfc3339),
-            offline_since: node.offline_since.map(rfc3339),
-            drained: node.drained,
-            drain_reason: node.drained.then_some(node.drain_reason.as_str()),
-            drained_at: node.drained_at.map(rfc3339),
-            boot_id: &node.boot_id,
-            session_generation: node.session_generation,
-            version: &node.version,
-            hostname: &node.hostname,
-            labels: node
-                .labels
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect(),
-            last_probe_error: Some(node.last_probe_error.as_str()).filter(|e| !e.is_empty()),
-        }
-    }
-}
+use crate::{
+    config::OutputFormat,
+    proto,
+    wire::json::{EventJson, NodeJson, event_kind_name, state_name},
+};
 
 pub fn write_nodes(
     out: &mut impl Write,
@@ -63,7 +19,7 @@ pub fn write_nodes(
 ) -> io::Result<()> {
     match format {
         OutputFormat::Json => {
-            let views: Vec<NodeView<'_>> = nodes.iter().map(NodeView::from).collect();
+            let views: Vec<NodeJson<'_>> = nodes.iter().map(NodeJson::from).collect();
             serde_json::to_writer_pretty(&mut *out, &views)?;
             writeln!(out)
         }
@@ -78,7 +34,7 @@ pub fn write_node(
 ) -> io::Result<()> {
     match format {
         OutputFormat::Json => {
-            serde_json::to_writer_pretty(&mut *out, &NodeView::from(node))?;
+            serde_json::to_writer_pretty(&mut *out, &NodeJson::from(node))?;
             writeln!(out)
         }
         OutputFormat::Table => {
@@ -92,6 +48,56 @@ pub fn write_node(
 }
 
 /// One line telling the operator that no OFFLINE node is being removed.
+/// The table's header, once before the events; JSON has none.
+pub fn write_event_header(out: &mut impl Write, format: OutputFormat) -> io::Result<()> {
+    if format == OutputFormat::Table {
+        writeln!(
+            out,
+            "{:>8}  {:<12}  {:<10}  {:<24}  {:<11}  DRAINED",
+            "REVISION", "KIND", "REASON", "NODE", "STATE"
+        )?;
+    }
+    out.flush()
+}
+
+/// One line for one event of `muster nodes watch`.
+pub fn write_event(
+    out: &mut impl Write,
+    format: OutputFormat,
+    event: &proto::NodeEvent,
+) -> io::Result<()> {
+    match format {
+        OutputFormat::Json => {
+            serde_json::to_writer(&mut *out, &EventJson::from(event))?;
+            writeln!(out)?;
+        }
+        OutputFormat::Table => {
+            let (node_id, state, drain) = event.node.as_ref().map_or_else(
+                || ("-".to_owned(), "-", "-".to_owned()),
+                |node| {
+                    (
+                        node.node_id.clone(),
+                        state_name(node.state),
+                        drain_cell(node),
+                    )
+                },
+            );
+            let reason = if event.reason.is_empty() {
+                "-"
+            } else {
+                &event.reason
+            };
+            writeln!(
+                out,
+                "{:>8}  {:<12}  {reason:<10}  {node_id:<24}  {state:<11}  {drain}",
+                event.revision,
+                event_kind_name(event.kind)
+            )?;
+        }
+    }
+    out.flush()
+}
+
 pub fn write_expiry_note(out: &mut impl Write, paused: &proto::ExpiryPaused) -> io::Result<()> {
     writeln!(
         out,
@@ -161,22 +167,8 @@ fn drain_cell(node: &proto::Node) -> String {
     }
 }
 
-fn state_name(state: i32) -> &'static str {
-    match proto::NodeState::try_from(state) {
-        Ok(proto::NodeState::Online) => "ONLINE",
-        Ok(proto::NodeState::Offline) => "OFFLINE",
-        Ok(proto::NodeState::Unknown) => "UNKNOWN",
-        Ok(proto::NodeState::Left) => "LEFT",
-        Ok(proto::NodeState::Unspecified) | Err(_) => "UNSPECIFIED",
-    }
-}
-
 fn to_system_time(timestamp: prost_types::Timestamp) -> SystemTime {
     SystemTime::try_from(timestamp).unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
-fn rfc3339(timestamp: prost_types::Timestamp) -> String {
-    humantime::format_rfc3339_millis(to_system_time(timestamp)).to_string()
 }
 
 fn age(timestamp: prost_types::Timestamp, now: SystemTime) -> String {
@@ -263,6 +255,45 @@ mod tests {
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(text.contains("7 of 10 nodes"), "{text}");
         assert!(text.contains("--expiry-guard-fraction 0.5"), "{text}");
+    }
+
+    #[test]
+    fn a_watch_event_is_one_line_in_either_format() {
+        let event = proto::NodeEvent {
+            revision: 42,
+            kind: proto::NodeEventKind::Changed.into(),
+            node: Some(node("a", proto::NodeState::Offline)),
+            reason: "offline".to_owned(),
+            database_id: "d1".to_owned(),
+        };
+        let mut json = Vec::new();
+        write_event(&mut json, OutputFormat::Json, &event).unwrap();
+        let text = String::from_utf8(json).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["revision"], 42);
+        assert_eq!(parsed["kind"], "changed");
+        assert_eq!(parsed["reason"], "offline");
+        assert_eq!(parsed["database_id"], "d1");
+        assert_eq!(parsed["node"]["state"], "OFFLINE");
+
+        let mut header = Vec::new();
+        write_event_header(&mut header, OutputFormat::Json).unwrap();
+        assert!(header.is_empty(), "JSON lines only");
+        write_event_header(&mut header, OutputFormat::Table).unwrap();
+        let header = String::from_utf8(header).unwrap();
+        let mut table = Vec::new();
+        write_event(&mut table, OutputFormat::Table, &event).unwrap();
+        let line = String::from_utf8(table).unwrap();
+        assert_eq!(line.lines().count(), 1);
+        assert_eq!(
+            header.find("NODE"),
+            line.find(" a ").map(|at| at + 1),
+            "columns line up:\n{header}{line}"
+        );
+        for word in ["42", "changed", "offline", "a", "OFFLINE"] {
+            assert!(line.split_whitespace().any(|w| w == word), "{word}: {line}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod readiness;
 mod service;
 mod session;
 mod sweeper;
+mod watch;
 mod writer;
 
 use std::{
@@ -25,6 +26,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
+use futures::future::BoxFuture;
 use tokio::{sync::Notify, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -35,17 +37,18 @@ use crate::{
     config::CoordinatorConfig,
     connections::{self, ConnectionLimits},
     dashboard,
-    error::RunError,
+    error::{RunError, ServiceError},
     grpc, limits,
     proto::{self, coordinator_server::CoordinatorServer},
     registry::{Registry, Timing},
-    store::{DatabaseLock, Store},
+    store::{DatabaseLock, EventSettings, Store},
     telemetry::{self, MetricsListener},
     tls::Tls,
 };
 
 pub use prober::{ProbeCredentials, ProbeOutcome, probe};
 pub use session::read_registration;
+pub use watch::{EventSource, Watch};
 
 /// How many Status probes run at once after a restart.
 const PROBE_CONCURRENCY: usize = 256;
@@ -101,17 +104,43 @@ impl RegistryHandle {
     }
 }
 
-impl dashboard::Fleet for RegistryHandle {
+/// What the dashboard reads: the registry's view, and the event source
+/// WatchNodes serves from.
+struct DashboardFleet {
+    registry: RegistryHandle,
+    events: EventSource,
+}
+
+impl dashboard::Fleet for DashboardFleet {
     fn nodes(&self) -> proto::ListNodesResponse {
-        self.list_nodes()
+        self.registry.list_nodes()
     }
 
     fn watch(
         &self,
-        _since_revision: u64,
-    ) -> futures::future::BoxFuture<'static, Result<dashboard::NodeEvents, dashboard::WatchRefused>>
-    {
-        Box::pin(async { Err(dashboard::WatchRefused::Unavailable("TEMPORARY".into())) })
+        since_revision: u64,
+    ) -> BoxFuture<'static, Result<dashboard::NodeEvents, dashboard::WatchRefused>> {
+        let events = self.events.clone();
+        Box::pin(async move {
+            let watch = events
+                .watch(since_revision)
+                .await
+                .map_err(|refused| match refused {
+                    ServiceError::HistoryPruned { .. } | ServiceError::RevisionAhead { .. } => {
+                        dashboard::WatchRefused::OutOfRange(refused.to_string())
+                    }
+                    other => dashboard::WatchRefused::Unavailable(other.to_string()),
+                })?;
+            // The watch's error is its last item.
+            let events = futures::stream::unfold(Some(watch), |watch| async move {
+                let mut watch = watch?;
+                match watch.next().await {
+                    Ok(event) => Some((Ok(event), Some(watch))),
+                    Err(ended) => Some((Err(ended.to_string()), None)),
+                }
+            });
+            Ok(Box::pin(events) as dashboard::NodeEvents)
+        })
     }
 }
 
@@ -135,6 +164,8 @@ pub(crate) struct Shared {
     /// Held across each drain's store write and registry update, so that
     /// the registry applies drains in the order the store recorded them.
     drains: tokio::sync::Mutex<()>,
+    /// The fleet's events, for watchers.
+    events: EventSource,
 }
 
 impl Shared {
@@ -216,7 +247,15 @@ pub async fn start(
     // Held until supervision ends; the kernel releases it if the process
     // dies.
     let database_lock = DatabaseLock::acquire(&config.db, address).await?;
-    let store = Store::open(&config.db).await?;
+    let store = Store::open_with(
+        &config.db,
+        EventSettings {
+            keep_events: config.event_history_events,
+            keep_for: config.event_history_age,
+            watcher_buffer: config.watch_buffer,
+        },
+    )
+    .await?;
     let stored = store.load_nodes().await?;
 
     let reloaded = stored.len();
@@ -233,18 +272,21 @@ pub async fn start(
     timing.reload_grace = timing.offline_after_at(timing.interval_for(reloaded));
     let mut registry = Registry::new(timing);
     registry.load(stored, Moment::now());
+    // Reloaded nodes are UNKNOWN now, whatever the log last said of them.
+    store.record_reload(registry.list()).await?;
     let boot_id = uuid::Uuid::new_v4().to_string();
     let registry = RegistryHandle::new(registry);
     let shared = Arc::new(Shared {
         changes_pending: registry.changes_pending.clone(),
         registry,
         timing,
-        store,
         boot_id: boot_id.clone(),
         join_token,
         admin_token,
         tls,
         drains: tokio::sync::Mutex::new(()),
+        events: EventSource::new(store.clone(), config.watch_bookmark_interval),
+        store,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -306,7 +348,10 @@ pub async fn start(
         background.spawn(dashboard::serve(
             listener,
             dashboard::Sources {
-                fleet: Arc::new(shared.registry.clone()),
+                fleet: Arc::new(DashboardFleet {
+                    registry: shared.registry.clone(),
+                    events: shared.events.clone(),
+                }),
                 metrics,
                 admin_token: shared.admin_token.clone(),
             },

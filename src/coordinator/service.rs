@@ -14,6 +14,7 @@ use super::{
     Shared,
     admission::{StreamPermit, serve_stream},
     session::read_registration,
+    watch,
 };
 use crate::{
     auth,
@@ -27,6 +28,8 @@ use crate::{
 const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued towards one agent before the session waits for it.
 const OUTBOUND_CAPACITY: usize = 8;
+/// Events queued towards one watcher before its watch waits for it.
+const WATCH_OUTBOUND_CAPACITY: usize = 64;
 
 pub(crate) struct CoordinatorService {
     shared: Arc<Shared>,
@@ -49,10 +52,12 @@ impl CoordinatorService {
 }
 
 type HeartbeatStream = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send>>;
+type WatchNodesStream = Pin<Box<dyn Stream<Item = Result<proto::NodeEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     type HeartbeatStream = HeartbeatStream;
+    type WatchNodesStream = WatchNodesStream;
 
     async fn heartbeat(
         &self,
@@ -89,6 +94,24 @@ impl Coordinator for CoordinatorService {
         admission.await.map_err(|_| {
             ServiceError::Internal("the registration task ended early".to_owned())
         })??;
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn watch_nodes(
+        &self,
+        request: Request<proto::WatchNodesRequest>,
+    ) -> Result<Response<Self::WatchNodesStream>, Status> {
+        self.require_admin(&request)?;
+        if self.shutdown.is_cancelled() {
+            return Err(ServiceError::ShuttingDown.into());
+        }
+        let since_revision = request.into_inner().since_revision;
+        let watch = self.shared.events.watch(since_revision).await?;
+        let (outbound, receiver) = mpsc::channel(WATCH_OUTBOUND_CAPACITY);
+        self.sessions.spawn(
+            watch::serve(watch, outbound, self.shutdown.clone())
+                .instrument(tracing::info_span!("watch", since_revision)),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 

@@ -24,11 +24,11 @@ use axum::{
     },
 };
 use futures::{StreamExt, stream};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tracing::debug;
 
-use super::{Dashboard, WatchRefused, json::NodeView, json_error, session};
-use crate::proto;
+use super::{Dashboard, WatchRefused, json_error, session};
+use crate::{proto, wire::json::EventJson};
 
 /// How soon a browser reconnects after the stream drops.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
@@ -42,51 +42,14 @@ pub struct EventsQuery {
     since: Option<u64>,
 }
 
-/// One node event as `/events` sends it, in an SSE event named `node`.
-#[derive(Debug, Serialize, PartialEq)]
-pub struct EventView {
-    pub revision: u64,
-    /// `SNAPSHOT`, `SNAPSHOT_END`, `CHANGED`, `REMOVED` or `BOOKMARK`.
-    pub kind: &'static str,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub reason: String,
-    pub database_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<NodeView>,
-}
-
-fn kind_name(kind: i32) -> &'static str {
-    match proto::NodeEventKind::try_from(kind) {
-        Ok(proto::NodeEventKind::Snapshot) => "SNAPSHOT",
-        Ok(proto::NodeEventKind::SnapshotEnd) => "SNAPSHOT_END",
-        Ok(proto::NodeEventKind::Changed) => "CHANGED",
-        Ok(proto::NodeEventKind::Removed) => "REMOVED",
-        Ok(proto::NodeEventKind::Bookmark) => "BOOKMARK",
-        Ok(proto::NodeEventKind::Unspecified) | Err(_) => "UNSPECIFIED",
-    }
-}
-
-impl From<proto::NodeEvent> for EventView {
-    fn from(event: proto::NodeEvent) -> Self {
-        Self {
-            revision: event.revision,
-            kind: kind_name(event.kind),
-            reason: event.reason,
-            database_id: event.database_id,
-            node: event.node.map(NodeView::from),
-        }
-    }
-}
-
-fn sse_event(event: proto::NodeEvent) -> Event {
-    let view = EventView::from(event);
+fn sse_event(event: &proto::NodeEvent) -> Event {
     let sse = Event::default().event("node");
-    let sse = if view.kind == "SNAPSHOT" {
+    let sse = if event.kind == i32::from(proto::NodeEventKind::Snapshot) {
         sse
     } else {
-        sse.id(view.revision.to_string())
+        sse.id(event.revision.to_string())
     };
-    sse.json_data(&view)
+    sse.json_data(EventJson::from(event))
         .unwrap_or_else(|error| Event::default().event("end").data(error.to_string()))
 }
 
@@ -151,7 +114,7 @@ pub async fn events(
         }
         *ended = next.is_err();
         std::future::ready(Some(match next {
-            Ok(event) => sse_event(event),
+            Ok(event) => sse_event(&event),
             Err(why) => Event::default().event("end").data(why),
         }))
     });
@@ -259,7 +222,7 @@ mod tests {
         assert!(body.starts_with("retry: 1000\n"), "{body}");
         assert_eq!(body.matches("id: ").count(), 1, "{body}");
         assert!(body.contains("id: 9\n"), "{body}");
-        assert_eq!(body.matches(r#""kind":"SNAPSHOT""#).count(), 2, "{body}");
+        assert_eq!(body.matches(r#""kind":"snapshot""#).count(), 2, "{body}");
         assert!(
             body.ends_with("event: end\ndata: fell behind\n\n"),
             "{body}"
@@ -273,7 +236,7 @@ mod tests {
             !body.contains("id: 7\n") && body.contains("id: 8\n") && body.contains("id: 9\n"),
             "{body}"
         );
-        assert!(!body.contains("SNAPSHOT"), "{body}");
+        assert!(!body.contains("snapshot"), "{body}");
         let (_, body) = get_events("/events?since=8", None).await;
         assert!(
             body.contains("id: 9\n") && !body.contains("id: 8\n"),
@@ -288,7 +251,7 @@ mod tests {
         let reset = body
             .find("event: reset\ndata: revision 2 is gone")
             .expect(&body);
-        let snapshot = body.find(r#""kind":"SNAPSHOT""#).expect(&body);
+        let snapshot = body.find(r#""kind":"snapshot""#).expect(&body);
         assert!(reset < snapshot, "{body}");
     }
 
@@ -297,26 +260,6 @@ mod tests {
         let (status, body) = get_events("/events", Some("x")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(body.contains("Last-Event-ID"), "{body}");
-    }
-
-    #[test]
-    fn events_name_their_kind_and_carry_the_node_as_the_api_shows_it() {
-        let event = proto::NodeEvent {
-            revision: 7,
-            kind: proto::NodeEventKind::Changed.into(),
-            node: Some(proto::Node {
-                node_id: "gpu-1".into(),
-                state: proto::NodeState::Left.into(),
-                ..Default::default()
-            }),
-            reason: "left".into(),
-            database_id: "db".into(),
-        };
-        let json = serde_json::to_value(EventView::from(event)).unwrap();
-        assert_eq!(json["kind"], "CHANGED");
-        assert_eq!(json["revision"], 7);
-        assert_eq!(json["node"]["state"], "LEFT");
-        assert_eq!(json["reason"], "left");
     }
 
     #[test]

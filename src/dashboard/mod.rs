@@ -16,7 +16,6 @@
 //!   so the listener's graceful shutdown never waits on an open page.
 
 mod events;
-mod json;
 mod session;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -30,14 +29,12 @@ use axum::{
 };
 use futures::{future::BoxFuture, stream::BoxStream};
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-pub use events::EventView;
-pub use json::{NodeView, NodesView, state_name};
-
-use crate::{auth::Token, error::RunError, grpc, proto, telemetry};
+use crate::{auth::Token, error::RunError, grpc, proto, telemetry, wire::json::NodeJson};
 
 /// A watch of the fleet's events: each item is the next event, or why the
 /// watch ended (then it yields nothing more).
@@ -186,11 +183,36 @@ fn static_asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
+/// `GET /api/nodes`: every node in the shape `muster nodes list --output
+/// json` prints, and the expiry guard's state while it holds expiry back.
+#[derive(Serialize)]
+struct NodesJson<'a> {
+    nodes: Vec<NodeJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expiry_paused: Option<ExpiryPausedJson>,
+}
+
+#[derive(Serialize)]
+struct ExpiryPausedJson {
+    nodes_down: u64,
+    nodes_known: u64,
+    guard_fraction: f64,
+}
+
 async fn nodes(State(dashboard): State<Dashboard>, headers: HeaderMap) -> Response {
     if !session::admitted(dashboard.admin_token.as_ref(), &headers) {
         return session::unauthorized();
     }
-    Json(NodesView::from(dashboard.fleet.nodes())).into_response()
+    let listed = dashboard.fleet.nodes();
+    Json(NodesJson {
+        nodes: listed.nodes.iter().map(NodeJson::from).collect(),
+        expiry_paused: listed.expiry_paused.map(|paused| ExpiryPausedJson {
+            nodes_down: paused.nodes_down,
+            nodes_known: paused.nodes_known,
+            guard_fraction: paused.guard_fraction,
+        }),
+    })
+    .into_response()
 }
 
 /// A JSON error body, `{"error": message}`.

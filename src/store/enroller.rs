@@ -8,9 +8,10 @@
 //! fail the batch; a later registration of the same id in the batch sees the
 //! rows written before it.
 //!
-//! Invariants: a caller is answered only after its row is committed, and
+//! Invariants: a caller is answered only after its row, and its
+//! `registered` event, are committed, and
 //! only while the database file is still at its path (see
-//! [`super::transaction_in_place`]); a batch that fails for one of its rows
+//! `EventLog::transaction`); a batch that fails for one of its rows
 //! is retried one registration per transaction, so one bad registration
 //! fails only itself, while a batch that fails because the database is
 //! unavailable fails as a whole, at once; a registration whose caller has
@@ -20,9 +21,7 @@ use std::{sync::Arc, time::SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    Connections, Enrolled, StoreError, enroll_in, file::DatabaseFile, transaction_in_place,
-};
+use super::{Connections, Enrolled, StoreError, enroll_in, events::EventLog, file::DatabaseFile};
 use crate::{auth::SecretHash, node::Registration};
 
 /// Registrations committed together at most.
@@ -47,11 +46,12 @@ impl Enroller {
     pub(super) fn start(
         connections: Arc<Connections>,
         file: Arc<DatabaseFile>,
+        events: Arc<EventLog>,
     ) -> Result<Self, StoreError> {
         let (requests, receiver) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("muster-enroll".to_owned())
-            .spawn(move || serve(&connections, &file, receiver))
+            .spawn(move || serve(&connections, &file, &events, receiver))
             .map_err(StoreError::EnrollerStart)?;
         Ok(Self { requests })
     }
@@ -77,7 +77,12 @@ impl Enroller {
     }
 }
 
-fn serve(connections: &Connections, file: &DatabaseFile, mut requests: mpsc::Receiver<Request>) {
+fn serve(
+    connections: &Connections,
+    file: &DatabaseFile,
+    events: &EventLog,
+    mut requests: mpsc::Receiver<Request>,
+) {
     while let Some(first) = requests.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH
@@ -87,19 +92,21 @@ fn serve(connections: &Connections, file: &DatabaseFile, mut requests: mpsc::Rec
         }
         batch.retain(|request| !request.reply.is_closed());
         if !batch.is_empty() {
-            commit(connections, file, batch);
+            commit(connections, file, events, batch);
         }
     }
 }
 
-fn commit(connections: &Connections, file: &DatabaseFile, batch: Vec<Request>) {
+fn commit(connections: &Connections, file: &DatabaseFile, events: &EventLog, batch: Vec<Request>) {
+    let now = SystemTime::now();
     let together = connections.write(|conn| {
-        transaction_in_place(file, conn, |conn| {
+        events.transaction(file, conn, now, |conn, recorder| {
             batch
                 .iter()
                 .map(|request| {
                     enroll_in(
                         conn,
+                        recorder,
                         &request.registration,
                         request.secret_hash,
                         request.now,
@@ -128,9 +135,10 @@ fn commit(connections: &Connections, file: &DatabaseFile, batch: Vec<Request>) {
         Err(_) => {
             for request in batch {
                 let alone = connections.write(|conn| {
-                    transaction_in_place(file, conn, |conn| {
+                    events.transaction(file, conn, now, |conn, recorder| {
                         enroll_in(
                             conn,
+                            recorder,
                             &request.registration,
                             request.secret_hash,
                             request.now,

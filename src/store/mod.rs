@@ -18,6 +18,7 @@
 
 mod connections;
 mod enroller;
+mod events;
 mod file;
 mod lock;
 mod rows;
@@ -41,9 +42,11 @@ use tokio::sync::watch;
 use tracing::warn;
 
 pub use self::connections::Availability;
+pub use self::events::{EventSettings, History};
 pub use self::lock::{DatabaseLock, Holder, lock_path};
 use self::{
     connections::Connections,
+    events::{EventLog, Recorder},
     file::DatabaseFile,
     rows::{DrainRow, NodeRow, generation_to_column},
     schema::known_nodes,
@@ -51,7 +54,9 @@ use self::{
 use crate::{
     auth::SecretHash,
     clock::{from_unix_millis, to_unix_millis},
-    node::{Drain, NodeId, Registration, StoredNode},
+    events::{EventHub, EventKind, NodeEvent, Reason},
+    node::{Drain, NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
+    proto,
     registry::{Change, Enrollment},
 };
 
@@ -211,6 +216,7 @@ pub struct Store {
     connections: Arc<Connections>,
     enroller: enroller::Enroller,
     file: Arc<DatabaseFile>,
+    events: Arc<EventLog>,
 }
 
 impl Store {
@@ -219,11 +225,16 @@ impl Store {
     /// logged, only where no file exists; an empty file, or a database
     /// migrated by a newer muster, is refused.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&path)).await?
+        Self::open_with(path, EventSettings::default()).await
     }
 
-    fn open_blocking(path: &Path) -> Result<Self, StoreError> {
+    /// [`Store::open`], keeping the event history `events` asks for.
+    pub async fn open_with(path: &Path, events: EventSettings) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&path, events)).await?
+    }
+
+    fn open_blocking(path: &Path, settings: EventSettings) -> Result<Self, StoreError> {
         let found = file::inspect(path)?;
         let mut conn = SqliteConnection::establish(&sqlite_uri(path, found)).map_err(|source| {
             StoreError::Open {
@@ -246,16 +257,19 @@ impl Store {
                 path: path.to_owned(),
                 reason: e.to_string(),
             })?;
+        let events = Arc::new(EventLog::open(&mut conn, settings)?);
         drop(conn);
 
         // Connections opened later never create a file: if the database has
         // gone from its path, they fail instead of starting an empty one.
         let connections = Arc::new(Connections::open(sqlite_uri(path, file::Found::Existing))?);
-        let enroller = enroller::Enroller::start(connections.clone(), file.clone())?;
+        let enroller =
+            enroller::Enroller::start(connections.clone(), file.clone(), events.clone())?;
         Ok(Self {
             connections,
             enroller,
             file,
+            events,
         })
     }
 
@@ -298,15 +312,54 @@ impl Store {
         .await
     }
 
-    /// Runs `work` in a write transaction; see [`transaction_in_place`].
-    async fn write_transaction<T, F>(&self, work: F) -> Result<T, StoreError>
+    /// Runs `work` in a write transaction that also appends the events it
+    /// records; see [`EventLog::transaction`].
+    async fn event_transaction<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut SqliteConnection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut SqliteConnection, &mut Recorder) -> Result<T, StoreError> + Send + 'static,
     {
         let file = self.file.clone();
-        self.run(move |conn| transaction_in_place(&file, conn, work))
+        let events = self.events.clone();
+        self.run(move |conn| events.transaction(&file, conn, SystemTime::now(), work))
             .await
+    }
+
+    /// The feed every committed event is published to, in revision order.
+    pub fn event_hub(&self) -> Arc<EventHub> {
+        self.events.hub().clone()
+    }
+
+    /// The span of revisions the database holds.
+    pub async fn history(&self) -> Result<History, StoreError> {
+        self.read(|conn| events::history(conn)).await
+    }
+
+    /// Stored events with revisions in `(after, through]`, oldest first, at
+    /// most `limit` of them.
+    pub async fn replay(
+        &self,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<Vec<NodeEvent>, StoreError> {
+        self.read(move |conn| events::replay(conn, after, through, limit))
+            .await
+    }
+
+    /// Records that the coordinator restarted and reloaded `nodes` as they
+    /// now are (UNKNOWN until proven alive, or LEFT): one event each.
+    pub async fn record_reload(&self, nodes: Vec<NodeSnapshot>) -> Result<(), StoreError> {
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        self.event_transaction(move |_, recorder| {
+            for node in nodes {
+                recorder.changed(Reason::Reloaded, proto::Node::from(node));
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Every readable node in the store. A row that cannot be read is
@@ -382,7 +435,10 @@ impl Store {
     /// generation it held (0 when that cannot be read); `None` if there was
     /// no such row.
     pub async fn remove(&self, node_id: NodeId) -> Result<Option<u64>, StoreError> {
-        self.write_transaction(move |conn| {
+        self.event_transaction(move |conn, recorder| {
+            if let Some(node) = events::row_node(conn, &node_id, NodeState::Online)? {
+                recorder.record(EventKind::Removed, Reason::Removed, node);
+            }
             let row = known_nodes::table.find(node_id.as_str());
             let generation: Option<Option<i64>> = row
                 .select(known_nodes::session_generation.nullable())
@@ -406,7 +462,8 @@ impl Store {
         reason: Option<String>,
         now: SystemTime,
     ) -> Result<Option<(u64, Option<Drain>)>, StoreError> {
-        self.write_transaction(move |conn| {
+        let events = self.events.clone();
+        self.event_transaction(move |conn, recorder| {
             let row = known_nodes::table.find(node_id.as_str());
             let found: Option<(i64, Option<i64>)> = row
                 .select((known_nodes::session_generation, known_nodes::drained_at))
@@ -430,6 +487,22 @@ impl Store {
                 node_id: node_id.to_string(),
                 reason: format!("negative session_generation {generation}"),
             })?;
+            // A drain leaves the state as it was, and a row cannot tell
+            // ONLINE from UNKNOWN: the last event of this session can.
+            let live = match events.published_state(&node_id) {
+                Some((published, proto::NodeState::Unknown)) if published == generation => {
+                    NodeState::Unknown
+                }
+                _ => NodeState::Online,
+            };
+            if let Some(node) = events::row_node(conn, &node_id, live)? {
+                let reason = if drain.is_some() {
+                    Reason::Drained
+                } else {
+                    Reason::Undrained
+                };
+                recorder.changed(reason, node);
+            }
             Ok(Some((generation, drain)))
         })
         .await
@@ -444,7 +517,7 @@ impl Store {
         generation: u64,
         left_at: SystemTime,
     ) -> Result<bool, StoreError> {
-        self.write_transaction(move |conn| {
+        self.event_transaction(move |conn, recorder| {
             let updated = diesel::update(
                 known_nodes::table
                     .find(node_id.as_str())
@@ -452,13 +525,20 @@ impl Store {
             )
             .set(known_nodes::left_at.eq(Some(to_unix_millis(left_at))))
             .execute(conn)?;
+            if updated == 1
+                && let Some(node) = events::row_node(conn, &node_id, NodeState::Online)?
+            {
+                recorder.changed(Reason::Left, node);
+            }
             Ok(updated == 1)
         })
         .await
     }
 
-    /// Writes registry changes and heartbeat times in one transaction. Shared
-    /// slices let a caller keep the batch for a retry without copying it.
+    /// Writes registry changes and heartbeat times in one transaction, with
+    /// an event for each change that found its session's row, and prunes
+    /// the event history. Shared slices let a caller keep the batch for a
+    /// retry without copying it.
     pub async fn write(
         &self,
         changes: Arc<[Change]>,
@@ -467,16 +547,17 @@ impl Store {
         if changes.is_empty() && last_seen.is_empty() {
             return Ok(());
         }
-        self.write_transaction(move |conn| {
+        let settings = self.events.settings();
+        self.event_transaction(move |conn, recorder| {
             for (node_id, seen) in last_seen.iter() {
                 diesel::update(known_nodes::table.find(node_id.as_str()))
                     .set(known_nodes::last_seen.eq(to_unix_millis(*seen)))
                     .execute(conn)?;
             }
             for change in changes.iter() {
-                apply_change(conn, change)?;
+                apply_change(conn, recorder, change)?;
             }
-            Ok(())
+            events::prune(conn, settings, SystemTime::now())
         })
         .await
     }
@@ -493,20 +574,6 @@ fn write_and_roll_back(conn: &mut SqliteConnection) -> Result<(), diesel::result
         Err(diesel::result::Error::RollbackTransaction) => Ok(()),
         other => other,
     }
-}
-
-/// Runs `work` in a write transaction, refused unless the database file is
-/// still at its path both before it and after it has committed: a write
-/// into a file that has gone is never reported as done.
-fn transaction_in_place<T>(
-    file: &DatabaseFile,
-    conn: &mut SqliteConnection,
-    work: impl FnOnce(&mut SqliteConnection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    file.ensure_in_place()?;
-    let done = conn.immediate_transaction(work)?;
-    file.ensure_in_place()?;
-    Ok(done)
 }
 
 /// A row as read: a node, or why it cannot be one.
@@ -591,6 +658,7 @@ fn refuse_unknown_migrations(conn: &mut SqliteConnection, path: &Path) -> Result
 /// is unreadable; then nothing is written.
 fn enroll_in(
     conn: &mut SqliteConnection,
+    recorder: &mut Recorder,
     registration: &Registration,
     secret_hash: SecretHash,
     now: SystemTime,
@@ -635,10 +703,20 @@ fn enroll_in(
         .do_update()
         .set(&row)
         .execute(conn)?;
+    if let Some(node) = events::row_node(conn, &registration.node_id, NodeState::Online)? {
+        recorder.changed(Reason::Registered, node);
+    }
     Ok(Enrolled::Admitted(enrollment))
 }
 
-fn apply_change(conn: &mut SqliteConnection, change: &Change) -> Result<(), StoreError> {
+/// Applies one change to its session's row, and records its event if the
+/// row was found: a change of a superseded session changes nothing and is
+/// no event.
+fn apply_change(
+    conn: &mut SqliteConnection,
+    recorder: &mut Recorder,
+    change: &Change,
+) -> Result<(), StoreError> {
     use known_nodes::dsl;
     let of_session = |node_id: &NodeId, generation: u64| {
         dsl::known_nodes
@@ -650,20 +728,48 @@ fn apply_change(conn: &mut SqliteConnection, change: &Change) -> Result<(), Stor
             node_id,
             generation,
             since,
-        } => diesel::update(of_session(node_id, *generation))
-            .set(dsl::offline_since.eq(Some(to_unix_millis(*since))))
-            .execute(conn)?,
+        } => {
+            let updated = diesel::update(of_session(node_id, *generation))
+                .set(dsl::offline_since.eq(Some(to_unix_millis(*since))))
+                .execute(conn)?;
+            if updated == 1
+                && let Some(node) = events::row_node(conn, node_id, NodeState::Online)?
+            {
+                // A leave recorded meanwhile wins over the silence.
+                let reason = if node.state() == proto::NodeState::Left {
+                    Reason::Left
+                } else {
+                    Reason::Offline
+                };
+                recorder.changed(reason, node);
+            }
+        }
         Change::CameOnline {
             node_id,
             generation,
-        } => diesel::update(of_session(node_id, *generation))
-            .set(dsl::offline_since.eq(None::<i64>))
-            .execute(conn)?,
+        } => {
+            let updated = diesel::update(of_session(node_id, *generation))
+                .set(dsl::offline_since.eq(None::<i64>))
+                .execute(conn)?;
+            if updated == 1
+                && let Some(node) = events::row_node(conn, node_id, NodeState::Online)?
+            {
+                recorder.changed(Reason::Online, node);
+            }
+        }
         Change::Expired {
             node_id,
             generation,
-        } => diesel::delete(of_session(node_id, *generation)).execute(conn)?,
-    };
+        } => {
+            let row = events::row_node(conn, node_id, NodeState::Online)?;
+            let deleted = diesel::delete(of_session(node_id, *generation)).execute(conn)?;
+            if deleted == 1
+                && let Some(node) = row
+            {
+                recorder.record(EventKind::Removed, Reason::Expired, node);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -735,6 +841,318 @@ mod tests {
         generations.sort_unstable();
         assert_eq!(generations, (1..=200).collect::<Vec<u64>>());
         assert_eq!(store.load_nodes().await.unwrap().len(), 200);
+    }
+
+    /// Every event the store has, through its public replay.
+    async fn all_events(store: &Store) -> Vec<NodeEvent> {
+        let history = store.history().await.unwrap();
+        store
+            .replay(history.pruned_through, history.last_revision, usize::MAX)
+            .await
+            .unwrap()
+    }
+
+    fn summary(events: &[NodeEvent]) -> Vec<(u64, &str, Reason, proto::NodeState)> {
+        events
+            .iter()
+            .map(|e| (e.revision, e.node_id(), e.reason, e.node.state()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn every_change_that_finds_its_row_is_one_event_in_its_transaction_and_is_published() {
+        let (_dir, store) = temp_store().await;
+        let hub = store.event_hub();
+        let (_, mut live) = hub.follow();
+        let now = SystemTime::now();
+        let a = NodeId::parse("node_id", "a").unwrap();
+        let first = admit(&store, registration("a", "b1"), now).await;
+        store
+            .set_drain(a.clone(), Some("fan".to_owned()), now)
+            .await
+            .unwrap();
+        let offline = Change::WentOffline {
+            node_id: a.clone(),
+            generation: first.generation,
+            since: now,
+        };
+        let stale = Change::CameOnline {
+            node_id: a.clone(),
+            generation: first.generation + 7,
+        };
+        write_batch(&store, vec![offline, stale], vec![(a.clone(), now)])
+            .await
+            .unwrap();
+        let second = admit(&store, registration("a", "b2"), now).await;
+        assert!(
+            store
+                .record_leave(a.clone(), second.generation, now)
+                .await
+                .unwrap()
+        );
+        write_batch(
+            &store,
+            vec![Change::Expired {
+                node_id: a.clone(),
+                generation: second.generation,
+            }],
+            vec![],
+        )
+        .await
+        .unwrap();
+
+        use proto::NodeState as S;
+        let events = all_events(&store).await;
+        assert_eq!(
+            summary(&events),
+            [
+                (1, "a", Reason::Registered, S::Online),
+                (2, "a", Reason::Drained, S::Online),
+                (3, "a", Reason::Offline, S::Offline),
+                (4, "a", Reason::Registered, S::Online),
+                (5, "a", Reason::Left, S::Left),
+                (6, "a", Reason::Expired, S::Left),
+            ],
+            "the stale generation's change is no event"
+        );
+        assert!(events[3].node.drained, "registration keeps the drain");
+        assert_eq!(events[5].kind, EventKind::Removed);
+        let published: Vec<u64> = std::iter::from_fn(|| match live.try_next() {
+            Some(crate::events::Next::Event(event)) => Some(event.revision),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(published, [1, 2, 3, 4, 5, 6]);
+        assert_eq!(hub.revision(), 6);
+        assert!(hub.node("a").is_none(), "expired");
+
+        let refused = Change::WentOffline {
+            node_id: a.clone(),
+            generation: second.generation,
+            since: now,
+        };
+        write_batch(&store, vec![refused], vec![]).await.unwrap();
+        admit(&store, registration("b", "b1"), now).await;
+        let b = NodeId::parse("node_id", "b").unwrap();
+        write_batch(&store, vec![], vec![(b, now + Duration::from_secs(1))])
+            .await
+            .unwrap();
+        assert_eq!(
+            store.history().await.unwrap().last_revision,
+            7,
+            "a heartbeat's last_seen is no event"
+        );
+    }
+
+    /// An event that cannot be written takes its change down with it: the
+    /// two share one transaction, so neither is ever durable alone.
+    #[tokio::test]
+    async fn a_change_whose_event_cannot_be_written_is_not_written_either() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        let now = SystemTime::now();
+        let a = NodeId::parse("node_id", "a").unwrap();
+        let first = admit(&store, registration("a", "b1"), now).await;
+        execute_sql(
+            &path,
+            "CREATE TRIGGER refuse_events BEFORE INSERT ON node_events
+             BEGIN SELECT RAISE(ABORT, 'no events'); END;",
+        );
+
+        let refused = store
+            .set_drain(a.clone(), Some("fan".to_owned()), now)
+            .await;
+        assert!(refused.is_err(), "{refused:?}");
+        let offline = Change::WentOffline {
+            node_id: a.clone(),
+            generation: first.generation,
+            since: now,
+        };
+        assert!(write_batch(&store, vec![offline], vec![]).await.is_err());
+        assert!(
+            store
+                .record_leave(a.clone(), first.generation, now)
+                .await
+                .is_err()
+        );
+        assert!(
+            store
+                .enroll(registration("b", "b1"), secret_of("b"), now)
+                .await
+                .is_err()
+        );
+        assert!(store.remove(a.clone()).await.is_err());
+        let nodes = store.load_nodes().await.unwrap();
+        assert_eq!(nodes.len(), 1, "neither b registered nor a removed");
+        let stored = &nodes[0];
+        assert_eq!(stored.drain, None);
+        assert_eq!(stored.offline_since, None);
+        assert_eq!(stored.left_at, None);
+        assert_eq!(store.history().await.unwrap().last_revision, 1);
+        assert_eq!(store.event_hub().revision(), 1, "nothing published");
+
+        execute_sql(&path, "DROP TRIGGER refuse_events");
+        store
+            .set_drain(a, Some("fan".to_owned()), now)
+            .await
+            .unwrap();
+        assert_eq!(store.history().await.unwrap().last_revision, 2);
+    }
+
+    /// Registrations, drains, leaves and writer batches commit from many
+    /// threads at once; the hub must still see every revision once, in
+    /// order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn events_committed_by_many_writers_at_once_are_published_in_revision_order() {
+        let (_dir, store) = temp_store().await;
+        let hub = store.event_hub();
+        let (_, mut live) = hub.follow();
+        let now = SystemTime::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let node = format!("n{i}");
+                let id = NodeId::parse("node_id", &node).unwrap();
+                let enrollment = admit(&store, registration(&node, "b1"), now).await;
+                store
+                    .set_drain(id.clone(), Some("fan".to_owned()), now)
+                    .await
+                    .unwrap();
+                let offline = Change::WentOffline {
+                    node_id: id.clone(),
+                    generation: enrollment.generation,
+                    since: now,
+                };
+                store
+                    .write(vec![offline].into(), vec![(id.clone(), now)].into())
+                    .await
+                    .unwrap();
+                admit(&store, registration(&node, "b2"), now).await;
+                store.set_drain(id, None, now).await.unwrap();
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let published: Vec<u64> = std::iter::from_fn(|| match live.try_next() {
+            Some(crate::events::Next::Event(event)) => Some(event.revision),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(published, (1..=200).collect::<Vec<u64>>());
+        let stored: Vec<u64> = all_events(&store)
+            .await
+            .iter()
+            .map(|e| e.revision)
+            .collect();
+        assert_eq!(stored, published);
+    }
+
+    #[tokio::test]
+    async fn a_drain_keeps_a_reloaded_node_unknown_and_revisions_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open(&path).await.unwrap();
+        let now = SystemTime::now();
+        admit(&store, registration("a", "b1"), now).await;
+        let database_id = store.event_hub().database_id().to_owned();
+        drop(store);
+
+        let store = Store::open(&path).await.unwrap();
+        assert_eq!(store.event_hub().database_id(), database_id);
+        assert_eq!(store.event_hub().revision(), 1);
+        let mut reloaded = store.load_nodes().await.unwrap();
+        let node = reloaded.remove(0);
+        let generation = node.generation;
+        store
+            .record_reload(vec![NodeSnapshot {
+                registration: node.registration,
+                state: NodeState::Unknown,
+                registered_at: node.registered_at,
+                last_seen: node.last_seen,
+                generation: node.generation,
+                offline_since: None,
+                drain: None,
+                last_probe_error: None,
+            }])
+            .await
+            .unwrap();
+        let a = NodeId::parse("node_id", "a").unwrap();
+        store
+            .set_drain(a.clone(), Some("fan".to_owned()), now)
+            .await
+            .unwrap();
+        let proven = Change::CameOnline {
+            node_id: a,
+            generation,
+        };
+        write_batch(&store, vec![proven], vec![]).await.unwrap();
+        let events = all_events(&store).await;
+        use proto::NodeState as S;
+        assert_eq!(
+            summary(&events)[1..],
+            [
+                (2, "a", Reason::Reloaded, S::Unknown),
+                (3, "a", Reason::Drained, S::Unknown),
+                (4, "a", Reason::Online, S::Online),
+            ]
+        );
+        assert!(events[3].node.drained);
+
+        let other = Store::open(&dir.path().join("other.db")).await.unwrap();
+        assert_ne!(other.event_hub().database_id(), database_id);
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_last_events_or_the_young_ones_whichever_is_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = EventSettings {
+            keep_events: 3,
+            keep_for: Duration::ZERO,
+            watcher_buffer: 16,
+        };
+        let store = Store::open_with(&dir.path().join("muster.db"), settings)
+            .await
+            .unwrap();
+        let now = SystemTime::now();
+        for i in 0..8 {
+            admit(&store, registration(&format!("n{i}"), "b"), now).await;
+        }
+        assert_eq!(store.history().await.unwrap().pruned_through, 0);
+        let n0 = NodeId::parse("node_id", "n0").unwrap();
+        write_batch(&store, vec![], vec![(n0, now)]).await.unwrap();
+        let history = store.history().await.unwrap();
+        assert_eq!(
+            history,
+            History {
+                pruned_through: 5,
+                last_revision: 8
+            }
+        );
+        let kept: Vec<u64> = all_events(&store)
+            .await
+            .iter()
+            .map(|e| e.revision)
+            .collect();
+        assert_eq!(kept, [6, 7, 8]);
+
+        let young = Store::open_with(
+            &dir.path().join("young.db"),
+            EventSettings {
+                keep_for: Duration::from_secs(3600),
+                ..settings
+            },
+        )
+        .await
+        .unwrap();
+        for i in 0..8 {
+            admit(&young, registration(&format!("n{i}"), "b"), now).await;
+        }
+        let n0 = NodeId::parse("node_id", "n0").unwrap();
+        write_batch(&young, vec![], vec![(n0, now)]).await.unwrap();
+        assert_eq!(young.history().await.unwrap().pruned_through, 0);
     }
 
     async fn temp_store() -> (tempfile::TempDir, Store) {

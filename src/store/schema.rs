@@ -26,3 +26,23 @@ diesel::table! {
         last_issued -> BigInt,
     }
 }
+
+diesel::table! {
+    node_events (revision) {
+        revision -> BigInt,
+        node_id -> Text,
+        kind -> Text,
+        reason -> Text,
+        node -> Binary,
+        at -> BigInt,
+    }
+}
+
+diesel::table! {
+    event_log (id) {
+        id -> Integer,
+        last_revision -> BigInt,
+        pruned_through -> BigInt,
+        database_id -> Text,
+    }
+}

@@ -1,6 +1,6 @@
 // The live dashboard. One EventSource on /events keeps a copy of the fleet:
-// a snapshot (SNAPSHOT events, then SNAPSHOT_END) replaces it, CHANGED and
-// REMOVED events update it. Reconnects resume from the last revision seen
+// a snapshot ("snapshot" events, then "snapshot_end") replaces it, "changed"
+// and "removed" events update it. Reconnects resume from the last revision seen
 // (Last-Event-ID, or ?since= after a reconnect of our own); a database that
 // changed, or history that moved on, means listing again from a snapshot.
 "use strict";
@@ -97,18 +97,18 @@ function apply(event) {
     loadSamples();
   }
   switch (event.kind) {
-    case "SNAPSHOT":
+    case "snapshot":
       if (!fleet.pending) fleet.pending = new Map();
       fleet.pending.set(event.node.node_id, event.node);
       return;
-    case "SNAPSHOT_END":
+    case "snapshot_end":
       fleet.nodes = fleet.pending || new Map();
       fleet.pending = null;
       break;
-    case "CHANGED":
+    case "changed":
       fleet.nodes.set(event.node.node_id, event.node);
       break;
-    case "REMOVED":
+    case "removed":
       fleet.nodes.delete(event.node.node_id);
       break;
     default:
