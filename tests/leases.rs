@@ -348,6 +348,21 @@ async fn a_killed_agent_suspends_its_leases_then_they_are_released_after_the_gra
     );
 }
 
+/// Runs `muster leases ARGS --coordinator URL --output json`, returning
+/// its parsed stdout, or its stderr if it failed.
+fn leases_cli(url: &str, args: &[&str]) -> Result<serde_json::Value, String> {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_muster"))
+        .arg("leases")
+        .args(args)
+        .args(["--coordinator", url, "--output", "json"])
+        .output()
+        .expect("run muster leases");
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&output.stdout).expect("JSON on stdout"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_agent_releases_its_leases_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -355,9 +370,29 @@ async fn a_leaving_agent_releases_its_leases_at_once() {
     let url = coordinator.url();
     let agent = start_gpu_agent(&url, "node-a", dir.path());
     wait_for_state(&url, &["node-a"], NodeState::Online, START_DEADLINE).await;
-    let held = acquire(&url, request("held", 4_000))
-        .await
-        .expect("granted");
+    // Through the command line, as an operator would.
+    let acquired = leases_cli(
+        &url,
+        &[
+            "acquire", "--holder", "cli", "--mb", "4000", "--ttl", "1m", "--wait", "10s",
+        ],
+    )
+    .expect("acquired");
+    let lease_id = acquired[0]["lease_id"]
+        .as_str()
+        .expect("a lease id")
+        .to_owned();
+    assert_eq!(acquired[0]["state"], "ACTIVE");
+    assert_eq!(acquired[0]["node_id"], "node-a");
+    let renewed = leases_cli(&url, &["renew", &lease_id]).expect("renewed");
+    assert_eq!(renewed[0]["lease_id"], lease_id.as_str());
+    let refused = leases_cli(
+        &url,
+        &["acquire", "--holder", "cli", "--mb", "0", "--ttl", "1m"],
+    )
+    .expect_err("mb 0 is refused");
+    assert!(refused.contains("mb"), "{refused}");
+    let held = lease(&url, &lease_id).await.expect("listed");
 
     agent.stop_with(Signal::SIGTERM, START_DEADLINE);
     let released = wait_for_lease_state(
@@ -372,6 +407,10 @@ async fn a_leaving_agent_releases_its_leases_at_once() {
         "{}",
         released.release_reason
     );
+    let listed =
+        leases_cli(&url, &["list", "--state", "released", "--holder", "cli"]).expect("listed");
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["state"], "RELEASED");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
