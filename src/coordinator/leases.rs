@@ -463,3 +463,159 @@ async fn commit(store: &Store, batch: Vec<Write>, stop: &CancellationToken) {
         let _ = write.done.send(());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::pool::{Constraints, LabelSelector, LeaseState, LeaseTerms, PoolConfig};
+
+    const GPU_MIB: u64 = 8_192;
+
+    async fn started(dir: &std::path::Path) -> (Arc<Leases>, Store, CancellationToken) {
+        let store = Store::open(&dir.join("muster.db")).await.unwrap();
+        let mut pool = Pool::new(PoolConfig {
+            revoke_grace: Duration::from_secs(3_600),
+            ..PoolConfig::default()
+        });
+        let node_id = NodeId::parse("node_id", "gpu-1").unwrap();
+        let now = Moment::now();
+        pool.upsert_node(
+            NodeView {
+                node_id: node_id.clone(),
+                state: NodeState::Online,
+                drained: false,
+                labels: BTreeMap::new(),
+            },
+            now,
+        );
+        pool.set_gpus(
+            &node_id,
+            vec![GpuView {
+                index: 0,
+                uuid: "GPU-1".to_owned(),
+                total_mib: GPU_MIB,
+                used_mib: 0,
+                healthy: true,
+            }],
+        )
+        .unwrap();
+        let (leases, queue) = Leases::new(pool);
+        let stop = CancellationToken::new();
+        tokio::spawn(write(store.clone(), queue, stop.clone()));
+        (leases, store, stop)
+    }
+
+    /// What the store keeps exactly (it keeps moments to the millisecond).
+    fn summary(lease: &Lease) -> (LeaseId, LeaseState, u64, u64) {
+        (
+            lease.lease_id.clone(),
+            lease.state,
+            lease.generation,
+            lease.terms.mb,
+        )
+    }
+
+    fn request(request_id: &str, mb: u64, priority: i32, wait: Duration) -> AcquireRequest {
+        AcquireRequest {
+            request_id: request_id.to_owned(),
+            terms: LeaseTerms {
+                holder: "test".to_owned(),
+                mb,
+                priority,
+                ttl: Duration::from_secs(60),
+                constraints: Constraints {
+                    node_id: None,
+                    gpu_uuid: None,
+                    labels: LabelSelector::default(),
+                },
+            },
+            wait,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_answer_follows_the_commit_of_its_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (leases, store, stop) = started(dir.path()).await;
+        let shutdown = CancellationToken::new();
+        let granted = leases
+            .acquire(request("a", 1_000, 0, Duration::ZERO), &shutdown)
+            .await
+            .unwrap();
+        let stored = store.load_leases().await.unwrap();
+        assert_eq!(
+            stored.leases.iter().map(summary).collect::<Vec<_>>(),
+            [summary(&granted)],
+            "committed before the answer"
+        );
+        assert_eq!(stored.last_generation, granted.generation);
+
+        let released = leases.release(&granted.lease_id).await.unwrap().unwrap();
+        assert_eq!(released.state, LeaseState::Released);
+        let stored = store.load_leases().await.unwrap();
+        assert_eq!(
+            stored.leases.iter().map(summary).collect::<Vec<_>>(),
+            [summary(&released)]
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_acquisition_is_granted_once_its_victim_is_released_and_an_equal_one_is_refused()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let (leases, store, stop) = started(dir.path()).await;
+        let shutdown = CancellationToken::new();
+        let low = leases
+            .acquire(request("low", 6_000, 0, Duration::ZERO), &shutdown)
+            .await
+            .unwrap();
+
+        let waiting = tokio::spawn({
+            let leases = leases.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                leases
+                    .acquire(
+                        request("high", 6_000, 5, Duration::from_secs(30)),
+                        &shutdown,
+                    )
+                    .await
+            }
+        });
+        let revoked = async {
+            loop {
+                let stored = store.load_leases().await.unwrap();
+                if stored.leases[0].state == LeaseState::Revoked {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), revoked)
+            .await
+            .expect("the revocation is committed while the acquisition waits");
+        leases.release(&low.lease_id).await.unwrap();
+        let high = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("granted once the victim let go")
+            .unwrap()
+            .unwrap();
+        assert!(high.generation > low.generation);
+
+        let equal = leases
+            .acquire(
+                request("equal", 6_000, 5, Duration::from_millis(200)),
+                &shutdown,
+            )
+            .await
+            .expect_err("nothing of lower priority to revoke");
+        assert!(
+            matches!(&equal, ServiceError::Pool(PoolError::Exhausted(_))),
+            "{equal:?}"
+        );
+        stop.cancel();
+    }
+}
