@@ -466,3 +466,40 @@ async fn a_higher_priority_request_revokes_a_lower_one_and_its_holder_sees_it() 
         "priority below 10",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_lease_its_holder_keeps_is_freed_by_the_revoke_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut extra = FAST_TIMING.to_vec();
+    extra.extend(["--revoke-grace", "1s"]);
+    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", &extra);
+    let url = coordinator.url();
+    let _agent = start_gpu_agent(&url, "node-a", dir.path());
+    wait_for_state(&url, &["node-a"], NodeState::Online, START_DEADLINE).await;
+    let low = acquire(&url, request("low", 8_000)).await.expect("granted");
+
+    let urgent = proto::AcquireLeaseRequest {
+        priority: 1,
+        wait: seconds(30),
+        ..request("urgent", 8_000)
+    };
+    let granted = acquire(&url, urgent)
+        .await
+        .expect("granted when the grace ends");
+    assert_eq!(granted.node_id, "node-a");
+    let freed = lease(&url, &low.lease_id).await.expect("still listed");
+    assert_eq!(freed.state, LeaseState::Released as i32);
+    assert!(
+        freed.release_reason.contains("grace"),
+        "{}",
+        freed.release_reason
+    );
+    let status = pool(&url)
+        .await
+        .renew_lease(proto::RenewLeaseRequest {
+            lease_id: low.lease_id.clone(),
+        })
+        .await
+        .expect_err("a freed lease cannot be renewed");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+}
