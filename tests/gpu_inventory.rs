@@ -89,6 +89,28 @@ async fn wait_for_used(url: &str, node_id: &str, used: u64) -> proto::Node {
     .await
 }
 
+/// The first `gpus` event in the log: replayed from its start, it needs no
+/// timing.
+async fn gpus_event(url: &str) -> proto::NodeEvent {
+    let mut events = connect(url)
+        .await
+        .unwrap()
+        .watch_nodes(proto::WatchNodesRequest { since_revision: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(START_DEADLINE, async {
+        loop {
+            let event = events.message().await.unwrap().expect("the watch goes on");
+            if event.reason == "gpus" {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("a gpus event")
+}
+
 fn muster_stdout(url: &str, args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_muster"))
         .args(args)
@@ -186,6 +208,8 @@ async fn a_file_inventory_is_shown_and_changes_past_the_threshold_arrive_on_hear
         (metric(&metrics, INVENTORIES_WRITTEN)? >= 1).then_some(())
     })
     .await;
+    let written = gpus_event(&url).await;
+    assert_eq!(written.node.unwrap().gpus, changed.gpus);
     let table = muster_stdout(&url, &["nodes", "list"]);
     assert!(table.contains("(1 unhealthy)"), "{table}");
 
