@@ -34,8 +34,8 @@ use crate::{
     error::{ServiceError, display_chain},
     node::{GpuInventory, NodeId, NodeState},
     pool::{
-        AcquireRequest, Acquisition, Change, GpuView, Lease, LeaseFilter, LeaseId, NodeView, Pool,
-        PoolError, Shortfall,
+        AcquireRequest, Acquisition, Change, GpuView, Lease, LeaseFilter, LeaseId, MAX_WAIT,
+        NodeView, Pool, PoolError, Shortfall,
     },
     registry::PoolFacts,
     store::Store,
@@ -110,7 +110,9 @@ impl Leases {
         request: AcquireRequest,
         shutdown: &CancellationToken,
     ) -> Result<Lease, ServiceError> {
-        let deadline = Instant::now() + request.wait;
+        // The pool refuses a longer wait, naming the field; bounded here so
+        // the deadline is computed safely before it does.
+        let deadline = Instant::now() + request.wait.min(MAX_WAIT);
         let mut last_shortfall: Option<Shortfall> = None;
         loop {
             let mut changed = pin!(self.changed.notified());
