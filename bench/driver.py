@@ -26,6 +26,7 @@ WINDOW = float(os.environ.get("WINDOW", "30"))
 WARMUP = float(os.environ.get("WARMUP", "10"))
 PER_SWARM = int(os.environ.get("AGENTS_PER_SWARM", "9500"))
 WATCHERS = int(os.environ.get("WATCHERS", "0"))
+DASHBOARDS = int(os.environ.get("DASHBOARDS", "0"))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CPUS = sorted(os.sched_getaffinity(0))
@@ -86,7 +87,7 @@ class Coordinator:
             "--heartbeat-interval", HEARTBEAT,
             "--offline-after", OFFLINE_AFTER,
             "--max-heartbeats-per-second", MAX_HPS,
-            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+            "--http-listen", f"127.0.0.1:{self.metrics_port}",
             "--log", "warn,muster::coordinator=info,muster::coordinator::session=warn",
         ])
         deadline = time.monotonic() + 30
@@ -188,6 +189,19 @@ class Watcher:
         self.proc.wait()
 
 
+class Dashboard:
+    """bench/sse_follow.py on the coordinator's /events, as an open dashboard
+    page follows it, for the whole run."""
+
+    def __init__(self, workdir, index, events_url):
+        follower = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sse_follow.py")
+        argv = pinned(swarm_cpus(), [sys.executable, follower, events_url])
+        self.err_path = os.path.join(workdir, f"dashboard-{index}.err")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(self.err_path, "w"))
+
+    stop = Watcher.stop
+
+
 def wait_until(what, deadline, check, every=0.5):
     started = time.monotonic()
     while True:
@@ -222,6 +236,8 @@ def bench(n):
     rss_empty = rss_bytes(coordinator.proc.pid)
 
     watchers = [Watcher(workdir, index, coordinator.url) for index in range(WATCHERS)]
+    events_url = f"http://127.0.0.1:{coordinator.metrics_port}/events"
+    watchers += [Dashboard(workdir, index, events_url) for index in range(DASHBOARDS)]
     swarms = []
     for index, first in enumerate(range(0, n, PER_SWARM)):
         swarms.append(Swarm(workdir, index, first, min(PER_SWARM, n - first), coordinator.url))
@@ -280,6 +296,7 @@ def measure(n, coordinator, swarms, rss_empty, workdir):
         "agents": n,
         "swarm_processes": len(swarms),
         "watchers": WATCHERS,
+        "dashboards": DASHBOARDS,
         "registration_s": registration_s,
         "heartbeats_per_s": heartbeats_per_s,
         "cpu_us_per_heartbeat": (cpu1 - cpu0) / (heartbeats_per_s * (t1 - t0)) * 1e6 if acks else None,

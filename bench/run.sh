@@ -14,7 +14,8 @@
 # MAX_HEARTBEATS_PER_SECOND (100000), WINDOW (30, seconds measured), WARMUP
 # (10, seconds after all agents registered), AGENTS_PER_SWARM (9500),
 # WATCHERS (0: how many `muster nodes watch --output json > /dev/null` run
-# for the whole run, pinned with the swarms).
+# for the whole run, pinned with the swarms), DASHBOARDS (0: how many
+# bench/sse_follow.py follow the dashboard's /events as an open page does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -97,6 +97,35 @@ impl Token {
         self.digest.ct_eq(&digest(presented)).into()
     }
 
+    /// Whether `presented` is this token, compared in constant time.
+    pub fn accepts(&self, presented: &[u8]) -> bool {
+        self.matches(presented)
+    }
+
+    /// The value of the dashboard's session cookie for this token: a digest
+    /// that proves the token was presented at login without being it, the
+    /// same across coordinator restarts, and changed by changing the token.
+    pub fn session_value(&self) -> String {
+        hex::encode(self.session_digest())
+    }
+
+    /// Whether `presented` is this token's session value, compared in
+    /// constant time.
+    pub fn accepts_session(&self, presented: &[u8]) -> bool {
+        let mut decoded = [0u8; 32];
+        if hex::decode_to_slice(presented, &mut decoded).is_err() {
+            return false;
+        }
+        self.session_digest().ct_eq(&decoded).into()
+    }
+
+    fn session_digest(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        hasher.update(SESSION_CONTEXT);
+        hasher.update(self.digest);
+        hasher.finalize().into()
+    }
+
     /// Adds this token to outgoing request metadata as the join token.
     pub fn attach_as_join(&self, metadata: &mut MetadataMap) {
         metadata.insert(JOIN_TOKEN_METADATA, self.value.clone());
@@ -173,6 +202,8 @@ pub fn require_admin_token(
 }
 
 const BEARER: &[u8] = b"Bearer ";
+/// Keeps a session value from equalling any other digest of the token.
+const SESSION_CONTEXT: &[u8] = b"muster dashboard session v1\0";
 
 /// A node's secret: created once by its agent, kept beside the node id, and
 /// presented at every registration. It binds the node id to that machine.
@@ -291,6 +322,21 @@ mod tests {
         token.attach_as_bearer(&mut metadata);
         let presented = metadata.get(AUTHORIZATION_METADATA).map(|v| v.as_bytes());
         assert_eq!(require_admin_token(Some(&token), presented), Ok(()));
+    }
+
+    #[test]
+    fn session_values_prove_the_token_without_being_it() {
+        let token = Token::new("t", TOKEN).unwrap();
+        let session = token.session_value();
+        assert!(!session.contains(TOKEN));
+        assert!(token.accepts_session(session.as_bytes()));
+        assert_eq!(session, Token::new("t", TOKEN).unwrap().session_value());
+        let other = Token::new("t", "0123456789abcdef-other").unwrap();
+        assert!(!other.accepts_session(session.as_bytes()));
+        assert!(!token.accepts_session(b"not hex"));
+        assert!(!token.accepts_session(TOKEN.as_bytes()));
+        assert!(token.accepts(TOKEN.as_bytes()));
+        assert!(!token.accepts(session.as_bytes()));
     }
 
     #[test]

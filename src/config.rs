@@ -197,7 +197,8 @@ pub struct CoordinatorConfig {
 
     /// File holding the operators' token. When set, every operator call
     /// (ListNodes, GetNode, RemoveNode, DrainNode, UndrainNode, WatchNodes)
-    /// needs it as `authorization: Bearer <token>`.
+    /// needs it as `authorization: Bearer <token>`, and the dashboard,
+    /// `/api/nodes` and `/events` ask for it through a login form.
     #[arg(long, env = "MUSTER_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
@@ -233,7 +234,20 @@ pub struct CoordinatorConfig {
     #[arg(long, env = "MUSTER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
-    /// Address to serve Prometheus metrics on, at `/metrics`; off if unset.
+    /// Address of the HTTP listener: the live dashboard at `/`, its JSON at
+    /// `/api/nodes`, server-sent node events at `/events`, and Prometheus
+    /// metrics at `/metrics`; `off` disables it. Put it behind TLS on
+    /// anything but loopback (SECURITY.md).
+    #[arg(
+        long,
+        env = "MUSTER_HTTP_LISTEN",
+        default_value = "127.0.0.1:7780",
+        value_name = "ADDR|off"
+    )]
+    pub http_listen: HttpListen,
+
+    /// Deprecated: `/metrics` is served on --http-listen. When set, metrics
+    /// are also served here, and a warning says to use --http-listen.
     #[arg(long, env = "MUSTER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
@@ -259,6 +273,40 @@ pub struct CoordinatorConfig {
 
     #[command(flatten)]
     pub file: file::ConfigFileArgs,
+}
+
+/// Where the coordinator's HTTP listener binds, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for HttpListen {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        if raw.trim().eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        raw.trim()
+            .parse()
+            .map(|address| Self(Some(address)))
+            .map_err(|_| format!("expected an address such as 127.0.0.1:7780, or off; got {raw:?}"))
+    }
+}
+
+impl HttpListen {
+    /// This setting with the port the listener bound in place of port 0.
+    pub fn bound(self, bound: Option<SocketAddr>) -> Self {
+        Self(bound.or(self.0))
+    }
+}
+
+impl std::fmt::Display for HttpListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(address) => address.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
 }
 
 /// Upper bounds that keep every deadline computed from a flag far from
@@ -660,6 +708,20 @@ mod tests {
             Command::Coordinator(config) => Ok(config),
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_http_listener_is_on_loopback_by_default_and_off_turns_it_off() {
+        let default = coordinator(&[]).unwrap().http_listen;
+        assert_eq!(default, HttpListen(Some("127.0.0.1:7780".parse().unwrap())));
+        let off = coordinator(&["--http-listen", "OFF"]).unwrap().http_listen;
+        assert_eq!(off, HttpListen(None));
+        assert_eq!(off.to_string(), "off");
+        let bound = HttpListen(Some("127.0.0.1:0".parse().unwrap()))
+            .bound(Some("127.0.0.1:4321".parse().unwrap()));
+        assert_eq!(bound.to_string(), "127.0.0.1:4321");
+        let refused = coordinator(&["--http-listen", "localhost:80"]).unwrap_err();
+        assert!(refused.to_string().contains("--http-listen"), "{refused}");
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //!   sweeper and store writer together.
 //! - [`agent`] is the daemon on each node: identity, Status service and the
 //!   reconnecting heartbeat link.
+//! - [`dashboard`] is the coordinator's HTTP listener: the live web page,
+//!   its JSON and event stream, and `/metrics`.
 //! - [`cli`] holds the operator commands.
 //! - [`pool`] is the VRAM lease pool: pure, driven by time passed in.
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
@@ -22,7 +24,8 @@
 //! swarm       -> agent auth config error grpc limits node proto
 //! agent       -> auth config error grpc node proto tls
 //! cli         -> auth config error grpc node proto tls wire
-//! coordinator -> auth clock config error events grpc limits node proto registry store telemetry tls wire
+//! coordinator -> auth clock config dashboard error events grpc limits node proto registry store telemetry tls wire
+//! dashboard   -> auth error grpc proto telemetry wire
 //! telemetry   -> error grpc
 //! shutdown    -> error
 //! grpc        -> error proto tls
@@ -46,6 +49,7 @@ pub mod codec;
 pub mod config;
 pub mod connections;
 pub mod coordinator;
+pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod grpc;

@@ -1,18 +1,34 @@
-//! Prometheus metrics, served at `/metrics` on their own address when the
-//! coordinator is given `--metrics-listen`.
+//! Prometheus metrics, rendered at `/metrics` by the coordinator's HTTP
+//! listener (`--http-listen`), and on the deprecated `--metrics-listen`
+//! address when that is given.
 //!
-//! Without that flag no recorder is installed, and every `metrics::counter!`
-//! in the code is a no-op.
+//! The recorder is installed once per process, the first time a listener
+//! asks for it, and shared by every coordinator the process starts. While
+//! nothing serves metrics no recorder is installed, and every
+//! `metrics::counter!` in the code is a no-op.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::OnceLock};
 
 use axum::{Router, routing::get};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::{error::RunError, grpc};
+
+/// The process-wide recorder's handle, installing the recorder on first use.
+pub fn recorder() -> Result<PrometheusHandle, RunError> {
+    static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    RECORDER
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .install_recorder()
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(RunError::Metrics)
+}
 
 /// A bound metrics listener, with the recorder installed.
 pub struct MetricsListener {
@@ -29,11 +45,12 @@ impl MetricsListener {
 
 /// Installs the process-wide recorder and binds `address`.
 pub async fn bind(address: SocketAddr) -> Result<MetricsListener, RunError> {
-    let handle = PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| RunError::Metrics(e.to_string()))?;
+    let handle = recorder()?;
     let (listener, local) = grpc::bind(address).await?;
-    info!(metrics_address = %local, "serving Prometheus metrics at /metrics");
+    warn!(
+        metrics_address = %local,
+        "--metrics-listen is deprecated: /metrics is also served on --http-listen; use that and drop --metrics-listen"
+    );
     Ok(MetricsListener {
         listener,
         address: local,
@@ -43,12 +60,18 @@ pub async fn bind(address: SocketAddr) -> Result<MetricsListener, RunError> {
 
 /// Serves `/metrics` until `shutdown` is cancelled.
 pub async fn serve(metrics: MetricsListener, shutdown: CancellationToken) {
-    let handle = metrics.handle;
-    let app = Router::new().route("/metrics", get(move || std::future::ready(handle.render())));
+    let app = Router::new().route("/metrics", get(render_route(metrics.handle)));
     let served = axum::serve(metrics.listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
     if let Err(error) = served {
         warn!(%error, "metrics server failed");
     }
+}
+
+/// A handler rendering the recorder's metrics in Prometheus' text format.
+pub fn render_route(
+    handle: PrometheusHandle,
+) -> impl Fn() -> std::future::Ready<String> + Clone + Send + Sync + 'static {
+    move || std::future::ready(handle.render())
 }

@@ -125,7 +125,7 @@ async fn daemons_run_on_the_settings_of_their_files() {
         dir.path(),
         "coordinator.toml",
         &format!(
-            "listen = \"127.0.0.1:0\"\ndb = {db:?}\nheartbeat-interval = \"500ms\"\noffline-after = \"3s\"\n"
+            "listen = \"127.0.0.1:0\"\nhttp-listen = \"127.0.0.1:0\"\ndb = {db:?}\nheartbeat-interval = \"500ms\"\noffline-after = \"3s\"\n"
         ),
     );
     let coordinator = Process::start(

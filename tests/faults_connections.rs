@@ -35,7 +35,14 @@ const CLOSE_DEADLINE: Duration = Duration::from_secs(15);
 fn coordinator_with_open_files(db: &std::path::Path, files: u64, extra: &[&str]) -> Process {
     let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));
     command
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
+        .args([
+            "coordinator",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+        ])
         .arg(db)
         .args(FAST_TIMING)
         .args(extra);

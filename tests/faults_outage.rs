@@ -133,7 +133,14 @@ async fn a_read_only_database_at_start_up_is_a_one_line_error_naming_it() {
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
     let mut command = unprivileged_muster(dir.path());
     command
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
+        .args([
+            "coordinator",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+        ])
         .arg(&db)
         .env("MUSTER_LOG", "off");
     let output = output_within(command, Duration::from_secs(20));
@@ -329,7 +336,14 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
     drop(muster::store::Store::open(&db).await.unwrap());
     let mut command = unprivileged_muster(dir.path());
     command
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
+        .args([
+            "coordinator",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+        ])
         .arg(&db)
         .args(FAST_TIMING);
     let coordinator = Process::try_spawn("coordinator", command).unwrap();

@@ -23,7 +23,14 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(15);
 fn coordinator_command(db: &Path, listen: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));
     command
-        .args(["coordinator", "--listen", listen, "--db"])
+        .args([
+            "coordinator",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--listen",
+            listen,
+            "--db",
+        ])
         .arg(db)
         .args(FAST_TIMING)
         .env("MUSTER_LOG", "off");

@@ -179,7 +179,14 @@ async fn certificates_from_muster_tls_serve_a_fleet_over_mutual_tls() {
     // An operator certificate is for clients only: it cannot serve.
     let serving_as_client = muster(
         &[
-            &["coordinator", "--listen", "127.0.0.1:0", "--db"][..],
+            &[
+                "coordinator",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+            ][..],
             &[dir.path().join("other.db").to_str().unwrap()],
             &strs(&pki.flags("operator")),
         ]
@@ -248,7 +255,15 @@ fn a_v1_certificate_is_refused_at_start_naming_the_file_and_its_role() {
     ];
     let coordinator = muster(
         &[
-            &["coordinator", "--listen", "127.0.0.1:0", "--db", &db][..],
+            &[
+                "coordinator",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+                &db,
+            ][..],
             &tls,
         ]
         .concat(),
@@ -474,7 +489,15 @@ fn a_start_up_error_is_the_only_line_on_stderr_even_with_logging_on() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("missing/muster.db").display().to_string();
     let output = Command::new(env!("CARGO_BIN_EXE_muster"))
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--db", &db])
+        .args([
+            "coordinator",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db,
+        ])
         .env("MUSTER_LOG", "info")
         .output()
         .unwrap();

@@ -16,7 +16,7 @@ use common::one_line_error;
 fn coordinator_command(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));
     command
-        .arg("coordinator")
+        .args(["coordinator", "--http-listen", "127.0.0.1:0"])
         .args(args)
         .env("MUSTER_LOG", "off");
     command
@@ -75,7 +75,14 @@ fn a_read_only_db_is_a_one_line_error() {
         std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut command = Command::new(&binary);
         command
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--db"])
+            .args([
+                "coordinator",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--listen",
+                "127.0.0.1:0",
+                "--db",
+            ])
             .arg(&db)
             .env("MUSTER_LOG", "off")
             .uid(65534)

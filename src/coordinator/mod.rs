@@ -26,6 +26,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
+use futures::future::BoxFuture;
 use tokio::{sync::Notify, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -35,9 +36,10 @@ use crate::{
     clock::Moment,
     config::CoordinatorConfig,
     connections::{self, ConnectionLimits},
-    error::RunError,
+    dashboard,
+    error::{RunError, ServiceError},
     grpc, limits,
-    proto::coordinator_server::CoordinatorServer,
+    proto::{self, coordinator_server::CoordinatorServer},
     registry::{Registry, Timing},
     store::{DatabaseLock, EventSettings, Store},
     telemetry::{self, MetricsListener},
@@ -84,6 +86,62 @@ impl RegistryHandle {
     fn lock(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Every node, as ListNodes answers; the lock is held only to copy.
+    fn list_nodes(&self) -> proto::ListNodesResponse {
+        let (nodes, guard, timing) = {
+            let registry = self.lock();
+            (registry.list(), registry.expiry_guard(), registry.timing())
+        };
+        proto::ListNodesResponse {
+            nodes: nodes.into_iter().map(proto::Node::from).collect(),
+            expiry_paused: guard.paused.then_some(proto::ExpiryPaused {
+                nodes_down: guard.down as u64,
+                nodes_known: guard.known as u64,
+                guard_fraction: timing.expiry_guard_fraction,
+            }),
+        }
+    }
+}
+
+/// What the dashboard reads: the registry's view, and the event source
+/// WatchNodes serves from.
+struct DashboardFleet {
+    registry: RegistryHandle,
+    events: EventSource,
+}
+
+impl dashboard::Fleet for DashboardFleet {
+    fn nodes(&self) -> proto::ListNodesResponse {
+        self.registry.list_nodes()
+    }
+
+    fn watch(
+        &self,
+        since_revision: u64,
+    ) -> BoxFuture<'static, Result<dashboard::NodeEvents, dashboard::WatchRefused>> {
+        let events = self.events.clone();
+        Box::pin(async move {
+            let watch = events
+                .watch(since_revision)
+                .await
+                .map_err(|refused| match refused {
+                    ServiceError::HistoryPruned { .. } | ServiceError::RevisionAhead { .. } => {
+                        dashboard::WatchRefused::OutOfRange(refused.to_string())
+                    }
+                    other => dashboard::WatchRefused::Unavailable(other.to_string()),
+                })?;
+            // The watch's error is its last item.
+            let events = futures::stream::unfold(Some(watch), |watch| async move {
+                let mut watch = watch?;
+                match watch.next().await {
+                    Ok(event) => Some((Ok(event), Some(watch))),
+                    Err(ended) => Some((Err(ended.to_string()), None)),
+                }
+            });
+            Ok(Box::pin(events) as dashboard::NodeEvents)
+        })
+    }
 }
 
 /// State shared by the service, its sessions and the background tasks.
@@ -128,7 +186,11 @@ impl Shared {
 pub struct RunningCoordinator {
     /// The address the Coordinator service listens on.
     pub address: SocketAddr,
-    /// The address `/metrics` is served on, when asked for.
+    /// The address of the HTTP listener (dashboard, `/api/nodes`,
+    /// `/events`, `/metrics`), unless `--http-listen off`.
+    pub http_address: Option<SocketAddr>,
+    /// The address `/metrics` is served on by the deprecated
+    /// `--metrics-listen`, when asked for.
     pub metrics_address: Option<SocketAddr>,
     /// Random for every start, as `registered` messages carry it.
     pub boot_id: String,
@@ -174,6 +236,10 @@ pub async fn start(
     // Ports first: a coordinator that cannot listen leaves no database file
     // behind, and the lock file can name the address that holds it.
     let (listener, address) = grpc::bind(config.listen).await?;
+    let http = match config.http_listen.0 {
+        Some(http_address) => Some((dashboard::bind(http_address).await?, telemetry::recorder()?)),
+        None => None,
+    };
     let metrics = match config.metrics_listen {
         Some(metrics_address) => Some(telemetry::bind(metrics_address).await?),
         None => None,
@@ -272,12 +338,33 @@ pub async fn start(
     if let Some(metrics) = metrics {
         background.spawn(telemetry::serve(metrics, shutdown.clone()));
     }
+    let http_address = http.as_ref().map(|(listener, _)| listener.local_address());
+    if let Some((listener, metrics)) = http {
+        info!(
+            http_address = %listener.local_address(),
+            "serving the dashboard at http://{}/",
+            listener.local_address()
+        );
+        background.spawn(dashboard::serve(
+            listener,
+            dashboard::Sources {
+                fleet: Arc::new(DashboardFleet {
+                    registry: shared.registry.clone(),
+                    events: shared.events.clone(),
+                }),
+                metrics,
+                admin_token: shared.admin_token.clone(),
+            },
+            shutdown.clone(),
+        ));
+    }
     match open_files {
         Ok(files) => info!(soft = files.soft, hard = files.hard, "open-file limit"),
         Err(error) => warn!(%error, "cannot raise the open-file limit"),
     }
     info!(
         %address,
+        http_address = %config.http_listen.bound(http_address),
         %boot_id,
         reloaded,
         reload_grace = ?timing.reload_grace,
@@ -297,6 +384,7 @@ pub async fn start(
     ));
     Ok(RunningCoordinator {
         address,
+        http_address,
         metrics_address,
         boot_id,
         shutdown,

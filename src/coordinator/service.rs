@@ -120,18 +120,7 @@ impl Coordinator for CoordinatorService {
         request: Request<proto::ListNodesRequest>,
     ) -> Result<Response<proto::ListNodesResponse>, Status> {
         self.require_admin(&request)?;
-        let (nodes, guard, timing) = {
-            let registry = self.shared.lock();
-            (registry.list(), registry.expiry_guard(), registry.timing())
-        };
-        Ok(Response::new(proto::ListNodesResponse {
-            nodes: nodes.into_iter().map(proto::Node::from).collect(),
-            expiry_paused: guard.paused.then_some(proto::ExpiryPaused {
-                nodes_down: guard.down as u64,
-                nodes_known: guard.known as u64,
-                guard_fraction: timing.expiry_guard_fraction,
-            }),
-        }))
+        Ok(Response::new(self.shared.registry.list_nodes()))
     }
 
     async fn get_node(

@@ -63,6 +63,7 @@ impl Cluster {
             .current_dir(manifest_dir())
             .env("MUSTER_IMAGE", &self.image)
             .env("MUSTER_COORDINATOR_PUBLISH", "127.0.0.1:0")
+            .env("MUSTER_DASHBOARD_PUBLISH", "127.0.0.1:0")
             .env("MUSTER_LOG", "info,muster=debug")
             .envs(timings());
         command

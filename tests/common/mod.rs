@@ -244,6 +244,23 @@ pub fn field(line: &str, key: &str) -> Option<String> {
     Some(line[start..].split_whitespace().next()?.to_owned())
 }
 
+/// The coordinator flags that put its HTTP listener on an ephemeral port
+/// (its default, 127.0.0.1:7780, would collide between tests). The harness
+/// adds them unless a test passes its own `--http-listen`.
+pub const EPHEMERAL_HTTP: [&str; 2] = ["--http-listen", "127.0.0.1:0"];
+
+/// The bound HTTP address a coordinator logged with "coordinator listening".
+pub fn http_address_of(process: &Process) -> SocketAddr {
+    let line = process
+        .log_lines()
+        .into_iter()
+        .find(|line| line.contains("coordinator listening"))
+        .expect("the coordinator logged its listening line");
+    field(&line, "http_address=")
+        .and_then(|address| address.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP address in {line}"))
+}
+
 /// A coordinator with its own temporary database.
 pub struct Coordinator {
     pub process: Process,
@@ -288,8 +305,17 @@ impl Coordinator {
             .map(|s| s.to_string())
             .collect();
         args.push(db.display().to_string());
+        if !extra.contains(&"--http-listen") {
+            args.extend(EPHEMERAL_HTTP.iter().map(|s| s.to_string()));
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         args
+    }
+
+    /// The address of its HTTP listener (dashboard, `/api/nodes`,
+    /// `/events`, `/metrics`), from its "listening" log line.
+    pub fn http_address(&self) -> SocketAddr {
+        http_address_of(&self.process)
     }
 
     pub fn url(&self) -> String {
@@ -637,6 +663,7 @@ pub fn say(line: &str) {
 /// error; it stops when dropped.
 pub struct InProcessCoordinator {
     pub address: SocketAddr,
+    pub http_address: Option<SocketAddr>,
     pub metrics_address: Option<SocketAddr>,
     pub db: PathBuf,
     shutdown: tokio_util::sync::CancellationToken,
@@ -653,6 +680,9 @@ impl InProcessCoordinator {
             .map(|s| s.to_string())
             .collect();
         args.push(db.display().to_string());
+        if !extra.contains(&"--http-listen") {
+            args.extend(EPHEMERAL_HTTP.iter().map(|s| s.to_string()));
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let muster::config::Command::Coordinator(config) =
             muster::config::Cli::parse_from(args).command
@@ -670,6 +700,7 @@ impl InProcessCoordinator {
             });
         Self {
             address: running.address,
+            http_address: running.http_address,
             metrics_address: running.metrics_address,
             db: db.to_owned(),
             shutdown,
@@ -762,4 +793,196 @@ pub fn scrape(address: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     response
+}
+
+/// An HTTP/1.0 response, read to its end.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lowercased, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Sends one HTTP/1.0 request to `address` (so the answer is neither
+/// chunked nor kept alive) and reads the whole response.
+pub async fn http(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to the HTTP listener");
+    stream
+        .write_all(request_head(method, path, headers, body).as_bytes())
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("the response ended within 10s")
+        .expect("read the response");
+    let response = String::from_utf8(response).expect("a UTF-8 response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a complete head");
+    let (status, headers) = parse_head(head);
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+fn request_head(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: muster\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    head.push_str(body);
+    head
+}
+
+fn parse_head(head: &str) -> (u16, Vec<(String, String)>) {
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    (status, headers)
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, Default)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+impl SseEvent {
+    /// The data as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("{e}: {}", self.data))
+    }
+}
+
+/// A server-sent event stream, read event by event.
+pub struct SseStream {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    reader: tokio::io::BufReader<tokio::net::TcpStream>,
+}
+
+impl SseStream {
+    /// Opens `GET path` on `address` with `headers`.
+    pub async fn open(address: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Self {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect to the HTTP listener");
+        stream
+            .write_all(request_head("GET", path, headers, "").as_bytes())
+            .await
+            .unwrap();
+        let mut reader = tokio::io::BufReader::new(stream);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line))
+                .await
+                .expect("the head came within 10s")
+                .expect("read the head");
+            if read == 0 || line.trim_end().is_empty() {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let (status, headers) = parse_head(&head);
+        Self {
+            status,
+            headers,
+            reader,
+        }
+    }
+
+    /// The next event (comments and `retry` lines skipped), or `None` once
+    /// the stream has ended. Panics if none comes within `deadline`.
+    pub async fn next(&mut self, deadline: Duration) -> Option<SseEvent> {
+        use tokio::io::AsyncBufReadExt;
+        let mut event = SseEvent::default();
+        let mut fields = 0;
+        loop {
+            let mut line = String::new();
+            let read = tokio::time::timeout(deadline, self.reader.read_line(&mut line))
+                .await
+                .unwrap_or_else(|_| panic!("no event within {deadline:?}"))
+                .expect("read the stream");
+            if read == 0 {
+                return None;
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            if line.is_empty() {
+                if fields > 0 && !event.event.is_empty() {
+                    return Some(event);
+                }
+                event = SseEvent::default();
+                fields = 0;
+                continue;
+            }
+            let (name, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match name {
+                "event" => event.event = value.to_owned(),
+                "id" => event.id = Some(value.to_owned()),
+                "data" => {
+                    if !event.data.is_empty() {
+                        event.data.push('\n');
+                    }
+                    event.data.push_str(value);
+                }
+                _ => continue,
+            }
+            fields += 1;
+        }
+    }
+
+    /// Reads events until one satisfies `wanted`, and returns it.
+    pub async fn next_matching(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        wanted: impl Fn(&SseEvent) -> bool,
+    ) -> SseEvent {
+        let started = Instant::now();
+        loop {
+            let left = deadline.saturating_sub(started.elapsed());
+            assert!(!left.is_zero(), "no {what} within {deadline:?}");
+            match self.next(left).await {
+                Some(event) if wanted(&event) => return event,
+                Some(_) => continue,
+                None => panic!("the stream ended before {what}"),
+            }
+        }
+    }
 }
