@@ -1,8 +1,8 @@
 //! GPU inventory through real processes: agents read `file:` inventories,
-//! the coordinator shows them in ListNodes/GetNode and `muster nodes`,
-//! takes changes past the agent's thresholds from heartbeats without a new
-//! registration (and writes nothing for changes below them), and keeps them
-//! across a SIGKILL. A malformed file, or NVML asked for on a machine without
+//! the coordinator shows them in ListNodes/GetNode, `muster nodes` and the
+//! dashboard's `/api/nodes`, takes changes past the agent's thresholds from
+//! heartbeats without a new registration (a `gpus` event; changes below them
+//! write nothing), and keeps them across a SIGKILL. A malformed file, or NVML asked for on a machine without
 //! a driver, refuses start-up with one line.
 
 mod common;
@@ -66,13 +66,8 @@ fn metric(address: &str, name: &str) -> Option<u64> {
 const INVENTORIES_WRITTEN: &str = "muster_store_gpu_inventories_written_total";
 
 async fn start_coordinator(dir: &Path) -> (Coordinator, String) {
-    let mut extra = FAST_TIMING.to_vec();
-    extra.extend(["--metrics-listen", "127.0.0.1:0"]);
-    let coordinator = Coordinator::start(&dir.join("muster.db"), "127.0.0.1:0", &extra);
-    let metrics = coordinator
-        .process
-        .wait_for_log(0, START_DEADLINE, |line| field(line, "metrics_address="))
-        .await;
+    let coordinator = Coordinator::start(&dir.join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+    let metrics = coordinator.http_address().to_string();
     (coordinator, metrics)
 }
 
@@ -148,6 +143,11 @@ async fn a_file_inventory_is_shown_and_changes_past_the_threshold_arrive_on_hear
     assert_eq!(got.gpus[1].memory_total_mib, 81920);
     assert!(got.gpus.iter().all(|gpu| gpu.healthy));
 
+    let api = http(coordinator.http_address(), "GET", "/api/nodes", &[], "").await;
+    let api: serde_json::Value = serde_json::from_str(&api.body).unwrap();
+    let dashboard_gpus = &api["nodes"][0]["gpus"];
+    assert_eq!(dashboard_gpus[1]["uuid"], "GPU-test-1", "{api}");
+    assert_eq!(dashboard_gpus[1]["memory_used_mib"], 1024, "{api}");
     let table = muster_stdout(&url, &["nodes", "list"]);
     assert!(table.lines().next().unwrap().contains("GPUS"), "{table}");
     assert!(table.contains("2× A100-80G 1%"), "{table}");
