@@ -11,7 +11,7 @@ use std::{
         fs::{MetadataExt, PermissionsExt},
         process::CommandExt,
     },
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
@@ -387,7 +387,16 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
         NodeState::Online
     );
 
-    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // SQLite creates the -wal and -shm files with the database file's mode
+    // at the time, so a coordinator that reopened them while the file was
+    // 0444 holds them read-only too: the operator restores all three, as
+    // `chmod 0644 muster.db*` does.
+    for suffix in ["", "-wal", "-shm"] {
+        let path = PathBuf::from(format!("{}{suffix}", db.display()));
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
     wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
     // As an agent does, retry: a connection still read-only fails once more,
     // and is replaced.
