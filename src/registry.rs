@@ -310,6 +310,11 @@ pub struct Registry {
     /// Some entry's inventory may be dirty; without one, collecting
     /// inventories skips the walk over the fleet.
     inventories_pending: bool,
+    /// Moves on with every call that may change what [`Self::pool_facts`]
+    /// yields: a node added or removed, or its state, drain, labels or GPUs
+    /// changed. A heartbeat that changes nothing leaves it alone, so a
+    /// follower of the fleet can skip walking an unchanged one.
+    facts_version: u64,
 }
 
 impl Registry {
@@ -322,6 +327,7 @@ impl Registry {
             drain_ahead: BTreeMap::new(),
             guard: ExpiryGuard::default(),
             inventories_pending: false,
+            facts_version: 0,
         }
     }
 
@@ -329,6 +335,7 @@ impl Registry {
     /// proven alive, and OFFLINE if `reload_grace` passes without proof.
     pub fn load(&mut self, stored: impl IntoIterator<Item = StoredNode>, now: Moment) {
         let stored: Vec<StoredNode> = stored.into_iter().collect();
+        self.facts_version += 1;
         let interval = self.timing.interval_for(self.nodes.len() + stored.len());
         for node in stored {
             let (state, offline_since) = match node.left_at {
@@ -395,6 +402,7 @@ impl Registry {
             drain = ahead;
         }
         let interval = self.timing.interval_for(known);
+        self.facts_version += 1;
         // A probe failure outlives the registration that followed it: the
         // next restart's probe would fail the same way.
         let last_probe_error = self
@@ -447,6 +455,7 @@ impl Registry {
             entry.state = NodeState::Online;
             entry.expires_at = None;
             entry.offline_since = None;
+            self.facts_version += 1;
             self.changes.push(Change::CameOnline {
                 node_id: node_id.clone(),
                 generation,
@@ -467,6 +476,7 @@ impl Registry {
         entry.registration.gpus = gpus;
         entry.inventory_dirty = true;
         self.inventories_pending = true;
+        self.facts_version += 1;
         Ok(())
     }
 
@@ -481,6 +491,7 @@ impl Registry {
             entry.state = NodeState::Offline;
             entry.offline_since = Some(since);
             entry.expires_at.get_or_insert(now.monotonic + expire_after);
+            self.facts_version += 1;
             self.changes.push(Change::WentOffline {
                 node_id: node_id.clone(),
                 generation,
@@ -503,6 +514,7 @@ impl Registry {
         entry.state = NodeState::Left;
         entry.offline_since = Some(left_at.wall);
         entry.expires_at = Some(left_at.monotonic + expire_after);
+        self.facts_version += 1;
         Ok(())
     }
 
@@ -515,6 +527,7 @@ impl Registry {
         row_generation: u64,
         drain: Option<Drain>,
     ) -> Option<NodeSnapshot> {
+        self.facts_version += 1;
         match self.nodes.get_mut(node_id) {
             Some(entry) => {
                 entry.drain = drain;
@@ -551,6 +564,7 @@ impl Registry {
         entry.offline_since = None;
         // UNKNOWN to ONLINE is a change for the event log even when the row
         // already says the node is live.
+        self.facts_version += 1;
         self.changes.push(Change::CameOnline {
             node_id: target.node_id.clone(),
             generation: entry.generation,
@@ -575,6 +589,9 @@ impl Registry {
             .offline_after_at(entry.interval)
             .max(timing.reload_grace_for(&entry.registration) + refusal_took);
         let was_online = entry.state == NodeState::Online;
+        if !was_online {
+            self.facts_version += 1;
+        }
         entry.state = NodeState::Online;
         entry.last_seen = now.wall;
         entry.last_seen_dirty = true;
@@ -651,6 +668,9 @@ impl Registry {
             report.guard_changed = Some(guard);
         }
         self.guard = guard;
+        if report.went_offline > 0 {
+            self.facts_version += 1;
+        }
         if guard.paused {
             return report;
         }
@@ -667,6 +687,9 @@ impl Registry {
             }
             !expired
         });
+        if report.expired > 0 {
+            self.facts_version += 1;
+        }
         report
     }
 
@@ -787,11 +810,17 @@ impl Registry {
         if self.nodes.get(node_id)?.generation > removed_generation {
             return None;
         }
+        self.facts_version += 1;
         self.nodes.remove(node_id).map(|entry| entry.snapshot())
     }
 
     pub fn get(&self, node_id: &NodeId) -> Option<NodeSnapshot> {
         self.nodes.get(node_id).map(Entry::snapshot)
+    }
+
+    /// Changes whenever what [`Self::pool_facts`] yields may have changed.
+    pub fn facts_version(&self) -> u64 {
+        self.facts_version
     }
 
     /// What the lease pool needs of every node, borrowed: no copy of the
@@ -935,6 +964,56 @@ mod tests {
             reason: reason.to_owned(),
             since: at.wall,
         })
+    }
+
+    #[test]
+    fn the_facts_version_moves_with_every_change_the_pool_follows_and_never_with_a_quiet_heartbeat()
+    {
+        let t0 = Moment::now();
+        let mut registry = with_online("a", 1, t0);
+        let mut version = registry.facts_version();
+        let moved = |registry: &Registry, before: u64, what: &str| {
+            let now = registry.facts_version();
+            assert_ne!(now, before, "{what} must move the facts version");
+            now
+        };
+
+        let t1 = t0.after(Duration::from_secs(1));
+        registry.heartbeat(&id("a"), 1, t1).unwrap();
+        assert_eq!(registry.facts_version(), version, "a quiet heartbeat");
+        registry.sweep(t1);
+        assert_eq!(
+            registry.facts_version(),
+            version,
+            "a sweep that finds nothing"
+        );
+
+        registry.set_drain(&id("a"), 1, drain("fan", t1));
+        version = moved(&registry, version, "a drain");
+        registry
+            .report_inventory(&id("a"), 1, GpuInventory::default())
+            .unwrap();
+        version = moved(&registry, version, "an inventory");
+        registry.session_ended(&id("a"), 1, t1);
+        version = moved(&registry, version, "going OFFLINE");
+        registry
+            .register(registration("a", "b2"), enroll(2, t1), t1)
+            .unwrap();
+        version = moved(&registry, version, "a registration");
+        registry.sweep(t1.after(OFFLINE_AFTER + INTERVAL));
+        version = moved(&registry, version, "a sweep that marks a node OFFLINE");
+        registry
+            .heartbeat(&id("a"), 2, t1.after(OFFLINE_AFTER * 2))
+            .unwrap();
+        version = moved(&registry, version, "a heartbeat that brings a node back");
+        registry.leave(&id("a"), 2, t1).unwrap();
+        version = moved(&registry, version, "a leave");
+        registry.sweep(t1.after(EXPIRE_AFTER));
+        version = moved(&registry, version, "an expiry");
+        registry.load([stored("b", 1, None, t1)], t1);
+        version = moved(&registry, version, "a reload");
+        registry.remove(&id("b"), 1);
+        moved(&registry, version, "a removal");
     }
 
     #[test]

@@ -249,6 +249,9 @@ fn gpu_views(gpus: &GpuInventory) -> Vec<GpuView> {
 struct Fleet {
     seen: HashMap<NodeId, Seen>,
     round: u64,
+    /// The registry's facts version at the last walk; an unchanged version
+    /// means an unchanged fleet, and no walk.
+    walked_at: Option<u64>,
 }
 
 impl Fleet {
@@ -259,6 +262,11 @@ impl Fleet {
         let mut updates = Vec::new();
         {
             let registry = registry.lock();
+            let version = registry.facts_version();
+            if self.walked_at == Some(version) {
+                return (updates, Vec::new());
+            }
+            self.walked_at = Some(version);
             for facts in registry.pool_facts() {
                 let seen = self.seen.get_mut(facts.node_id);
                 match seen {
