@@ -268,6 +268,7 @@ async fn admit(
             coordinator_boot_id: shared.boot_id.clone(),
             session_generation: enrollment.generation,
             heartbeat_interval: prost_types::Duration::try_from(interval).ok(),
+            leader_epoch: 0,
         })),
     };
     let session = Session::new(

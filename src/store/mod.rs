@@ -20,6 +20,7 @@ mod connections;
 mod enroller;
 mod events;
 mod file;
+mod leadership;
 mod leases;
 mod lock;
 mod rows;
@@ -44,6 +45,7 @@ use tracing::warn;
 
 pub use self::connections::Availability;
 pub use self::events::{EventSettings, History};
+pub use self::leadership::{Campaign, Leader, SINGLE_COORDINATOR_EPOCH};
 pub use self::lock::{DatabaseLock, Holder, lock_path};
 use self::{
     connections::Connections,
@@ -140,6 +142,13 @@ pub enum StoreError {
     EnrollerStart(#[source] std::io::Error),
     #[error("the registration thread has stopped")]
     EnrollerStopped,
+    /// A write of a coordinator whose leadership epoch has been superseded
+    /// (or whose lease has expired); nothing was applied.
+    #[error(
+        "write refused: this coordinator's leadership (epoch {epoch}) has been lost{}",
+        .current.map_or_else(String::new, |current| format!(" to epoch {current}"))
+    )]
+    Fenced { epoch: u64, current: Option<u64> },
     /// The transaction shared with other registrations failed.
     #[error("registration not committed")]
     Batch(#[source] Arc<StoreError>),
