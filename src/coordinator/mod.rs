@@ -206,7 +206,8 @@ pub struct RunningCoordinator {
     writer_stop: CancellationToken,
     sessions: TaskTracker,
     background: TaskTracker,
-    database_lock: DatabaseLock,
+    /// The SQLite file's lock; PostgreSQL needs none.
+    database_lock: Option<DatabaseLock>,
 }
 
 /// Runs a coordinator until `shutdown` is cancelled.
@@ -251,9 +252,12 @@ pub async fn start(
     };
     // Held until supervision ends; the kernel releases it if the process
     // dies.
-    let database_lock = DatabaseLock::acquire(&config.db, address).await?;
+    let database_lock = match config.db.sqlite_path() {
+        Some(path) => Some(DatabaseLock::acquire(path, address).await?),
+        None => None,
+    };
     let store = Store::open_with(
-        &config.db,
+        config.db.clone(),
         EventSettings {
             keep_events: config.event_history_events,
             keep_for: config.event_history_age,
@@ -402,7 +406,7 @@ pub async fn start(
         %boot_id,
         reloaded,
         reload_grace = ?timing.reload_grace,
-        db = %config.db.display(),
+        db = %config.db,
         tls = shared.tls.is_some(),
         join_token = shared.join_token.is_some(),
         admin_token = shared.admin_token.is_some(),
