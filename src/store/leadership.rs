@@ -284,3 +284,230 @@ impl Store {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::Arc,
+        time::{Instant, SystemTime},
+    };
+
+    use super::*;
+    use crate::{
+        auth::NodeSecret,
+        node::{NodeId, Registration},
+        registry::Change,
+        store::{Enrolled, testing},
+    };
+
+    const URL_A: &str = "http://a.example:7700";
+    const URL_B: &str = "http://b.example:7700";
+
+    fn registration(node: &str, boot: &str) -> Registration {
+        Registration {
+            node_id: NodeId::parse("node_id", node).unwrap(),
+            agent_url: format!("http://{node}:7701"),
+            boot_id: boot.to_owned(),
+            version: "v".to_owned(),
+            hostname: node.to_owned(),
+            labels: Default::default(),
+            max_backoff: Duration::from_secs(90),
+            gpus: Default::default(),
+        }
+    }
+
+    async fn enroll(store: &Store, node: &str, boot: &str) -> Result<Enrolled, StoreError> {
+        let secret = NodeSecret::parse("secret", &format!("secret-of-{node}-0123456789"))
+            .unwrap()
+            .hash();
+        store
+            .enroll(registration(node, boot), secret, SystemTime::now())
+            .await
+    }
+
+    /// Waits, by the database's clock, until the lease has run out.
+    async fn until_expired(store: &Store) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let leader = store.leader().await.unwrap().expect("a leader row");
+            if leader.expires_in.is_zero() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the lease never expired: {leader:?}"
+            );
+            tokio::time::sleep(leader.expires_in.min(Duration::from_millis(100))).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn sqlite_arbitrates_nothing_and_always_leads_at_epoch_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("muster.db")).await.unwrap();
+        assert!(!store.arbitrates_leadership());
+        assert_eq!(
+            store
+                .campaign("a", URL_A, Duration::from_secs(1))
+                .await
+                .unwrap(),
+            Campaign::Won {
+                epoch: SINGLE_COORDINATOR_EPOCH
+            }
+        );
+        assert!(
+            store
+                .renew_leadership("a", 0, Duration::from_secs(1))
+                .await
+                .unwrap()
+        );
+        assert_eq!(store.leader().await.unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn one_leader_at_a_time_a_takeover_only_after_expiry_raises_the_epoch() {
+        let Some(db) = testing::postgres("store::leadership::tests::one_leader_at_a_time") else {
+            return;
+        };
+        let a = db.open().await;
+        let b = db.open().await;
+        assert!(a.arbitrates_leadership());
+        assert_eq!(a.leader().await.unwrap(), None, "nobody before a campaign");
+
+        let lease = Duration::from_secs(2);
+        assert_eq!(
+            a.campaign("a", URL_A, lease).await.unwrap(),
+            Campaign::Won { epoch: 1 }
+        );
+        let Campaign::Lost {
+            leader: Some(leader),
+        } = b.campaign("b", URL_B, lease).await.unwrap()
+        else {
+            panic!("b won while a's lease runs");
+        };
+        assert_eq!((leader.holder.as_str(), leader.url.as_str()), ("a", URL_A));
+        assert_eq!(leader.epoch, 1);
+        assert!(leader.expires_in > Duration::ZERO && leader.expires_in <= lease);
+        assert_eq!(
+            a.campaign("a", URL_A, lease).await.unwrap(),
+            Campaign::Won { epoch: 1 },
+            "campaigning again while leading renews at the same epoch"
+        );
+        assert!(a.renew_leadership("a", 1, lease).await.unwrap());
+        assert!(!b.renew_leadership("b", 1, lease).await.unwrap(), "not b's");
+
+        until_expired(&b).await;
+        assert!(
+            !a.renew_leadership("a", 1, lease).await.unwrap(),
+            "an expired lease is not renewed"
+        );
+        assert_eq!(
+            b.campaign("b", URL_B, lease).await.unwrap(),
+            Campaign::Won { epoch: 2 }
+        );
+        assert!(!a.renew_leadership("a", 1, lease).await.unwrap(), "deposed");
+        assert!(matches!(
+            a.campaign("a", URL_A, lease).await.unwrap(),
+            Campaign::Lost {
+                leader: Some(Leader { epoch: 2, .. })
+            }
+        ));
+
+        a.resign_leadership("a", 1).await.unwrap();
+        assert_eq!(
+            b.leader().await.unwrap().unwrap().epoch,
+            2,
+            "not a's to resign"
+        );
+        b.resign_leadership("b", 2).await.unwrap();
+        assert!(b.leader().await.unwrap().unwrap().expires_in.is_zero());
+        assert_eq!(
+            a.campaign("a", URL_A, lease).await.unwrap(),
+            Campaign::Won { epoch: 3 },
+            "a resignation frees the row at once"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_write_with_an_old_epoch_is_refused_by_the_store_itself() {
+        let Some(db) = testing::postgres("store::leadership::tests::a_write_with_an_old_epoch")
+        else {
+            return;
+        };
+        let old = db.open().await;
+        let new = db.open().await;
+        let lease = Duration::from_secs(1);
+        assert_eq!(
+            old.campaign("old", URL_A, lease).await.unwrap(),
+            Campaign::Won { epoch: 1 }
+        );
+        old.fence(1);
+        let Enrolled::Admitted(first) = enroll(&old, "a", "b1").await.unwrap() else {
+            panic!("the leader's registration was refused");
+        };
+
+        until_expired(&new).await;
+        let refused = enroll(&old, "b", "b1").await.unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                StoreError::Fenced {
+                    epoch: 1,
+                    current: None
+                }
+            ),
+            "{refused}"
+        );
+        assert_eq!(
+            new.campaign("new", URL_B, lease).await.unwrap(),
+            Campaign::Won { epoch: 2 }
+        );
+
+        let a = NodeId::parse("node_id", "a").unwrap();
+        let offline = Change::WentOffline {
+            node_id: a.clone(),
+            generation: first.generation,
+            since: SystemTime::now(),
+        };
+        let outcomes = [
+            enroll(&old, "a", "b2").await.map(|_| ()),
+            old.write(
+                vec![offline].into(),
+                vec![(a.clone(), SystemTime::now())].into(),
+                Arc::from([]),
+            )
+            .await,
+            old.write_leases(Arc::from([]), 9).await,
+            old.set_drain(a.clone(), Some("fan".to_owned()), SystemTime::now())
+                .await
+                .map(|_| ()),
+            old.remove(a.clone()).await.map(|_| ()),
+        ];
+        for outcome in outcomes {
+            assert!(
+                matches!(
+                    outcome,
+                    Err(StoreError::Fenced {
+                        epoch: 1,
+                        current: Some(2)
+                    })
+                ),
+                "{outcome:?}"
+            );
+        }
+
+        let nodes = new.load_nodes().await.unwrap();
+        assert_eq!(nodes.len(), 1, "b was never written");
+        assert_eq!(nodes[0].generation, first.generation);
+        assert_eq!(nodes[0].offline_since, None);
+        assert_eq!(nodes[0].drain, None);
+        assert_eq!(new.load_leases().await.unwrap().last_generation, 0);
+        assert_eq!(new.history().await.unwrap().last_revision, 1);
+
+        new.fence(2);
+        assert!(matches!(
+            enroll(&new, "b", "b1").await.unwrap(),
+            Enrolled::Admitted(_)
+        ));
+    }
+}

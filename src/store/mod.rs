@@ -1426,6 +1426,42 @@ mod tests {
         assert_eq!(*availability.borrow_and_update(), Availability::Available);
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_postgres_server_that_goes_away_makes_the_store_unavailable_until_it_is_back() {
+        let Some(db) = testing::postgres("store::tests::a_postgres_server_that_goes_away") else {
+            return;
+        };
+        let store = db.open().await;
+        let mut availability = store.availability();
+        let now = SystemTime::now();
+        admit(&store, registration("a", "b1"), now).await;
+        let server = db.server().unwrap();
+
+        server.stop();
+        let refused = store
+            .enroll(registration("b", "b1"), secret_of("b"), now)
+            .await
+            .unwrap_err();
+        assert!(refused.is_unavailable(), "{refused}");
+        assert!(matches!(
+            &*availability.borrow_and_update(),
+            Availability::Failing { .. }
+        ));
+
+        server.start_again();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while let Err(error) = store.check_writable().await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still failing: {error}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(*availability.borrow_and_update(), Availability::Available);
+        admit(&store, registration("b", "b1"), now).await;
+        assert_eq!(store.load_nodes().await.unwrap().len(), 2);
+    }
+
     #[tokio::test]
     async fn a_missing_directory_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,8 @@
 //! database on a server of its own where PostgreSQL is installed (skipped
 //! with one line otherwise, a failure under `CI=true`).
 
-use super::{Store, test_postgres::Postgres};
+use super::Store;
+pub(crate) use super::test_postgres::Postgres;
 use crate::config::Database;
 
 /// A database, and what keeps it alive: its directory or its server.
@@ -13,9 +14,25 @@ pub(crate) struct TestDb {
 }
 
 impl TestDb {
+    /// The PostgreSQL server, for outages.
+    pub(crate) fn server(&self) -> Option<&Postgres> {
+        self._server.as_ref()
+    }
+
     pub(crate) async fn open(&self) -> Store {
         Store::open(self.db.clone()).await.unwrap()
     }
+}
+
+/// A PostgreSQL database on a server of its own; `None` (skipped, or a
+/// failure under `CI=true`) where PostgreSQL is not installed.
+pub(crate) fn postgres(what: &str) -> Option<TestDb> {
+    let server = Postgres::start(what)?;
+    Some(TestDb {
+        db: Database::parse(&server.create_database()).unwrap(),
+        _dir: None,
+        _server: Some(server),
+    })
 }
 
 /// One database of each backend the machine has, for `what`.
@@ -26,13 +43,7 @@ pub(crate) fn each_backend(what: &str) -> Vec<TestDb> {
         _dir: Some(dir),
         _server: None,
     }];
-    if let Some(server) = Postgres::start(what) {
-        all.push(TestDb {
-            db: Database::parse(&server.create_database()).unwrap(),
-            _dir: None,
-            _server: Some(server),
-        });
-    }
+    all.extend(postgres(what));
     all
 }
 
