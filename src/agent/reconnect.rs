@@ -287,8 +287,8 @@ pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
         let error_text = display_chain(&error);
         if switch.immediate() {
             info!(
-                from = link.coordinators.url(from),
-                to = link.coordinators.url(to),
+                from = %link.coordinators.url(from),
+                to = %link.coordinators.url(to),
                 reason = %switch.reason(),
                 error = %error_text,
                 "switching coordinator now"
@@ -298,10 +298,19 @@ pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
         let delay = backoff.next_delay();
         if let Some(attention) = error.needs_attention() {
             error!(error = %error_text, retry_in = ?delay, "{attention}");
-        } else if to != from || matches!(switch, failover::Switch::HintRefused { .. }) {
+        } else if let failover::Switch::HintRefused { hint, .. } = &switch {
             warn!(
-                from = link.coordinators.url(from),
-                to = link.coordinators.url(to),
+                from = %link.coordinators.url(from),
+                to = %link.coordinators.url(to),
+                %hint,
+                error = %error_text,
+                retry_in = ?delay,
+                "not following a leader hint to a URL outside --coordinator"
+            );
+        } else if to != from {
+            warn!(
+                from = %link.coordinators.url(from),
+                to = %link.coordinators.url(to),
                 reason = %switch.reason(),
                 error = %error_text,
                 retry_in = ?delay,
@@ -403,7 +412,7 @@ async fn hold_stream(
     link.events.registered(attempt_began.elapsed());
     *interval = usable_interval(accepted.heartbeat_interval).unwrap_or(FALLBACK_INTERVAL);
     info!(
-        coordinator = url,
+        coordinator = %url,
         leader_epoch = accepted.leader_epoch,
         generation = accepted.session_generation,
         coordinator_boot_id = %accepted.coordinator_boot_id,
