@@ -515,6 +515,7 @@ async fn a_bad_coordinator_list_is_refused_naming_the_flag() {
                 "--state-dir",
                 &state_dir,
             ]),
+            strings(&["swarm", "--coordinator", list, "--agents", "1"]),
         ] {
             let output = muster(&command).await;
             assert!(!output.status.success(), "{command:?}");
