@@ -1,6 +1,8 @@
 //! The coordinator on a PostgreSQL `--db`: its password never shows (log,
 //! `--print-config`, errors), a malformed URL is refused naming the flag,
-//! and a server that cannot be reached is a clear start-up error.
+//! a server that cannot be reached is a clear start-up error, and a server
+//! that goes away while the coordinator runs is an outage it reports and
+//! recovers from by itself.
 
 mod common;
 
@@ -8,6 +10,9 @@ use std::{path::Path, process::Command, time::Duration};
 
 use common::{postgres::Postgres, *};
 use muster::proto::NodeState;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 const PASSWORD: &str = "s3cret-password";
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -89,4 +94,74 @@ fn a_server_that_cannot_be_reached_is_a_clear_start_up_error() {
         "{stderr}"
     );
     assert!(!stderr.contains(PASSWORD), "{stderr}");
+}
+
+async fn coordinator_health(url: &str) -> Option<ServingStatus> {
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let request = HealthCheckRequest {
+        service: "muster.v1.Coordinator".to_owned(),
+    };
+    let response = HealthClient::new(channel).check(request).await.ok()?;
+    ServingStatus::try_from(response.into_inner().status).ok()
+}
+
+async fn wait_for_health(url: &str, wanted: ServingStatus) {
+    wait_for(&format!("health {wanted:?}"), DEADLINE, || async move {
+        (coordinator_health(url).await == Some(wanted)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_goes_away_is_an_outage_that_clears_by_itself() {
+    let Some(server) = Postgres::start("postgres_store::a_server_that_goes_away") else {
+        return;
+    };
+    let db = server.create_database();
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(Path::new(&db), "127.0.0.1:0", FAST_TIMING);
+    let url = coordinator.url();
+    let _steady = start_agent(&url, "steady", &dir.path().join("steady"));
+    wait_for_state(&url, &["steady"], NodeState::Online, START_DEADLINE).await;
+    wait_for_health(&url, ServingStatus::Serving).await;
+
+    server.stop();
+    wait_for_health(&url, ServingStatus::NotServing).await;
+    let refused = RawStream::refused(
+        &url,
+        register_message("newcomer", "http://127.0.0.1:9", "b"),
+    )
+    .await;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let latecomer = start_agent_with(
+        &url,
+        "latecomer",
+        &dir.path().join("latecomer"),
+        &["--max-backoff", "1s"],
+    );
+
+    server.start_again();
+    wait_for_health(&url, ServingStatus::Serving).await;
+    wait_for_state(&url, &["latecomer", "steady"], NodeState::Online, DEADLINE).await;
+    drop(latecomer);
+    let status = coordinator
+        .process
+        .stop_with(nix::sys::signal::Signal::SIGTERM, DEADLINE);
+    assert!(status.success(), "{status:?}");
+    let stored = muster::store::Store::open(store_database(Path::new(&db)))
+        .await
+        .unwrap()
+        .load_nodes()
+        .await
+        .unwrap();
+    assert!(
+        stored
+            .iter()
+            .any(|node| node.registration.node_id.as_str() == "latecomer"),
+        "the registration refused during the outage was written on retry"
+    );
 }
