@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::*;
-use diesel::{Connection, QueryableByName, RunQueryDsl, SqliteConnection, sql_types};
+use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl, SqliteConnection, sql_types};
 use muster::proto::{self, NodeEventKind, NodeState};
 use nix::sys::signal::Signal;
 use prost::Message;
@@ -231,16 +231,21 @@ struct RowAndEvent {
 /// latest event must describe the row as it is. An event written in a
 /// transaction of its own could be missing, or describe an older row.
 fn assert_every_row_has_its_event(db: &Path) -> usize {
-    let mut conn = SqliteConnection::establish(&db.display().to_string()).unwrap();
-    let rows: Vec<RowAndEvent> = diesel::sql_query(
+    let query = diesel::sql_query(
         "SELECT n.node_id, n.session_generation, n.offline_since, n.left_at, n.drain_reason,
                 e.kind, e.node
          FROM known_nodes n
          LEFT JOIN node_events e ON e.revision =
              (SELECT max(revision) FROM node_events WHERE node_id = n.node_id)",
-    )
-    .load(&mut conn)
-    .unwrap();
+    );
+    let rows: Vec<RowAndEvent> = match store_database(db) {
+        muster::config::Database::Sqlite(path) => query
+            .load(&mut SqliteConnection::establish(&path.display().to_string()).unwrap())
+            .unwrap(),
+        muster::config::Database::Postgres(url) => query
+            .load(&mut PgConnection::establish(url.expose()).unwrap())
+            .unwrap(),
+    };
     for row in &rows {
         let id = &row.node_id;
         assert_eq!(row.kind.as_deref(), Some("changed"), "{id}: latest event");
@@ -306,10 +311,15 @@ fn apply_cli(events: &[serde_json::Value]) -> BTreeMap<String, (String, bool)> {
     nodes
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_watch_across_churn_and_a_coordinator_restart_reproduces_list_nodes() {
+async fn a_watch_across_churn_and_a_coordinator_restart_reproduces_list_nodes(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("muster.db");
+    let Some(database) = backend.database(
+        dir.path(),
+        "watch::a_watch_across_churn_and_a_coordinator_restart_reproduces_list_nodes",
+    ) else {
+        return;
+    };
+    let db = database.db.clone();
     let mut coordinator = Coordinator::start(&db, "127.0.0.1:0", &watch_timing());
     let url = coordinator.url();
     let listen = coordinator.process.address.to_string();
@@ -776,3 +786,6 @@ async fn an_open_watch_ends_with_unavailable_when_the_coordinator_shuts_down_and
         .expect_err("with a status");
     assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
 }
+
+// The scenario across a restart, on SQLite and on PostgreSQL.
+on_every_backend!(a_watch_across_churn_and_a_coordinator_restart_reproduces_list_nodes);
