@@ -101,26 +101,33 @@ impl fmt::Debug for Database {
 }
 
 impl PostgresUrl {
+    /// A URL with one host, or several (`host1:port1,host2:port2`, which
+    /// libpq tries in turn, as with `target_session_attrs=read-write`):
+    /// each host is checked as the URL it would make alone.
     pub fn parse(value: &str) -> Result<Self, InvalidDatabase> {
-        let invalid = |reason: String| InvalidDatabase {
-            shown: redact(value),
-            reason,
-        };
-        let parsed = url::Url::parse(value).map_err(|error| invalid(error.to_string()))?;
-        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-            return Err(invalid(format!("unknown scheme {:?}", parsed.scheme())));
-        }
-        if parsed.cannot_be_a_base() || !value[parsed.scheme().len()..].starts_with("://") {
-            return Err(invalid(
-                "expected postgres://[user[:password]@]host[:port]/database".to_owned(),
-            ));
-        }
-        if parsed.host_str().is_none_or(str::is_empty) {
-            return Err(invalid("no host".to_owned()));
+        for single in one_url_per_host(value) {
+            Self::parse_single(&single).map_err(|reason| InvalidDatabase {
+                shown: redact(value),
+                reason,
+            })?;
         }
         Ok(Self {
             url: value.to_owned(),
         })
+    }
+
+    fn parse_single(value: &str) -> Result<(), String> {
+        let parsed = url::Url::parse(value).map_err(|error| error.to_string())?;
+        if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+            return Err(format!("unknown scheme {:?}", parsed.scheme()));
+        }
+        if parsed.cannot_be_a_base() || !value[parsed.scheme().len()..].starts_with("://") {
+            return Err("expected postgres://[user[:password]@]host[:port]/database".to_owned());
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err("no host".to_owned());
+        }
+        Ok(())
     }
 
     /// The URL with its password, for the connection only: never log it.
@@ -175,6 +182,23 @@ fn redact(value: &str) -> String {
         shown.push_str(&parameters.join("&"));
     }
     shown
+}
+
+/// `value` once per host of its host list (itself if it has one host).
+fn one_url_per_host(value: &str) -> Vec<String> {
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return vec![value.to_owned()];
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (user_info, hosts) = match authority.rsplit_once('@') {
+        Some((user_info, hosts)) => (format!("{user_info}@"), hosts),
+        None => (String::new(), authority),
+    };
+    hosts
+        .split(',')
+        .map(|host| format!("{scheme}://{user_info}{host}{tail}"))
+        .collect()
 }
 
 fn starts_with_ignore_case(value: &str, prefix: &str) -> bool {
@@ -232,6 +256,7 @@ mod tests {
             "postgres://muster@127.0.0.1:5432/muster",
             "postgresql://db.example/muster?sslmode=disable",
             "POSTGRES://[::1]:5433/muster",
+            "postgresql://muster@db1:5432,db2:5432/muster?target_session_attrs=read-write",
         ] {
             let Database::Postgres(parsed) = Database::parse(url).unwrap() else {
                 panic!("{url} is not PostgreSQL");
@@ -266,6 +291,8 @@ mod tests {
             "postgres://",
             "postgres:///muster",
             "postgresql://h:99999/db",
+            "postgres://db1:5432,/muster",
+            "postgres://db1:5432,db2:x/muster",
         ] {
             let refused = Database::parse(bad).unwrap_err().to_string();
             assert!(refused.starts_with("--db "), "{bad}: {refused}");
