@@ -14,6 +14,8 @@
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
 //! - [`events`] is the fleet's event feed: pure, fed by the store after
 //!   each commit, read by `WatchNodes`.
+//! - [`lease_events`] is the lease pool's event feed: pure, fed by the
+//!   store after each lease commit, read by `WatchLeases`.
 //! - [`wire`] converts between the wire types of [`proto`] and the domain.
 //!
 //! Modules depend one way, from the top down, and the graph has no cycle
@@ -24,7 +26,7 @@
 //! swarm       -> agent auth config error grpc limits node proto
 //! agent       -> auth config error grpc node proto tls
 //! cli         -> auth config error grpc node proto tls wire
-//! coordinator -> auth clock config dashboard error events grpc limits node pool proto registry store telemetry tls wire
+//! coordinator -> auth clock config dashboard error events grpc lease_events limits node pool proto registry store telemetry tls wire
 //! dashboard   -> auth error grpc proto telemetry wire
 //! telemetry   -> error grpc
 //! shutdown    -> error
@@ -32,9 +34,10 @@
 //! config      -> auth error tls
 //! tls         -> error
 //! error       -> auth node pool store validation
-//! store       -> auth clock events node pool proto registry wire
+//! store       -> auth clock events lease_events node pool proto registry wire
 //! events      -> proto
-//! wire        -> auth node proto validation
+//! lease_events -> pool proto wire
+//! wire        -> auth clock node pool proto validation
 //! registry    -> clock node
 //! pool        -> clock node validation
 //! node        -> auth validation
@@ -53,6 +56,7 @@ pub mod dashboard;
 pub mod error;
 pub mod events;
 pub mod grpc;
+pub mod lease_events;
 pub mod limits;
 pub mod memory;
 pub mod node;
