@@ -552,7 +552,12 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::pool::{Constraints, LabelSelector, LeaseState, LeaseTerms, PoolConfig};
+    use crate::{
+        lease_events::{LeaseEventKind, NextLeaseEvent},
+        node::{DEFAULT_MAX_BACKOFF, Gpu, Registration},
+        pool::{Constraints, LabelSelector, LeaseState, LeaseTerms, PoolConfig},
+        registry::{Enrollment, Registry, Timing},
+    };
 
     const GPU_MIB: u64 = 8_192;
 
@@ -620,6 +625,107 @@ mod tests {
             },
             wait,
         }
+    }
+
+    /// A registry with `gpu-1` ONLINE, one GPU of [`GPU_MIB`]; its
+    /// session's generation.
+    fn registry_with_a_gpu_node() -> (RegistryHandle, u64) {
+        let registry = RegistryHandle::new(Registry::new(Timing {
+            heartbeat_interval: Duration::from_secs(1),
+            max_heartbeats_per_second: 1_000,
+            offline_after: Duration::from_secs(3),
+            expire_after: Duration::from_secs(3_600),
+            reload_grace: Duration::from_secs(3),
+            expiry_guard_fraction: 0.5,
+        }));
+        let gpus = GpuInventory::new(
+            "gpus",
+            vec![Gpu {
+                index: 0,
+                uuid: "GPU-1".to_owned(),
+                name: "A100".to_owned(),
+                memory_total_mib: GPU_MIB,
+                memory_used_mib: 0,
+                utilization_percent: 0,
+                temperature_celsius: 40,
+                unhealthy: None,
+            }],
+        )
+        .unwrap();
+        let registration = Registration {
+            node_id: NodeId::parse("node_id", "gpu-1").unwrap(),
+            agent_url: "http://gpu-1:7701".to_owned(),
+            boot_id: "boot".to_owned(),
+            version: "test".to_owned(),
+            hostname: "gpu-1".to_owned(),
+            labels: BTreeMap::new(),
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            gpus,
+        };
+        let enrollment = Enrollment {
+            generation: 1,
+            registered_at: std::time::SystemTime::now(),
+        };
+        registry
+            .update(|registry| registry.register(registration, enrollment, Moment::now()))
+            .unwrap();
+        (registry, 1)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_going_offline_suspends_its_leases_at_once_without_waiting_for_a_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("muster.db")).await.unwrap();
+        let (leases, queue) = Leases::new(Pool::new(PoolConfig::default()));
+        let stop = CancellationToken::new();
+        tokio::task::spawn_blocking({
+            let store = store.clone();
+            let stop = stop.clone();
+            move || write(&store, queue, &stop)
+        });
+        let (registry, generation) = registry_with_a_gpu_node();
+        let (_, probe_round) = watch::channel(true);
+        tokio::spawn(follow(
+            leases.clone(),
+            registry.clone(),
+            probe_round,
+            stop.clone(),
+        ));
+        let shutdown = CancellationToken::new();
+        let held = leases
+            .acquire(
+                request("held", 1_000, 0, Duration::from_secs(10)),
+                &shutdown,
+            )
+            .await
+            .expect("granted once the follower has seen the node's GPU");
+        let (_, mut events) = store.lease_feed().follow();
+
+        // The pool's next deadline is the lease's expiry, a minute away, and
+        // nothing polls: only the registry's own signal can wake the
+        // follower well within the deadline below.
+        let node_id = held.node_id.clone();
+        registry.update(|registry| registry.session_ended(&node_id, generation, Moment::now()));
+        let suspended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.next().await {
+                    NextLeaseEvent::Event(event) if event.kind == LeaseEventKind::Suspended => {
+                        return event;
+                    }
+                    NextLeaseEvent::Event(_) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("suspended long before any deadline of the pool");
+        assert_eq!(suspended.lease.lease_id, held.lease_id.to_string());
+        assert_eq!(
+            leases.list(&LeaseFilter::default())[0].state,
+            LeaseState::Suspended,
+            "committed before it was told"
+        );
+        stop.cancel();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
