@@ -122,11 +122,10 @@ impl Leases {
         let mut last_shortfall: Option<Shortfall> = None;
         loop {
             let mut changed = pin!(self.changed.notified());
-            changed.as_mut().enable();
             let mut retry_at = deadline;
             let (outcome, committed) = {
                 let mut pool = self.lock();
-                if !pool.is_settled() {
+                let outcome = if !pool.is_settled() {
                     (None, None)
                 } else {
                     match pool.acquire(&request, Moment::now()) {
@@ -136,7 +135,20 @@ impl Leases {
                         }
                         Err(error) => (Some(Err(error)), None),
                     }
+                };
+                // Only an acquisition that may try again listens for
+                // changes, from before the lock is let go, so none is
+                // missed; a granted one costs the other callers' changes
+                // nothing.
+                let may_retry = match &outcome.0 {
+                    Some(Ok(Acquisition::Granted(_))) => false,
+                    Some(Err(error)) => matches!(error, PoolError::Exhausted(_)),
+                    _ => true,
+                };
+                if may_retry {
+                    changed.as_mut().enable();
                 }
+                outcome
             };
             if let Some(committed) = committed {
                 committed.await.map_err(|_| ServiceError::ShuttingDown)?;
