@@ -16,6 +16,7 @@
 //! whose writes fail keeps serving reads, and recovers by itself once a
 //! write succeeds again.
 
+mod checkpoint;
 mod connections;
 mod enroller;
 mod events;
@@ -143,6 +144,8 @@ pub enum StoreError {
     Task(#[from] tokio::task::JoinError),
     #[error("cannot start the registration thread")]
     EnrollerStart(#[source] std::io::Error),
+    #[error("cannot start the WAL checkpoint thread")]
+    CheckpointerStart(#[source] std::io::Error),
     #[error("the registration thread has stopped")]
     EnrollerStopped,
     /// A write of a coordinator whose leadership epoch has been superseded
@@ -211,13 +214,15 @@ type PooledSqlite = PooledConnection<ConnectionManager<SqliteConnection>>;
 /// Settings applied to every connection. WAL lets reads proceed during a
 /// write; `synchronous = NORMAL` keeps every commit across a process crash
 /// (a power loss may lose the last commits, which agents re-register).
+/// Automatic checkpoints are off: the checkpoint thread does them, so no
+/// commit waits for one (see `checkpoint`).
 #[derive(Debug)]
 struct ConnectionSettings;
 
 impl ConnectionSettings {
     fn apply(conn: &mut SqliteConnection) -> Result<(), diesel::result::Error> {
         conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
+            "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0;",
             BUSY_TIMEOUT.as_millis()
         ))
     }
@@ -286,6 +291,7 @@ impl Store {
         let connections = Arc::new(Connections::open(sqlite_uri(path, file::Found::Existing))?);
         let enroller =
             enroller::Enroller::start(connections.clone(), file.clone(), events.clone())?;
+        checkpoint::start(&connections)?;
         Ok(Self {
             connections,
             enroller,
