@@ -16,6 +16,8 @@
 //!   each commit, read by `WatchNodes`.
 //! - [`lease_events`] is the lease pool's event feed: pure, fed by the
 //!   store after each lease commit, read by `WatchLeases`.
+//! - [`failover`] is the list of coordinators a client dials, and which
+//!   one it tries next (following a standby's leader hint).
 //! - [`wire`] converts between the wire types of [`proto`] and the domain.
 //!
 //! Modules depend one way, from the top down, and the graph has no cycle
@@ -23,9 +25,9 @@
 //! `proto` and `validation` import nothing of ours):
 //!
 //! ```text
-//! swarm       -> agent auth config error grpc limits node proto
-//! agent       -> auth config error grpc node proto tls
-//! cli         -> auth config error grpc node proto tls wire
+//! swarm       -> agent auth config error failover grpc limits node proto
+//! agent       -> auth config error failover grpc node proto tls
+//! cli         -> auth config error failover grpc node proto tls wire
 //! coordinator -> auth clock config dashboard error events grpc lease_events limits node pool proto registry store telemetry tls wire
 //! dashboard   -> auth error grpc proto telemetry wire
 //! telemetry   -> error grpc
@@ -33,6 +35,7 @@
 //! grpc        -> error proto tls
 //! config      -> auth error tls
 //! tls         -> error
+//! failover    -> error node
 //! error       -> auth node pool store validation
 //! store       -> auth clock events lease_events node pool proto registry wire
 //! events      -> proto
@@ -55,6 +58,7 @@ pub mod coordinator;
 pub mod dashboard;
 pub mod error;
 pub mod events;
+pub mod failover;
 pub mod grpc;
 pub mod lease_events;
 pub mod limits;
