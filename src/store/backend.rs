@@ -84,10 +84,12 @@ impl Target {
 /// Settings applied to every SQLite connection. WAL lets reads proceed
 /// during a write; `synchronous = NORMAL` keeps every commit across a
 /// process crash (a power loss may lose the last commits, which agents
-/// re-register).
+/// re-register). Automatic checkpoints are off: the checkpoint thread does
+/// them, so no commit waits for one (see `checkpoint`).
 fn apply_sqlite_settings(conn: &mut SqliteConnection) -> Result<(), diesel::result::Error> {
     conn.batch_execute(&format!(
-        "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
+        "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+         PRAGMA wal_autocheckpoint = 0;",
         BUSY_TIMEOUT.as_millis()
     ))
 }

@@ -17,6 +17,7 @@
 //! write succeeds again.
 
 mod backend;
+mod checkpoint;
 mod connections;
 mod enroller;
 mod events;
@@ -57,6 +58,7 @@ use crate::{
     clock::{from_unix_millis, to_unix_millis},
     config::Database,
     events::{EventHub, EventKind, NodeEvent, Reason},
+    lease_events::{LeaseEvent, LeaseFeed},
     node::{Drain, NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
     pool::{Change as LeaseChange, PersistedPool},
     proto,
@@ -128,10 +130,14 @@ pub enum StoreError {
     Corrupt { node_id: String, reason: String },
     #[error("stored lease of generation {generation} is unreadable: {reason}")]
     CorruptLease { generation: i64, reason: String },
+    #[error("stored lease event {revision} is unreadable: {reason}")]
+    CorruptLeaseEvent { revision: i64, reason: String },
     #[error("database task did not finish")]
     Task(#[from] tokio::task::JoinError),
     #[error("cannot start the registration thread")]
     EnrollerStart(#[source] std::io::Error),
+    #[error("cannot start the WAL checkpoint thread")]
+    CheckpointerStart(#[source] std::io::Error),
     #[error("the registration thread has stopped")]
     EnrollerStopped,
     /// A write of a coordinator whose leadership epoch has been superseded
@@ -156,7 +162,9 @@ impl StoreError {
         use diesel::result::{DatabaseErrorKind as Kind, Error};
         match self {
             Self::Batch(cause) => cause.is_unavailable(),
-            Self::Corrupt { .. } | Self::CorruptLease { .. } => false,
+            Self::Corrupt { .. } | Self::CorruptLease { .. } | Self::CorruptLeaseEvent { .. } => {
+                false
+            }
             Self::Query(Error::DatabaseError(
                 Kind::UniqueViolation
                 | Kind::ForeignKeyViolation
@@ -213,6 +221,7 @@ pub struct Store {
     /// The SQLite file; `None` on PostgreSQL.
     file: Option<Arc<DatabaseFile>>,
     events: Arc<EventLog>,
+    lease_feed: Arc<LeaseFeed>,
 }
 
 impl Store {
@@ -267,16 +276,22 @@ impl Store {
         })?;
         backend::migrate(&mut conn, &shown)?;
         let events = Arc::new(EventLog::open(&mut conn, settings)?);
+        let (_, last_lease_event) = leases::event_history(&mut conn)?;
+        let lease_feed = Arc::new(LeaseFeed::new(last_lease_event, settings.watcher_buffer));
         drop(conn);
 
         let connections = Arc::new(Connections::open(target)?);
         let enroller =
             enroller::Enroller::start(connections.clone(), file.clone(), events.clone())?;
+        if file.is_some() {
+            checkpoint::start(&connections)?;
+        }
         Ok(Self {
             connections,
             enroller,
             file,
             events,
+            lease_feed,
         })
     }
 
@@ -315,7 +330,52 @@ impl Store {
         changes: Arc<[LeaseChange]>,
         last_generation: u64,
     ) -> Result<(), StoreError> {
-        self.event_transaction(move |conn, _| leases::write(conn, &changes, last_generation))
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.commit_leases(&changes, last_generation)).await?
+    }
+
+    /// [`Store::write_leases`], blocking: for the lease writer's own
+    /// thread, never for the async runtime. The changes' events are
+    /// published to the lease feed once committed.
+    pub fn commit_leases(
+        &self,
+        changes: &[LeaseChange],
+        last_generation: u64,
+    ) -> Result<(), StoreError> {
+        let now = SystemTime::now();
+        let events = self.connections.write(|conn| {
+            self.events
+                .transaction(self.file.as_deref(), conn, now, |conn, _| {
+                    leases::write(conn, changes, last_generation, now)
+                })
+        })?;
+        if !events.is_empty() {
+            self.lease_feed.publish(events);
+        }
+        Ok(())
+    }
+
+    /// The feed every committed lease event is published to, in revision
+    /// order.
+    pub fn lease_feed(&self) -> Arc<LeaseFeed> {
+        self.lease_feed.clone()
+    }
+
+    /// The span of lease event revisions the database holds: after the
+    /// first, through the second.
+    pub async fn lease_event_history(&self) -> Result<(u64, u64), StoreError> {
+        self.read(|conn| leases::event_history(conn)).await
+    }
+
+    /// Stored lease events with revisions in `(after, through]`, oldest
+    /// first, at most `limit` of them.
+    pub async fn replay_lease_events(
+        &self,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<Vec<LeaseEvent>, StoreError> {
+        self.read(move |conn| leases::replay_events(conn, after, through, limit))
             .await
     }
 
@@ -1585,7 +1645,7 @@ mod tests {
     async fn a_database_of_the_earlier_layout_opens_without_migrating_again() {
         use diesel::migration::MigrationSource;
         use diesel_migrations::MigrationHarness;
-        const SHIPPED: [&str; 7] = [
+        const SHIPPED: [&str; 8] = [
             "20261129000000",
             "20261129120000",
             "20261202000000",
@@ -1593,6 +1653,7 @@ mod tests {
             "20261202130000",
             "20261202140000",
             "20261202150000",
+            "20261202160000",
         ];
         let known: Vec<String> =
             MigrationSource::<diesel::sqlite::Sqlite>::migrations(&SQLITE_MIGRATIONS)
