@@ -387,16 +387,11 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
         NodeState::Online
     );
 
+    // Only the database file is made writable again, as an operator does.
     // SQLite creates the -wal and -shm files with the database file's mode
-    // at the time, so a coordinator that reopened them while the file was
-    // 0444 holds them read-only too: the operator restores all three, as
-    // `chmod 0644 muster.db*` does.
-    for suffix in ["", "-wal", "-shm"] {
-        let path = PathBuf::from(format!("{}{suffix}", db.display()));
-        if path.exists() {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        }
-    }
+    // at the time, so side files created while it was 0444 stay 0444; the
+    // coordinator gives them the database file's mode again.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
     // As an agent does, retry: a connection still read-only fails once more,
     // and is replaced.
@@ -420,6 +415,18 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
     assert_eq!(failing, recovered);
     assert!((1..=3).contains(&failing), "{failing} outages logged");
 
+    for suffix in ["-wal", "-shm"] {
+        let side = side_file(&db, suffix);
+        if let Ok(metadata) = std::fs::metadata(&side) {
+            assert_eq!(
+                metadata.mode() & 0o777,
+                0o644,
+                "{} keeps its mode",
+                side.display()
+            );
+        }
+    }
+
     let mut conn = SqliteConnection::establish(&db.display().to_string()).expect("open db");
     let stored: Vec<String> = diesel::sql_query("SELECT node_id FROM known_nodes")
         .load::<StoredNodeId>(&mut conn)
@@ -436,6 +443,117 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
             "{node_id} was acknowledged but not stored: {stored:?}"
         );
     }
+}
+
+/// `db` with `suffix` appended: where SQLite keeps its side files.
+fn side_file(db: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", db.display()))
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The trap an operator's `chmod 0444 muster.db` and back to 0644 leaves:
+/// SQLite created the side files while the database was 0444, so they are
+/// 0444 beside a writable database, and SQLite refuses every write for as
+/// long as they stay so.
+#[tokio::test(flavor = "multi_thread")]
+async fn side_files_left_read_only_beside_a_writable_database_are_named_and_repaired() {
+    let running_as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("muster.db");
+    drop(muster::store::Store::open(&db).await.unwrap());
+    let mut command = unprivileged_muster(dir.path());
+    command
+        .args([
+            "coordinator",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+        ])
+        .arg(&db)
+        .args(FAST_TIMING);
+    let coordinator = Process::try_spawn("coordinator", command).unwrap();
+    let url = coordinator.url();
+    let agents = tempfile::tempdir().unwrap();
+    let _steady = start_agent(&url, "steady", &agents.path().join("steady"));
+    wait_for_state(
+        &url,
+        &["steady"],
+        NodeState::Online,
+        Duration::from_secs(20),
+    )
+    .await;
+    wait_for_health(&url, ServingStatus::Serving, Duration::from_secs(20)).await;
+    let wal = side_file(&db, "-wal");
+    let shm = side_file(&db, "-shm");
+    assert!(
+        wal.exists() && shm.exists(),
+        "the coordinator runs in WAL mode"
+    );
+    // Another connection to the database, as a backup or an operator's
+    // sqlite3 shell holds one, keeps the side files in place when the
+    // coordinator drops its own (SQLite's last connection deletes them).
+    let mut reader = SqliteConnection::establish(&db.display().to_string()).expect("open db");
+    diesel::sql_query("SELECT node_id FROM known_nodes")
+        .load::<StoredNodeId>(&mut reader)
+        .unwrap();
+
+    if running_as_root {
+        // A side file the coordinator may not change (another owner's) is
+        // named, with its mode, as the cause of the outage.
+        std::os::unix::fs::chown(&wal, Some(0), Some(0)).unwrap();
+        set_mode(&wal, 0o444);
+        wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
+        let refused = try_register(&url, "newcomer")
+            .await
+            .expect_err("refused while the side file is unwritable");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        let wal_name = wal.display().to_string();
+        assert!(
+            refused.message().contains(&wal_name) && refused.message().contains("0444"),
+            "the side file and its mode are named: {refused:?}"
+        );
+        assert_eq!(
+            state_of(&node(&url, "steady").await.unwrap()),
+            NodeState::Online
+        );
+        std::os::unix::fs::chown(&wal, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    // As SQLite leaves them after creating them beside a 0444 database.
+    set_mode(&wal, 0o444);
+    set_mode(&shm, 0o444);
+
+    let deadline = tokio::time::Instant::now() + OUTAGE_NOTICED;
+    while let Err(status) = try_register(&url, "newcomer").await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still refused {OUTAGE_NOTICED:?} after the side file could be repaired: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
+    coordinator
+        .wait_for_log(0, OUTAGE_NOTICED, |line| {
+            line.contains("gave the database's side file").then_some(())
+        })
+        .await;
+    for side in [&wal, &shm] {
+        assert_eq!(
+            std::fs::metadata(side).unwrap().mode() & 0o777,
+            0o644,
+            "{} has the database file's mode again",
+            side.display()
+        );
+    }
+    assert_eq!(
+        state_of(&node(&url, "steady").await.unwrap()),
+        NodeState::Online
+    );
+    drop(reader);
 }
 
 #[derive(diesel::QueryableByName)]

@@ -119,7 +119,8 @@ impl EventLog {
     /// in that same transaction, and publishes them once it has committed.
     /// The transaction is refused unless the database file is still at its
     /// path both before it and after it has committed: a write into a file
-    /// that has gone is never reported as done.
+    /// that has gone is never reported as done. A side file left read-only
+    /// is repaired first, or named as the cause.
     pub(super) fn transaction<T>(
         &self,
         file: &DatabaseFile,
@@ -129,6 +130,7 @@ impl EventLog {
     ) -> Result<T, StoreError> {
         let _in_order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
         file.ensure_in_place()?;
+        file.repair_side_files()?;
         let (done, committed) = conn.immediate_transaction(|conn| {
             let mut recorder = Recorder::default();
             let done = work(conn, &mut recorder)?;

@@ -119,6 +119,16 @@ pub enum StoreError {
     )]
     Gone { path: PathBuf, what: String },
     #[error(
+        "database side file {side} has mode {mode:04o} and cannot be written, though database {db} (mode {db_mode:04o}) can: {reason}; give it the database file's mode and owner"
+    )]
+    SideFileUnwritable {
+        side: PathBuf,
+        mode: u32,
+        db: PathBuf,
+        db_mode: u32,
+        reason: String,
+    },
+    #[error(
         "database {db} is in use by another coordinator ({}); stop that one, or give this one its own --db",
         .holder.as_ref().map_or_else(|| "its lock file names no process".to_owned(), Holder::to_string)
     )]
@@ -331,8 +341,16 @@ impl Store {
     }
 
     /// Proves the database writable, and still at its path, with a write
-    /// that is rolled back; reports the outcome like any other write.
+    /// that is rolled back; reports the outcome like any other write. Side
+    /// files left read-only are repaired before a connection is taken, since
+    /// SQLite may not even open one beside them.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
+        let file = self.file.clone();
+        let repaired = tokio::task::spawn_blocking(move || file.repair_side_files()).await?;
+        if let Err(error) = repaired {
+            self.connections.report(Some(&error));
+            return Err(error);
+        }
         let file = self.file.clone();
         self.run(move |conn| {
             file.ensure_in_place()?;
