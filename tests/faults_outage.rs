@@ -2,7 +2,8 @@
 //! shutdown. Run-time faults are real ones: another process holds SQLite's
 //! write lock, so every write of the coordinator fails once its busy timeout
 //! has passed, exactly as on a database it may not write. That works as root
-//! and as any other user.
+//! and as any other user. A full disk is a small tmpfs filled up, where the
+//! tests may mount one (as root).
 
 mod common;
 
@@ -570,4 +571,225 @@ async fn try_register(url: &str, node_id: &str) -> Result<(), tonic::Status> {
         .registered()
         .await?;
     Ok(())
+}
+
+/// A small tmpfs mounted on a temporary directory, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts one, or says why it cannot.
+    fn mount(size: &str) -> Result<Self, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|error| format!("cannot run mount: {error}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the filesystem: writes `filler` until the disk is full.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&filler)
+            .unwrap();
+        for chunk in [1 << 20, 4096, 1] {
+            let bytes = vec![0u8; chunk];
+            // Bounded by the filesystem's size.
+            while file.write_all(&bytes).is_ok() {}
+        }
+        let _ = file.sync_all();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Checkpoints the whole write-ahead log into the database and truncates
+/// it to nothing, so that every later write must append to it: on a full
+/// disk, SQLite may otherwise reuse blocks of a log it has checkpointed,
+/// and a write succeed or fail by chance.
+fn truncate_wal(conn: &mut SqliteConnection) {
+    #[derive(diesel::QueryableByName)]
+    struct Checkpoint {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        busy: i32,
+    }
+    conn.batch_execute("PRAGMA busy_timeout = 5000").unwrap();
+    for _ in 0..50 {
+        let done = diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .load::<Checkpoint>(conn)
+            .unwrap();
+        if done.first().is_some_and(|row| row.busy == 0) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the write-ahead log could not be checkpointed");
+}
+
+fn stored_offline(conn: &mut SqliteConnection, node_id: &str) -> bool {
+    #[derive(diesel::QueryableByName)]
+    struct Offline {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        offline_since: Option<String>,
+    }
+    diesel::sql_query(
+        "SELECT CAST(offline_since AS TEXT) AS offline_since FROM known_nodes WHERE node_id = ?",
+    )
+    .bind::<diesel::sql_types::Text, _>(node_id)
+    .load::<Offline>(conn)
+    .unwrap()
+    .first()
+    .is_some_and(|row| row.offline_since.is_some())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_is_a_readiness_problem_and_shutdown_names_what_it_did_not_save() {
+    let disk = match Tmpfs::mount("16m") {
+        Ok(disk) => disk,
+        Err(reason) => {
+            common::skip("the full-disk test", &reason);
+            return;
+        }
+    };
+    let db = disk.path().join("muster.db");
+    let agents = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
+    let url = coordinator.url();
+    let steady = start_agent(&url, "steady", &agents.path().join("steady"));
+    let doomed = start_agent(&url, "doomed", &agents.path().join("doomed"));
+    for node_id in ["steady", "doomed"] {
+        wait_for_state(&url, &[node_id], NodeState::Online, Duration::from_secs(20)).await;
+    }
+    wait_for_health(&url, ServingStatus::Serving, Duration::from_secs(20)).await;
+    // Held open for the whole test, so that the coordinator's connections
+    // are never the database's last: the last one to close would checkpoint
+    // and delete the log, freeing blocks on the full disk.
+    let mut reader = SqliteConnection::establish(&db.display().to_string()).expect("open db");
+    truncate_wal(&mut reader);
+    let filler = disk.fill();
+
+    wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
+    let refused = RawStream::refused(
+        &url,
+        register_message("newcomer", "http://127.0.0.1:9", "b"),
+    )
+    .await;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("full"),
+        "the cause is named: {refused:?}"
+    );
+    drop(doomed);
+    wait_for_state(
+        &url,
+        &["doomed"],
+        NodeState::Offline,
+        Duration::from_secs(10),
+    )
+    .await;
+    hold_for(
+        "steady ONLINE while the disk is full",
+        Duration::from_secs(4),
+        || {
+            let url = url.clone();
+            async move {
+                let node = node(&url, "steady").await.ok_or("steady missing")?;
+                match state_of(&node) {
+                    NodeState::Online => Ok(()),
+                    other => Err(format!("steady is {other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    assert!(!stored_offline(&mut reader, "doomed"));
+
+    // Space is freed: the coordinator recovers without a restart and writes
+    // the change it kept.
+    std::fs::remove_file(&filler).unwrap();
+    wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
+    wait_for(
+        "doomed's OFFLINE change to be written",
+        OUTAGE_NOTICED,
+        || {
+            let offline = stored_offline(&mut reader, "doomed");
+            async move { offline.then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        coordinator
+            .process
+            .log_count(&["database writes are failing"]),
+        1
+    );
+
+    // Full again, then SIGTERM with a change unsaved: the final flush tries
+    // for its deadline, then names what it could not save.
+    truncate_wal(&mut reader);
+    let _filler = disk.fill();
+    wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
+    drop(steady);
+    wait_for_state(
+        &url,
+        &["steady"],
+        NodeState::Offline,
+        Duration::from_secs(10),
+    )
+    .await;
+    let skip = coordinator.process.log_len();
+    let signalled = std::time::Instant::now();
+    coordinator.process.signal(Signal::SIGTERM);
+    let summary = coordinator
+        .process
+        .wait_for_log(skip, Duration::from_secs(30), |line| {
+            line.contains("did not take").then(|| line.to_owned())
+        })
+        .await;
+    assert!(summary.contains("full"), "the cause is named: {summary}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(4),
+        "the final flush gave up after {:?}, before its deadline",
+        signalled.elapsed()
+    );
+    let line = coordinator
+        .process
+        .wait_for_log(skip, Duration::from_secs(30), |line| {
+            (line.contains("not saved") && line.contains("node_id=steady")).then(|| line.to_owned())
+        })
+        .await;
+    assert!(line.contains("went OFFLINE"), "{line}");
+    coordinator
+        .process
+        .wait_for_log(skip, Duration::from_secs(30), |line| {
+            line.contains("coordinator stopped").then_some(())
+        })
+        .await;
+    assert!(!stored_offline(&mut reader, "steady"));
+    drop(reader);
 }

@@ -341,7 +341,8 @@ impl Store {
     }
 
     /// Proves the database writable, and still at its path, with a write
-    /// that is rolled back; reports the outcome like any other write. Side
+    /// that is committed but changes nothing (see [`commit_no_op`]); reports
+    /// the outcome like any other write. Side
     /// files left read-only are repaired before a connection is taken, since
     /// SQLite may not even open one beside them.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
@@ -354,7 +355,7 @@ impl Store {
         let file = self.file.clone();
         self.run(move |conn| {
             file.ensure_in_place()?;
-            Ok(write_and_roll_back(conn)?)
+            Ok(commit_no_op(conn)?)
         })
         .await
     }
@@ -637,6 +638,25 @@ fn write_and_roll_back(conn: &mut SqliteConnection) -> Result<(), diesel::result
         Err(diesel::result::Error::RollbackTransaction) => Ok(()),
         other => other,
     }
+}
+
+/// Commits a write that changes nothing: the database's `user_version`
+/// set to the value it has. Unlike a rolled-back write, it reaches the
+/// write-ahead log, so it also fails on a full disk: in WAL mode a
+/// transaction that is rolled back never writes a page, and would pass
+/// while every real write fails.
+fn commit_no_op(conn: &mut SqliteConnection) -> Result<(), diesel::result::Error> {
+    #[derive(QueryableByName)]
+    struct UserVersion {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        user_version: i32,
+    }
+    conn.immediate_transaction(|conn| {
+        let version = diesel::sql_query("PRAGMA user_version")
+            .get_result::<UserVersion>(conn)?
+            .user_version;
+        conn.batch_execute(&format!("PRAGMA user_version = {version}"))
+    })
 }
 
 /// A row as read: a node, or why it cannot be one.
