@@ -32,8 +32,12 @@ pub async fn trim_after_closes(closed: impl Fn() -> usize) {
         last_seen = now;
         if !still_closing && now.saturating_sub(trimmed_at) >= FLOOD_CLOSES {
             trimmed_at = now;
-            if let Err(error) = tokio::task::spawn_blocking(trim).await {
-                tracing::warn!(%error, "trimming the allocator failed");
+            match tokio::task::spawn_blocking(trim).await {
+                Ok(()) => tracing::debug!(
+                    closed = now,
+                    "returned free memory to the system after connections closed"
+                ),
+                Err(error) => tracing::warn!(%error, "trimming the allocator failed"),
             }
         }
     }
