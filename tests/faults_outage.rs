@@ -791,5 +791,27 @@ async fn a_full_disk_is_a_readiness_problem_and_shutdown_names_what_it_did_not_s
         })
         .await;
     assert!(!stored_offline(&mut reader, "steady"));
+    coordinator
+        .process
+        .stop_with(Signal::SIGTERM, Duration::from_secs(20));
+
+    // Started on the full disk, a coordinator refuses to, naming the cause:
+    // a write that is rolled back would pass, so start-up commits one.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));
+    command
+        .args([
+            "coordinator",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+        ])
+        .arg(&db)
+        .env("MUSTER_LOG", "off");
+    let output = output_within(command, Duration::from_secs(20));
+    common::one_line_error(&output, &db.display().to_string());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("disk is full"), "{stderr}");
     drop(reader);
 }

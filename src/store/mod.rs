@@ -270,10 +270,14 @@ impl Store {
             path: path.to_owned(),
             source,
         })?;
-        write_and_roll_back(&mut conn).map_err(|source| StoreError::Unwritable {
-            path: path.to_owned(),
-            source,
-        })?;
+        // The rolled-back write proves the file writable; only a committed
+        // one proves that the disk has room for it.
+        write_and_roll_back(&mut conn)
+            .and_then(|()| commit_no_op(&mut conn))
+            .map_err(|source| StoreError::Unwritable {
+                path: path.to_owned(),
+                source,
+            })?;
         refuse_unknown_migrations(&mut conn, path)?;
         conn.run_pending_migrations(MIGRATIONS)
             .map_err(|e| StoreError::Migration {
