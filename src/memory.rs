@@ -1,6 +1,7 @@
 //! Giving memory back to the operating system after a flood of connections.
 //!
-//! The `muster` binary allocates through jemalloc, whose background thread
+//! The `muster` binary (linked dynamically; a static build keeps glibc's
+//! malloc) allocates through jemalloc, whose background thread
 //! returns pages freed for a second to the system by itself (see
 //! `src/main.rs`); that is what keeps a coordinator's memory within a fifth
 //! of its level before a flood once the flood's connections have closed.
