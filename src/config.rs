@@ -713,6 +713,20 @@ pub enum LeasesCommand {
         #[command(flatten)]
         client: NodesClientConfig,
     },
+    /// Print every change of a lease as it happens, one line each
+    /// (granted, renewed, revoked, suspended, resumed, released, expired,
+    /// reclaimed, reconciled), until the coordinator ends the stream.
+    Watch {
+        /// Print the changes after this revision (as printed by an earlier
+        /// watch) first, instead of only those from now on.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Only leases of this holder.
+        #[arg(long)]
+        holder: Option<String>,
+        #[command(flatten)]
+        client: NodesClientConfig,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

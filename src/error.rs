@@ -65,6 +65,10 @@ pub enum ServiceError {
         "since_revision {since} is ahead of this coordinator's latest revision {latest}: its database was replaced or restored (see database_id); list again with since_revision=0"
     )]
     RevisionAhead { since: u64, latest: u64 },
+    #[error(
+        "since_revision {since} is older than the lease event history, which starts after revision {pruned_through}; list the leases again and watch with since_revision=0"
+    )]
+    LeaseHistoryPruned { since: u64, pruned_through: u64 },
     #[error("this watch fell behind the fleet's changes; resume with since_revision={resume_from}")]
     WatcherBehind { resume_from: u64 },
     #[error(transparent)]
@@ -102,7 +106,9 @@ impl From<ServiceError> for Status {
             ServiceError::RegistrationTimeout(_) | ServiceError::HeartbeatTimeout(_) => {
                 Code::DeadlineExceeded
             }
-            ServiceError::HistoryPruned { .. } => Code::OutOfRange,
+            ServiceError::HistoryPruned { .. } | ServiceError::LeaseHistoryPruned { .. } => {
+                Code::OutOfRange
+            }
             ServiceError::RevisionAhead { .. } => Code::FailedPrecondition,
             ServiceError::WatcherBehind { .. } => Code::Aborted,
             ServiceError::Pool(pool) => match pool {

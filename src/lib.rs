@@ -14,6 +14,8 @@
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
 //! - [`events`] is the fleet's event feed: pure, fed by the store after
 //!   each commit, read by `WatchNodes`.
+//! - [`lease_events`] is the lease pool's event feed: pure, fed by the
+//!   store after each lease commit, read by `WatchLeases`.
 //! - [`failover`] is the list of coordinators a client dials, and which
 //!   one it tries next (following a standby's leader hint).
 //! - [`wire`] converts between the wire types of [`proto`] and the domain.
@@ -26,7 +28,7 @@
 //! swarm       -> agent auth config error failover grpc limits node proto
 //! agent       -> auth config error failover grpc node proto tls
 //! cli         -> auth config error failover grpc node proto tls wire
-//! coordinator -> auth clock config dashboard error events grpc limits node pool proto registry store telemetry tls wire
+//! coordinator -> auth clock config dashboard error events grpc lease_events limits node pool proto registry store telemetry tls wire
 //! dashboard   -> auth error grpc proto telemetry wire
 //! telemetry   -> error grpc
 //! shutdown    -> error
@@ -35,9 +37,10 @@
 //! tls         -> error
 //! failover    -> error node
 //! error       -> auth node pool store validation
-//! store       -> auth clock events node pool proto registry wire
+//! store       -> auth clock events lease_events node pool proto registry wire
 //! events      -> proto
-//! wire        -> auth node proto validation
+//! lease_events -> pool proto wire
+//! wire        -> auth clock node pool proto validation
 //! registry    -> clock node
 //! pool        -> clock node validation
 //! node        -> auth validation
@@ -57,6 +60,7 @@ pub mod error;
 pub mod events;
 pub mod failover;
 pub mod grpc;
+pub mod lease_events;
 pub mod limits;
 pub mod memory;
 pub mod node;

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use crate::{
     auth::NodeSecret,
+    clock::to_unix_millis,
     node::{self, Claim, Gpu, GpuInventory, NodeId, NodeSnapshot, NodeState, Registration},
+    pool::{Lease, LeaseState, ReleaseReason},
     proto,
     validation::InvalidInput,
 };
@@ -149,6 +151,46 @@ impl From<NodeSnapshot> for proto::Node {
                 .iter()
                 .map(proto::Gpu::from)
                 .collect(),
+        }
+    }
+}
+
+fn lease_state_to_proto(state: LeaseState) -> proto::LeaseState {
+    match state {
+        LeaseState::Active => proto::LeaseState::Active,
+        LeaseState::Revoked => proto::LeaseState::Revoked,
+        LeaseState::Suspended => proto::LeaseState::Suspended,
+        LeaseState::Released => proto::LeaseState::Released,
+    }
+}
+
+pub fn timestamp(at: std::time::SystemTime) -> prost_types::Timestamp {
+    let millis = to_unix_millis(at);
+    prost_types::Timestamp {
+        seconds: millis.div_euclid(1000),
+        nanos: i32::try_from(millis.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+impl From<&Lease> for proto::Lease {
+    fn from(lease: &Lease) -> Self {
+        proto::Lease {
+            lease_id: lease.lease_id.to_string(),
+            request_id: lease.request_id.clone(),
+            holder: lease.terms.holder.clone(),
+            node_id: lease.node_id.to_string(),
+            gpu_uuid: lease.gpu_uuid.clone(),
+            mb: lease.terms.mb,
+            priority: lease.terms.priority,
+            generation: lease.generation,
+            expires_at: Some(timestamp(lease.expires_at)),
+            state: lease_state_to_proto(lease.state).into(),
+            ttl: prost_types::Duration::try_from(lease.terms.ttl).ok(),
+            granted_at: Some(timestamp(lease.granted_at)),
+            release_reason: lease
+                .release_reason
+                .map(|reason: ReleaseReason| reason.to_string())
+                .unwrap_or_default(),
         }
     }
 }

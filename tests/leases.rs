@@ -3,7 +3,9 @@
 //! nodes come and go. Leases survive a SIGKILL of the coordinator; a killed
 //! agent's leases are SUSPENDED, then RELEASED after the orphan grace; a
 //! leaving agent's are RELEASED at once; a drained node takes no new lease;
-//! bad input is refused naming the field.
+//! bad input is refused naming the field. Holders see revocations,
+//! suspensions and releases as lease events through WatchLeases, live or
+//! resumed from the stored history.
 
 mod common;
 
@@ -91,6 +93,35 @@ async fn wait_for_lease_state(
             .filter(|l| l.state == state as i32)
     })
     .await
+}
+
+/// Lease events of `holder` from `since_revision` on.
+async fn watch_leases(
+    url: &str,
+    holder: &str,
+    since_revision: u64,
+) -> tonic::Streaming<proto::LeaseEvent> {
+    pool(url)
+        .await
+        .watch_leases(proto::WatchLeasesRequest {
+            since_revision,
+            holder: holder.to_owned(),
+        })
+        .await
+        .expect("watching")
+        .into_inner()
+}
+
+/// The next lease event on `events`, within `deadline`.
+async fn next_lease_event(
+    events: &mut tonic::Streaming<proto::LeaseEvent>,
+    deadline: Duration,
+) -> proto::LeaseEvent {
+    tokio::time::timeout(deadline, events.message())
+        .await
+        .expect("a lease event in time")
+        .expect("the watch goes on")
+        .expect("the watch has not ended")
 }
 
 fn assert_refused(result: Result<proto::Lease, tonic::Status>, code: Code, names: &str) {
@@ -333,12 +364,27 @@ async fn a_killed_agent_suspends_its_leases_then_they_are_released_after_the_gra
     let url = coordinator.url();
     let mut agent = start_gpu_agent(&url, "node-a", dir.path());
     wait_for_state(&url, &["node-a"], NodeState::Online, START_DEADLINE).await;
+    let mut events = watch_leases(&url, "trainer", 0).await;
     let held = acquire(&url, request("held", 4_000))
         .await
         .expect("granted");
+    let granted = next_lease_event(&mut events, START_DEADLINE).await;
+    assert_eq!(
+        (
+            granted.kind.as_str(),
+            granted.lease.as_ref().map(|l| &l.lease_id)
+        ),
+        ("granted", Some(&held.lease_id))
+    );
 
     agent.kill();
     wait_for_lease_state(&url, &held.lease_id, LeaseState::Suspended, START_DEADLINE).await;
+    let suspended = next_lease_event(&mut events, START_DEADLINE).await;
+    assert_eq!(suspended.kind, "suspended");
+    assert_eq!(
+        suspended.lease.as_ref().map(|l| l.state),
+        Some(LeaseState::Suspended as i32)
+    );
     let released =
         wait_for_lease_state(&url, &held.lease_id, LeaseState::Released, START_DEADLINE).await;
     assert!(
@@ -346,6 +392,22 @@ async fn a_killed_agent_suspends_its_leases_then_they_are_released_after_the_gra
         "{}",
         released.release_reason
     );
+    let reclaimed = next_lease_event(&mut events, START_DEADLINE).await;
+    assert_eq!(reclaimed.kind, "reclaimed");
+    assert_eq!(
+        reclaimed.lease.map(|l| l.release_reason),
+        Some(released.release_reason)
+    );
+
+    // A watcher that was away resumes from the stored events.
+    let mut resumed = watch_leases(&url, "", granted.revision).await;
+    let replayed = next_lease_event(&mut resumed, START_DEADLINE).await;
+    assert_eq!(
+        (replayed.revision, replayed.kind.as_str()),
+        (suspended.revision, "suspended")
+    );
+    let replayed = next_lease_event(&mut resumed, START_DEADLINE).await;
+    assert_eq!(replayed.revision, reclaimed.revision);
 }
 
 /// Runs `muster leases ARGS --coordinator URL --output json`, returning
@@ -423,6 +485,7 @@ async fn a_higher_priority_request_revokes_a_lower_one_and_its_holder_sees_it() 
     let _agent = start_gpu_agent(&url, "node-a", dir.path());
     wait_for_state(&url, &["node-a"], NodeState::Online, START_DEADLINE).await;
     let low = acquire(&url, request("low", 8_000)).await.expect("granted");
+    let mut events = watch_leases(&url, "trainer", 0).await;
 
     let urgent = proto::AcquireLeaseRequest {
         priority: 10,
@@ -436,6 +499,16 @@ async fn a_higher_priority_request_revokes_a_lower_one_and_its_holder_sees_it() 
     let revoked =
         wait_for_lease_state(&url, &low.lease_id, LeaseState::Revoked, START_DEADLINE).await;
     assert_eq!(revoked.generation, low.generation);
+    // ...and is told so by a lease event, naming the request it yields to.
+    let told = next_lease_event(&mut events, START_DEADLINE).await;
+    assert_eq!(
+        (told.kind.as_str(), told.revoked_for.as_str()),
+        ("revoked", "urgent")
+    );
+    assert_eq!(
+        told.lease.map(|l| (l.lease_id, l.state)),
+        Some((low.lease_id.clone(), LeaseState::Revoked as i32))
+    );
     assert!(
         !waiting.is_finished(),
         "the memory is not free until the holder lets go"

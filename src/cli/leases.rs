@@ -1,5 +1,5 @@
-//! `muster leases list|acquire|renew|release`: the Pool service from the
-//! command line, printed as a table for people or JSON for scripts.
+//! `muster leases list|acquire|renew|release|watch`: the Pool service from
+//! the command line, printed as a table for people or JSON for scripts.
 
 use std::{
     io::{self, Write},
@@ -98,8 +98,77 @@ pub async fn run_leases(command: LeasesCommand, out: &mut impl Write) -> Result<
             let leases: Vec<proto::Lease> = released.lease.into_iter().collect();
             write_leases(out, client.output, &leases)?;
         }
+        LeasesCommand::Watch {
+            since,
+            holder,
+            client,
+        } => {
+            // A stream, not a call to retry elsewhere: the first coordinator
+            // of the list serves it.
+            let operator = Operators::new(&client)?.connect(0).await?;
+            let request = operator.request(proto::WatchLeasesRequest {
+                since_revision: since,
+                holder: holder.unwrap_or_default(),
+            });
+            let mut events = operator
+                .pool()
+                .watch_leases(request)
+                .await
+                .map_err(|status| operator.rpc_error(status))?
+                .into_inner();
+            while let Some(event) = events
+                .message()
+                .await
+                .map_err(|status| operator.rpc_error(status))?
+            {
+                write_lease_event(out, client.output, &event)?;
+                out.flush()?;
+            }
+        }
     }
     Ok(())
+}
+
+/// One line: JSON for scripts, or the revision, kind and lease for people.
+pub fn write_lease_event(
+    out: &mut impl Write,
+    format: OutputFormat,
+    event: &proto::LeaseEvent,
+) -> io::Result<()> {
+    let lease = event.lease.clone().unwrap_or_default();
+    match format {
+        OutputFormat::Json => {
+            let view = serde_json::json!({
+                "revision": event.revision,
+                "kind": event.kind,
+                "at": rfc3339(event.at),
+                "revoked_for": (!event.revoked_for.is_empty()).then_some(&event.revoked_for),
+                "lease": lease_json(&lease),
+            });
+            serde_json::to_writer(&mut *out, &view)?;
+            writeln!(out)
+        }
+        OutputFormat::Table => {
+            let detail = if event.revoked_for.is_empty() {
+                lease.release_reason.clone()
+            } else {
+                format!("for {}", event.revoked_for)
+            };
+            let line = format!(
+                "{} {} {} {} holder={} node={} gpu={} mb={} {}",
+                event.revision,
+                rfc3339(event.at),
+                event.kind,
+                lease.lease_id,
+                lease.holder,
+                lease.node_id,
+                lease.gpu_uuid,
+                lease.mb,
+                detail,
+            );
+            writeln!(out, "{}", line.trim_end())
+        }
+    }
 }
 
 fn state_to_proto(state: LeaseStateArg) -> proto::LeaseState {
@@ -202,6 +271,30 @@ pub fn write_leases(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_event_is_one_line_naming_what_happened_and_why() {
+        let event = proto::LeaseEvent {
+            revision: 12,
+            kind: "revoked".to_owned(),
+            lease: Some(lease("lease-7", proto::LeaseState::Revoked)),
+            revoked_for: "urgent".to_owned(),
+            at: None,
+        };
+        let mut table = Vec::new();
+        write_lease_event(&mut table, OutputFormat::Table, &event).unwrap();
+        let table = String::from_utf8(table).unwrap();
+        assert_eq!(
+            table,
+            "12 - revoked lease-7 holder=trainer node=gpu-1 gpu=GPU-1 mb=4096 for urgent\n"
+        );
+        let mut json = Vec::new();
+        write_lease_event(&mut json, OutputFormat::Json, &event).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(json["kind"], "revoked");
+        assert_eq!(json["revoked_for"], "urgent");
+        assert_eq!(json["lease"]["state"], "REVOKED");
+    }
 
     fn lease(id: &str, state: proto::LeaseState) -> proto::Lease {
         proto::Lease {

@@ -8,9 +8,10 @@
 //! - A call is answered only after the batch holding its changes (or, for a
 //!   call that changed nothing, every change queued before it) is
 //!   committed; a batch the database refuses is retried, never dropped.
-//! - The pool learns the fleet from the registry: node states, drains,
-//!   labels and GPU inventories are compared with what it last saw every
-//!   [`SYNC_PERIOD`], and nodes no longer known are removed. It is
+//! - The pool learns the fleet from the registry: whenever the registry's
+//!   facts version moves, node states, drains, labels and GPU inventories
+//!   are compared with what it last saw, and nodes no longer known are
+//!   removed; a node going OFFLINE suspends its leases at once. It is
 //!   reconciled once, after the initial probe round, before anything else;
 //!   until then no lease is granted and nothing expires.
 
@@ -41,10 +42,12 @@ use crate::{
     store::Store,
 };
 
-/// How often the pool compares the fleet with what it last saw: the
-/// longest a lease stays ACTIVE on a node the registry shows OFFLINE, or a
-/// new GPU waits before it takes a lease.
-pub(super) const SYNC_PERIOD: Duration = Duration::from_millis(100);
+/// After comparing the fleet, the follower waits this many times as long
+/// before it compares it again for a change of the registry's facts: under
+/// a steady stream of changes (GPU inventories of a large busy fleet) the
+/// walk takes at most a tenth of a core, while the first change after a
+/// quiet spell (a node going OFFLINE) is applied at once.
+const WALK_GAP_FACTOR: u32 = 9;
 /// Changes written in one transaction at most.
 const MAX_BATCH: usize = 4_096;
 /// Pause between attempts at a batch the database refused.
@@ -66,6 +69,7 @@ pub(crate) struct Leases {
     writes: mpsc::UnboundedSender<Write>,
     /// Woken after every change that may let a waiting acquisition through.
     changed: Notify,
+    follower: Follower,
 }
 
 impl Leases {
@@ -76,6 +80,7 @@ impl Leases {
             pool: Mutex::new(pool),
             writes,
             changed: Notify::new(),
+            follower: Follower::default(),
         });
         (leases, WriteQueue(queue))
     }
@@ -90,6 +95,7 @@ impl Leases {
         let (done, committed) = oneshot::channel();
         if !changes.is_empty() {
             self.changed.notify_waiters();
+            self.follower.deadline_may_have_moved(pool.next_deadline());
         }
         let write = Write {
             changes,
@@ -116,11 +122,10 @@ impl Leases {
         let mut last_shortfall: Option<Shortfall> = None;
         loop {
             let mut changed = pin!(self.changed.notified());
-            changed.as_mut().enable();
             let mut retry_at = deadline;
             let (outcome, committed) = {
                 let mut pool = self.lock();
-                if !pool.is_settled() {
+                let outcome = if !pool.is_settled() {
                     (None, None)
                 } else {
                     match pool.acquire(&request, Moment::now()) {
@@ -130,7 +135,20 @@ impl Leases {
                         }
                         Err(error) => (Some(Err(error)), None),
                     }
+                };
+                // Only an acquisition that may try again listens for
+                // changes, from before the lock is let go, so none is
+                // missed; a granted one costs the other callers' changes
+                // nothing.
+                let may_retry = match &outcome.0 {
+                    Some(Ok(Acquisition::Granted(_))) => false,
+                    Some(Err(error)) => matches!(error, PoolError::Exhausted(_)),
+                    _ => true,
+                };
+                if may_retry {
+                    changed.as_mut().enable();
                 }
+                outcome
             };
             if let Some(committed) = committed {
                 committed.await.map_err(|_| ServiceError::ShuttingDown)?;
@@ -326,7 +344,10 @@ impl Fleet {
 
 /// Keeps the pool in step with the registry and its own deadlines until
 /// `shutdown`: reconciles it once the initial probe round is done, then
-/// applies what changed in the fleet and every deadline due.
+/// applies what changed in the fleet as soon as the registry's facts move,
+/// and every deadline as it falls due. Nothing is polled: between changes
+/// it sleeps until the pool's next deadline, and is woken sooner when a
+/// change brings that deadline forward.
 pub(super) async fn follow(
     leases: Arc<Leases>,
     registry: RegistryHandle,
@@ -337,6 +358,7 @@ pub(super) async fn follow(
         () = shutdown.cancelled() => return,
         done = probe_round.wait_for(|done| *done) => if done.is_err() { return },
     }
+    let facts_moved = registry.facts_moved.clone();
     let mut fleet = Fleet::default();
     let (updates, _) = fleet.compare(&registry);
     {
@@ -354,16 +376,29 @@ pub(super) async fn follow(
         drop(leases.queue(&pool, changes));
         leases.changed.notify_waiters();
     }
+    let mut walk_not_before = Instant::now();
     loop {
-        let next_deadline = leases.lock().next_deadline().map(Instant::from_std);
-        let wake = next_deadline.map_or(Instant::now() + SYNC_PERIOD, |at| {
-            at.min(Instant::now() + SYNC_PERIOD)
-        });
+        let wake = {
+            let pool = leases.lock();
+            let wake = pool.next_deadline().map(Instant::from_std);
+            leases.follower.plan(wake);
+            wake
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep_until(wake) => {}
+            () = facts_moved.notified() => {
+                let at = wake.map_or(walk_not_before, |wake| wake.min(walk_not_before));
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep_until(at) => {}
+                }
+            }
+            () = leases.follower.woken.notified() => {}
+            () = sleep_until(wake) => {}
         }
+        let walk_started = Instant::now();
         let (updates, gone) = fleet.compare(&registry);
+        walk_not_before = Instant::now() + walk_started.elapsed() * WALK_GAP_FACTOR;
         let now = Moment::now();
         let mut pool = leases.lock();
         let mut changes = Vec::new();
@@ -386,6 +421,44 @@ pub(super) async fn follow(
     }
 }
 
+/// Sleeps until `at`, or for ever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When the follower next wakes by itself, so that a change bringing the
+/// pool's next deadline forward can wake it sooner.
+#[derive(Default)]
+struct Follower {
+    /// Set, with the pool's lock held, before the follower sleeps; `None`:
+    /// it sleeps until woken.
+    wakes_at: Mutex<Option<Instant>>,
+    woken: Notify,
+}
+
+impl Follower {
+    fn plan(&self, at: Option<Instant>) {
+        *self.wakes_at.lock().unwrap_or_else(PoisonError::into_inner) = at;
+    }
+
+    /// Called with the pool's lock held, after a change: wakes the follower
+    /// if the pool's next deadline now falls before its planned wake. The
+    /// permit is kept if it is not yet waiting.
+    fn deadline_may_have_moved(&self, next_deadline: Option<std::time::Instant>) {
+        let Some(next) = next_deadline.map(Instant::from_std) else {
+            return;
+        };
+        let planned = *self.wakes_at.lock().unwrap_or_else(PoisonError::into_inner);
+        if planned.is_none_or(|planned| next < planned) {
+            self.plan(Some(next));
+            self.woken.notify_one();
+        }
+    }
+}
+
 fn set_gpus(pool: &mut Pool, updates: Vec<Update>) {
     for update in updates {
         let Some(gpus) = update.gpus else { continue };
@@ -402,13 +475,24 @@ pub(super) struct WriteQueue(mpsc::UnboundedReceiver<Write>);
 
 /// Commits the pool's changes in batches, in order, until `stop`; then
 /// drains what is queued, retrying for at most [`DRAIN_DEADLINE`].
-pub(super) async fn write(store: Store, queue: WriteQueue, stop: CancellationToken) {
+///
+/// Runs on a thread of its own (it blocks on the database): every write
+/// queued while a batch commits joins the next one, so the number of
+/// transactions falls as the load rises, and no batch waits for a thread
+/// or a task to be scheduled before it is written.
+pub(super) fn write(store: &Store, queue: WriteQueue, stop: &CancellationToken) {
     let WriteQueue(mut queue) = queue;
+    let runtime = tokio::runtime::Handle::current();
     loop {
-        let first = tokio::select! {
-            biased;
-            () = stop.cancelled() => None,
-            write = queue.recv() => write,
+        let first = match queue.try_recv() {
+            Ok(write) => Some(write),
+            Err(_) => runtime.block_on(async {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => None,
+                    write = queue.recv() => write,
+                }
+            }),
         };
         let Some(first) = first else {
             queue.close();
@@ -417,44 +501,45 @@ pub(super) async fn write(store: Store, queue: WriteQueue, stop: CancellationTok
                 rest.push(write);
             }
             if !rest.is_empty() {
-                commit(&store, rest, &stop).await;
+                commit(store, rest, stop);
             }
             return;
         };
+        let mut changes = first.changes.len();
         let mut batch = vec![first];
-        let mut changes = batch[0].changes.len();
         while changes < MAX_BATCH
             && let Ok(write) = queue.try_recv()
         {
             changes += write.changes.len();
             batch.push(write);
         }
-        commit(&store, batch, &stop).await;
+        commit(store, batch, stop);
     }
 }
 
 /// Writes one batch, retrying until it is committed (or, once `stop` is
 /// cancelled, for [`DRAIN_DEADLINE`] more), then answers everyone waiting
 /// for it.
-async fn commit(store: &Store, batch: Vec<Write>, stop: &CancellationToken) {
+fn commit(store: &Store, mut batch: Vec<Write>, stop: &CancellationToken) {
     let last_generation = batch.iter().map(|w| w.last_generation).max().unwrap_or(0);
-    let changes: Arc<[Change]> = batch
-        .iter()
-        .flat_map(|write| write.changes.iter().cloned())
+    let changes: Vec<Change> = batch
+        .iter_mut()
+        .flat_map(|write| std::mem::take(&mut write.changes))
         .collect();
     if !changes.is_empty() {
         let mut attempts = 0u32;
-        let mut deadline: Option<Instant> = None;
+        let mut deadline: Option<std::time::Instant> = None;
         loop {
             attempts += 1;
-            match store.write_leases(changes.clone(), last_generation).await {
+            match store.commit_leases(&changes, last_generation) {
                 Ok(()) => break,
                 Err(failure) => {
                     debug!(error = %display_chain(&failure), attempts, "lease write failed; will retry");
+                    let now = std::time::Instant::now();
                     if stop.is_cancelled() && deadline.is_none() {
-                        deadline = Some(Instant::now() + DRAIN_DEADLINE);
+                        deadline = Some(now + DRAIN_DEADLINE);
                     }
-                    if deadline.is_some_and(|deadline| Instant::now() + WRITE_RETRY >= deadline) {
+                    if deadline.is_some_and(|deadline| now + WRITE_RETRY >= deadline) {
                         error!(
                             error = %display_chain(&failure),
                             changes = changes.len(),
@@ -462,7 +547,7 @@ async fn commit(store: &Store, batch: Vec<Write>, stop: &CancellationToken) {
                         );
                         return;
                     }
-                    tokio::time::sleep(WRITE_RETRY).await;
+                    std::thread::sleep(WRITE_RETRY);
                 }
             }
         }
@@ -479,7 +564,12 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::pool::{Constraints, LabelSelector, LeaseState, LeaseTerms, PoolConfig};
+    use crate::{
+        lease_events::{LeaseEventKind, NextLeaseEvent},
+        node::{DEFAULT_MAX_BACKOFF, Gpu, Registration},
+        pool::{Constraints, LabelSelector, LeaseState, LeaseTerms, PoolConfig},
+        registry::{Enrollment, Registry, Timing},
+    };
 
     const GPU_MIB: u64 = 8_192;
 
@@ -513,7 +603,11 @@ mod tests {
         .unwrap();
         let (leases, queue) = Leases::new(pool);
         let stop = CancellationToken::new();
-        tokio::spawn(write(store.clone(), queue, stop.clone()));
+        tokio::task::spawn_blocking({
+            let store = store.clone();
+            let stop = stop.clone();
+            move || write(&store, queue, &stop)
+        });
         (leases, store, stop)
     }
 
@@ -543,6 +637,107 @@ mod tests {
             },
             wait,
         }
+    }
+
+    /// A registry with `gpu-1` ONLINE, one GPU of [`GPU_MIB`]; its
+    /// session's generation.
+    fn registry_with_a_gpu_node() -> (RegistryHandle, u64) {
+        let registry = RegistryHandle::new(Registry::new(Timing {
+            heartbeat_interval: Duration::from_secs(1),
+            max_heartbeats_per_second: 1_000,
+            offline_after: Duration::from_secs(3),
+            expire_after: Duration::from_secs(3_600),
+            reload_grace: Duration::from_secs(3),
+            expiry_guard_fraction: 0.5,
+        }));
+        let gpus = GpuInventory::new(
+            "gpus",
+            vec![Gpu {
+                index: 0,
+                uuid: "GPU-1".to_owned(),
+                name: "A100".to_owned(),
+                memory_total_mib: GPU_MIB,
+                memory_used_mib: 0,
+                utilization_percent: 0,
+                temperature_celsius: 40,
+                unhealthy: None,
+            }],
+        )
+        .unwrap();
+        let registration = Registration {
+            node_id: NodeId::parse("node_id", "gpu-1").unwrap(),
+            agent_url: "http://gpu-1:7701".to_owned(),
+            boot_id: "boot".to_owned(),
+            version: "test".to_owned(),
+            hostname: "gpu-1".to_owned(),
+            labels: BTreeMap::new(),
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            gpus,
+        };
+        let enrollment = Enrollment {
+            generation: 1,
+            registered_at: std::time::SystemTime::now(),
+        };
+        registry
+            .update(|registry| registry.register(registration, enrollment, Moment::now()))
+            .unwrap();
+        (registry, 1)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_going_offline_suspends_its_leases_at_once_without_waiting_for_a_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("muster.db")).await.unwrap();
+        let (leases, queue) = Leases::new(Pool::new(PoolConfig::default()));
+        let stop = CancellationToken::new();
+        tokio::task::spawn_blocking({
+            let store = store.clone();
+            let stop = stop.clone();
+            move || write(&store, queue, &stop)
+        });
+        let (registry, generation) = registry_with_a_gpu_node();
+        let (_, probe_round) = watch::channel(true);
+        tokio::spawn(follow(
+            leases.clone(),
+            registry.clone(),
+            probe_round,
+            stop.clone(),
+        ));
+        let shutdown = CancellationToken::new();
+        let held = leases
+            .acquire(
+                request("held", 1_000, 0, Duration::from_secs(10)),
+                &shutdown,
+            )
+            .await
+            .expect("granted once the follower has seen the node's GPU");
+        let (_, mut events) = store.lease_feed().follow();
+
+        // The pool's next deadline is the lease's expiry, a minute away, and
+        // nothing polls: only the registry's own signal can wake the
+        // follower well within the deadline below.
+        let node_id = held.node_id.clone();
+        registry.update(|registry| registry.session_ended(&node_id, generation, Moment::now()));
+        let suspended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match events.next().await {
+                    NextLeaseEvent::Event(event) if event.kind == LeaseEventKind::Suspended => {
+                        return event;
+                    }
+                    NextLeaseEvent::Event(_) => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("suspended long before any deadline of the pool");
+        assert_eq!(suspended.lease.lease_id, held.lease_id.to_string());
+        assert_eq!(
+            leases.list(&LeaseFilter::default())[0].state,
+            LeaseState::Suspended,
+            "committed before it was told"
+        );
+        stop.cancel();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

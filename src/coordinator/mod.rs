@@ -12,6 +12,7 @@
 //! its final flush.
 
 mod admission;
+mod lease_watch;
 mod leases;
 mod pool_service;
 mod prober;
@@ -63,6 +64,9 @@ pub(crate) struct RegistryHandle {
     registry: Arc<Mutex<Registry>>,
     /// Woken when the registry has changes for the store.
     changes_pending: Arc<Notify>,
+    /// Woken when the registry's facts version moves: something the lease
+    /// pool follows changed.
+    facts_moved: Arc<Notify>,
 }
 
 impl RegistryHandle {
@@ -70,18 +74,25 @@ impl RegistryHandle {
         Self {
             registry: Arc::new(Mutex::new(registry)),
             changes_pending: Arc::new(Notify::new()),
+            facts_moved: Arc::new(Notify::new()),
         }
     }
 
     /// Runs `update` under the registry lock, and wakes the writer if the
-    /// update left changes for the store.
+    /// update left changes for the store, and the lease pool's follower if
+    /// it changed what the pool follows.
     fn update<R>(&self, update: impl FnOnce(&mut Registry) -> R) -> R {
         let mut registry = self.lock();
+        let facts_before = registry.facts_version();
         let result = update(&mut registry);
         let pending = registry.has_changes();
+        let facts_moved = registry.facts_version() != facts_before;
         drop(registry);
         if pending {
             self.changes_pending.notify_one();
+        }
+        if facts_moved {
+            self.facts_moved.notify_one();
         }
         result
     }
@@ -203,6 +214,8 @@ pub struct RunningCoordinator {
     serve: JoinHandle<Result<(), RunError>>,
     sweeper: JoinHandle<()>,
     writer: JoinHandle<()>,
+    lease_writer: JoinHandle<()>,
+    lease_follower: JoinHandle<()>,
     writer_stop: CancellationToken,
     sessions: TaskTracker,
     background: TaskTracker,
@@ -321,12 +334,12 @@ pub async fn start(
         config.expiry_guard_fraction,
         shutdown.clone(),
     ));
-    background.spawn(leases::write(
-        shared.store.clone(),
-        lease_writes,
-        writer_stop.clone(),
-    ));
-    background.spawn(leases::follow(
+    let lease_writer = background.spawn_blocking({
+        let store = shared.store.clone();
+        let writer_stop = writer_stop.clone();
+        move || leases::write(&store, lease_writes, &writer_stop)
+    });
+    let lease_follower = background.spawn(leases::follow(
         shared.leases.clone(),
         shared.registry.clone(),
         readiness.probe_round(),
@@ -354,6 +367,7 @@ pub async fn start(
     );
     let pool_service = pool_service::PoolService::new(
         shared.leases.clone(),
+        shared.store.clone(),
         shared.admin_token.clone(),
         shutdown.clone(),
     );
@@ -425,6 +439,8 @@ pub async fn start(
         serve,
         sweeper,
         writer,
+        lease_writer,
+        lease_follower,
         writer_stop,
         sessions,
         background,
@@ -442,16 +458,20 @@ impl RunningCoordinator {
             mut serve,
             mut sweeper,
             mut writer,
+            mut lease_writer,
+            mut lease_follower,
             writer_stop,
             sessions,
             background,
             database_lock,
             ..
         } = self;
-        // The writer and the sweeper end only when told to. If either ends
-        // sooner it has panicked, and a coordinator that can no longer persist
-        // or detect failures must not go on looking healthy.
+        // The writers, the sweeper and the lease pool's follower end only
+        // when told to. If one ends sooner it has panicked, and a coordinator
+        // that can no longer persist, detect failures or keep its leases in
+        // step with the fleet must not go on looking healthy.
         let mut sweeper_stopped = false;
+        let mut follower_stopped = false;
         let mut serve_ended = false;
         let served = loop {
             tokio::select! {
@@ -471,6 +491,17 @@ impl RunningCoordinator {
                 ended = &mut writer => {
                     let reason = ended.err().map_or_else(|| "it stopped".to_owned(), |e| e.to_string());
                     break Err(RunError::TaskFailed { task: "store writer", reason });
+                }
+                ended = &mut lease_writer => {
+                    let reason = ended.err().map_or_else(|| "it stopped".to_owned(), |e| e.to_string());
+                    break Err(RunError::TaskFailed { task: "lease writer", reason });
+                }
+                ended = &mut lease_follower, if !follower_stopped => {
+                    follower_stopped = true;
+                    if !shutdown.is_cancelled() {
+                        let reason = ended.err().map_or_else(|| "it stopped".to_owned(), |e| e.to_string());
+                        break Err(RunError::TaskFailed { task: "lease pool follower", reason });
+                    }
                 }
             }
         };

@@ -8,22 +8,26 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
-use super::leases::Leases;
+use super::{
+    lease_watch::{self, Interest, LeaseEvents},
+    leases::Leases,
+};
 use crate::{
     auth::{self, Token},
-    clock::to_unix_millis,
     error::ServiceError,
     node::NodeId,
     pool::{
-        AcquireRequest, Constraints, LabelSelector, Lease, LeaseFilter, LeaseId, LeaseState,
-        LeaseTerms, ReleaseReason,
+        AcquireRequest, Constraints, LabelSelector, LeaseFilter, LeaseId, LeaseState, LeaseTerms,
     },
     proto::{self, pool_server::Pool},
+    store::Store,
     validation::InvalidInput,
 };
 
 pub(crate) struct PoolService {
     leases: Arc<Leases>,
+    /// Where lease events are read from.
+    store: Store,
     admin_token: Option<Token>,
     shutdown: CancellationToken,
 }
@@ -31,11 +35,13 @@ pub(crate) struct PoolService {
 impl PoolService {
     pub(super) fn new(
         leases: Arc<Leases>,
+        store: Store,
         admin_token: Option<Token>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             leases,
+            store,
             admin_token,
             shutdown,
         }
@@ -54,6 +60,8 @@ impl PoolService {
 
 #[tonic::async_trait]
 impl Pool for PoolService {
+    type WatchLeasesStream = LeaseEvents;
+
     async fn acquire_lease(
         &self,
         request: Request<proto::AcquireLeaseRequest>,
@@ -64,7 +72,7 @@ impl Pool for PoolService {
         }
         let request = acquire_request(request.into_inner()).map_err(ServiceError::from)?;
         let lease = self.leases.acquire(request, &self.shutdown).await?;
-        Ok(Response::new(lease_to_proto(&lease)))
+        Ok(Response::new(proto::Lease::from(&lease)))
     }
 
     async fn renew_lease(
@@ -74,7 +82,7 @@ impl Pool for PoolService {
         self.require_admin(&request)?;
         let lease_id = lease_id(&request.into_inner().lease_id).map_err(ServiceError::from)?;
         let lease = self.leases.renew(&lease_id).await?;
-        Ok(Response::new(lease_to_proto(&lease)))
+        Ok(Response::new(proto::Lease::from(&lease)))
     }
 
     async fn release_lease(
@@ -88,8 +96,26 @@ impl Pool for PoolService {
             debug!(%lease_id, holder = %lease.terms.holder, "lease released by its holder");
         }
         Ok(Response::new(proto::ReleaseLeaseResponse {
-            lease: lease.as_ref().map(lease_to_proto),
+            lease: lease.as_ref().map(proto::Lease::from),
         }))
+    }
+
+    async fn watch_leases(
+        &self,
+        request: Request<proto::WatchLeasesRequest>,
+    ) -> Result<Response<Self::WatchLeasesStream>, Status> {
+        self.require_admin(&request)?;
+        if self.shutdown.is_cancelled() {
+            return Err(ServiceError::ShuttingDown.into());
+        }
+        let request = request.into_inner();
+        let interest = Interest {
+            since_revision: request.since_revision,
+            holder: request.holder,
+        };
+        let events =
+            lease_watch::watch(self.store.clone(), interest, self.shutdown.clone()).await?;
+        Ok(Response::new(events))
     }
 
     async fn list_leases(
@@ -100,7 +126,7 @@ impl Pool for PoolService {
         let filter = lease_filter(request.into_inner()).map_err(ServiceError::from)?;
         let leases = self.leases.list(&filter);
         Ok(Response::new(proto::ListLeasesResponse {
-            leases: leases.iter().map(lease_to_proto).collect(),
+            leases: leases.iter().map(proto::Lease::from).collect(),
         }))
     }
 }
@@ -179,42 +205,4 @@ fn lease_filter(request: proto::ListLeasesRequest) -> Result<LeaseFilter, Invali
         holder: optional(request.holder),
         states,
     })
-}
-
-fn state_to_proto(state: LeaseState) -> proto::LeaseState {
-    match state {
-        LeaseState::Active => proto::LeaseState::Active,
-        LeaseState::Revoked => proto::LeaseState::Revoked,
-        LeaseState::Suspended => proto::LeaseState::Suspended,
-        LeaseState::Released => proto::LeaseState::Released,
-    }
-}
-
-fn timestamp(at: std::time::SystemTime) -> prost_types::Timestamp {
-    let millis = to_unix_millis(at);
-    prost_types::Timestamp {
-        seconds: millis.div_euclid(1000),
-        nanos: i32::try_from(millis.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
-fn lease_to_proto(lease: &Lease) -> proto::Lease {
-    proto::Lease {
-        lease_id: lease.lease_id.to_string(),
-        request_id: lease.request_id.clone(),
-        holder: lease.terms.holder.clone(),
-        node_id: lease.node_id.to_string(),
-        gpu_uuid: lease.gpu_uuid.clone(),
-        mb: lease.terms.mb,
-        priority: lease.terms.priority,
-        generation: lease.generation,
-        expires_at: Some(timestamp(lease.expires_at)),
-        state: state_to_proto(lease.state).into(),
-        ttl: prost_types::Duration::try_from(lease.terms.ttl).ok(),
-        granted_at: Some(timestamp(lease.granted_at)),
-        release_reason: lease
-            .release_reason
-            .map(|reason: ReleaseReason| reason.to_string())
-            .unwrap_or_default(),
-    }
 }

@@ -5,23 +5,36 @@
 //! in the order the pool made them, each replacing its lease's whole row
 //! (a forgotten lease's row is deleted); `lease_generations.last_issued`
 //! only ever grows, so a restored pool never issues a generation again.
+//!
+//! Every change but forgetting is also appended to `lease_events` in that
+//! transaction, taking the next revision of `lease_event_log`; the log
+//! keeps the latest [`LEASE_EVENTS_KEPT`] events and records the last
+//! revision it pruned, below which a watch cannot resume.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use diesel::prelude::*;
+use prost::Message;
 
 use super::{
     StoreError,
-    schema::{lease_generations, leases},
+    schema::{lease_event_log, lease_events, lease_generations, leases},
 };
 use crate::{
     clock::{from_unix_millis, to_unix_millis},
+    lease_events::{LeaseEvent, LeaseEventKind},
     node::NodeId,
     pool::{
         Change, Constraints, Event, LabelSelector, Lease, LeaseId, LeaseState, LeaseTerms,
         PersistedPool, ReleaseReason,
     },
+    proto,
 };
+
+/// Lease events kept for watchers to resume from; a few megabytes.
+pub(super) const LEASE_EVENTS_KEPT: u64 = 100_000;
+/// Lease events pruned at once, so pruning is an occasional bulk delete.
+const PRUNE_STEP: u64 = 10_000;
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = leases, check_for_backend(diesel::sqlite::Sqlite))]
@@ -198,13 +211,15 @@ pub(super) fn load(connection: &mut SqliteConnection) -> Result<PersistedPool, S
     })
 }
 
-/// Writes `changes` in order and raises the last generation issued to
-/// `last_generation`; the caller runs it in one transaction.
+/// Writes `changes` in order, raises the last generation issued to
+/// `last_generation` and appends their events, which it returns for
+/// publishing once committed; the caller runs it in one transaction.
 pub(super) fn write(
     connection: &mut SqliteConnection,
     changes: &[Change],
     last_generation: u64,
-) -> Result<(), StoreError> {
+    now: SystemTime,
+) -> Result<Vec<LeaseEvent>, StoreError> {
     for change in changes {
         if change.event == Event::Forgotten {
             diesel::delete(leases::table.find(to_column(change.lease.generation)))
@@ -221,7 +236,129 @@ pub(super) fn write(
     )
     .set(lease_generations::last_issued.eq(last_generation))
     .execute(connection)?;
-    Ok(())
+    append_events(connection, changes, now)
+}
+
+fn append_events(
+    connection: &mut SqliteConnection,
+    changes: &[Change],
+    now: SystemTime,
+) -> Result<Vec<LeaseEvent>, StoreError> {
+    let told: Vec<(LeaseEventKind, &Change)> = changes
+        .iter()
+        .filter_map(|change| Some((LeaseEventKind::of(&change.event)?, change)))
+        .collect();
+    if told.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (last_revision, pruned_through): (i64, i64) = lease_event_log::table
+        .select((
+            lease_event_log::last_revision,
+            lease_event_log::pruned_through,
+        ))
+        .first(connection)?;
+    let first = revision_from_column(last_revision)? + 1;
+    let at = to_unix_millis(now);
+    let mut events = Vec::with_capacity(told.len());
+    for ((kind, change), revision) in told.into_iter().zip(first..) {
+        let lease = proto::Lease::from(&change.lease);
+        let revoked_for = match &change.event {
+            Event::Revoked { for_request } => for_request.clone(),
+            _ => String::new(),
+        };
+        diesel::insert_into(lease_events::table)
+            .values((
+                lease_events::revision.eq(to_column(revision)),
+                lease_events::lease_generation.eq(to_column(change.lease.generation)),
+                lease_events::kind.eq(kind.as_str()),
+                lease_events::lease.eq(lease.encode_to_vec()),
+                lease_events::revoked_for.eq(&revoked_for),
+                lease_events::at.eq(at),
+            ))
+            .execute(connection)?;
+        events.push(LeaseEvent {
+            revision,
+            kind,
+            lease,
+            revoked_for,
+            at: now,
+        });
+    }
+    let last = events.last().map_or(first - 1, |event| event.revision);
+    let mut pruned_through = revision_from_column(pruned_through)?;
+    if last.saturating_sub(pruned_through) > LEASE_EVENTS_KEPT + PRUNE_STEP {
+        pruned_through = last - LEASE_EVENTS_KEPT;
+        diesel::delete(
+            lease_events::table.filter(lease_events::revision.le(to_column(pruned_through))),
+        )
+        .execute(connection)?;
+    }
+    diesel::update(lease_event_log::table)
+        .set((
+            lease_event_log::last_revision.eq(to_column(last)),
+            lease_event_log::pruned_through.eq(to_column(pruned_through)),
+        ))
+        .execute(connection)?;
+    Ok(events)
+}
+
+/// The span of lease event revisions the database holds: events after
+/// the first, through the second.
+pub(super) fn event_history(connection: &mut SqliteConnection) -> Result<(u64, u64), StoreError> {
+    let (pruned_through, last_revision): (i64, i64) = lease_event_log::table
+        .select((
+            lease_event_log::pruned_through,
+            lease_event_log::last_revision,
+        ))
+        .first(connection)?;
+    Ok((
+        revision_from_column(pruned_through)?,
+        revision_from_column(last_revision)?,
+    ))
+}
+
+/// Stored lease events with revisions in `(after, through]`, oldest first,
+/// at most `limit` of them.
+pub(super) fn replay_events(
+    connection: &mut SqliteConnection,
+    after: u64,
+    through: u64,
+    limit: usize,
+) -> Result<Vec<LeaseEvent>, StoreError> {
+    let rows: Vec<(i64, String, Vec<u8>, String, i64)> = lease_events::table
+        .filter(lease_events::revision.gt(to_column(after)))
+        .filter(lease_events::revision.le(to_column(through)))
+        .order(lease_events::revision)
+        .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+        .select((
+            lease_events::revision,
+            lease_events::kind,
+            lease_events::lease,
+            lease_events::revoked_for,
+            lease_events::at,
+        ))
+        .load(connection)?;
+    rows.into_iter()
+        .map(|(revision, kind, lease, revoked_for, at)| {
+            let corrupt = |reason: String| StoreError::CorruptLeaseEvent { revision, reason };
+            Ok(LeaseEvent {
+                revision: revision_from_column(revision)?,
+                kind: LeaseEventKind::parse(&kind)
+                    .ok_or_else(|| corrupt(format!("kind {kind:?}")))?,
+                lease: proto::Lease::decode(lease.as_slice())
+                    .map_err(|error| corrupt(format!("undecodable lease: {error}")))?,
+                revoked_for,
+                at: from_unix_millis(at),
+            })
+        })
+        .collect()
+}
+
+fn revision_from_column(revision: i64) -> Result<u64, StoreError> {
+    u64::try_from(revision).map_err(|_| StoreError::CorruptLeaseEvent {
+        revision,
+        reason: "the revision is negative".to_owned(),
+    })
 }
 
 #[cfg(test)]

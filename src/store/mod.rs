@@ -16,6 +16,7 @@
 //! whose writes fail keeps serving reads, and recovers by itself once a
 //! write succeeds again.
 
+mod checkpoint;
 mod connections;
 mod enroller;
 mod events;
@@ -58,6 +59,7 @@ use crate::{
     auth::SecretHash,
     clock::{from_unix_millis, to_unix_millis},
     events::{EventHub, EventKind, NodeEvent, Reason},
+    lease_events::{LeaseEvent, LeaseFeed},
     node::{Drain, NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
     pool::{Change as LeaseChange, PersistedPool},
     proto,
@@ -146,10 +148,14 @@ pub enum StoreError {
     Corrupt { node_id: String, reason: String },
     #[error("stored lease of generation {generation} is unreadable: {reason}")]
     CorruptLease { generation: i64, reason: String },
+    #[error("stored lease event {revision} is unreadable: {reason}")]
+    CorruptLeaseEvent { revision: i64, reason: String },
     #[error("database task did not finish")]
     Task(#[from] tokio::task::JoinError),
     #[error("cannot start the registration thread")]
     EnrollerStart(#[source] std::io::Error),
+    #[error("cannot start the WAL checkpoint thread")]
+    CheckpointerStart(#[source] std::io::Error),
     #[error("the registration thread has stopped")]
     EnrollerStopped,
     /// A write of a coordinator whose leadership epoch has been superseded
@@ -174,7 +180,9 @@ impl StoreError {
         use diesel::result::{DatabaseErrorKind as Kind, Error};
         match self {
             Self::Batch(cause) => cause.is_unavailable(),
-            Self::Corrupt { .. } | Self::CorruptLease { .. } => false,
+            Self::Corrupt { .. } | Self::CorruptLease { .. } | Self::CorruptLeaseEvent { .. } => {
+                false
+            }
             Self::Query(Error::DatabaseError(
                 Kind::UniqueViolation
                 | Kind::ForeignKeyViolation
@@ -216,13 +224,15 @@ type PooledSqlite = PooledConnection<ConnectionManager<SqliteConnection>>;
 /// Settings applied to every connection. WAL lets reads proceed during a
 /// write; `synchronous = NORMAL` keeps every commit across a process crash
 /// (a power loss may lose the last commits, which agents re-register).
+/// Automatic checkpoints are off: the checkpoint thread does them, so no
+/// commit waits for one (see `checkpoint`).
 #[derive(Debug)]
 struct ConnectionSettings;
 
 impl ConnectionSettings {
     fn apply(conn: &mut SqliteConnection) -> Result<(), diesel::result::Error> {
         conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
+            "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0;",
             BUSY_TIMEOUT.as_millis()
         ))
     }
@@ -240,6 +250,7 @@ pub struct Store {
     enroller: enroller::Enroller,
     file: Arc<DatabaseFile>,
     events: Arc<EventLog>,
+    lease_feed: Arc<LeaseFeed>,
 }
 
 impl Store {
@@ -285,6 +296,8 @@ impl Store {
                 reason: e.to_string(),
             })?;
         let events = Arc::new(EventLog::open(&mut conn, settings)?);
+        let (_, last_lease_event) = leases::event_history(&mut conn)?;
+        let lease_feed = Arc::new(LeaseFeed::new(last_lease_event, settings.watcher_buffer));
         drop(conn);
 
         // Connections opened later never create a file: if the database has
@@ -292,11 +305,13 @@ impl Store {
         let connections = Arc::new(Connections::open(sqlite_uri(path, file::Found::Existing))?);
         let enroller =
             enroller::Enroller::start(connections.clone(), file.clone(), events.clone())?;
+        checkpoint::start(&connections)?;
         Ok(Self {
             connections,
             enroller,
             file,
             events,
+            lease_feed,
         })
     }
 
@@ -335,7 +350,51 @@ impl Store {
         changes: Arc<[LeaseChange]>,
         last_generation: u64,
     ) -> Result<(), StoreError> {
-        self.event_transaction(move |conn, _| leases::write(conn, &changes, last_generation))
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.commit_leases(&changes, last_generation)).await?
+    }
+
+    /// [`Store::write_leases`], blocking: for the lease writer's own
+    /// thread, never for the async runtime. The changes' events are
+    /// published to the lease feed once committed.
+    pub fn commit_leases(
+        &self,
+        changes: &[LeaseChange],
+        last_generation: u64,
+    ) -> Result<(), StoreError> {
+        let now = SystemTime::now();
+        let events = self.connections.write(|conn| {
+            self.events.transaction(&self.file, conn, now, |conn, _| {
+                leases::write(conn, changes, last_generation, now)
+            })
+        })?;
+        if !events.is_empty() {
+            self.lease_feed.publish(events);
+        }
+        Ok(())
+    }
+
+    /// The feed every committed lease event is published to, in revision
+    /// order.
+    pub fn lease_feed(&self) -> Arc<LeaseFeed> {
+        self.lease_feed.clone()
+    }
+
+    /// The span of lease event revisions the database holds: after the
+    /// first, through the second.
+    pub async fn lease_event_history(&self) -> Result<(u64, u64), StoreError> {
+        self.read(|conn| leases::event_history(conn)).await
+    }
+
+    /// Stored lease events with revisions in `(after, through]`, oldest
+    /// first, at most `limit` of them.
+    pub async fn replay_lease_events(
+        &self,
+        after: u64,
+        through: u64,
+        limit: usize,
+    ) -> Result<Vec<LeaseEvent>, StoreError> {
+        self.read(move |conn| leases::replay_events(conn, after, through, limit))
             .await
     }
 

@@ -75,3 +75,22 @@ diesel::table! {
         last_issued -> BigInt,
     }
 }
+
+diesel::table! {
+    lease_events (revision) {
+        revision -> BigInt,
+        lease_generation -> BigInt,
+        kind -> Text,
+        lease -> Binary,
+        revoked_for -> Text,
+        at -> BigInt,
+    }
+}
+
+diesel::table! {
+    lease_event_log (id) {
+        id -> Integer,
+        last_revision -> BigInt,
+        pruned_through -> BigInt,
+    }
+}

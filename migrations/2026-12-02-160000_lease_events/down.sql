@@ -1,0 +1,2 @@
+DROP TABLE lease_event_log;
+DROP TABLE lease_events;
