@@ -629,26 +629,55 @@ impl Drop for Tmpfs {
 }
 
 /// Checkpoints the whole write-ahead log into the database and truncates
-/// it to nothing, so that every later write must append to it: on a full
-/// disk, SQLite may otherwise reuse blocks of a log it has checkpointed,
-/// and a write succeed or fail by chance.
-fn truncate_wal(conn: &mut SqliteConnection) {
+/// it to nothing, if no one holds a lock that stops it; says whether it did.
+fn truncate_wal(conn: &mut SqliteConnection) -> bool {
     #[derive(diesel::QueryableByName)]
     struct Checkpoint {
         #[diesel(sql_type = diesel::sql_types::Integer)]
         busy: i32,
     }
-    conn.batch_execute("PRAGMA busy_timeout = 5000").unwrap();
-    for _ in 0..50 {
-        let done = diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .load::<Checkpoint>(conn)
-            .unwrap();
-        if done.first().is_some_and(|row| row.busy == 0) {
-            return;
+    conn.batch_execute("PRAGMA busy_timeout = 0").unwrap();
+    diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .load::<Checkpoint>(conn)
+        .is_ok_and(|done| done.first().is_some_and(|row| row.busy == 0))
+}
+
+/// Whether process `pid` is stopped by a signal.
+fn stopped(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .is_some_and(|end| stat[end + 1..].trim_start().starts_with('T'))
+}
+
+/// Fills `disk` with the database's write-ahead log empty. SQLite writes
+/// its log from the start again once it has been checkpointed, reusing
+/// blocks it already has, so on a full disk a write fails only if it needs
+/// more of them; with the log empty, every write needs a new block. The
+/// coordinator is stopped meanwhile (for milliseconds), so that no write of
+/// its lands between the truncation and the filling.
+fn fill_with_empty_wal(
+    disk: &Tmpfs,
+    coordinator: &Process,
+    reader: &mut SqliteConnection,
+) -> PathBuf {
+    for _ in 0..100 {
+        coordinator.signal(Signal::SIGSTOP);
+        for _ in 0..1000 {
+            if stopped(coordinator.pid()) {
+                break;
+            }
+            std::thread::yield_now();
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Stopped between transactions, not holding SQLite's write lock.
+        if truncate_wal(reader) {
+            let filler = disk.fill();
+            coordinator.signal(Signal::SIGCONT);
+            return filler;
+        }
+        coordinator.signal(Signal::SIGCONT);
+        std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("the write-ahead log could not be checkpointed");
+    panic!("the write-ahead log could not be truncated");
 }
 
 fn stored_offline(conn: &mut SqliteConnection, node_id: &str) -> bool {
@@ -688,10 +717,10 @@ async fn a_full_disk_is_a_readiness_problem_and_shutdown_names_what_it_did_not_s
     wait_for_health(&url, ServingStatus::Serving, Duration::from_secs(20)).await;
     // Held open for the whole test, so that the coordinator's connections
     // are never the database's last: the last one to close would checkpoint
-    // and delete the log, freeing blocks on the full disk.
+    // and delete the log, freeing blocks on the full disk. The coordinator's
+    // periodic checkpoints cannot write anything while the log is empty.
     let mut reader = SqliteConnection::establish(&db.display().to_string()).expect("open db");
-    truncate_wal(&mut reader);
-    let filler = disk.fill();
+    let filler = fill_with_empty_wal(&disk, &coordinator.process, &mut reader);
 
     wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
     let refused = RawStream::refused(
@@ -751,8 +780,7 @@ async fn a_full_disk_is_a_readiness_problem_and_shutdown_names_what_it_did_not_s
 
     // Full again, then SIGTERM with a change unsaved: the final flush tries
     // for its deadline, then names what it could not save.
-    truncate_wal(&mut reader);
-    let _filler = disk.fill();
+    let _filler = fill_with_empty_wal(&disk, &coordinator.process, &mut reader);
     wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
     drop(steady);
     wait_for_state(
