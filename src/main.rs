@@ -16,6 +16,19 @@ use muster::{
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc returns freed memory by itself: its background thread purges
+/// pages unused for a second, unlike glibc's malloc, which kept up to half
+/// of a flood's memory resident (see RELIABILITY.md, Memory after a flood).
+/// A statically linked build keeps glibc's.
+#[cfg(not(target_feature = "crt-static"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, which it reads when it starts.
+#[cfg(not(target_feature = "crt-static"))]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static JEMALLOC_CONF: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 fn main() -> ExitCode {
     let cli = match file::parse(std::env::args_os()) {
         Ok(Invocation::Run(cli)) => *cli,

@@ -1,12 +1,16 @@
 //! Giving memory back to the operating system after a flood of connections.
 //!
-//! Each connection's buffers are freed when it closes, but glibc's malloc
-//! keeps freed memory in its per-thread arenas: after three floods of 2,000
-//! idle connections a coordinator's RSS stayed at several times its level
-//! before them. So once at least [`FLOOD_CLOSES`] connections have closed
-//! since the last time, and no more are closing, the allocator is asked to return what it holds free
-//! (`malloc_trim`), off the async runtime. Steady fleets, whose connections
-//! stay open, never trigger it.
+//! The `muster` binary (linked dynamically; a static build keeps glibc's
+//! malloc) allocates through jemalloc, whose background thread
+//! returns pages freed for a second to the system by itself (see
+//! `src/main.rs`); that is what keeps a coordinator's memory within a fifth
+//! of its level before a flood once the flood's connections have closed.
+//! glibc's malloc still serves what C code allocates (SQLite's page cache),
+//! and anything embedding this library without jemalloc, and it keeps freed
+//! memory in its arenas. So once at least [`FLOOD_CLOSES`] connections have
+//! closed since the last time, and no more are closing, glibc is asked to
+//! return what it holds free (`malloc_trim`), off the async runtime. Steady
+//! fleets, whose connections stay open, never trigger it.
 
 use std::time::Duration;
 
@@ -32,8 +36,12 @@ pub async fn trim_after_closes(closed: impl Fn() -> usize) {
         last_seen = now;
         if !still_closing && now.saturating_sub(trimmed_at) >= FLOOD_CLOSES {
             trimmed_at = now;
-            if let Err(error) = tokio::task::spawn_blocking(trim).await {
-                tracing::warn!(%error, "trimming the allocator failed");
+            match tokio::task::spawn_blocking(trim).await {
+                Ok(()) => tracing::debug!(
+                    closed = now,
+                    "returned free memory to the system after connections closed"
+                ),
+                Err(error) => tracing::warn!(%error, "trimming the allocator failed"),
             }
         }
     }

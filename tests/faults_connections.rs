@@ -2,7 +2,8 @@
 //! half-greeted connections are closed, floods beyond the connection limit
 //! lock out neither agents nor operators, running out of file descriptors
 //! makes the coordinator back off rather than spin, and oversized requests
-//! to an agent are refused with RESOURCE_EXHAUSTED.
+//! to an agent are refused with RESOURCE_EXHAUSTED, and memory returns to
+//! its level before floods once their connections have closed.
 
 mod common;
 
@@ -15,7 +16,7 @@ use std::{
 
 use common::*;
 use muster::proto::{self, StatusResponse, agent_client::AgentClient};
-use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -99,6 +100,24 @@ fn cpu_ticks(pid: u32) -> u64 {
     let after_name = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// How many files process `pid` holds open.
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .count()
 }
 
 /// `muster nodes list` against `url`, as an operator runs it.
@@ -292,4 +311,66 @@ async fn an_oversized_status_request_is_refused_with_resource_exhausted() {
         .expect_err("an oversized request is refused");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("65536"), "{refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_returns_to_within_a_fifth_of_its_level_before_floods_of_connections() {
+    const CONNECTIONS: usize = 1000;
+    const FLOODS: usize = 3;
+    const SETTLE: Duration = Duration::from_secs(30);
+    const TRIMMED: &str = "returned free memory to the system";
+    // This process holds every flood connection too.
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", &[]);
+    let address = coordinator.process.address;
+    let pid = coordinator.process.pid();
+    let files = open_files(pid);
+    let process = &coordinator.process;
+
+    // A flood that half greets and half stays silent, closed by its client;
+    // waits until the coordinator has closed its side and trimmed.
+    let flood_and_close = |round: usize| async move {
+        let mut connections = flood(address, CONNECTIONS / 2, b"").await;
+        connections.extend(flood(address, CONNECTIONS / 2, GREETING).await);
+        assert!(
+            connections.len() > CONNECTIONS * 9 / 10,
+            "only {} of {CONNECTIONS} connections opened",
+            connections.len()
+        );
+        let during = rss_kib(pid);
+        drop(connections);
+        // Within a few files of before: the store may have opened another
+        // pooled connection meanwhile.
+        wait_for("the flood's connections to close", SETTLE, || async {
+            (open_files(pid) <= files + 32).then_some(())
+        })
+        .await;
+        wait_for("the allocator to be trimmed", SETTLE, || async {
+            (process.log_count(&[TRIMMED]) >= round).then_some(())
+        })
+        .await;
+        during
+    };
+
+    // A first flood leaves what any flood's first connections allocate for
+    // good (thread stacks, tables grown once); the level after it is the
+    // one that later floods must come back to.
+    flood_and_close(1).await;
+    let before = rss_kib(pid);
+    eprintln!("after a warm-up flood: {before} KiB");
+    for round in 1..=FLOODS {
+        let during = flood_and_close(round + 1).await;
+        let after = wait_for(
+            &format!("RSS after flood {round} to come back within 20 % of {before} KiB"),
+            SETTLE,
+            || async {
+                let now = rss_kib(pid);
+                (now * 5 <= before * 6).then_some(now)
+            },
+        )
+        .await;
+        eprintln!("flood {round}: during {during} KiB, after {after} KiB");
+    }
 }

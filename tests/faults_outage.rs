@@ -2,7 +2,8 @@
 //! shutdown. Run-time faults are real ones: another process holds SQLite's
 //! write lock, so every write of the coordinator fails once its busy timeout
 //! has passed, exactly as on a database it may not write. That works as root
-//! and as any other user.
+//! and as any other user. A full disk is a small tmpfs filled up, where the
+//! tests may mount one (as root).
 
 mod common;
 
@@ -387,16 +388,11 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
         NodeState::Online
     );
 
+    // Only the database file is made writable again, as an operator does.
     // SQLite creates the -wal and -shm files with the database file's mode
-    // at the time, so a coordinator that reopened them while the file was
-    // 0444 holds them read-only too: the operator restores all three, as
-    // `chmod 0644 muster.db*` does.
-    for suffix in ["", "-wal", "-shm"] {
-        let path = PathBuf::from(format!("{}{suffix}", db.display()));
-        if path.exists() {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        }
-    }
+    // at the time, so side files created while it was 0444 stay 0444; the
+    // coordinator gives them the database file's mode again.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
     // As an agent does, retry: a connection still read-only fails once more,
     // and is replaced.
@@ -420,6 +416,18 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
     assert_eq!(failing, recovered);
     assert!((1..=3).contains(&failing), "{failing} outages logged");
 
+    for suffix in ["-wal", "-shm"] {
+        let side = side_file(&db, suffix);
+        if let Ok(metadata) = std::fs::metadata(&side) {
+            assert_eq!(
+                metadata.mode() & 0o777,
+                0o644,
+                "{} keeps its mode",
+                side.display()
+            );
+        }
+    }
+
     let mut conn = SqliteConnection::establish(&db.display().to_string()).expect("open db");
     let stored: Vec<String> = diesel::sql_query("SELECT node_id FROM known_nodes")
         .load::<StoredNodeId>(&mut conn)
@@ -438,6 +446,117 @@ async fn a_database_made_writable_again_is_used_again_without_a_restart() {
     }
 }
 
+/// `db` with `suffix` appended: where SQLite keeps its side files.
+fn side_file(db: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", db.display()))
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The trap an operator's `chmod 0444 muster.db` and back to 0644 leaves:
+/// SQLite created the side files while the database was 0444, so they are
+/// 0444 beside a writable database, and SQLite refuses every write for as
+/// long as they stay so.
+#[tokio::test(flavor = "multi_thread")]
+async fn side_files_left_read_only_beside_a_writable_database_are_named_and_repaired() {
+    let running_as_root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("muster.db");
+    drop(muster::store::Store::open(&db).await.unwrap());
+    let mut command = unprivileged_muster(dir.path());
+    command
+        .args([
+            "coordinator",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+        ])
+        .arg(&db)
+        .args(FAST_TIMING);
+    let coordinator = Process::try_spawn("coordinator", command).unwrap();
+    let url = coordinator.url();
+    let agents = tempfile::tempdir().unwrap();
+    let _steady = start_agent(&url, "steady", &agents.path().join("steady"));
+    wait_for_state(
+        &url,
+        &["steady"],
+        NodeState::Online,
+        Duration::from_secs(20),
+    )
+    .await;
+    wait_for_health(&url, ServingStatus::Serving, Duration::from_secs(20)).await;
+    let wal = side_file(&db, "-wal");
+    let shm = side_file(&db, "-shm");
+    assert!(
+        wal.exists() && shm.exists(),
+        "the coordinator runs in WAL mode"
+    );
+    // Another connection to the database, as a backup or an operator's
+    // sqlite3 shell holds one, keeps the side files in place when the
+    // coordinator drops its own (SQLite's last connection deletes them).
+    let mut reader = SqliteConnection::establish(&db.display().to_string()).expect("open db");
+    diesel::sql_query("SELECT node_id FROM known_nodes")
+        .load::<StoredNodeId>(&mut reader)
+        .unwrap();
+
+    if running_as_root {
+        // A side file the coordinator may not change (another owner's) is
+        // named, with its mode, as the cause of the outage.
+        std::os::unix::fs::chown(&wal, Some(0), Some(0)).unwrap();
+        set_mode(&wal, 0o444);
+        wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
+        let refused = try_register(&url, "newcomer")
+            .await
+            .expect_err("refused while the side file is unwritable");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        let wal_name = wal.display().to_string();
+        assert!(
+            refused.message().contains(&wal_name) && refused.message().contains("0444"),
+            "the side file and its mode are named: {refused:?}"
+        );
+        assert_eq!(
+            state_of(&node(&url, "steady").await.unwrap()),
+            NodeState::Online
+        );
+        std::os::unix::fs::chown(&wal, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    // As SQLite leaves them after creating them beside a 0444 database.
+    set_mode(&wal, 0o444);
+    set_mode(&shm, 0o444);
+
+    let deadline = tokio::time::Instant::now() + OUTAGE_NOTICED;
+    while let Err(status) = try_register(&url, "newcomer").await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still refused {OUTAGE_NOTICED:?} after the side file could be repaired: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
+    coordinator
+        .wait_for_log(0, OUTAGE_NOTICED, |line| {
+            line.contains("gave the database's side file").then_some(())
+        })
+        .await;
+    for side in [&wal, &shm] {
+        assert_eq!(
+            std::fs::metadata(side).unwrap().mode() & 0o777,
+            0o644,
+            "{} has the database file's mode again",
+            side.display()
+        );
+    }
+    assert_eq!(
+        state_of(&node(&url, "steady").await.unwrap()),
+        NodeState::Online
+    );
+    drop(reader);
+}
+
 #[derive(diesel::QueryableByName)]
 struct StoredNodeId {
     #[diesel(sql_type = diesel::sql_types::Text)]
@@ -452,4 +571,275 @@ async fn try_register(url: &str, node_id: &str) -> Result<(), tonic::Status> {
         .registered()
         .await?;
     Ok(())
+}
+
+/// A small tmpfs mounted on a temporary directory, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts one, or says why it cannot.
+    fn mount(size: &str) -> Result<Self, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|error| format!("cannot run mount: {error}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        Ok(Self { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the filesystem: writes `filler` until the disk is full.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&filler)
+            .unwrap();
+        for chunk in [1 << 20, 4096, 1] {
+            let bytes = vec![0u8; chunk];
+            // Bounded by the filesystem's size.
+            while file.write_all(&bytes).is_ok() {}
+        }
+        let _ = file.sync_all();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Checkpoints the whole write-ahead log into the database and truncates
+/// it to nothing, if no one holds a lock that stops it; says whether it did.
+fn truncate_wal(conn: &mut SqliteConnection) -> bool {
+    #[derive(diesel::QueryableByName)]
+    struct Checkpoint {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        busy: i32,
+    }
+    conn.batch_execute("PRAGMA busy_timeout = 0").unwrap();
+    diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .load::<Checkpoint>(conn)
+        .is_ok_and(|done| done.first().is_some_and(|row| row.busy == 0))
+}
+
+/// Whether process `pid` is stopped by a signal.
+fn stopped(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rfind(')')
+        .is_some_and(|end| stat[end + 1..].trim_start().starts_with('T'))
+}
+
+/// Fills `disk` with the database's write-ahead log empty. SQLite writes
+/// its log from the start again once it has been checkpointed, reusing
+/// blocks it already has, so on a full disk a write fails only if it needs
+/// more of them; with the log empty, every write needs a new block. The
+/// coordinator is stopped meanwhile (for milliseconds), so that no write of
+/// its lands between the truncation and the filling.
+fn fill_with_empty_wal(
+    disk: &Tmpfs,
+    coordinator: &Process,
+    reader: &mut SqliteConnection,
+) -> PathBuf {
+    for _ in 0..100 {
+        coordinator.signal(Signal::SIGSTOP);
+        for _ in 0..1000 {
+            if stopped(coordinator.pid()) {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        // Stopped between transactions, not holding SQLite's write lock.
+        if truncate_wal(reader) {
+            let filler = disk.fill();
+            coordinator.signal(Signal::SIGCONT);
+            return filler;
+        }
+        coordinator.signal(Signal::SIGCONT);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the write-ahead log could not be truncated");
+}
+
+fn stored_offline(conn: &mut SqliteConnection, node_id: &str) -> bool {
+    #[derive(diesel::QueryableByName)]
+    struct Offline {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        offline_since: Option<String>,
+    }
+    diesel::sql_query(
+        "SELECT CAST(offline_since AS TEXT) AS offline_since FROM known_nodes WHERE node_id = ?",
+    )
+    .bind::<diesel::sql_types::Text, _>(node_id)
+    .load::<Offline>(conn)
+    .unwrap()
+    .first()
+    .is_some_and(|row| row.offline_since.is_some())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_is_a_readiness_problem_and_shutdown_names_what_it_did_not_save() {
+    let disk = match Tmpfs::mount("16m") {
+        Ok(disk) => disk,
+        Err(reason) => {
+            common::skip("the full-disk test", &reason);
+            return;
+        }
+    };
+    let db = disk.path().join("muster.db");
+    let agents = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
+    let url = coordinator.url();
+    let steady = start_agent(&url, "steady", &agents.path().join("steady"));
+    let doomed = start_agent(&url, "doomed", &agents.path().join("doomed"));
+    for node_id in ["steady", "doomed"] {
+        wait_for_state(&url, &[node_id], NodeState::Online, Duration::from_secs(20)).await;
+    }
+    wait_for_health(&url, ServingStatus::Serving, Duration::from_secs(20)).await;
+    // Held open for the whole test, so that the coordinator's connections
+    // are never the database's last: the last one to close would checkpoint
+    // and delete the log, freeing blocks on the full disk. The coordinator's
+    // periodic checkpoints cannot write anything while the log is empty.
+    let mut reader = SqliteConnection::establish(&db.display().to_string()).expect("open db");
+    let filler = fill_with_empty_wal(&disk, &coordinator.process, &mut reader);
+
+    wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
+    let refused = RawStream::refused(
+        &url,
+        register_message("newcomer", "http://127.0.0.1:9", "b"),
+    )
+    .await;
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("full"),
+        "the cause is named: {refused:?}"
+    );
+    drop(doomed);
+    wait_for_state(
+        &url,
+        &["doomed"],
+        NodeState::Offline,
+        Duration::from_secs(10),
+    )
+    .await;
+    hold_for(
+        "steady ONLINE while the disk is full",
+        Duration::from_secs(4),
+        || {
+            let url = url.clone();
+            async move {
+                let node = node(&url, "steady").await.ok_or("steady missing")?;
+                match state_of(&node) {
+                    NodeState::Online => Ok(()),
+                    other => Err(format!("steady is {other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    assert!(!stored_offline(&mut reader, "doomed"));
+
+    // Space is freed: the coordinator recovers without a restart and writes
+    // the change it kept.
+    std::fs::remove_file(&filler).unwrap();
+    wait_for_health(&url, ServingStatus::Serving, OUTAGE_NOTICED).await;
+    wait_for(
+        "doomed's OFFLINE change to be written",
+        OUTAGE_NOTICED,
+        || {
+            let offline = stored_offline(&mut reader, "doomed");
+            async move { offline.then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        coordinator
+            .process
+            .log_count(&["database writes are failing"]),
+        1
+    );
+
+    // Full again, then SIGTERM with a change unsaved: the final flush tries
+    // for its deadline, then names what it could not save.
+    let _filler = fill_with_empty_wal(&disk, &coordinator.process, &mut reader);
+    wait_for_health(&url, ServingStatus::NotServing, OUTAGE_NOTICED).await;
+    drop(steady);
+    wait_for_state(
+        &url,
+        &["steady"],
+        NodeState::Offline,
+        Duration::from_secs(10),
+    )
+    .await;
+    let skip = coordinator.process.log_len();
+    let signalled = std::time::Instant::now();
+    coordinator.process.signal(Signal::SIGTERM);
+    let summary = coordinator
+        .process
+        .wait_for_log(skip, Duration::from_secs(30), |line| {
+            line.contains("did not take").then(|| line.to_owned())
+        })
+        .await;
+    assert!(summary.contains("full"), "the cause is named: {summary}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(4),
+        "the final flush gave up after {:?}, before its deadline",
+        signalled.elapsed()
+    );
+    let line = coordinator
+        .process
+        .wait_for_log(skip, Duration::from_secs(30), |line| {
+            (line.contains("not saved") && line.contains("node_id=steady")).then(|| line.to_owned())
+        })
+        .await;
+    assert!(line.contains("went OFFLINE"), "{line}");
+    coordinator
+        .process
+        .wait_for_log(skip, Duration::from_secs(30), |line| {
+            line.contains("coordinator stopped").then_some(())
+        })
+        .await;
+    assert!(!stored_offline(&mut reader, "steady"));
+    coordinator
+        .process
+        .stop_with(Signal::SIGTERM, Duration::from_secs(20));
+
+    // Started on the full disk, a coordinator refuses to, naming the cause:
+    // a write that is rolled back would pass, so start-up commits one.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));
+    command
+        .args([
+            "coordinator",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+        ])
+        .arg(&db)
+        .env("MUSTER_LOG", "off");
+    let output = output_within(command, Duration::from_secs(20));
+    common::one_line_error(&output, &db.display().to_string());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("disk is full"), "{stderr}");
+    drop(reader);
 }

@@ -201,6 +201,29 @@ pub(super) fn write_and_roll_back(conn: &mut Db) -> Result<(), diesel::result::E
     }
 }
 
+/// Commits a write that changes nothing. Unlike a rolled-back write, it
+/// reaches the write-ahead log, so it also fails on a full disk: SQLite's
+/// `user_version` set to the value it has (in WAL mode a rolled-back
+/// transaction never writes a page, and would pass while every real write
+/// fails); on PostgreSQL, a transaction that takes a transaction id, whose
+/// commit is logged.
+pub(super) fn commit_no_op(conn: &mut Db) -> Result<(), diesel::result::Error> {
+    #[derive(QueryableByName)]
+    struct UserVersion {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        user_version: i32,
+    }
+    write_transaction(conn, |conn| match conn {
+        Db::Sqlite(sqlite) => {
+            let version = diesel::sql_query("PRAGMA user_version")
+                .get_result::<UserVersion>(sqlite)?
+                .user_version;
+            sqlite.batch_execute(&format!("PRAGMA user_version = {version}"))
+        }
+        Db::Postgres(postgres) => postgres.batch_execute("SELECT txid_current()"),
+    })
+}
+
 /// Applies the backend's pending migrations, after refusing a database that
 /// records one this binary does not have: a newer muster has changed its
 /// schema in ways this one cannot know.

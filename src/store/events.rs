@@ -124,7 +124,8 @@ impl EventLog {
     /// in that same transaction, and publishes them once it has committed.
     /// The transaction is refused unless the database file is still at its
     /// path both before it and after it has committed: a write into a file
-    /// that has gone is never reported as done. Once fenced, it is refused
+    /// that has gone is never reported as done. A side file left read-only
+    /// is repaired first, or named as the cause. Once fenced, it is refused
     /// too unless this coordinator's epoch still leads (see
     /// [`super::leadership`]).
     pub(super) fn transaction<T>(
@@ -137,6 +138,7 @@ impl EventLog {
         let _in_order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(file) = file {
             file.ensure_in_place()?;
+            file.repair_side_files()?;
         }
         let (done, committed) = write_transaction(conn, |conn| {
             self.fence.check(conn)?;

@@ -7,18 +7,38 @@
 //! the file at its path: once it has been deleted, moved away or replaced,
 //! every write is refused, so no write is acknowledged into a file that
 //! will vanish. Writes resume if the same file is put back.
+//!
+//! SQLite creates the side files of a database in WAL mode (`-wal`, `-shm`)
+//! with the database file's mode at the time. A database made read-only and
+//! then writable again can leave them read-only, and SQLite then refuses
+//! every write ("attempt to write a readonly database") for as long as they
+//! stay so. The coordinator owns those files: while the database file is
+//! writable, a side file it cannot write is given the database file's mode
+//! again, and logged; one it may not change names itself, and its mode, as
+//! the cause of the outage.
 
 use std::{
     fs::File,
     io,
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
 };
 
+use nix::unistd::{AccessFlags, access};
 use tracing::{error, info, warn};
 
 use super::StoreError;
+
+/// The files SQLite keeps beside a database in WAL mode.
+const SIDE_FILES: [&str; 2] = ["-wal", "-shm"];
+
+/// `db` with `suffix` appended to its file name.
+fn beside(db: &Path, suffix: &str) -> PathBuf {
+    let mut path = db.as_os_str().to_owned();
+    path.push(suffix);
+    PathBuf::from(path)
+}
 
 /// What start-up found at the database's path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,9 +99,7 @@ pub(super) fn inspect(db: &Path) -> Result<Found, StoreError> {
 /// or moved without it: SQLite would replay that journal into the new file.
 fn refuse_orphaned_journal(db: &Path) -> Result<(), StoreError> {
     for suffix in ["-wal", "-journal"] {
-        let mut journal = db.as_os_str().to_owned();
-        journal.push(suffix);
-        let journal = PathBuf::from(journal);
+        let journal = beside(db, suffix);
         match std::fs::metadata(&journal) {
             Ok(metadata) if metadata.len() > 0 => {
                 return Err(StoreError::OrphanedJournal {
@@ -158,6 +176,53 @@ impl DatabaseFile {
         }
     }
 
+    /// Gives a side file (`-wal`, `-shm`) that this process cannot write the
+    /// database file's mode again, while the database file itself is
+    /// writable; fails, naming the side file and its mode, where that is not
+    /// allowed (a file of another owner) or does not help. While the
+    /// database file itself is not writable, its own mode is the cause, and
+    /// the side files are left alone.
+    pub(super) fn repair_side_files(&self) -> Result<(), StoreError> {
+        let Ok(database) = std::fs::metadata(&self.path) else {
+            return Ok(());
+        };
+        if access(&self.path, AccessFlags::W_OK).is_err() {
+            return Ok(());
+        }
+        let database_mode = database.mode() & 0o7777;
+        for suffix in SIDE_FILES {
+            let side = beside(&self.path, suffix);
+            let Ok(metadata) = std::fs::metadata(&side) else {
+                continue;
+            };
+            if access(&side, AccessFlags::W_OK).is_ok() {
+                continue;
+            }
+            let mode = metadata.mode() & 0o7777;
+            let unwritable = |reason: String| StoreError::SideFileUnwritable {
+                side: side.clone(),
+                mode,
+                db: self.path.clone(),
+                db_mode: database_mode,
+                reason,
+            };
+            std::fs::set_permissions(&side, std::fs::Permissions::from_mode(database_mode))
+                .map_err(|error| unwritable(format!("its mode cannot be changed ({error})")))?;
+            if access(&side, AccessFlags::W_OK).is_err() {
+                return Err(unwritable(format!(
+                    "it stays unwritable with mode {database_mode:04o}"
+                )));
+            }
+            info!(
+                side = %side.display(),
+                from = %format!("{mode:04o}"),
+                to = %format!("{database_mode:04o}"),
+                "gave the database's side file the database file's mode again: SQLite created it while the database was read-only"
+            );
+        }
+        Ok(())
+    }
+
     /// What happened to the file, if it is no longer at its path.
     fn whereabouts(&self) -> Option<String> {
         let unlinked = self.file.metadata().is_ok_and(|m| m.nlink() == 0);
@@ -227,5 +292,42 @@ mod tests {
         let deleted = file.ensure_in_place().unwrap_err().to_string();
         assert!(deleted.contains("was deleted"), "{deleted}");
         assert!(deleted.contains(&db.display().to_string()), "{deleted}");
+    }
+
+    #[test]
+    fn side_files_get_the_database_files_mode_once_it_is_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("muster.db");
+        std::fs::write(&db, b"data").unwrap();
+        let file = DatabaseFile::open(&db).unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().mode() & 0o7777;
+        let set = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let wal = beside(&db, "-wal");
+        let shm = beside(&db, "-shm");
+        std::fs::write(&wal, b"frames").unwrap();
+        std::fs::write(&shm, b"index").unwrap();
+        set(&db, 0o640);
+        set(&wal, 0o444);
+        set(&shm, 0o444);
+        let writable = access(&wal, AccessFlags::W_OK).is_ok();
+        file.repair_side_files().unwrap();
+        if writable {
+            // As root, a 0444 file is writable and is left as it is.
+            assert_eq!(mode(&wal), 0o444);
+            return;
+        }
+        assert_eq!(mode(&wal), 0o640);
+        assert_eq!(mode(&shm), 0o640);
+
+        set(&db, 0o444);
+        set(&wal, 0o444);
+        file.repair_side_files().unwrap();
+        assert_eq!(
+            mode(&wal),
+            0o444,
+            "left alone while the database is read-only"
+        );
     }
 }

@@ -113,6 +113,16 @@ pub enum StoreError {
     )]
     Gone { path: PathBuf, what: String },
     #[error(
+        "database side file {side} has mode {mode:04o} and cannot be written, though database {db} (mode {db_mode:04o}) can: {reason}; give it the database file's mode and owner"
+    )]
+    SideFileUnwritable {
+        side: PathBuf,
+        mode: u32,
+        db: PathBuf,
+        db_mode: u32,
+        reason: String,
+    },
+    #[error(
         "database {db} is in use by another coordinator ({}); stop that one, or give this one its own --db",
         .holder.as_ref().map_or_else(|| "its lock file names no process".to_owned(), Holder::to_string)
     )]
@@ -270,10 +280,14 @@ impl Store {
                 (target.connect().map_err(open_error)?, None, target)
             }
         };
-        backend::write_and_roll_back(&mut conn).map_err(|source| StoreError::Unwritable {
-            db: shown.clone(),
-            source,
-        })?;
+        // The rolled-back write proves the database writable; only a
+        // committed one proves that the disk has room for it.
+        backend::write_and_roll_back(&mut conn)
+            .and_then(|()| backend::commit_no_op(&mut conn))
+            .map_err(|source| StoreError::Unwritable {
+                db: shown.clone(),
+                source,
+            })?;
         backend::migrate(&mut conn, &shown)?;
         let events = Arc::new(EventLog::open(&mut conn, settings)?);
         let (_, last_lease_event) = leases::event_history(&mut conn)?;
@@ -385,14 +399,27 @@ impl Store {
     }
 
     /// Proves the database writable, and still at its path, with a write
-    /// that is rolled back; reports the outcome like any other write.
+    /// that is committed but changes nothing (see [`commit_no_op`]); reports
+    /// the outcome like any other write. Side
+    /// files left read-only are repaired before a connection is taken, since
+    /// SQLite may not even open one beside them.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
+        let file = self.file.clone();
+        let repaired = tokio::task::spawn_blocking(move || {
+            file.as_deref()
+                .map_or(Ok(()), DatabaseFile::repair_side_files)
+        })
+        .await?;
+        if let Err(error) = repaired {
+            self.connections.report(Some(&error));
+            return Err(error);
+        }
         let file = self.file.clone();
         self.run(move |conn| {
             if let Some(file) = &file {
                 file.ensure_in_place()?;
             }
-            Ok(backend::write_and_roll_back(conn)?)
+            Ok(backend::commit_no_op(conn)?)
         })
         .await
     }
