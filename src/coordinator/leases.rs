@@ -28,7 +28,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
-use super::RegistryHandle;
+use super::{RegistryHandle, term::Deposal};
 use crate::{
     clock::Moment,
     error::{ServiceError, display_chain},
@@ -402,7 +402,12 @@ pub(super) struct WriteQueue(mpsc::UnboundedReceiver<Write>);
 
 /// Commits the pool's changes in batches, in order, until `stop`; then
 /// drains what is queued, retrying for at most [`DRAIN_DEADLINE`].
-pub(super) async fn write(store: Store, queue: WriteQueue, stop: CancellationToken) {
+pub(super) async fn write(
+    store: Store,
+    queue: WriteQueue,
+    deposal: Deposal,
+    stop: CancellationToken,
+) {
     let WriteQueue(mut queue) = queue;
     loop {
         let first = tokio::select! {
@@ -417,7 +422,7 @@ pub(super) async fn write(store: Store, queue: WriteQueue, stop: CancellationTok
                 rest.push(write);
             }
             if !rest.is_empty() {
-                commit(&store, rest, &stop).await;
+                commit(&store, rest, &deposal, &stop).await;
             }
             return;
         };
@@ -429,14 +434,14 @@ pub(super) async fn write(store: Store, queue: WriteQueue, stop: CancellationTok
             changes += write.changes.len();
             batch.push(write);
         }
-        commit(&store, batch, &stop).await;
+        commit(&store, batch, &deposal, &stop).await;
     }
 }
 
 /// Writes one batch, retrying until it is committed (or, once `stop` is
 /// cancelled, for [`DRAIN_DEADLINE`] more), then answers everyone waiting
 /// for it.
-async fn commit(store: &Store, batch: Vec<Write>, stop: &CancellationToken) {
+async fn commit(store: &Store, batch: Vec<Write>, deposal: &Deposal, stop: &CancellationToken) {
     let last_generation = batch.iter().map(|w| w.last_generation).max().unwrap_or(0);
     let changes: Arc<[Change]> = batch
         .iter()
@@ -449,6 +454,9 @@ async fn commit(store: &Store, batch: Vec<Write>, stop: &CancellationToken) {
             attempts += 1;
             match store.write_leases(changes.clone(), last_generation).await {
                 Ok(()) => break,
+                // Never acknowledged: the callers waiting on it are told the
+                // coordinator no longer leads.
+                Err(failure) if deposal.notice(&failure) => return,
                 Err(failure) => {
                     debug!(error = %display_chain(&failure), attempts, "lease write failed; will retry");
                     if stop.is_cancelled() && deadline.is_none() {
@@ -513,7 +521,7 @@ mod tests {
         .unwrap();
         let (leases, queue) = Leases::new(pool);
         let stop = CancellationToken::new();
-        tokio::spawn(write(store.clone(), queue, stop.clone()));
+        tokio::spawn(write(store.clone(), queue, Deposal::default(), stop.clone()));
         (leases, store, stop)
     }
 

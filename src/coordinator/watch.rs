@@ -24,7 +24,7 @@ use tonic::Status;
 
 use crate::{
     error::ServiceError,
-    events::{Admit, Cursor, EventHub, LiveEvents, Next, NodeEvent},
+    events::{Admit, Cursor, EventHub, LiveEvents, Next, NodeEvent, Snapshot},
     proto,
     store::Store,
 };
@@ -89,6 +89,26 @@ impl EventSource {
             Cursor::after(since_revision),
             VecDeque::new(),
             subscribed_at,
+        ))
+    }
+
+    /// Starts a watch whose snapshot is what `nodes` reads, then live
+    /// events. The live feed is subscribed first, so no change after the
+    /// read is missed; one the read already saw comes again.
+    pub async fn watch_from(
+        &self,
+        nodes: impl Future<Output = Result<Vec<proto::Node>, ServiceError>>,
+    ) -> Result<Watch, ServiceError> {
+        let (revision, live) = self.hub.follow();
+        let snapshot = Snapshot {
+            revision,
+            nodes: nodes.await?,
+        };
+        Ok(self.open(
+            live,
+            Cursor::after(revision),
+            snapshot.to_proto(self.database_id()).into(),
+            revision,
         ))
     }
 
