@@ -468,7 +468,10 @@ impl CoordinatorConfig {
 
 #[derive(Debug, Clone, Args)]
 pub struct AgentConfig {
-    /// URL of the coordinator.
+    /// URL of the coordinator, or the URLs of several (one leading, the
+    /// others standing by) separated by commas. The agent follows a
+    /// standby's leader hint at once, but only to a URL of this list, and
+    /// otherwise tries the next URL after its backoff.
     #[arg(
         long,
         env = "MUSTER_COORDINATOR",
@@ -530,7 +533,8 @@ pub struct AgentConfig {
 
 #[derive(Debug, Clone, Args)]
 pub struct SwarmConfig {
-    /// URL of the coordinator.
+    /// URL of the coordinator, or the URLs of several separated by commas;
+    /// each simulated agent moves between them as `muster agent` does.
     #[arg(
         long,
         env = "MUSTER_COORDINATOR",
@@ -775,7 +779,9 @@ pub enum LeaseStateArg {
 
 #[derive(Debug, Clone, Args)]
 pub struct NodesClientConfig {
-    /// URL of the coordinator.
+    /// URL of the coordinator, or the URLs of several separated by commas:
+    /// reads are answered by the first that answers, writes follow a
+    /// standby's leader hint (to a URL of this list) or go to the next.
     #[arg(
         long,
         env = "MUSTER_COORDINATOR",

@@ -14,6 +14,8 @@
 //! - [`swarm`] simulates a fleet of agents from one process, for benchmarks.
 //! - [`events`] is the fleet's event feed: pure, fed by the store after
 //!   each commit, read by `WatchNodes`.
+//! - [`failover`] is the list of coordinators a client dials, and which
+//!   one it tries next (following a standby's leader hint).
 //! - [`wire`] converts between the wire types of [`proto`] and the domain.
 //!
 //! Modules depend one way, from the top down, and the graph has no cycle
@@ -21,9 +23,9 @@
 //! `proto` and `validation` import nothing of ours):
 //!
 //! ```text
-//! swarm       -> agent auth config error grpc limits node proto
-//! agent       -> auth config error grpc node proto tls
-//! cli         -> auth config error grpc node proto tls wire
+//! swarm       -> agent auth config error failover grpc limits node proto
+//! agent       -> auth config error failover grpc node proto tls
+//! cli         -> auth config error failover grpc node proto tls wire
 //! coordinator -> auth clock config dashboard error events grpc limits node pool proto registry store telemetry tls wire
 //! dashboard   -> auth error grpc proto telemetry wire
 //! telemetry   -> error grpc
@@ -31,6 +33,7 @@
 //! grpc        -> error proto tls
 //! config      -> auth error tls
 //! tls         -> error
+//! failover    -> error node
 //! error       -> auth node pool store validation
 //! store       -> auth clock events node pool proto registry wire
 //! events      -> proto
@@ -52,6 +55,7 @@ pub mod coordinator;
 pub mod dashboard;
 pub mod error;
 pub mod events;
+pub mod failover;
 pub mod grpc;
 pub mod limits;
 pub mod memory;

@@ -1,6 +1,7 @@
 //! The agent daemon: resolves its identity, serves the Agent Status service
 //! (with health and reflection), reads its GPUs through [`gpu`], and keeps a
-//! Heartbeat stream open to the coordinator through [`reconnect`].
+//! Heartbeat stream open to the coordinator (the leader, of several) through
+//! [`reconnect`].
 
 pub mod gpu;
 mod identity;
@@ -22,6 +23,7 @@ use crate::{
     config::AgentConfig,
     connections::{self, ConnectionLimits},
     error::RunError,
+    failover::CoordinatorUrls,
     grpc, limits,
     node::{Claim, NodeId, validate_url},
     proto::{self, agent_server::AgentServer},
@@ -69,8 +71,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         config.max_backoff,
     );
     Claim::try_from(register.clone())?;
-    validate_url("--coordinator", &config.coordinator)?;
-    let coordinator = grpc::endpoint(&config.coordinator, tls.as_ref())?;
+    let coordinators = reconnect::Coordinators::new(
+        CoordinatorUrls::parse("--coordinator", &config.coordinator)?,
+        |url| grpc::endpoint(url, tls.as_ref()),
+    )?;
     // Last of what can fail at start-up: `auto` without a driver logs a
     // line, and nothing is logged before a start-up error.
     let gpus = gpu::start(&config.gpu_source, config.gpu_poll_interval).await?;
@@ -95,7 +99,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let tasks = TaskTracker::new();
     tasks.spawn(reconnect::run(
         reconnect::Link {
-            coordinator,
+            coordinators,
             register,
             gpus,
             join_token,

@@ -13,6 +13,21 @@
 //!
 //! Every `register` carries the GPU feed's inventory; a heartbeat carries it
 //! only when the feed has changed since the stream last sent it.
+//!
+//! With several coordinators (`--coordinator A,B,C`), the link is on one of
+//! them at a time, and moves on when it fails (see [`failover`]): to the
+//! leader a standby named in its UNAVAILABLE refusal at once, if that
+//! leader is in the list; otherwise to the next URL, after the backoff.
+//! Each move logs one line naming both URLs and why. With one URL, the link
+//! behaves exactly as with a single coordinator.
+//!
+//! Fencing: the link remembers the highest `leader_epoch` any `registered`
+//! carried, in memory for the life of the process (it is not persisted; a
+//! restarted agent trusts the first leader it reaches). A `registered` with
+//! a lower epoch comes from a deposed leader: the stream is closed at once,
+//! before any heartbeat, and the link moves on as after a failure. Epoch 0
+//! is a single coordinator that arbitrates no leadership (SQLite): it is
+//! always accepted and raises nothing.
 
 use std::{sync::Arc, time::Duration};
 
@@ -30,6 +45,7 @@ use super::gpu::GpuFeed;
 use crate::{
     auth::Token,
     error::{RunError, display_chain},
+    failover::{self, CoordinatorUrls, Cursor},
     grpc,
     proto::{
         self, AgentMessage, agent_message, coordinator_client::CoordinatorClient,
@@ -71,11 +87,23 @@ enum LinkError {
     Silent(Duration),
     #[error("unexpected message from the coordinator: {0}")]
     Unexpected(&'static str),
+    #[error(
+        "a deposed leader: it registered this agent at leader epoch {epoch}, but epoch {highest} was seen before"
+    )]
+    Deposed { epoch: u64, highest: u64 },
     #[error("the agent is shutting down")]
     ShuttingDown,
 }
 
 impl LinkError {
+    /// The leader's URL, if the coordinator refused as a standby naming it.
+    fn leader_hint(&self) -> Option<String> {
+        match self {
+            Self::Stream(status) | Self::Refused(status) => failover::leader_hint(status),
+            _ => None,
+        }
+    }
+
     /// What the operator must do about this error, if it will not go away by
     /// retrying alone.
     fn needs_attention(&self) -> Option<&'static str> {
@@ -131,9 +159,63 @@ impl ReconnectBackoff {
     }
 }
 
+/// The coordinators a link may dial, each with the endpoint to dial it by.
+pub struct Coordinators {
+    urls: CoordinatorUrls,
+    endpoints: Vec<Endpoint>,
+}
+
+impl Coordinators {
+    /// Each of `urls` with the endpoint `endpoint` makes for it.
+    pub fn new<E>(
+        urls: CoordinatorUrls,
+        endpoint: impl FnMut(&str) -> Result<Endpoint, E>,
+    ) -> Result<Self, E> {
+        let endpoints = urls
+            .urls()
+            .iter()
+            .map(String::as_str)
+            .map(endpoint)
+            .collect::<Result<_, E>>()?;
+        Ok(Self { urls, endpoints })
+    }
+
+    fn url(&self, index: usize) -> &str {
+        self.urls.get(index)
+    }
+
+    fn endpoint(&self, index: usize) -> &Endpoint {
+        &self.endpoints[index % self.endpoints.len()]
+    }
+}
+
+/// The highest leader epoch a `registered` carried; see the module docs.
+#[derive(Debug, Default)]
+struct Fence {
+    highest: u64,
+}
+
+impl Fence {
+    /// Accepts `epoch` unless it is older than one seen before; 0 (a single
+    /// coordinator) is always accepted.
+    fn admit(&mut self, epoch: u64) -> Result<(), LinkError> {
+        if epoch == 0 {
+            return Ok(());
+        }
+        if epoch < self.highest {
+            return Err(LinkError::Deposed {
+                epoch,
+                highest: self.highest,
+            });
+        }
+        self.highest = epoch;
+        Ok(())
+    }
+}
+
 /// What the agent registers with, and where.
 pub struct Link {
-    pub coordinator: Endpoint,
+    pub coordinators: Coordinators,
     /// Sent on every new stream; its inventory is replaced by the feed's.
     pub register: proto::Register,
     pub gpus: GpuFeed,
@@ -174,10 +256,15 @@ pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
     let mut interval = FIRST_RETRY_CEILING;
     let mut backoff = ReconnectBackoff::new(interval, link.max_backoff);
     let mut abandoned = None;
+    let mut cursor = Cursor::new(&link.coordinators.urls);
+    let mut fence = Fence::default();
     loop {
         let mut registered_at = None;
+        let from = cursor.current();
         let error = hold_stream(
             &link,
+            from,
+            &mut fence,
             &mut registered_at,
             &mut interval,
             &mut abandoned,
@@ -187,15 +274,50 @@ pub async fn run(link: Link, probed: Arc<Notify>, shutdown: CancellationToken) {
         if shutdown.is_cancelled() {
             return;
         }
+        if registered_at.is_some() {
+            cursor.succeeded();
+        }
         if registered_at.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_AFTER) {
             backoff = ReconnectBackoff::new(interval, link.max_backoff);
         }
         link.events.failed(&error);
+        let hint = error.leader_hint();
+        let switch = cursor.after_failure(&link.coordinators.urls, hint.as_deref());
+        let to = switch.to();
+        let error_text = display_chain(&error);
+        if switch.immediate() {
+            info!(
+                from = %link.coordinators.url(from),
+                to = %link.coordinators.url(to),
+                reason = %switch.reason(),
+                error = %error_text,
+                "switching coordinator now"
+            );
+            continue;
+        }
         let delay = backoff.next_delay();
         if let Some(attention) = error.needs_attention() {
-            error!(error = %display_chain(&error), retry_in = ?delay, "{attention}");
+            error!(error = %error_text, retry_in = ?delay, "{attention}");
+        } else if let failover::Switch::HintRefused { hint, .. } = &switch {
+            warn!(
+                from = %link.coordinators.url(from),
+                to = %link.coordinators.url(to),
+                %hint,
+                error = %error_text,
+                retry_in = ?delay,
+                "not following a leader hint to a URL outside --coordinator"
+            );
+        } else if to != from {
+            warn!(
+                from = %link.coordinators.url(from),
+                to = %link.coordinators.url(to),
+                reason = %switch.reason(),
+                error = %error_text,
+                retry_in = ?delay,
+                "switching coordinator"
+            );
         } else {
-            warn!(error = %display_chain(&error), retry_in = ?delay, "coordinator link down");
+            warn!(error = %error_text, retry_in = ?delay, "coordinator link down");
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -221,16 +343,19 @@ struct AbandonedStream {
 /// silent.
 async fn hold_stream(
     link: &Link,
+    target: usize,
+    fence: &mut Fence,
     registered_at: &mut Option<Instant>,
     interval: &mut Duration,
     abandoned: &mut Option<AbandonedStream>,
     shutdown: &CancellationToken,
 ) -> LinkError {
     let attempt_began = Instant::now();
-    let url = link.coordinator.uri().to_string();
+    let url = link.coordinators.url(target);
+    let endpoint = link.coordinators.endpoint(target).clone();
     let connected = tokio::select! {
         () = shutdown.cancelled() => return LinkError::ShuttingDown,
-        connected = grpc::connect(link.coordinator.clone(), &url, link.connect_timeout) => connected,
+        connected = grpc::connect(endpoint, url, link.connect_timeout) => connected,
     };
     let channel = match connected {
         Ok(channel) => channel,
@@ -279,11 +404,16 @@ async fn hold_stream(
         Ok(Err(error)) => return error,
         Ok(Ok(registered)) => registered,
     };
+    if let Err(deposed) = fence.admit(accepted.leader_epoch) {
+        return deposed;
+    }
     *registered_at = Some(Instant::now());
     *abandoned = None;
     link.events.registered(attempt_began.elapsed());
     *interval = usable_interval(accepted.heartbeat_interval).unwrap_or(FALLBACK_INTERVAL);
     info!(
+        coordinator = %url,
+        leader_epoch = accepted.leader_epoch,
         generation = accepted.session_generation,
         coordinator_boot_id = %accepted.coordinator_boot_id,
         interval = ?interval,
@@ -426,6 +556,22 @@ mod tests {
         );
         let capped = ReconnectBackoff::new(Duration::from_secs(600), DEFAULT_MAX).next_delay();
         assert!(capped <= DEFAULT_MAX);
+    }
+
+    #[test]
+    fn the_fence_refuses_an_older_leader_and_always_admits_epoch_zero() {
+        let mut fence = Fence::default();
+        fence.admit(0).unwrap();
+        fence.admit(3).unwrap();
+        fence.admit(3).unwrap();
+        fence.admit(5).unwrap();
+        match fence.admit(4) {
+            Err(LinkError::Deposed { epoch, highest }) => assert_eq!((epoch, highest), (4, 5)),
+            other => panic!("{other:?}"),
+        }
+        fence.admit(0).unwrap();
+        fence.admit(6).unwrap();
+        assert!(fence.admit(5).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::{
     time::SystemTime,
 };
 
-use super::Operator;
+use super::{Access, Operators};
 use crate::{
     config::{LeaseStateArg, LeasesCommand, OutputFormat},
     error::RunError,
@@ -22,8 +22,7 @@ pub async fn run_leases(command: LeasesCommand, out: &mut impl Write) -> Result<
             state,
             client,
         } => {
-            let operator = Operator::connect(&client).await?;
-            let request = operator.request(proto::ListLeasesRequest {
+            let message = proto::ListLeasesRequest {
                 node_id: node_id.unwrap_or_default(),
                 gpu_uuid: gpu_uuid.unwrap_or_default(),
                 holder: holder.unwrap_or_default(),
@@ -31,13 +30,13 @@ pub async fn run_leases(command: LeasesCommand, out: &mut impl Write) -> Result<
                     .into_iter()
                     .map(|s| state_to_proto(s) as i32)
                     .collect(),
-            });
-            let listed = operator
-                .pool()
-                .list_leases(request)
-                .await
-                .map_err(|status| operator.rpc_error(status))?
-                .into_inner();
+            };
+            let listed = Operators::new(&client)?
+                .call(Access::Read, |operator| {
+                    let request = operator.request(message.clone());
+                    async move { operator.pool().list_leases(request).await }
+                })
+                .await?;
             write_leases(out, client.output, &listed.leases)?;
         }
         LeasesCommand::Acquire {
@@ -52,8 +51,9 @@ pub async fn run_leases(command: LeasesCommand, out: &mut impl Write) -> Result<
             selector,
             client,
         } => {
-            let operator = Operator::connect(&client).await?;
-            let mut request = operator.request(proto::AcquireLeaseRequest {
+            // One request id for every coordinator asked, so that a lease
+            // granted once is not granted twice.
+            let message = proto::AcquireLeaseRequest {
                 request_id: request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
                 holder,
                 mb,
@@ -63,38 +63,38 @@ pub async fn run_leases(command: LeasesCommand, out: &mut impl Write) -> Result<
                 node_id: node_id.unwrap_or_default(),
                 gpu_uuid: gpu_uuid.unwrap_or_default(),
                 label_selector: selector,
-            });
-            if let Some(wait) = wait {
-                request.set_timeout(wait + super::CONNECT_TIMEOUT);
-            }
-            let lease = operator
-                .pool()
-                .acquire_lease(request)
-                .await
-                .map_err(|status| operator.rpc_error(status))?
-                .into_inner();
+            };
+            let lease = Operators::new(&client)?
+                .call(Access::Write, |operator| {
+                    let mut request = operator.request(message.clone());
+                    if let Some(wait) = wait {
+                        request.set_timeout(wait + super::CONNECT_TIMEOUT);
+                    }
+                    async move { operator.pool().acquire_lease(request).await }
+                })
+                .await?;
             write_leases(out, client.output, std::slice::from_ref(&lease))?;
         }
         LeasesCommand::Renew { lease_id, client } => {
-            let operator = Operator::connect(&client).await?;
-            let request = operator.request(proto::RenewLeaseRequest { lease_id });
-            let lease = operator
-                .pool()
-                .renew_lease(request)
-                .await
-                .map_err(|status| operator.rpc_error(status))?
-                .into_inner();
+            let lease = Operators::new(&client)?
+                .call(Access::Write, |operator| {
+                    let request = operator.request(proto::RenewLeaseRequest {
+                        lease_id: lease_id.clone(),
+                    });
+                    async move { operator.pool().renew_lease(request).await }
+                })
+                .await?;
             write_leases(out, client.output, std::slice::from_ref(&lease))?;
         }
         LeasesCommand::Release { lease_id, client } => {
-            let operator = Operator::connect(&client).await?;
-            let request = operator.request(proto::ReleaseLeaseRequest { lease_id });
-            let released = operator
-                .pool()
-                .release_lease(request)
-                .await
-                .map_err(|status| operator.rpc_error(status))?
-                .into_inner();
+            let released = Operators::new(&client)?
+                .call(Access::Write, |operator| {
+                    let request = operator.request(proto::ReleaseLeaseRequest {
+                        lease_id: lease_id.clone(),
+                    });
+                    async move { operator.pool().release_lease(request).await }
+                })
+                .await?;
             let leases: Vec<proto::Lease> = released.lease.into_iter().collect();
             write_leases(out, client.output, &leases)?;
         }

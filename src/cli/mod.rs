@@ -1,15 +1,26 @@
 //! Operator commands: `muster nodes list`, `get`, `remove`, `drain`,
 //! `undrain` and `watch`, `muster leases`, `muster health`, and `muster tls`.
+//!
+//! `--coordinator` may list several coordinators ([`failover`]). A read
+//! (`nodes list`, `get`, `watch`, `leases list`) is answered by the first
+//! that answers: one that cannot be reached, or answers UNAVAILABLE, passes
+//! it to the next. A write (`nodes remove`, `drain`, `undrain`, `leases
+//! acquire`, `renew`, `release`) goes where a standby's UNAVAILABLE names
+//! the leader (a URL of the list, at most [`failover::MAX_HINT_HOPS`] hints
+//! in a row), and otherwise to the next URL; a write whose connection broke
+//! after it was sent is not sent again elsewhere, as it may have been
+//! applied. Each move is said in one line on stderr. With one URL nothing
+//! changes.
 
 mod health;
 mod leases;
 mod output;
 mod tls;
 
-use std::{io::Write, time::Duration};
+use std::{future::Future, io::Write, time::Duration};
 
 use tokio::time::Instant;
-use tonic::{Request, transport::Channel};
+use tonic::{Request, Status, transport::Channel};
 
 pub use health::run_health;
 pub use leases::run_leases;
@@ -21,8 +32,8 @@ use crate::{
     auth::Token,
     config::{NodesClientConfig, NodesCommand},
     error::RunError,
+    failover::{self, CoordinatorUrls, Cursor},
     grpc,
-    node::validate_url,
     proto::{self, coordinator_client::CoordinatorClient, pool_client::PoolClient},
     tls::Tls,
 };
@@ -30,14 +41,12 @@ use crate::{
 pub async fn run_nodes(command: NodesCommand, out: &mut impl Write) -> Result<(), RunError> {
     match command {
         NodesCommand::List(client) => {
-            let operator = Operator::connect(&client).await?;
-            let request = operator.request(proto::ListNodesRequest {});
-            let listed = operator
-                .coordinator()
-                .list_nodes(request)
-                .await
-                .map_err(|status| operator.rpc_error(status))?
-                .into_inner();
+            let listed = Operators::new(&client)?
+                .call(Access::Read, |operator| async move {
+                    let request = operator.request(proto::ListNodesRequest {});
+                    operator.coordinator().list_nodes(request).await
+                })
+                .await?;
             output::write_nodes(out, client.output, &listed.nodes)?;
             // On stderr, so that stdout stays the table or the JSON array
             // that scripts already parse.
@@ -54,14 +63,14 @@ pub async fn run_nodes(command: NodesCommand, out: &mut impl Write) -> Result<()
             output::write_node(out, client.output, &node)?;
         }
         NodesCommand::Remove { node_id, client } => {
-            let operator = Operator::connect(&client).await?;
-            let request = operator.request(proto::RemoveNodeRequest { node_id });
-            let removed = operator
-                .coordinator()
-                .remove_node(request)
-                .await
-                .map_err(|status| operator.rpc_error(status))?
-                .into_inner();
+            let removed = Operators::new(&client)?
+                .call(Access::Write, |operator| {
+                    let request = operator.request(proto::RemoveNodeRequest {
+                        node_id: node_id.clone(),
+                    });
+                    async move { operator.coordinator().remove_node(request).await }
+                })
+                .await?;
             if let Some(node) = removed.node {
                 output::write_node(out, client.output, &node)?;
             }
@@ -71,25 +80,26 @@ pub async fn run_nodes(command: NodesCommand, out: &mut impl Write) -> Result<()
             reason,
             client,
         } => {
-            let operator = Operator::connect(&client).await?;
-            let request = operator.request(proto::DrainNodeRequest { node_id, reason });
-            let node = operator
-                .coordinator()
-                .drain_node(request)
-                .await
-                .map_err(|status| operator.rpc_error(status))?
-                .into_inner();
+            let node = Operators::new(&client)?
+                .call(Access::Write, |operator| {
+                    let request = operator.request(proto::DrainNodeRequest {
+                        node_id: node_id.clone(),
+                        reason: reason.clone(),
+                    });
+                    async move { operator.coordinator().drain_node(request).await }
+                })
+                .await?;
             output::write_node(out, client.output, &node)?;
         }
         NodesCommand::Undrain { node_id, client } => {
-            let operator = Operator::connect(&client).await?;
-            let request = operator.request(proto::UndrainNodeRequest { node_id });
-            let node = operator
-                .coordinator()
-                .undrain_node(request)
-                .await
-                .map_err(|status| operator.rpc_error(status))?
-                .into_inner();
+            let node = Operators::new(&client)?
+                .call(Access::Write, |operator| {
+                    let request = operator.request(proto::UndrainNodeRequest {
+                        node_id: node_id.clone(),
+                    });
+                    async move { operator.coordinator().undrain_node(request).await }
+                })
+                .await?;
             output::write_node(out, client.output, &node)?;
         }
         NodesCommand::Watch { since, client } => watch(&client, since, out).await?,
@@ -105,7 +115,8 @@ const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Prints every event from `since` on, for as long as the process runs:
 /// a dropped stream is resumed from the last revision printed, and a
 /// revision the coordinator no longer holds is answered by listing the
-/// fleet again from revision 0. Ends only on an error that retrying cannot
+/// fleet again from revision 0. A watch that fails moves on to the next
+/// coordinator of the list. Ends only on an error that retrying cannot
 /// fix (a refused token, a bad address) or when stdout is closed.
 async fn watch(
     client: &NodesClientConfig,
@@ -115,11 +126,14 @@ async fn watch(
     let mut resume_from = since;
     let mut backoff = WATCH_FIRST_BACKOFF;
     let mut database_id: Option<String> = None;
+    let operators = Operators::new(client)?;
+    let mut cursor = Cursor::new(&operators.urls);
     output::write_event_header(out, client.output)?;
     loop {
         let mut printed_any = false;
+        let url = operators.urls.get(cursor.current()).to_owned();
         let attempt = async {
-            let operator = Operator::connect(client).await?;
+            let operator = operators.connect(cursor.current()).await?;
             let request = operator.request(proto::WatchNodesRequest {
                 since_revision: resume_from,
             });
@@ -136,7 +150,7 @@ async fn watch(
                     .map_err(|status| operator.rpc_error(status))?;
                 let Some(event) = event else {
                     return Err(RunError::Rpc {
-                        url: client.coordinator.clone(),
+                        url: url.clone(),
                         code: tonic::Code::Unavailable,
                         message: "the watch ended without a status".to_owned(),
                     });
@@ -147,7 +161,7 @@ async fn watch(
                 {
                     // Revisions of another database say nothing about ours.
                     return Err(RunError::Rpc {
-                        url: client.coordinator.clone(),
+                        url: url.clone(),
                         code: tonic::Code::FailedPrecondition,
                         message: format!(
                             "the coordinator's database changed (database_id {known} is now {})",
@@ -192,7 +206,9 @@ async fn watch(
         }
         if printed_any {
             backoff = WATCH_FIRST_BACKOFF;
+            cursor.succeeded();
         }
+        let next = cursor.after_failure(&operators.urls, None).to();
         let pause = backoff.mul_f64(rand::random_range(0.5..=1.0));
         // Once events have flowed, a dropped connection is the coordinator
         // going away, not a TLS mismatch the generic advice suspects.
@@ -202,12 +218,19 @@ async fn watch(
             }
             other => other.to_string(),
         };
-        eprintln!(
-            "muster: watch interrupted ({why}); resuming after revision {resume_from} in {}",
-            humantime::format_duration(Duration::from_millis(
-                u64::try_from(pause.as_millis()).unwrap_or(u64::MAX)
-            ))
-        );
+        let pause_text = humantime::format_duration(Duration::from_millis(
+            u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+        ));
+        if operators.urls.len() > 1 {
+            eprintln!(
+                "muster: watch interrupted ({why}); resuming after revision {resume_from} from {} in {pause_text}",
+                operators.urls.get(next)
+            );
+        } else {
+            eprintln!(
+                "muster: watch interrupted ({why}); resuming after revision {resume_from} in {pause_text}"
+            );
+        }
         tokio::time::sleep(pause).await;
         backoff = (backoff * 2).min(WATCH_MAX_BACKOFF);
     }
@@ -221,19 +244,14 @@ async fn get_node(
     wait: Option<Duration>,
 ) -> Result<proto::Node, RunError> {
     let deadline = wait.map(|wait| Instant::now() + wait);
+    let operators = Operators::new(client)?;
     loop {
-        let attempt = async {
-            let operator = Operator::connect(client).await?;
+        let attempt = operators.call(Access::Read, |operator| {
             let request = operator.request(proto::GetNodeRequest {
                 node_id: node_id.clone(),
             });
-            operator
-                .coordinator()
-                .get_node(request)
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(|status| operator.rpc_error(status))
-        };
+            async move { operator.coordinator().get_node(request).await }
+        });
         let failure = match attempt.await {
             Ok(node) => return Ok(node),
             Err(failure) => failure,
@@ -257,7 +275,114 @@ async fn get_node(
     }
 }
 
-/// A connection to the coordinator, with the credentials to present.
+/// What a call does, which decides which coordinators may answer it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Any coordinator, a standby too, may answer.
+    Read,
+    /// Only the leader applies it; a standby names the leader.
+    Write,
+}
+
+/// The coordinators of `--coordinator`, with the credentials to present.
+struct Operators {
+    urls: CoordinatorUrls,
+    admin_token: Option<Token>,
+    tls: Option<Tls>,
+}
+
+impl Operators {
+    fn new(client: &NodesClientConfig) -> Result<Self, RunError> {
+        let urls = CoordinatorUrls::parse("--coordinator", &client.coordinator)?;
+        let admin_token = match &client.admin_token {
+            Some(token) => Some(token.clone()),
+            None => {
+                Token::from_optional_file("--admin-token-file", client.admin_token_file.as_deref())?
+            }
+        };
+        let tls = Tls::load(&client.tls)?;
+        for url in urls.urls() {
+            grpc::endpoint(url, tls.as_ref())?;
+        }
+        Ok(Self {
+            urls,
+            admin_token,
+            tls,
+        })
+    }
+
+    /// A connection to the coordinator at `index` of the list.
+    async fn connect(&self, index: usize) -> Result<Operator, RunError> {
+        let url = self.urls.get(index);
+        let endpoint = grpc::endpoint(url, self.tls.as_ref())?;
+        let channel = grpc::connect(endpoint, url, CONNECT_TIMEOUT).await?;
+        Ok(Operator {
+            url: url.to_owned(),
+            channel,
+            admin_token: self.admin_token.clone(),
+            tls: self.tls.clone(),
+        })
+    }
+
+    /// Makes `call` on the coordinators of the list as `access` allows (see
+    /// the module docs) until one answers, or all have failed; the error is
+    /// then the last coordinator's.
+    async fn call<T, F, Fut>(&self, access: Access, mut call: F) -> Result<T, RunError>
+    where
+        F: FnMut(Operator) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut cursor = Cursor::new(&self.urls);
+        let mut unhinted_moves = 0;
+        loop {
+            let (failure, hint) = match self.connect(cursor.current()).await {
+                Ok(operator) => match call(operator.clone()).await {
+                    Ok(response) => return Ok(response.into_inner()),
+                    Err(status) if elsewhere(access, &status) => {
+                        let hint = (access == Access::Write)
+                            .then(|| failover::leader_hint(&status))
+                            .flatten();
+                        (operator.rpc_error(status), hint)
+                    }
+                    Err(status) => return Err(operator.rpc_error(status)),
+                },
+                Err(
+                    failure @ (RunError::Connect { .. }
+                    | RunError::ConnectTimeout { .. }
+                    | RunError::Dropped { .. }),
+                ) => (failure, None),
+                Err(failure) => return Err(failure),
+            };
+            let switch = cursor.after_failure(&self.urls, hint.as_deref());
+            if !switch.immediate() {
+                unhinted_moves += 1;
+                if unhinted_moves >= self.urls.len() {
+                    return Err(failure);
+                }
+            }
+            eprintln!(
+                "muster: {failure}; asking {} ({})",
+                self.urls.get(switch.to()),
+                switch.reason()
+            );
+        }
+    }
+}
+
+/// Whether a call that failed with `status` may be made on another
+/// coordinator: one a standby refused, and a read whose connection broke.
+/// A write whose connection broke may have been applied, and is not sent
+/// again.
+fn elsewhere(access: Access, status: &Status) -> bool {
+    let broken = std::error::Error::source(status).is_some();
+    match access {
+        Access::Read => broken || status.code() == tonic::Code::Unavailable,
+        Access::Write => !broken && status.code() == tonic::Code::Unavailable,
+    }
+}
+
+/// A connection to one coordinator, with the credentials to present.
+#[derive(Clone)]
 struct Operator {
     url: String,
     channel: Channel,
@@ -266,25 +391,6 @@ struct Operator {
 }
 
 impl Operator {
-    async fn connect(client: &NodesClientConfig) -> Result<Self, RunError> {
-        validate_url("--coordinator", &client.coordinator)?;
-        let admin_token = match &client.admin_token {
-            Some(token) => Some(token.clone()),
-            None => {
-                Token::from_optional_file("--admin-token-file", client.admin_token_file.as_deref())?
-            }
-        };
-        let tls = Tls::load(&client.tls)?;
-        let endpoint = grpc::endpoint(&client.coordinator, tls.as_ref())?;
-        let channel = grpc::connect(endpoint, &client.coordinator, CONNECT_TIMEOUT).await?;
-        Ok(Self {
-            url: client.coordinator.clone(),
-            channel,
-            admin_token,
-            tls,
-        })
-    }
-
     fn coordinator(&self) -> CoordinatorClient<Channel> {
         CoordinatorClient::new(self.channel.clone())
     }
@@ -311,7 +417,12 @@ impl Operator {
                 "{}; give the admin token with --admin-token-file, or MUSTER_ADMIN_TOKEN in the environment",
                 status.message()
             )),
-            _ => None,
+            _ => failover::leader_hint(&status).map(|leader| {
+                format!(
+                    "{}; the leader is {leader} (add it to --coordinator)",
+                    status.message()
+                )
+            }),
         };
         rpc_failure(&self.url, self.tls.as_ref(), &status, hint)
     }

@@ -35,8 +35,9 @@ use crate::{
     config::SwarmConfig,
     connections::{self, ConnectionLimits},
     error::{InvalidInput, RunError},
+    failover::CoordinatorUrls,
     grpc, limits,
-    node::{Claim, Gpu, GpuInventory, NodeId, validate_url},
+    node::{Claim, Gpu, GpuInventory, NodeId},
     proto::agent_server::AgentServer,
 };
 
@@ -55,7 +56,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs the swarm until `shutdown` is cancelled or `--duration` has passed.
 pub async fn run(config: SwarmConfig, shutdown: CancellationToken) -> Result<(), RunError> {
-    validate_url("--coordinator", &config.coordinator)?;
+    let coordinators = CoordinatorUrls::parse("--coordinator", &config.coordinator)?;
     check_capacity(&config)?;
     let (listener, address) = grpc::bind(config.listen).await?;
     let hostname = gethostname::gethostname().to_string_lossy().into_owned();
@@ -91,7 +92,9 @@ pub async fn run(config: SwarmConfig, shutdown: CancellationToken) -> Result<(),
             None,
         ));
         let link = reconnect::Link {
-            coordinator: endpoint(&config, index)?,
+            coordinators: reconnect::Coordinators::new(coordinators.clone(), |url| {
+                endpoint(&config, url, index)
+            })?,
             register,
             // The sender is dropped: the inventory never changes.
             gpus: watch::channel(gpus).1,
@@ -203,10 +206,11 @@ fn synthetic_gpus(number: u32, count: u8) -> Result<GpuInventory, InvalidInput> 
     GpuInventory::new("--gpus-per-agent", gpus)
 }
 
-/// The connection of agent `index`, from its share of the source addresses.
-fn endpoint(config: &SwarmConfig, index: u32) -> Result<Endpoint, InvalidInput> {
+/// The connection of agent `index` to the coordinator at `url`, from its
+/// share of the source addresses.
+fn endpoint(config: &SwarmConfig, url: &str, index: u32) -> Result<Endpoint, InvalidInput> {
     let source = u32::from(FIRST_SOURCE_ADDRESS) + index % u32::from(config.source_addresses);
-    Ok(Endpoint::from_shared(config.coordinator.clone())
+    Ok(Endpoint::from_shared(url.to_owned())
         .map_err(|e| InvalidInput::new("--coordinator", e.to_string()))?
         .tcp_nodelay(true)
         .local_address(Some(IpAddr::V4(Ipv4Addr::from(source)))))
