@@ -135,7 +135,7 @@ impl From<ServiceError> for Status {
         {
             status
                 .metadata_mut()
-                .insert(crate::grpc::LEADER_METADATA, url);
+                .insert(crate::failover::LEADER_METADATA, url);
         }
         status
     }

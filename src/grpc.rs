@@ -50,10 +50,6 @@ pub const PROBE_METADATA: &str = "x-muster-probe";
 /// Response metadata of every coordinator answer: `leader` or `standby`.
 pub const ROLE_METADATA: &str = "x-muster-role";
 
-/// Response metadata of a coordinator that refused a call only the leader
-/// serves: the leader's URL, when one is known.
-pub const LEADER_METADATA: &str = "x-muster-leader";
-
 /// The largest request message our services accept. Every valid message is
 /// far smaller; anything bigger is refused before it is decoded.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -367,8 +363,7 @@ where
 }
 
 fn stamp_role<R>(role: &'static str, response: &mut http::Response<R>) {
-    response.headers_mut().insert(
-        ROLE_METADATA,
-        http::HeaderValue::from_static(role),
-    );
+    response
+        .headers_mut()
+        .insert(ROLE_METADATA, http::HeaderValue::from_static(role));
 }

@@ -211,7 +211,9 @@ pub(super) async fn campaign(process: &Process) -> Result<Option<u64>, String> {
             Ok(Some(epoch))
         }
         Campaign::Lost { leader } => {
-            process.roles.follow(leader.as_ref(), "another coordinator leads");
+            process
+                .roles
+                .follow(leader.as_ref(), "another coordinator leads");
             Ok(None)
         }
     }

@@ -521,7 +521,12 @@ mod tests {
         .unwrap();
         let (leases, queue) = Leases::new(pool);
         let stop = CancellationToken::new();
-        tokio::spawn(write(store.clone(), queue, Deposal::default(), stop.clone()));
+        tokio::spawn(write(
+            store.clone(),
+            queue,
+            Deposal::default(),
+            stop.clone(),
+        ));
         (leases, store, stop)
     }
 

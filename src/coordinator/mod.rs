@@ -319,7 +319,12 @@ pub async fn start(
         },
     )
     .await?;
-    let own_url = advertised_url(&config, address, tls.is_some(), store.arbitrates_leadership())?;
+    let own_url = advertised_url(
+        &config,
+        address,
+        tls.is_some(),
+        store.arbitrates_leadership(),
+    )?;
     let roles = role::Roles::new(own_url, shutdown.clone());
     let server = grpc::server_in_role(
         tls.as_ref(),

@@ -40,11 +40,13 @@ impl PoolService {
     fn require_admin<T>(&self, request: &Request<T>) -> Result<(), ServiceError> {
         let authorization = request.metadata().get(auth::AUTHORIZATION_METADATA);
         let authorization = authorization.map(|value| value.as_bytes());
-        auth::require_admin_token(self.process.admin_token.as_ref(), authorization).map_err(|denied| {
-            metrics::counter!("muster_admin_requests_refused_total").increment(1);
-            warn!(peer = ?request.remote_addr(), %denied, "refused a Pool call");
-            ServiceError::from(denied)
-        })
+        auth::require_admin_token(self.process.admin_token.as_ref(), authorization).map_err(
+            |denied| {
+                metrics::counter!("muster_admin_requests_refused_total").increment(1);
+                warn!(peer = ?request.remote_addr(), %denied, "refused a Pool call");
+                ServiceError::from(denied)
+            },
+        )
     }
 }
 

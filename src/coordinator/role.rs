@@ -194,7 +194,7 @@ mod tests {
         assert_eq!(
             refused
                 .metadata()
-                .get(grpc::LEADER_METADATA)
+                .get(crate::failover::LEADER_METADATA)
                 .and_then(|url| url.to_str().ok()),
             Some("http://10.0.0.2:7700")
         );
@@ -204,9 +204,17 @@ mod tests {
     #[test]
     fn an_expired_leader_is_no_hint() {
         let roles = Roles::new("http://10.0.0.1:7700".to_owned(), CancellationToken::new());
-        roles.follow(Some(&leader("http://10.0.0.2:7700", Duration::ZERO)), "test");
+        roles.follow(
+            Some(&leader("http://10.0.0.2:7700", Duration::ZERO)),
+            "test",
+        );
         let refused = roles.refuse("/muster.v1.Coordinator/DrainNode").unwrap();
-        assert!(refused.metadata().get(grpc::LEADER_METADATA).is_none());
+        assert!(
+            refused
+                .metadata()
+                .get(crate::failover::LEADER_METADATA)
+                .is_none()
+        );
     }
 
     #[test]

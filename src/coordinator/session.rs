@@ -583,13 +583,12 @@ mod serve_loop {
             let (messages, inbound) = mpsc::channel(64);
             let (outbound, acks) = mpsc::channel(ACKS_QUEUED);
             let shutdown = CancellationToken::new();
-            let session =
-                tokio::spawn(session.run(
-                    ReceiverStream::new(inbound),
-                    outbound,
-                    shutdown.clone(),
-                    || ServiceError::ShuttingDown,
-                ));
+            let session = tokio::spawn(session.run(
+                ReceiverStream::new(inbound),
+                outbound,
+                shutdown.clone(),
+                || ServiceError::ShuttingDown,
+            ));
             Self {
                 messages,
                 acks,

@@ -95,7 +95,10 @@ pub(super) struct RowsView(Mutex<proto::ListNodesResponse>);
 
 impl RowsView {
     pub(super) fn get(&self) -> proto::ListNodesResponse {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn set(&self, nodes: proto::ListNodesResponse) {
@@ -112,7 +115,9 @@ pub(super) async fn follow_event_log(store: Store, rows: Arc<RowsView>, stop: Ca
         }
         match list_nodes(&store).await {
             Ok(nodes) => rows.set(nodes),
-            Err(error) => debug!(error = %display_chain(&error), "cannot read the rows; will retry"),
+            Err(error) => {
+                debug!(error = %display_chain(&error), "cannot read the rows; will retry")
+            }
         }
         tokio::select! {
             () = stop.cancelled() => return,
