@@ -136,11 +136,17 @@ async fn lead(process: &Process, mut leading: Leading) -> Result<Option<Leading>
             }
         }
     };
-    // Agents told to go elsewhere must hear it from a standby.
-    process.stop_leading(&why);
+    // Sessions are ended with the new leader's URL when the database can
+    // name it at once; without it, agents try their next URL.
+    let lookup = Duration::from_secs(1).min(lease / 5);
+    let leader = tokio::time::timeout(lookup, process.store.leader()).await;
+    let reached = matches!(leader, Ok(Ok(_)));
+    let leader = leader.ok().and_then(Result::ok).flatten();
+    process.stop_leading(leader.as_ref(), &why);
     metrics::counter!("muster_leadership_lost_total").increment(1);
     leading.term.stop().await;
     process.readiness.end_term().await;
+    process.readiness.standby_database(reached).await;
     Ok(None)
 }
 

@@ -193,8 +193,8 @@ impl Process {
         self.roles.lead(shared.epoch);
     }
 
-    fn stop_leading(&self, why: &str) {
-        self.roles.follow(None, why);
+    fn stop_leading(&self, leader: Option<&crate::store::Leader>, why: &str) {
+        self.roles.follow(leader, why);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = None;
     }
 }
