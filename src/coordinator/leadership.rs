@@ -80,10 +80,7 @@ pub(super) async fn run(process: Arc<Process>, first: Option<Leading>) -> Result
     loop {
         leading = match leading {
             Some(leading) => lead(&process, leading).await?,
-            None => match stand_by(&process).await {
-                Some(leading) => Some(leading),
-                None => return Ok(()),
-            },
+            None => stand_by(&process).await,
         };
         if leading.is_none() && process.shutdown.is_cancelled() {
             return Ok(());
@@ -150,8 +147,8 @@ async fn lead(process: &Process, mut leading: Leading) -> Result<Option<Leading>
     Ok(None)
 }
 
-/// Serves as a standby and campaigns every third of the lease; `None` at
-/// shutdown.
+/// Serves as a standby and campaigns every third of the lease until it
+/// wins; `None` at shutdown, or when the won term could not start.
 async fn stand_by(process: &Process) -> Option<Leading> {
     let lease = process.config.leader_lease;
     let follower_stop = CancellationToken::new();
