@@ -8,7 +8,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{auth::Token, error::InvalidInput, tls::TlsArgs};
 
+mod database;
 pub mod file;
+
+pub use database::{Database, DatabaseParser, InvalidDatabase, PostgresUrl};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -153,11 +156,13 @@ pub struct CoordinatorConfig {
     )]
     pub listen: SocketAddr,
 
-    /// SQLite database file, migrated if needed; created (and logged) only
-    /// where no file exists; locked through `<db>.lock` while the
-    /// coordinator runs.
-    #[arg(long, env = "MUSTER_DB", default_value = "muster.db")]
-    pub db: PathBuf,
+    /// The database: a SQLite file (migrated if needed; created, and
+    /// logged, only where no file exists; locked through `<db>.lock` while
+    /// the coordinator runs), or a `postgres://user:password@host:port/name`
+    /// URL (migrated if needed; shareable by several coordinators). The
+    /// password is never logged.
+    #[arg(long, env = "MUSTER_DB", default_value = "muster.db", value_parser = DatabaseParser)]
+    pub db: Database,
 
     /// How often agents send a heartbeat.
     #[arg(long, env = "MUSTER_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
@@ -886,7 +891,7 @@ mod tests {
     fn coordinator_defaults() {
         let config = coordinator(&[]).unwrap();
         assert_eq!(config.listen, "0.0.0.0:7700".parse().unwrap());
-        assert_eq!(config.db, PathBuf::from("muster.db"));
+        assert_eq!(config.db, Database::Sqlite(PathBuf::from("muster.db")));
         assert_eq!(config.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(config.offline_after, Duration::from_secs(15));
         assert_eq!(config.expire_after, Duration::from_secs(24 * 3600));

@@ -4,8 +4,8 @@
 //! that a newer one has deposed (an older `leader_epoch`). An agent follows
 //! a hint at once, skips a coordinator it cannot reach, ignores a hint to a
 //! URL outside its list and refuses a deposed leader; the CLI reads from
-//! whichever coordinator answers and sends writes to the leader a standby
-//! names.
+//! whichever coordinator answers, sends writes to the leader a standby
+//! names, and moves a watch on to the next coordinator when its own dies.
 
 mod common;
 
@@ -515,6 +515,7 @@ async fn a_bad_coordinator_list_is_refused_naming_the_flag() {
                 "--state-dir",
                 &state_dir,
             ]),
+            strings(&["swarm", "--coordinator", list, "--agents", "1"]),
         ] {
             let output = muster(&command).await;
             assert!(!output.status.success(), "{command:?}");
@@ -522,4 +523,60 @@ async fn a_bad_coordinator_list_is_refused_naming_the_flag() {
             assert!(stderr.contains("--coordinator"), "{command:?}: {stderr}");
         }
     }
+}
+
+/// Node ids that `muster nodes watch --output json` printed to `out`.
+fn watched_nodes(out: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|event| event["node"]["node_id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_moves_on_to_the_next_coordinator_when_its_own_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first_dir, second_dir) = (dir.path().join("first"), dir.path().join("second"));
+    std::fs::create_dir_all(&first_dir).unwrap();
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let (mut first, _first_agent) = coordinator_with_agent(&first_dir, "on-first").await;
+    // Its own database, unlike real standbys: its first bookmark tells the
+    // watch so, and the watch lists the fleet again from revision 0.
+    let second = Coordinator::start(
+        &second_dir.join("muster.db"),
+        "127.0.0.1:0",
+        &[FAST_TIMING, &["--watch-bookmark-interval", "200ms"]].concat(),
+    );
+    let _second_agent = start_agent(&second.url(), "on-second", &second_dir.join("agent"));
+    wait_for_state(&second.url(), &["on-second"], NodeState::Online, QUICKLY).await;
+    let out = dir.path().join("watch.json");
+    let list = format!("{},{}", first.url(), second.url());
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args(["nodes", "watch", "--output", "json", "--coordinator", &list])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(out.with_extension("stderr")).unwrap())
+        .spawn()
+        .expect("spawn muster nodes watch");
+    wait_for("the first coordinator's node", QUICKLY, || {
+        let seen = watched_nodes(&out).contains(&"on-first".to_owned());
+        async move { seen.then_some(()) }
+    })
+    .await;
+    assert!(!watched_nodes(&out).contains(&"on-second".to_owned()));
+
+    first.process.kill();
+    wait_for("the second coordinator's node", QUICKLY, || {
+        let seen = watched_nodes(&out).contains(&"on-second".to_owned());
+        async move { seen.then_some(()) }
+    })
+    .await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let stderr = std::fs::read_to_string(out.with_extension("stderr")).unwrap();
+    assert!(
+        stderr.contains(&format!("from {}", second.url())),
+        "{stderr}"
+    );
 }

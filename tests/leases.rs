@@ -266,10 +266,15 @@ async fn bad_input_drains_and_expiry_are_answered_with_clear_statuses() {
         .expect("releasing an unknown lease is fine");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leases_survive_a_sigkill_of_the_coordinator_and_generations_keep_rising() {
+async fn leases_survive_a_sigkill_of_the_coordinator_and_generations_keep_rising(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("muster.db");
+    let Some(database) = backend.database(
+        dir.path(),
+        "leases::leases_survive_a_sigkill_of_the_coordinator_and_generations_keep_rising",
+    ) else {
+        return;
+    };
+    let db = database.db.clone();
     let mut coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
     let url = coordinator.url();
     let address = url.trim_start_matches("http://").to_owned();
@@ -503,3 +508,6 @@ async fn a_revoked_lease_its_holder_keeps_is_freed_by_the_revoke_grace() {
         .expect_err("a freed lease cannot be renewed");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 }
+
+// The scenario across a restart, on SQLite and on PostgreSQL.
+on_every_backend!(leases_survive_a_sigkill_of_the_coordinator_and_generations_keep_rising);

@@ -36,10 +36,23 @@ fn json(output: &Output) -> serde_json::Value {
     serde_json::from_str(&stdout(output)).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_drain_shows_in_list_and_get_survives_a_restart_and_undrain_clears_it() {
+async fn a_drain_shows_in_list_and_get_survives_a_restart_and_undrain_clears_it(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (mut coordinator, _agent) = coordinator_with_agent(dir.path(), "gpu-1").await;
+    let Some(database) = backend.database(
+        dir.path(),
+        "lifecycle::a_drain_shows_in_list_and_get_survives_a_restart_and_undrain_clears_it",
+    ) else {
+        return;
+    };
+    let mut coordinator = Coordinator::start(&database.db, "127.0.0.1:0", FAST_TIMING);
+    let _agent = start_agent(&coordinator.url(), "gpu-1", &dir.path().join("gpu-1"));
+    wait_for_state(
+        &coordinator.url(),
+        &["gpu-1"],
+        NodeState::Online,
+        START_DEADLINE,
+    )
+    .await;
     let url = coordinator.url();
 
     let drained = json(&muster(
@@ -186,12 +199,17 @@ fn start_leaving_agent(url: &str, dir: &Path) -> Process {
     start_agent(url, "gpu-1", &dir.join("gpu-1"))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_agent_stopped_with_sigterm_leaves_and_its_node_expires_from_then() {
+async fn an_agent_stopped_with_sigterm_leaves_and_its_node_expires_from_then(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
+    let Some(database) = backend.database(
+        dir.path(),
+        "lifecycle::an_agent_stopped_with_sigterm_leaves_and_its_node_expires_from_then",
+    ) else {
+        return;
+    };
     let expire = ["--expire-after", "6s"];
     let extra = [FAST_TIMING, &expire].concat();
-    let mut coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", &extra);
+    let mut coordinator = Coordinator::start(&database.db, "127.0.0.1:0", &extra);
     let url = coordinator.url();
     let agent = start_leaving_agent(&url, dir.path());
     let online = wait_for_state(&url, &["gpu-1"], NodeState::Online, START_DEADLINE).await;
@@ -263,3 +281,9 @@ async fn an_agent_restarted_after_leaving_is_online_and_a_sigkilled_one_is_offli
         "a SIGKILLed agent says nothing"
     );
 }
+
+// The scenarios across a restart, on SQLite and on PostgreSQL.
+on_every_backend!(
+    a_drain_shows_in_list_and_get_survives_a_restart_and_undrain_clears_it,
+    an_agent_stopped_with_sigterm_leaves_and_its_node_expires_from_then,
+);

@@ -1,5 +1,6 @@
 //! Coordinator restarts: nodes are reloaded as UNKNOWN, proven alive by
-//! Status probes, and never lost, without any agent being touched.
+//! Status probes, and never lost, without any agent being touched. Every
+//! scenario runs on SQLite and on PostgreSQL.
 
 mod common;
 
@@ -29,8 +30,8 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn start(dir: &std::path::Path) -> Self {
-        let coordinator = Coordinator::start(&dir.join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+    async fn start(dir: &std::path::Path, db: &std::path::Path) -> Self {
+        let coordinator = Coordinator::start(db, "127.0.0.1:0", FAST_TIMING);
         let agents = vec![
             start_agent(&coordinator.url(), "gpu-1", &dir.join("a1")),
             start_agent(&coordinator.url(), "gpu-2", &dir.join("a2")),
@@ -107,10 +108,14 @@ impl Fleet {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_killed_coordinator_recovers_every_node_on_the_same_port_without_touching_agents() {
+async fn a_killed_coordinator_recovers_every_node_on_the_same_port_without_touching_agents(
+    backend: Backend,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let mut fleet = Fleet::start(dir.path()).await;
+    let Some(database) = backend.database(dir.path(), "recovery::a_killed_coordinator_recovers_every_node_on_the_same_port_without_touching_agents") else {
+        return;
+    };
+    let mut fleet = Fleet::start(dir.path(), &database.db).await;
     let agent_pids: Vec<u32> = fleet.agents.iter().map(Process::pid).collect();
     for _ in 0..3 {
         fleet.kill_and_restart_coordinator().await;
@@ -132,10 +137,17 @@ fn parse_debug_duration(text: &str) -> Option<Duration> {
     secs.parse::<f64>().ok().map(Duration::from_secs_f64)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_agent_waiting_out_a_long_backoff_re_registers_as_soon_as_it_is_probed() {
+async fn an_agent_waiting_out_a_long_backoff_re_registers_as_soon_as_it_is_probed(
+    backend: Backend,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let mut fleet = Fleet::start(dir.path()).await;
+    let Some(database) = backend.database(
+        dir.path(),
+        "recovery::an_agent_waiting_out_a_long_backoff_re_registers_as_soon_as_it_is_probed",
+    ) else {
+        return;
+    };
+    let mut fleet = Fleet::start(dir.path(), &database.db).await;
     let listen = fleet.coordinator.process.address.to_string();
     let db = fleet.coordinator.db.clone();
     fleet.coordinator.process.kill();
@@ -165,10 +177,17 @@ async fn an_agent_waiting_out_a_long_backoff_re_registers_as_soon_as_it_is_probe
     eprintln!("re-registered although the backoff had {asleep_for:?} to run");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_coordinator_frozen_past_offline_after_shows_no_node_offline_when_it_resumes() {
+async fn a_coordinator_frozen_past_offline_after_shows_no_node_offline_when_it_resumes(
+    backend: Backend,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = Fleet::start(dir.path()).await;
+    let Some(database) = backend.database(
+        dir.path(),
+        "recovery::a_coordinator_frozen_past_offline_after_shows_no_node_offline_when_it_resumes",
+    ) else {
+        return;
+    };
+    let fleet = Fleet::start(dir.path(), &database.db).await;
     // Longer than offline-after (3 s) and than the agents' patience (three
     // 500 ms intervals): agents give up on their streams and reconnect.
     let freeze = Duration::from_secs(4);
@@ -176,7 +195,7 @@ async fn a_coordinator_frozen_past_offline_after_shows_no_node_offline_when_it_r
     tokio::time::sleep(freeze).await;
     fleet.coordinator.process.signal(Signal::SIGCONT);
     fleet.expect_stable_and_re_registered().await;
-    let stored = Store::open(&fleet.coordinator.db)
+    let stored = Store::open(store_database(&fleet.coordinator.db))
         .await
         .unwrap()
         .load_nodes()
@@ -188,10 +207,15 @@ async fn a_coordinator_frozen_past_offline_after_shows_no_node_offline_when_it_r
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn time_the_coordinator_stood_still_is_not_held_against_nodes() {
+async fn time_the_coordinator_stood_still_is_not_held_against_nodes(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let fleet = Fleet::start(dir.path()).await;
+    let Some(database) = backend.database(
+        dir.path(),
+        "recovery::time_the_coordinator_stood_still_is_not_held_against_nodes",
+    ) else {
+        return;
+    };
+    let fleet = Fleet::start(dir.path(), &database.db).await;
     // Freeze an agent, then the coordinator, so that no heartbeat is waiting
     // when the coordinator resumes: only the allowance for its own stall keeps
     // the node from being judged at once on a deadline that passed while the
@@ -220,10 +244,15 @@ async fn time_the_coordinator_stood_still_is_not_held_against_nodes() {
     fleet.agents[0].signal(Signal::SIGCONT);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn reloaded_nodes_are_unknown_until_a_probe_proves_them_alive() {
+async fn reloaded_nodes_are_unknown_until_a_probe_proves_them_alive(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("muster.db");
+    let Some(database) = backend.database(
+        dir.path(),
+        "recovery::reloaded_nodes_are_unknown_until_a_probe_proves_them_alive",
+    ) else {
+        return;
+    };
+    let db = database.db.clone();
     let slow_offline = [
         "--heartbeat-interval",
         "200ms",
@@ -266,10 +295,15 @@ async fn reloaded_nodes_are_unknown_until_a_probe_proves_them_alive() {
     drop(agent);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_probe_that_reaches_a_different_node_is_rejected() {
+async fn a_probe_that_reaches_a_different_node_is_rejected(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("muster.db");
+    let Some(database) = backend.database(
+        dir.path(),
+        "recovery::a_probe_that_reaches_a_different_node_is_rejected",
+    ) else {
+        return;
+    };
+    let db = database.db.clone();
     let mut first = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
     let impostor = start_agent(&first.url(), "gpu-1", &dir.path().join("a1"));
     wait_for_state(&first.url(), &["gpu-1"], NodeState::Online, START_DEADLINE).await;
@@ -347,17 +381,37 @@ async fn a_probe_that_reaches_a_different_node_is_rejected() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_registration_is_committed_before_it_is_acknowledged() {
+async fn a_registration_is_committed_before_it_is_acknowledged(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("muster.db");
+    let Some(database) = backend.database(
+        dir.path(),
+        "recovery::a_registration_is_committed_before_it_is_acknowledged",
+    ) else {
+        return;
+    };
+    let db = database.db.clone();
     let mut coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
     let (_stream, generation) =
         RawStream::register(&coordinator.url(), "gpu-9", "http://127.0.0.1:9", "b").await;
     coordinator.process.kill();
 
-    let stored = Store::open(&db).await.unwrap().load_nodes().await.unwrap();
+    let stored = Store::open(store_database(&db))
+        .await
+        .unwrap()
+        .load_nodes()
+        .await
+        .unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].registration.node_id.as_str(), "gpu-9");
     assert_eq!(stored[0].generation, generation);
 }
+
+on_every_backend!(
+    a_killed_coordinator_recovers_every_node_on_the_same_port_without_touching_agents,
+    an_agent_waiting_out_a_long_backoff_re_registers_as_soon_as_it_is_probed,
+    a_coordinator_frozen_past_offline_after_shows_no_node_offline_when_it_resumes,
+    time_the_coordinator_stood_still_is_not_held_against_nodes,
+    reloaded_nodes_are_unknown_until_a_probe_proves_them_alive,
+    a_probe_that_reaches_a_different_node_is_rejected,
+    a_registration_is_committed_before_it_is_acknowledged,
+);

@@ -469,3 +469,24 @@ fn rpc_failure(
         message,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_move_on_after_any_failure_to_answer_and_writes_only_after_a_refusal() {
+        let refused = Status::unavailable("standby");
+        let broken = Status::from_error(Box::new(std::io::Error::other("reset")));
+        let denied = Status::permission_denied("no");
+        assert!(elsewhere(Access::Read, &refused));
+        assert!(elsewhere(Access::Read, &broken));
+        assert!(!elsewhere(Access::Read, &denied));
+        assert!(elsewhere(Access::Write, &refused));
+        assert!(
+            !elsewhere(Access::Write, &broken),
+            "a write whose connection broke may have been applied"
+        );
+        assert!(!elsewhere(Access::Write, &denied));
+    }
+}

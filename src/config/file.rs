@@ -278,6 +278,11 @@ fn toml_value(arg: &Arg, raw: &[&OsStr]) -> toml::Value {
             text.parse().ok().map(toml::Value::Boolean)
         } else if parser == std::any::TypeId::of::<f64>() {
             text.parse().ok().map(toml::Value::Float)
+        } else if parser == std::any::TypeId::of::<super::Database>() {
+            // A PostgreSQL URL's password is printed as `***`.
+            super::Database::parse(&text)
+                .ok()
+                .map(|db| toml::Value::String(db.to_string()))
         } else {
             None
         };

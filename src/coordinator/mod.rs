@@ -269,7 +269,8 @@ pub struct RunningCoordinator {
     serve: JoinHandle<Result<(), RunError>>,
     leadership: JoinHandle<Result<(), RunError>>,
     process: Arc<Process>,
-    database_lock: DatabaseLock,
+    /// The SQLite file's lock; PostgreSQL needs none.
+    database_lock: Option<DatabaseLock>,
 }
 
 /// Runs a coordinator until `shutdown` is cancelled.
@@ -309,9 +310,12 @@ pub async fn start(
     };
     // Held until supervision ends; the kernel releases it if the process
     // dies.
-    let database_lock = DatabaseLock::acquire(&config.db, address).await?;
+    let database_lock = match config.db.sqlite_path() {
+        Some(path) => Some(DatabaseLock::acquire(path, address).await?),
+        None => None,
+    };
     let store = Store::open_with(
-        &config.db,
+        config.db.clone(),
         EventSettings {
             keep_events: config.event_history_events,
             keep_for: config.event_history_age,
@@ -434,7 +438,7 @@ pub async fn start(
         %boot_id,
         role = process.roles.role().as_str(),
         advertise_url = %process.roles.own_url(),
-        db = %config.db.display(),
+        db = %config.db,
         tls = process.tls.is_some(),
         join_token = process.join_token.is_some(),
         admin_token = process.admin_token.is_some(),

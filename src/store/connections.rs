@@ -9,7 +9,10 @@
 //! - After a failed write, every pooled connection is dropped and the next
 //!   write opens a fresh one. SQLite opens a file it cannot write read-only,
 //!   and such a connection stays read-only after the file becomes writable
-//!   again; a fresh one sees the file as it is now. The exception is a
+//!   again; a fresh one sees the file as it is now. A PostgreSQL connection
+//!   that failed may be dead (the server restarted, the network dropped
+//!   it); a fresh one reconnects, so the store recovers by itself once the
+//!   server is back. The exception is a
 //!   database file gone from its path: the open connections keep it, and
 //!   are the ones that can write to it again if it is put back.
 //! - Only connections of the current pool speak for availability. A write
@@ -24,10 +27,10 @@ use std::{
     time::Duration,
 };
 
-use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::r2d2::Pool;
 use tokio::sync::watch;
 
-use super::{ConnectionSettings, PooledSqlite, SqlitePool, StoreError};
+use super::{DbPool, Manager, PooledDb, StoreError, Target};
 use crate::error::display_chain;
 
 const POOL_SIZE: u32 = 4;
@@ -44,7 +47,7 @@ pub enum Availability {
 }
 
 pub(super) struct Connections {
-    url: String,
+    target: Target,
     pool: RwLock<Generation>,
     availability: watch::Sender<Availability>,
 }
@@ -52,25 +55,25 @@ pub(super) struct Connections {
 /// A pool and how many pools came before it.
 struct Generation {
     number: u64,
-    pool: SqlitePool,
+    pool: DbPool,
 }
 
 impl Connections {
     /// Opens the pool, waiting until its first connection is established.
-    pub(super) fn open(url: String) -> Result<Self, StoreError> {
-        let pool = builder().build(ConnectionManager::new(url.clone()))?;
+    pub(super) fn open(target: Target) -> Result<Self, StoreError> {
+        let pool = builder().build(Manager::new(target.clone()))?;
         Ok(Self {
-            url,
+            target,
             pool: RwLock::new(Generation { number: 0, pool }),
             availability: watch::Sender::new(Availability::Available),
         })
     }
 
-    pub(super) fn get(&self) -> Result<PooledSqlite, StoreError> {
+    pub(super) fn get(&self) -> Result<PooledDb, StoreError> {
         Ok(self.current().1.get()?)
     }
 
-    fn current(&self) -> (u64, SqlitePool) {
+    fn current(&self) -> (u64, DbPool) {
         let generation = self.pool.read().unwrap_or_else(PoisonError::into_inner);
         (generation.number, generation.pool.clone())
     }
@@ -78,7 +81,7 @@ impl Connections {
     /// Runs `write` on a connection and reports its outcome.
     pub(super) fn write<T>(
         &self,
-        write: impl FnOnce(&mut PooledSqlite) -> Result<T, StoreError>,
+        write: impl FnOnce(&mut PooledDb) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let (generation, pool) = self.current();
         let outcome = pool
@@ -103,7 +106,8 @@ impl Connections {
             }
             Some(error) if error.is_unavailable() => {
                 metrics::counter!("muster_store_write_failures_total").increment(1);
-                if !error.is_file_gone() {
+                // A deposed leader's connections are sound.
+                if !error.is_file_gone() && !matches!(error, StoreError::Fenced { .. }) {
                     self.reconnect();
                 }
                 let cause = display_chain(error);
@@ -126,17 +130,16 @@ impl Connections {
     /// Replaces the pool with one that has no connection yet; connections
     /// of the old one close as soon as their holders return them.
     fn reconnect(&self) {
-        let fresh = builder().build_unchecked(ConnectionManager::new(self.url.clone()));
+        let fresh = builder().build_unchecked(Manager::new(self.target.clone()));
         let mut generation = self.pool.write().unwrap_or_else(PoisonError::into_inner);
         generation.number += 1;
         generation.pool = fresh;
     }
 }
 
-fn builder() -> diesel::r2d2::Builder<ConnectionManager<diesel::SqliteConnection>> {
+fn builder() -> diesel::r2d2::Builder<Manager> {
     Pool::builder()
         .max_size(POOL_SIZE)
         .min_idle(Some(1))
         .connection_timeout(CONNECTION_TIMEOUT)
-        .connection_customizer(Box::new(ConnectionSettings))
 }

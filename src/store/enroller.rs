@@ -45,13 +45,13 @@ pub(super) struct Enroller {
 impl Enroller {
     pub(super) fn start(
         connections: Arc<Connections>,
-        file: Arc<DatabaseFile>,
+        file: Option<Arc<DatabaseFile>>,
         events: Arc<EventLog>,
     ) -> Result<Self, StoreError> {
         let (requests, receiver) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("muster-enroll".to_owned())
-            .spawn(move || serve(&connections, &file, &events, receiver))
+            .spawn(move || serve(&connections, file.as_deref(), &events, receiver))
             .map_err(StoreError::EnrollerStart)?;
         Ok(Self { requests })
     }
@@ -79,7 +79,7 @@ impl Enroller {
 
 fn serve(
     connections: &Connections,
-    file: &DatabaseFile,
+    file: Option<&DatabaseFile>,
     events: &EventLog,
     mut requests: mpsc::Receiver<Request>,
 ) {
@@ -97,7 +97,12 @@ fn serve(
     }
 }
 
-fn commit(connections: &Connections, file: &DatabaseFile, events: &EventLog, batch: Vec<Request>) {
+fn commit(
+    connections: &Connections,
+    file: Option<&DatabaseFile>,
+    events: &EventLog,
+    batch: Vec<Request>,
+) {
     let now = SystemTime::now();
     let together = connections.write(|conn| {
         events.transaction(file, conn, now, |conn, recorder| {

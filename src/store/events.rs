@@ -23,7 +23,9 @@ use prost::Message;
 
 use super::{
     StoreError,
+    backend::{Db, write_transaction},
     file::DatabaseFile,
+    leadership::Fence,
     rows::{DrainRow, NodeRow},
     schema::{event_log, known_nodes, node_events},
 };
@@ -68,6 +70,7 @@ pub(super) struct EventLog {
     hub: Arc<EventHub>,
     order: Mutex<()>,
     settings: EventSettings,
+    fence: Fence,
 }
 
 /// Events recorded during one transaction, given revisions when it ends.
@@ -88,10 +91,7 @@ impl Recorder {
 
 impl EventLog {
     /// Reads the database's identity and latest revision, and starts the hub.
-    pub(super) fn open(
-        conn: &mut SqliteConnection,
-        settings: EventSettings,
-    ) -> Result<Self, StoreError> {
+    pub(super) fn open(conn: &mut Db, settings: EventSettings) -> Result<Self, StoreError> {
         let (last_revision, database_id): (i64, String) = event_log::table
             .select((event_log::last_revision, event_log::database_id))
             .first(conn)?;
@@ -104,11 +104,16 @@ impl EventLog {
             hub: Arc::new(hub),
             order: Mutex::new(()),
             settings,
+            fence: Fence::default(),
         })
     }
 
     pub(super) fn hub(&self) -> &Arc<EventHub> {
         &self.hub
+    }
+
+    pub(super) fn fence(&self) -> &Fence {
+        &self.fence
     }
 
     pub(super) fn settings(&self) -> EventSettings {
@@ -119,17 +124,22 @@ impl EventLog {
     /// in that same transaction, and publishes them once it has committed.
     /// The transaction is refused unless the database file is still at its
     /// path both before it and after it has committed: a write into a file
-    /// that has gone is never reported as done.
+    /// that has gone is never reported as done. Once fenced, it is refused
+    /// too unless this coordinator's epoch still leads (see
+    /// [`super::leadership`]).
     pub(super) fn transaction<T>(
         &self,
-        file: &DatabaseFile,
-        conn: &mut SqliteConnection,
+        file: Option<&DatabaseFile>,
+        conn: &mut Db,
         now: SystemTime,
-        work: impl FnOnce(&mut SqliteConnection, &mut Recorder) -> Result<T, StoreError>,
+        work: impl FnOnce(&mut Db, &mut Recorder) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let _in_order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
-        file.ensure_in_place()?;
-        let (done, committed) = conn.immediate_transaction(|conn| {
+        if let Some(file) = file {
+            file.ensure_in_place()?;
+        }
+        let (done, committed) = write_transaction(conn, |conn| {
+            self.fence.check(conn)?;
             let mut recorder = Recorder::default();
             let done = work(conn, &mut recorder)?;
             let committed = append(conn, recorder, now)?;
@@ -140,7 +150,9 @@ impl EventLog {
         if !committed.is_empty() {
             self.hub.publish(committed);
         }
-        file.ensure_in_place()?;
+        if let Some(file) = file {
+            file.ensure_in_place()?;
+        }
         Ok(done)
     }
 
@@ -156,7 +168,7 @@ impl EventLog {
 
 /// Gives the recorded events the next revisions and inserts them.
 fn append(
-    conn: &mut SqliteConnection,
+    conn: &mut Db,
     recorder: Recorder,
     now: SystemTime,
 ) -> Result<Vec<NodeEvent>, StoreError> {
@@ -199,7 +211,7 @@ fn append(
 /// UNKNOWN for a node not yet proven alive since a restart). `None` if
 /// there is no such row, or it cannot be read.
 pub(super) fn row_node(
-    conn: &mut SqliteConnection,
+    conn: &mut Db,
     node_id: &NodeId,
     live: NodeState,
 ) -> Result<Option<proto::Node>, StoreError> {
@@ -237,7 +249,7 @@ pub(super) fn row_node(
 /// Events with revisions in `(after, through]`, oldest first, at most
 /// `limit`.
 pub(super) fn replay(
-    conn: &mut SqliteConnection,
+    conn: &mut Db,
     after: u64,
     through: u64,
     limit: usize,
@@ -273,7 +285,7 @@ pub(super) fn replay(
         .collect()
 }
 
-pub(super) fn history(conn: &mut SqliteConnection) -> Result<History, StoreError> {
+pub(super) fn history(conn: &mut Db) -> Result<History, StoreError> {
     let (pruned_through, last_revision): (i64, i64) = event_log::table
         .select((event_log::pruned_through, event_log::last_revision))
         .first(conn)?;
@@ -286,7 +298,7 @@ pub(super) fn history(conn: &mut SqliteConnection) -> Result<History, StoreError
 /// Deletes events that are neither among the last `keep_events` nor
 /// younger than `keep_for`.
 pub(super) fn prune(
-    conn: &mut SqliteConnection,
+    conn: &mut Db,
     settings: EventSettings,
     now: SystemTime,
 ) -> Result<(), StoreError> {

@@ -12,6 +12,7 @@ use diesel::prelude::*;
 
 use super::{
     StoreError,
+    backend::Db,
     schema::{lease_generations, leases},
 };
 use crate::{
@@ -24,7 +25,7 @@ use crate::{
 };
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
-#[diesel(table_name = leases, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = leases, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 struct LeaseRow {
     generation: i64,
     request_id: String,
@@ -181,7 +182,7 @@ impl LeaseRow {
 }
 
 /// Every stored lease and the last generation issued.
-pub(super) fn load(connection: &mut SqliteConnection) -> Result<PersistedPool, StoreError> {
+pub(super) fn load(connection: &mut Db) -> Result<PersistedPool, StoreError> {
     let last_issued: i64 = lease_generations::table
         .select(lease_generations::last_issued)
         .first(connection)?;
@@ -201,7 +202,7 @@ pub(super) fn load(connection: &mut SqliteConnection) -> Result<PersistedPool, S
 /// Writes `changes` in order and raises the last generation issued to
 /// `last_generation`; the caller runs it in one transaction.
 pub(super) fn write(
-    connection: &mut SqliteConnection,
+    connection: &mut Db,
     changes: &[Change],
     last_generation: u64,
 ) -> Result<(), StoreError> {
@@ -210,7 +211,9 @@ pub(super) fn write(
             diesel::delete(leases::table.find(to_column(change.lease.generation)))
                 .execute(connection)?;
         } else {
-            diesel::replace_into(leases::table)
+            let generation = to_column(change.lease.generation);
+            diesel::delete(leases::table.find(generation)).execute(connection)?;
+            diesel::insert_into(leases::table)
                 .values(LeaseRow::new(&change.lease))
                 .execute(connection)?;
         }
@@ -232,7 +235,6 @@ mod tests {
     };
 
     use super::*;
-    use crate::store::Store;
 
     fn lease(generation: u64, state: LeaseState) -> Lease {
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
@@ -269,47 +271,47 @@ mod tests {
 
     #[tokio::test]
     async fn leases_round_trip_in_order_forgotten_ones_go_and_the_generation_never_falls() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("muster.db");
-        let store = Store::open(&path).await.unwrap();
-        assert_eq!(store.load_leases().await.unwrap(), PersistedPool::default());
+        for db in crate::store::testing::each_backend("store::leases::tests") {
+            let store = db.open().await;
+            assert_eq!(store.load_leases().await.unwrap(), PersistedPool::default());
 
-        let batch: Arc<[Change]> = vec![
-            change(Event::Granted, lease(1, LeaseState::Active)),
-            change(Event::Granted, lease(2, LeaseState::Active)),
-            change(
-                Event::Revoked {
-                    for_request: "x".to_owned(),
-                },
-                lease(2, LeaseState::Revoked),
-            ),
-            change(Event::Granted, lease(3, LeaseState::Active)),
-            change(
-                Event::Released(ReleaseReason::Orphaned),
-                lease(3, LeaseState::Released),
-            ),
-        ]
-        .into();
-        store.write_leases(batch, 3).await.unwrap();
-        store
-            .write_leases(
-                vec![change(Event::Forgotten, lease(1, LeaseState::Released))].into(),
-                1,
-            )
-            .await
-            .unwrap();
-        drop(store);
+            let batch: Arc<[Change]> = vec![
+                change(Event::Granted, lease(1, LeaseState::Active)),
+                change(Event::Granted, lease(2, LeaseState::Active)),
+                change(
+                    Event::Revoked {
+                        for_request: "x".to_owned(),
+                    },
+                    lease(2, LeaseState::Revoked),
+                ),
+                change(Event::Granted, lease(3, LeaseState::Active)),
+                change(
+                    Event::Released(ReleaseReason::Orphaned),
+                    lease(3, LeaseState::Released),
+                ),
+            ]
+            .into();
+            store.write_leases(batch, 3).await.unwrap();
+            store
+                .write_leases(
+                    vec![change(Event::Forgotten, lease(1, LeaseState::Released))].into(),
+                    1,
+                )
+                .await
+                .unwrap();
+            drop(store);
 
-        let store = Store::open(&path).await.unwrap();
-        let loaded = store.load_leases().await.unwrap();
-        assert_eq!(loaded.last_generation, 3, "a smaller one never lowers it");
-        assert_eq!(
-            loaded.leases,
-            [
-                lease(2, LeaseState::Revoked),
-                lease(3, LeaseState::Released)
-            ],
-            "the latest change of each lease, every field as written"
-        );
+            let store = db.open().await;
+            let loaded = store.load_leases().await.unwrap();
+            assert_eq!(loaded.last_generation, 3, "a smaller one never lowers it");
+            assert_eq!(
+                loaded.leases,
+                [
+                    lease(2, LeaseState::Revoked),
+                    lease(3, LeaseState::Released)
+                ],
+                "the latest change of each lease, every field as written"
+            );
+        }
     }
 }

@@ -16,6 +16,7 @@
 //! whose writes fail keeps serving reads, and recovers by itself once a
 //! write succeeds again.
 
+mod backend;
 mod connections;
 mod enroller;
 mod events;
@@ -25,29 +26,26 @@ mod leases;
 mod lock;
 mod rows;
 mod schema;
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../../tests/common/postgres.rs"]
+mod test_postgres;
+#[cfg(test)]
+pub(crate) mod testing;
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{path::PathBuf, sync::Arc, time::SystemTime};
 
-use diesel::migration::MigrationSource;
-use diesel::{
-    connection::SimpleConnection,
-    prelude::*,
-    r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection},
-};
-use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use diesel::{prelude::*, r2d2::PooledConnection};
 use tokio::sync::watch;
 use tracing::warn;
 
+pub use self::backend::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 pub use self::connections::Availability;
 pub use self::events::{EventSettings, History};
 pub use self::leadership::{Campaign, Leader, SINGLE_COORDINATOR_EPOCH};
 pub use self::lock::{DatabaseLock, Holder, lock_path};
 use self::{
+    backend::{Db, Manager, Target},
     connections::Connections,
     events::{EventLog, Recorder},
     file::DatabaseFile,
@@ -57,6 +55,7 @@ use self::{
 use crate::{
     auth::SecretHash,
     clock::{from_unix_millis, to_unix_millis},
+    config::Database,
     events::{EventHub, EventKind, NodeEvent, Reason},
     node::{Drain, NodeId, NodeSnapshot, NodeState, Registration, StoredNode},
     pool::{Change as LeaseChange, PersistedPool},
@@ -64,29 +63,25 @@ use crate::{
     registry::{Change, Enrollment, InventoryUpdate},
 };
 
-pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
-
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open database {path}")]
+    #[error("cannot open database {db}")]
     Open {
-        path: PathBuf,
+        db: String,
         source: diesel::ConnectionError,
     },
-    #[error("cannot use database {path}")]
+    #[error("cannot use database {db}")]
     Unusable {
-        path: PathBuf,
+        db: String,
         source: diesel::result::Error,
     },
-    #[error("cannot write database {path} (check its permissions and free disk space)")]
+    #[error("cannot write database {db} (check its permissions and free disk space)")]
     Unwritable {
-        path: PathBuf,
+        db: String,
         source: diesel::result::Error,
     },
-    #[error("cannot migrate database {path}: {reason}")]
-    Migration { path: PathBuf, reason: String },
+    #[error("cannot migrate database {db}: {reason}")]
+    Migration { db: String, reason: String },
     #[error("cannot open database {path}: directory {directory} {reason}")]
     NoDirectory {
         path: PathBuf,
@@ -107,13 +102,10 @@ pub enum StoreError {
     )]
     OrphanedJournal { path: PathBuf, journal: PathBuf },
     #[error(
-        "database {path} was migrated by a newer muster (schema version {}, unknown to this binary); run a muster that knows it, or restore a backup from before the upgrade",
+        "database {db} was migrated by a newer muster (schema version {}, unknown to this binary); run a muster that knows it, or restore a backup from before the upgrade",
         .versions.join(", ")
     )]
-    UnknownSchema {
-        path: PathBuf,
-        versions: Vec<String>,
-    },
+    UnknownSchema { db: String, versions: Vec<String> },
     #[error(
         "database {path} {what} while in use; writes are refused until that same file is back at its path (a restart would start from a new database)"
     )]
@@ -200,82 +192,73 @@ pub enum Enrolled {
     },
 }
 
-type SqlitePool = Pool<ConnectionManager<SqliteConnection>>;
-type PooledSqlite = PooledConnection<ConnectionManager<SqliteConnection>>;
-
-/// Settings applied to every connection. WAL lets reads proceed during a
-/// write; `synchronous = NORMAL` keeps every commit across a process crash
-/// (a power loss may lose the last commits, which agents re-register).
-#[derive(Debug)]
-struct ConnectionSettings;
-
-impl ConnectionSettings {
-    fn apply(conn: &mut SqliteConnection) -> Result<(), diesel::result::Error> {
-        conn.batch_execute(&format!(
-            "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
-            BUSY_TIMEOUT.as_millis()
-        ))
-    }
-}
-
-impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for ConnectionSettings {
-    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
-        Self::apply(conn).map_err(diesel::r2d2::Error::QueryError)
-    }
-}
+type DbPool = diesel::r2d2::Pool<Manager>;
+type PooledDb = PooledConnection<Manager>;
 
 #[derive(Clone)]
 pub struct Store {
     connections: Arc<Connections>,
     enroller: enroller::Enroller,
-    file: Arc<DatabaseFile>,
+    /// The SQLite file; `None` on PostgreSQL.
+    file: Option<Arc<DatabaseFile>>,
     events: Arc<EventLog>,
 }
 
 impl Store {
-    /// Opens the SQLite file at `path`, checks that it is writable and
-    /// applies pending migrations. A database is created, and its creation
-    /// logged, only where no file exists; an empty file, or a database
-    /// migrated by a newer muster, is refused.
-    pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with(path, EventSettings::default()).await
+    /// Opens the database, checks that it is writable and applies pending
+    /// migrations. A SQLite database is created, and its creation logged,
+    /// only where no file exists; an empty file, or a database migrated by a
+    /// newer muster, is refused.
+    pub async fn open(db: impl Into<Database>) -> Result<Self, StoreError> {
+        Self::open_with(db, EventSettings::default()).await
     }
 
     /// [`Store::open`], keeping the event history `events` asks for.
-    pub async fn open_with(path: &Path, events: EventSettings) -> Result<Self, StoreError> {
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&path, events)).await?
+    pub async fn open_with(
+        db: impl Into<Database>,
+        events: EventSettings,
+    ) -> Result<Self, StoreError> {
+        let db = db.into();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&db, events)).await?
     }
 
-    fn open_blocking(path: &Path, settings: EventSettings) -> Result<Self, StoreError> {
-        let found = file::inspect(path)?;
-        let mut conn = SqliteConnection::establish(&sqlite_uri(path, found)).map_err(|source| {
-            StoreError::Open {
-                path: path.to_owned(),
+    fn open_blocking(db: &Database, settings: EventSettings) -> Result<Self, StoreError> {
+        let shown = db.to_string();
+        let open_error = |error: diesel::ConnectionError| match error {
+            diesel::ConnectionError::CouldntSetupConfiguration(source) => StoreError::Unusable {
+                db: shown.clone(),
                 source,
+            },
+            source => StoreError::Open {
+                db: shown.clone(),
+                source,
+            },
+        };
+        let (mut conn, file, target) = match db {
+            Database::Sqlite(path) => {
+                let found = file::inspect(path)?;
+                let conn = Target::sqlite(path, found).connect().map_err(open_error)?;
+                let file = Arc::new(DatabaseFile::open(path)?);
+                // Connections opened later never create a file: if the
+                // database has gone from its path, they fail instead of
+                // starting an empty one.
+                let target = Target::sqlite(path, file::Found::Existing);
+                (conn, Some(file), target)
             }
-        })?;
-        let file = Arc::new(DatabaseFile::open(path)?);
-        ConnectionSettings::apply(&mut conn).map_err(|source| StoreError::Unusable {
-            path: path.to_owned(),
+            Database::Postgres(url) => {
+                let target = Target::Postgres(url.clone());
+                (target.connect().map_err(open_error)?, None, target)
+            }
+        };
+        backend::write_and_roll_back(&mut conn).map_err(|source| StoreError::Unwritable {
+            db: shown.clone(),
             source,
         })?;
-        write_and_roll_back(&mut conn).map_err(|source| StoreError::Unwritable {
-            path: path.to_owned(),
-            source,
-        })?;
-        refuse_unknown_migrations(&mut conn, path)?;
-        conn.run_pending_migrations(MIGRATIONS)
-            .map_err(|e| StoreError::Migration {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?;
+        backend::migrate(&mut conn, &shown)?;
         let events = Arc::new(EventLog::open(&mut conn, settings)?);
         drop(conn);
 
-        // Connections opened later never create a file: if the database has
-        // gone from its path, they fail instead of starting an empty one.
-        let connections = Arc::new(Connections::open(sqlite_uri(path, file::Found::Existing))?);
+        let connections = Arc::new(Connections::open(target)?);
         let enroller =
             enroller::Enroller::start(connections.clone(), file.clone(), events.clone())?;
         Ok(Self {
@@ -289,7 +272,7 @@ impl Store {
     async fn read<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut PooledSqlite) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut PooledDb) -> Result<T, StoreError> + Send + 'static,
     {
         let connections = self.connections.clone();
         tokio::task::spawn_blocking(move || work(&mut connections.get()?)).await?
@@ -298,7 +281,7 @@ impl Store {
     async fn run<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut PooledSqlite) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut PooledDb) -> Result<T, StoreError> + Send + 'static,
     {
         let connections = self.connections.clone();
         let outcome = tokio::task::spawn_blocking(move || connections.write(work)).await;
@@ -335,8 +318,10 @@ impl Store {
     pub async fn check_writable(&self) -> Result<(), StoreError> {
         let file = self.file.clone();
         self.run(move |conn| {
-            file.ensure_in_place()?;
-            Ok(write_and_roll_back(conn)?)
+            if let Some(file) = &file {
+                file.ensure_in_place()?;
+            }
+            Ok(backend::write_and_roll_back(conn)?)
         })
         .await
     }
@@ -346,11 +331,11 @@ impl Store {
     async fn event_transaction<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut SqliteConnection, &mut Recorder) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Db, &mut Recorder) -> Result<T, StoreError> + Send + 'static,
     {
         let file = self.file.clone();
         let events = self.events.clone();
-        self.run(move |conn| events.transaction(&file, conn, SystemTime::now(), work))
+        self.run(move |conn| events.transaction(file.as_deref(), conn, SystemTime::now(), work))
             .await
     }
 
@@ -608,19 +593,6 @@ impl Store {
     }
 }
 
-/// Writes to the database in a transaction that is then rolled back: SQLite
-/// opens a file it may not write read-only, and only a real write shows it.
-fn write_and_roll_back(conn: &mut SqliteConnection) -> Result<(), diesel::result::Error> {
-    let outcome = conn.immediate_transaction(|conn| {
-        conn.batch_execute("CREATE TABLE muster_write_check (written INTEGER)")?;
-        Err::<(), _>(diesel::result::Error::RollbackTransaction)
-    });
-    match outcome {
-        Err(diesel::result::Error::RollbackTransaction) => Ok(()),
-        other => other,
-    }
-}
-
 /// A row as read: a node, or why it cannot be one.
 enum Decoded {
     Node(Box<StoredNode>),
@@ -648,61 +620,11 @@ fn decode(row: QueryResult<NodeRow>) -> Result<Decoded, StoreError> {
     }
 }
 
-/// The SQLite URI of the database at `path`, allowed to create the file only
-/// where start-up found nothing.
-fn sqlite_uri(path: &Path, found: file::Found) -> String {
-    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
-    let mut uri = String::from("file:");
-    for byte in absolute.as_os_str().as_encoded_bytes() {
-        match byte {
-            b'?' | b'#' | b'%' | 0x00..=0x20 | 0x7f..=0xff => {
-                uri.push_str(&format!("%{byte:02X}"));
-            }
-            _ => uri.push(char::from(*byte)),
-        }
-    }
-    uri.push_str(match found {
-        file::Found::Existing => "?mode=rw",
-        file::Found::Nothing => "?mode=rwc",
-    });
-    uri
-}
-
-/// Refuses a database that records a migration this binary does not have:
-/// a newer muster has changed its schema in ways this one cannot know.
-fn refuse_unknown_migrations(conn: &mut SqliteConnection, path: &Path) -> Result<(), StoreError> {
-    let migration_error = |reason: String| StoreError::Migration {
-        path: path.to_owned(),
-        reason,
-    };
-    let known: BTreeSet<String> =
-        MigrationSource::<diesel::sqlite::Sqlite>::migrations(&MIGRATIONS)
-            .map_err(|e| migration_error(e.to_string()))?
-            .iter()
-            .map(|migration| migration.name().version().to_string())
-            .collect();
-    let unknown: Vec<String> = conn
-        .applied_migrations()
-        .map_err(|e| migration_error(e.to_string()))?
-        .into_iter()
-        .map(|version| version.to_string())
-        .filter(|version| !known.contains(version))
-        .collect();
-    if unknown.is_empty() {
-        Ok(())
-    } else {
-        Err(StoreError::UnknownSchema {
-            path: path.to_owned(),
-            versions: unknown,
-        })
-    }
-}
-
 /// Writes one registration inside the caller's transaction and issues its
 /// generation, unless the node id is held under another secret or its row
 /// is unreadable; then nothing is written.
 fn enroll_in(
-    conn: &mut SqliteConnection,
+    conn: &mut Db,
     recorder: &mut Recorder,
     registration: &Registration,
     secret_hash: SecretHash,
@@ -742,12 +664,13 @@ fn enroll_in(
         registered_at: from_unix_millis(first_registered.unwrap_or_else(|| to_unix_millis(now))),
     };
     let row = NodeRow::new(registration, secret_hash, enrollment, now)?;
-    diesel::insert_into(known_nodes::table)
-        .values(&row)
-        .on_conflict(known_nodes::node_id)
-        .do_update()
-        .set(&row)
-        .execute(conn)?;
+    if first_registered.is_some() {
+        diesel::update(node).set(&row).execute(conn)?;
+    } else {
+        diesel::insert_into(known_nodes::table)
+            .values(&row)
+            .execute(conn)?;
+    }
     if let Some(node) = events::row_node(conn, &registration.node_id, NodeState::Online)? {
         recorder.changed(Reason::Registered, node);
     }
@@ -757,11 +680,7 @@ fn enroll_in(
 /// Applies one change to its session's row, and records its event if the
 /// row was found: a change of a superseded session changes nothing and is
 /// no event.
-fn apply_change(
-    conn: &mut SqliteConnection,
-    recorder: &mut Recorder,
-    change: &Change,
-) -> Result<(), StoreError> {
+fn apply_change(conn: &mut Db, recorder: &mut Recorder, change: &Change) -> Result<(), StoreError> {
     use known_nodes::dsl;
     let of_session = |node_id: &NodeId, generation: u64| {
         dsl::known_nodes
@@ -820,7 +739,9 @@ fn apply_change(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::{collections::BTreeMap, path::Path, time::Duration};
+
+    use diesel::connection::SimpleConnection;
 
     use super::*;
 
@@ -863,32 +784,36 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn registrations_arriving_together_are_all_committed_with_distinct_generations() {
-        let (_dir, store) = temp_store().await;
-        let now = SystemTime::now();
-        let enrollments = futures::future::join_all((0..200).map(|i| {
-            let store = store.clone();
-            async move {
-                store
-                    .enroll(
-                        registration(&format!("n{i}"), "b"),
-                        secret_of(&format!("n{i}")),
-                        now,
-                    )
-                    .await
-                    .unwrap()
-            }
-        }))
-        .await;
-        let mut generations: Vec<u64> = enrollments
-            .iter()
-            .map(|e| match e {
-                Enrolled::Admitted(e) => e.generation,
-                refused => panic!("{refused:?}"),
-            })
-            .collect();
-        generations.sort_unstable();
-        assert_eq!(generations, (1..=200).collect::<Vec<u64>>());
-        assert_eq!(store.load_nodes().await.unwrap().len(), 200);
+        for db in testing::each_backend(
+            "store::tests::registrations_arriving_together_are_all_committed_with_distinct_generations",
+        ) {
+            let store = db.open().await;
+            let now = SystemTime::now();
+            let enrollments = futures::future::join_all((0..200).map(|i| {
+                let store = store.clone();
+                async move {
+                    store
+                        .enroll(
+                            registration(&format!("n{i}"), "b"),
+                            secret_of(&format!("n{i}")),
+                            now,
+                        )
+                        .await
+                        .unwrap()
+                }
+            }))
+            .await;
+            let mut generations: Vec<u64> = enrollments
+                .iter()
+                .map(|e| match e {
+                    Enrolled::Admitted(e) => e.generation,
+                    refused => panic!("{refused:?}"),
+                })
+                .collect();
+            generations.sort_unstable();
+            assert_eq!(generations, (1..=200).collect::<Vec<u64>>());
+            assert_eq!(store.load_nodes().await.unwrap().len(), 200);
+        }
     }
 
     /// Every event the store has, through its public replay.
@@ -909,87 +834,91 @@ mod tests {
 
     #[tokio::test]
     async fn every_change_that_finds_its_row_is_one_event_in_its_transaction_and_is_published() {
-        let (_dir, store) = temp_store().await;
-        let hub = store.event_hub();
-        let (_, mut live) = hub.follow();
-        let now = SystemTime::now();
-        let a = NodeId::parse("node_id", "a").unwrap();
-        let first = admit(&store, registration("a", "b1"), now).await;
-        store
-            .set_drain(a.clone(), Some("fan".to_owned()), now)
-            .await
-            .unwrap();
-        let offline = Change::WentOffline {
-            node_id: a.clone(),
-            generation: first.generation,
-            since: now,
-        };
-        let stale = Change::CameOnline {
-            node_id: a.clone(),
-            generation: first.generation + 7,
-        };
-        write_batch(&store, vec![offline, stale], vec![(a.clone(), now)])
-            .await
-            .unwrap();
-        let second = admit(&store, registration("a", "b2"), now).await;
-        assert!(
+        for db in testing::each_backend(
+            "store::tests::every_change_that_finds_its_row_is_one_event_in_its_transaction_and_is_published",
+        ) {
+            let store = db.open().await;
+            let hub = store.event_hub();
+            let (_, mut live) = hub.follow();
+            let now = SystemTime::now();
+            let a = NodeId::parse("node_id", "a").unwrap();
+            let first = admit(&store, registration("a", "b1"), now).await;
             store
-                .record_leave(a.clone(), second.generation, now)
+                .set_drain(a.clone(), Some("fan".to_owned()), now)
                 .await
-                .unwrap()
-        );
-        write_batch(
-            &store,
-            vec![Change::Expired {
+                .unwrap();
+            let offline = Change::WentOffline {
+                node_id: a.clone(),
+                generation: first.generation,
+                since: now,
+            };
+            let stale = Change::CameOnline {
+                node_id: a.clone(),
+                generation: first.generation + 7,
+            };
+            write_batch(&store, vec![offline, stale], vec![(a.clone(), now)])
+                .await
+                .unwrap();
+            let second = admit(&store, registration("a", "b2"), now).await;
+            assert!(
+                store
+                    .record_leave(a.clone(), second.generation, now)
+                    .await
+                    .unwrap()
+            );
+            write_batch(
+                &store,
+                vec![Change::Expired {
+                    node_id: a.clone(),
+                    generation: second.generation,
+                }],
+                vec![],
+            )
+            .await
+            .unwrap();
+
+            use proto::NodeState as S;
+            let events = all_events(&store).await;
+            assert_eq!(
+                summary(&events),
+                [
+                    (1, "a", Reason::Registered, S::Online),
+                    (2, "a", Reason::Drained, S::Online),
+                    (3, "a", Reason::Offline, S::Offline),
+                    (4, "a", Reason::Registered, S::Online),
+                    (5, "a", Reason::Left, S::Left),
+                    (6, "a", Reason::Expired, S::Left),
+                ],
+                "the stale generation's change is no event"
+            );
+            assert!(events[3].node.drained, "registration keeps the drain");
+            assert_eq!(events[5].kind, EventKind::Removed);
+            let published: Vec<u64> = std::iter::from_fn(|| match live.try_next() {
+                Some(crate::events::Next::Event(event)) => Some(event.revision),
+                _ => None,
+            })
+            .collect();
+            assert_eq!(published, [1, 2, 3, 4, 5, 6]);
+            assert_eq!(hub.revision(), 6);
+            assert!(hub.node("a").is_none(), "expired");
+
+            let refused = Change::WentOffline {
                 node_id: a.clone(),
                 generation: second.generation,
-            }],
-            vec![],
-        )
-        .await
-        .unwrap();
-
-        use proto::NodeState as S;
-        let events = all_events(&store).await;
-        assert_eq!(
-            summary(&events),
-            [
-                (1, "a", Reason::Registered, S::Online),
-                (2, "a", Reason::Drained, S::Online),
-                (3, "a", Reason::Offline, S::Offline),
-                (4, "a", Reason::Registered, S::Online),
-                (5, "a", Reason::Left, S::Left),
-                (6, "a", Reason::Expired, S::Left),
-            ],
-            "the stale generation's change is no event"
-        );
-        assert!(events[3].node.drained, "registration keeps the drain");
-        assert_eq!(events[5].kind, EventKind::Removed);
-        let published: Vec<u64> = std::iter::from_fn(|| match live.try_next() {
-            Some(crate::events::Next::Event(event)) => Some(event.revision),
-            _ => None,
-        })
-        .collect();
-        assert_eq!(published, [1, 2, 3, 4, 5, 6]);
-        assert_eq!(hub.revision(), 6);
-        assert!(hub.node("a").is_none(), "expired");
-
-        let refused = Change::WentOffline {
-            node_id: a.clone(),
-            generation: second.generation,
-            since: now,
-        };
-        write_batch(&store, vec![refused], vec![]).await.unwrap();
-        admit(&store, registration("b", "b1"), now).await;
-        let b = NodeId::parse("node_id", "b").unwrap();
-        write_batch(&store, vec![], vec![(b, now + Duration::from_secs(1))])
-            .await
-            .unwrap();
-        assert_eq!(
-            store.history().await.unwrap().last_revision,
-            7,
-            "a heartbeat's last_seen is no event"
-        );
+                since: now,
+            };
+            write_batch(&store, vec![refused], vec![]).await.unwrap();
+            admit(&store, registration("b", "b1"), now).await;
+            let b = NodeId::parse("node_id", "b").unwrap();
+            write_batch(&store, vec![], vec![(b, now + Duration::from_secs(1))])
+                .await
+                .unwrap();
+            assert_eq!(
+                store.history().await.unwrap().last_revision,
+                7,
+                "a heartbeat's last_seen is no event"
+            );
+        }
     }
 
     /// An event that cannot be written takes its change down with it: the
@@ -1053,66 +982,78 @@ mod tests {
     /// order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn events_committed_by_many_writers_at_once_are_published_in_revision_order() {
-        let (_dir, store) = temp_store().await;
-        let hub = store.event_hub();
-        let (_, mut live) = hub.follow();
-        let now = SystemTime::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..40 {
-            let store = store.clone();
-            tasks.spawn(async move {
-                let node = format!("n{i}");
-                let id = NodeId::parse("node_id", &node).unwrap();
-                let enrollment = admit(&store, registration(&node, "b1"), now).await;
-                store
-                    .set_drain(id.clone(), Some("fan".to_owned()), now)
-                    .await
-                    .unwrap();
-                let offline = Change::WentOffline {
-                    node_id: id.clone(),
-                    generation: enrollment.generation,
-                    since: now,
-                };
-                store
-                    .write(
-                        vec![offline].into(),
-                        vec![(id.clone(), now)].into(),
-                        Arc::from([]),
-                    )
-                    .await
-                    .unwrap();
-                admit(&store, registration(&node, "b2"), now).await;
-                store.set_drain(id, None, now).await.unwrap();
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            done.unwrap();
-        }
-        let published: Vec<u64> = std::iter::from_fn(|| match live.try_next() {
-            Some(crate::events::Next::Event(event)) => Some(event.revision),
-            _ => None,
-        })
-        .collect();
-        assert_eq!(published, (1..=200).collect::<Vec<u64>>());
-        let stored: Vec<u64> = all_events(&store)
-            .await
-            .iter()
-            .map(|e| e.revision)
+        for db in testing::each_backend(
+            "store::tests::events_committed_by_many_writers_at_once_are_published_in_revision_order",
+        ) {
+            let store = db.open().await;
+            let hub = store.event_hub();
+            let (_, mut live) = hub.follow();
+            let now = SystemTime::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..40 {
+                let store = store.clone();
+                tasks.spawn(async move {
+                    let node = format!("n{i}");
+                    let id = NodeId::parse("node_id", &node).unwrap();
+                    let enrollment = admit(&store, registration(&node, "b1"), now).await;
+                    store
+                        .set_drain(id.clone(), Some("fan".to_owned()), now)
+                        .await
+                        .unwrap();
+                    let offline = Change::WentOffline {
+                        node_id: id.clone(),
+                        generation: enrollment.generation,
+                        since: now,
+                    };
+                    store
+                        .write(
+                            vec![offline].into(),
+                            vec![(id.clone(), now)].into(),
+                            Arc::from([]),
+                        )
+                        .await
+                        .unwrap();
+                    admit(&store, registration(&node, "b2"), now).await;
+                    store.set_drain(id, None, now).await.unwrap();
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap();
+            }
+            let published: Vec<u64> = std::iter::from_fn(|| match live.try_next() {
+                Some(crate::events::Next::Event(event)) => Some(event.revision),
+                _ => None,
+            })
             .collect();
-        assert_eq!(stored, published);
+            assert_eq!(published, (1..=200).collect::<Vec<u64>>());
+            let stored: Vec<u64> = all_events(&store)
+                .await
+                .iter()
+                .map(|e| e.revision)
+                .collect();
+            assert_eq!(stored, published);
+        }
     }
 
     #[tokio::test]
     async fn a_drain_keeps_a_reloaded_node_unknown_and_revisions_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("muster.db");
-        let store = Store::open(&path).await.unwrap();
+        for db in testing::each_backend(
+            "store::tests::a_drain_keeps_a_reloaded_node_unknown_and_revisions_survive_reopening",
+        ) {
+            a_drain_keeps_a_reloaded_node_unknown_and_revisions_survive_reopening_on(&db).await;
+        }
+    }
+
+    async fn a_drain_keeps_a_reloaded_node_unknown_and_revisions_survive_reopening_on(
+        db: &testing::TestDb,
+    ) {
+        let store = db.open().await;
         let now = SystemTime::now();
         admit(&store, registration("a", "b1"), now).await;
         let database_id = store.event_hub().database_id().to_owned();
         drop(store);
 
-        let store = Store::open(&path).await.unwrap();
+        let store = db.open().await;
         assert_eq!(store.event_hub().database_id(), database_id);
         assert_eq!(store.event_hub().revision(), 1);
         let mut reloaded = store.load_nodes().await.unwrap();
@@ -1153,7 +1094,7 @@ mod tests {
         );
         assert!(events[3].node.drained);
 
-        let other = Store::open(&dir.path().join("other.db")).await.unwrap();
+        let other = testing::another(db).open().await;
         assert_ne!(other.event_hub().database_id(), database_id);
     }
 
@@ -1215,19 +1156,23 @@ mod tests {
 
     #[tokio::test]
     async fn enroll_increments_the_generation_and_keeps_the_first_registration_time() {
-        let (_dir, store) = temp_store().await;
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        let t1 = t0 + Duration::from_secs(60);
-        let first = admit(&store, registration("a", "b1"), t0).await;
-        let second = admit(&store, registration("a", "b2"), t1).await;
-        assert_eq!((first.generation, second.generation), (1, 2));
-        assert_eq!(second.registered_at, t0);
+        for db in testing::each_backend(
+            "store::tests::enroll_increments_the_generation_and_keeps_the_first_registration_time",
+        ) {
+            let store = db.open().await;
+            let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+            let t1 = t0 + Duration::from_secs(60);
+            let first = admit(&store, registration("a", "b1"), t0).await;
+            let second = admit(&store, registration("a", "b2"), t1).await;
+            assert_eq!((first.generation, second.generation), (1, 2));
+            assert_eq!(second.registered_at, t0);
 
-        let nodes = store.load_nodes().await.unwrap();
-        assert_eq!(nodes.len(), 1);
-        assert_eq!(nodes[0].registration, registration("a", "b2"));
-        assert_eq!(nodes[0].last_seen, t1);
-        assert_eq!(nodes[0].generation, 2);
+            let nodes = store.load_nodes().await.unwrap();
+            assert_eq!(nodes.len(), 1);
+            assert_eq!(nodes[0].registration, registration("a", "b2"));
+            assert_eq!(nodes[0].last_seen, t1);
+            assert_eq!(nodes[0].generation, 2);
+        }
     }
 
     #[tokio::test]
@@ -1265,58 +1210,62 @@ mod tests {
 
     #[tokio::test]
     async fn writes_from_a_superseded_generation_change_nothing() {
-        let (_dir, store) = temp_store().await;
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        admit(&store, registration("a", "b1"), now).await;
-        admit(&store, registration("a", "b2"), now).await;
-        let a = NodeId::parse("node_id", "a").unwrap();
-        write_batch(
-            &store,
-            vec![
-                Change::WentOffline {
+        for db in testing::each_backend(
+            "store::tests::writes_from_a_superseded_generation_change_nothing",
+        ) {
+            let store = db.open().await;
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+            admit(&store, registration("a", "b1"), now).await;
+            admit(&store, registration("a", "b2"), now).await;
+            let a = NodeId::parse("node_id", "a").unwrap();
+            write_batch(
+                &store,
+                vec![
+                    Change::WentOffline {
+                        node_id: a.clone(),
+                        generation: 1,
+                        since: now,
+                    },
+                    Change::Expired {
+                        node_id: a.clone(),
+                        generation: 1,
+                    },
+                ],
+                vec![],
+            )
+            .await
+            .unwrap();
+            let nodes = store.load_nodes().await.unwrap();
+            assert_eq!(nodes.len(), 1);
+            assert_eq!(nodes[0].offline_since, None);
+
+            write_batch(
+                &store,
+                vec![Change::WentOffline {
                     node_id: a.clone(),
-                    generation: 1,
+                    generation: 2,
                     since: now,
-                },
-                Change::Expired {
-                    node_id: a.clone(),
-                    generation: 1,
-                },
-            ],
-            vec![],
-        )
-        .await
-        .unwrap();
-        let nodes = store.load_nodes().await.unwrap();
-        assert_eq!(nodes.len(), 1);
-        assert_eq!(nodes[0].offline_since, None);
+                }],
+                vec![(a.clone(), now + Duration::from_secs(5))],
+            )
+            .await
+            .unwrap();
+            let nodes = store.load_nodes().await.unwrap();
+            assert_eq!(nodes[0].offline_since, Some(now));
+            assert_eq!(nodes[0].last_seen, now + Duration::from_secs(5));
 
-        write_batch(
-            &store,
-            vec![Change::WentOffline {
-                node_id: a.clone(),
-                generation: 2,
-                since: now,
-            }],
-            vec![(a.clone(), now + Duration::from_secs(5))],
-        )
-        .await
-        .unwrap();
-        let nodes = store.load_nodes().await.unwrap();
-        assert_eq!(nodes[0].offline_since, Some(now));
-        assert_eq!(nodes[0].last_seen, now + Duration::from_secs(5));
-
-        write_batch(
-            &store,
-            vec![Change::Expired {
-                node_id: a,
-                generation: 2,
-            }],
-            vec![],
-        )
-        .await
-        .unwrap();
-        assert!(store.load_nodes().await.unwrap().is_empty());
+            write_batch(
+                &store,
+                vec![Change::Expired {
+                    node_id: a,
+                    generation: 2,
+                }],
+                vec![],
+            )
+            .await
+            .unwrap();
+            assert!(store.load_nodes().await.unwrap().is_empty());
+        }
     }
 
     fn gpus(used: u64) -> crate::node::GpuInventory {
@@ -1337,91 +1286,99 @@ mod tests {
 
     #[tokio::test]
     async fn inventories_are_kept_by_registration_and_by_batches_of_the_current_session_only() {
-        let (dir, store) = temp_store().await;
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        let mut registration = registration("a", "b1");
-        registration.gpus = gpus(100);
-        admit(&store, registration.clone(), now).await;
-        assert_eq!(
-            store.load_nodes().await.unwrap()[0].registration.gpus,
-            gpus(100)
-        );
+        for db in testing::each_backend(
+            "store::tests::inventories_are_kept_by_registration_and_by_batches_of_the_current_session_only",
+        ) {
+            let store = db.open().await;
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+            let mut registration = registration("a", "b1");
+            registration.gpus = gpus(100);
+            admit(&store, registration.clone(), now).await;
+            assert_eq!(
+                store.load_nodes().await.unwrap()[0].registration.gpus,
+                gpus(100)
+            );
 
-        let a = NodeId::parse("node_id", "a").unwrap();
-        let update = |generation, used| InventoryUpdate {
-            node_id: a.clone(),
-            generation,
-            gpus: gpus(used),
-        };
-        store
-            .write(Arc::from([]), Arc::from([]), Arc::from([update(1, 2_000)]))
-            .await
-            .unwrap();
-        assert_eq!(
-            store.load_nodes().await.unwrap()[0].registration.gpus,
-            gpus(2_000)
-        );
-        let events = all_events(&store).await;
-        let last = events.last().unwrap();
-        assert_eq!(last.reason, Reason::Gpus);
-        assert_eq!(last.node.gpus[0].memory_used_mib, 2_000);
-        store
-            .write(Arc::from([]), Arc::from([]), Arc::from([update(0, 3_000)]))
-            .await
-            .unwrap();
-        assert_eq!(
-            store.load_nodes().await.unwrap()[0].registration.gpus,
-            gpus(2_000),
-            "an older session's inventory changes nothing"
-        );
-        assert_eq!(
-            all_events(&store).await.len(),
-            events.len(),
-            "and is no event"
-        );
+            let a = NodeId::parse("node_id", "a").unwrap();
+            let update = |generation, used| InventoryUpdate {
+                node_id: a.clone(),
+                generation,
+                gpus: gpus(used),
+            };
+            store
+                .write(Arc::from([]), Arc::from([]), Arc::from([update(1, 2_000)]))
+                .await
+                .unwrap();
+            assert_eq!(
+                store.load_nodes().await.unwrap()[0].registration.gpus,
+                gpus(2_000)
+            );
+            let events = all_events(&store).await;
+            let last = events.last().unwrap();
+            assert_eq!(last.reason, Reason::Gpus);
+            assert_eq!(last.node.gpus[0].memory_used_mib, 2_000);
+            store
+                .write(Arc::from([]), Arc::from([]), Arc::from([update(0, 3_000)]))
+                .await
+                .unwrap();
+            assert_eq!(
+                store.load_nodes().await.unwrap()[0].registration.gpus,
+                gpus(2_000),
+                "an older session's inventory changes nothing"
+            );
+            assert_eq!(
+                all_events(&store).await.len(),
+                events.len(),
+                "and is no event"
+            );
 
-        drop(store);
-        let store = Store::open(&dir.path().join("muster.db")).await.unwrap();
-        assert_eq!(
-            store.load_nodes().await.unwrap()[0].registration.gpus,
-            gpus(2_000)
-        );
-        registration.gpus = Default::default();
-        admit(&store, registration, now).await;
-        assert!(
-            store.load_nodes().await.unwrap()[0]
-                .registration
-                .gpus
-                .is_empty()
-        );
+            drop(store);
+            let store = db.open().await;
+            assert_eq!(
+                store.load_nodes().await.unwrap()[0].registration.gpus,
+                gpus(2_000)
+            );
+            registration.gpus = Default::default();
+            admit(&store, registration, now).await;
+            assert!(
+                store.load_nodes().await.unwrap()[0]
+                    .registration
+                    .gpus
+                    .is_empty()
+            );
+        }
     }
 
     #[tokio::test]
     async fn a_node_id_held_by_another_secret_is_refused_and_nothing_is_written() {
-        let (_dir, store) = temp_store().await;
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        let first = admit(&store, registration("a", "b1"), now).await;
-        let refused = store
-            .enroll(registration("a", "intruder"), secret_of("intruder"), now)
-            .await
-            .unwrap();
-        assert_eq!(refused, Enrolled::HeldByAnotherSecret);
-        let nodes = store.load_nodes().await.unwrap();
-        assert_eq!(nodes[0].registration, registration("a", "b1"));
-        assert_eq!(nodes[0].generation, first.generation);
+        for db in testing::each_backend(
+            "store::tests::a_node_id_held_by_another_secret_is_refused_and_nothing_is_written",
+        ) {
+            let store = db.open().await;
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+            let first = admit(&store, registration("a", "b1"), now).await;
+            let refused = store
+                .enroll(registration("a", "intruder"), secret_of("intruder"), now)
+                .await
+                .unwrap();
+            assert_eq!(refused, Enrolled::HeldByAnotherSecret);
+            let nodes = store.load_nodes().await.unwrap();
+            assert_eq!(nodes[0].registration, registration("a", "b1"));
+            assert_eq!(nodes[0].generation, first.generation);
 
-        let removed = store
-            .remove(NodeId::parse("node_id", "a").unwrap())
-            .await
-            .unwrap();
-        assert_eq!(removed, Some(first.generation));
-        let claimed = store
-            .enroll(registration("a", "intruder"), secret_of("intruder"), now)
-            .await
-            .unwrap();
-        assert!(matches!(claimed, Enrolled::Admitted(e) if e.generation > first.generation));
-        let absent = NodeId::parse("node_id", "absent").unwrap();
-        assert_eq!(store.remove(absent).await.unwrap(), None);
+            let removed = store
+                .remove(NodeId::parse("node_id", "a").unwrap())
+                .await
+                .unwrap();
+            assert_eq!(removed, Some(first.generation));
+            let claimed = store
+                .enroll(registration("a", "intruder"), secret_of("intruder"), now)
+                .await
+                .unwrap();
+            assert!(matches!(claimed, Enrolled::Admitted(e) if e.generation > first.generation));
+            let absent = NodeId::parse("node_id", "absent").unwrap();
+            assert_eq!(store.remove(absent).await.unwrap(), None);
+        }
     }
 
     #[test]
@@ -1469,6 +1426,42 @@ mod tests {
         assert_eq!(*availability.borrow_and_update(), Availability::Available);
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_postgres_server_that_goes_away_makes_the_store_unavailable_until_it_is_back() {
+        let Some(db) = testing::postgres("store::tests::a_postgres_server_that_goes_away") else {
+            return;
+        };
+        let store = db.open().await;
+        let mut availability = store.availability();
+        let now = SystemTime::now();
+        admit(&store, registration("a", "b1"), now).await;
+        let server = db.server().unwrap();
+
+        server.stop();
+        let refused = store
+            .enroll(registration("b", "b1"), secret_of("b"), now)
+            .await
+            .unwrap_err();
+        assert!(refused.is_unavailable(), "{refused}");
+        assert!(matches!(
+            &*availability.borrow_and_update(),
+            Availability::Failing { .. }
+        ));
+
+        server.start_again();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while let Err(error) = store.check_writable().await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still failing: {error}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(*availability.borrow_and_update(), Availability::Available);
+        admit(&store, registration("b", "b1"), now).await;
+        assert_eq!(store.load_nodes().await.unwrap().len(), 2);
+    }
+
     #[tokio::test]
     async fn a_missing_directory_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
@@ -1483,26 +1476,72 @@ mod tests {
 
     #[tokio::test]
     async fn generations_keep_rising_after_a_node_expires() {
-        let (_dir, store) = temp_store().await;
-        let now = SystemTime::now();
-        let a = NodeId::parse("node_id", "a").unwrap();
-        let first = admit(&store, registration("a", "b1"), now).await;
-        admit(&store, registration("other", "b1"), now).await;
-        write_batch(
-            &store,
-            vec![Change::Expired {
-                node_id: a,
-                generation: first.generation,
-            }],
-            vec![],
-        )
-        .await
-        .unwrap();
-        let again = admit(&store, registration("a", "b2"), now).await;
-        assert!(
-            again.generation > first.generation + 1,
-            "{again:?} after {first:?}"
+        for db in
+            testing::each_backend("store::tests::generations_keep_rising_after_a_node_expires")
+        {
+            let store = db.open().await;
+            let now = SystemTime::now();
+            let a = NodeId::parse("node_id", "a").unwrap();
+            let first = admit(&store, registration("a", "b1"), now).await;
+            admit(&store, registration("other", "b1"), now).await;
+            write_batch(
+                &store,
+                vec![Change::Expired {
+                    node_id: a,
+                    generation: first.generation,
+                }],
+                vec![],
+            )
+            .await
+            .unwrap();
+            let again = admit(&store, registration("a", "b2"), now).await;
+            assert!(
+                again.generation > first.generation + 1,
+                "{again:?} after {first:?}"
+            );
+        }
+    }
+
+    /// The SQLite migrations moved to `migrations/sqlite` keep their
+    /// directory names, which are the versions existing databases record:
+    /// a database migrated by an earlier muster has nothing to re-run, and
+    /// nothing this binary does not know.
+    #[tokio::test]
+    async fn a_database_of_the_earlier_layout_opens_without_migrating_again() {
+        use diesel::migration::MigrationSource;
+        use diesel_migrations::MigrationHarness;
+        const SHIPPED: [&str; 7] = [
+            "20261129000000",
+            "20261129120000",
+            "20261202000000",
+            "20261202120000",
+            "20261202130000",
+            "20261202140000",
+            "20261202150000",
+        ];
+        let known: Vec<String> =
+            MigrationSource::<diesel::sqlite::Sqlite>::migrations(&SQLITE_MIGRATIONS)
+                .unwrap()
+                .iter()
+                .map(|migration| migration.name().version().to_string())
+                .collect();
+        assert_eq!(known, SHIPPED);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("muster.db");
+        let mut earlier = SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+        earlier.run_pending_migrations(SQLITE_MIGRATIONS).unwrap();
+        execute_sql(
+            &path,
+            "INSERT INTO known_nodes (node_id, agent_url, boot_id, registered_at, last_seen, \
+             session_generation) VALUES ('a', 'http://a:7701', 'b', 1, 2, 7); \
+             UPDATE session_generations SET last_issued = 7",
         );
+        drop(earlier);
+        let store = Store::open(&path).await.unwrap();
+        assert_eq!(store.load_nodes().await.unwrap()[0].generation, 7);
+        let again = admit(&store, registration("a", "b2"), SystemTime::now()).await;
+        assert_eq!(again.generation, 8);
     }
 
     #[tokio::test]
@@ -1597,58 +1636,62 @@ mod tests {
 
     #[tokio::test]
     async fn a_drain_survives_re_registration_and_a_leave_is_cleared_by_it() {
-        let (_dir, store) = temp_store().await;
-        let now = SystemTime::now();
-        let a = NodeId::parse("node_id", "a").unwrap();
-        let first = admit(&store, registration("a", "b1"), now).await;
-        let (generation, drain) = store
-            .set_drain(a.clone(), Some("fan".to_owned()), now)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(generation, first.generation);
-        let later = now + Duration::from_secs(5);
-        let (_, again) = store
-            .set_drain(a.clone(), Some("new fan".to_owned()), later)
-            .await
-            .unwrap()
-            .unwrap();
-        let again = again.unwrap();
-        assert_eq!(again.reason, "new fan");
-        assert_eq!(
-            to_unix_millis(again.since),
-            to_unix_millis(drain.unwrap().since),
-            "draining again keeps the first moment"
-        );
-        assert!(
-            !store
-                .record_leave(a.clone(), generation + 1, later)
+        for db in testing::each_backend(
+            "store::tests::a_drain_survives_re_registration_and_a_leave_is_cleared_by_it",
+        ) {
+            let store = db.open().await;
+            let now = SystemTime::now();
+            let a = NodeId::parse("node_id", "a").unwrap();
+            let first = admit(&store, registration("a", "b1"), now).await;
+            let (generation, drain) = store
+                .set_drain(a.clone(), Some("fan".to_owned()), now)
                 .await
                 .unwrap()
-        );
-        assert!(
-            store
-                .record_leave(a.clone(), generation, later)
+                .unwrap();
+            assert_eq!(generation, first.generation);
+            let later = now + Duration::from_secs(5);
+            let (_, again) = store
+                .set_drain(a.clone(), Some("new fan".to_owned()), later)
                 .await
                 .unwrap()
-        );
-        let loaded = store.load_nodes().await.unwrap().remove(0);
-        assert_eq!(loaded.drain.as_ref().unwrap().reason, "new fan");
-        assert!(loaded.left_at.is_some());
+                .unwrap();
+            let again = again.unwrap();
+            assert_eq!(again.reason, "new fan");
+            assert_eq!(
+                to_unix_millis(again.since),
+                to_unix_millis(drain.unwrap().since),
+                "draining again keeps the first moment"
+            );
+            assert!(
+                !store
+                    .record_leave(a.clone(), generation + 1, later)
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                store
+                    .record_leave(a.clone(), generation, later)
+                    .await
+                    .unwrap()
+            );
+            let loaded = store.load_nodes().await.unwrap().remove(0);
+            assert_eq!(loaded.drain.as_ref().unwrap().reason, "new fan");
+            assert!(loaded.left_at.is_some());
 
-        admit(&store, registration("a", "b2"), later).await;
-        let loaded = store.load_nodes().await.unwrap().remove(0);
-        assert_eq!(
-            loaded.drain.unwrap().reason,
-            "new fan",
-            "kept by registration"
-        );
-        assert_eq!(loaded.left_at, None, "cleared by registration");
+            admit(&store, registration("a", "b2"), later).await;
+            let loaded = store.load_nodes().await.unwrap().remove(0);
+            assert_eq!(
+                loaded.drain.unwrap().reason,
+                "new fan",
+                "kept by registration"
+            );
+            assert_eq!(loaded.left_at, None, "cleared by registration");
 
-        store.set_drain(a.clone(), None, later).await.unwrap();
-        assert_eq!(store.load_nodes().await.unwrap()[0].drain, None);
-        let absent = NodeId::parse("node_id", "z").unwrap();
-        assert_eq!(store.set_drain(absent, None, later).await.unwrap(), None);
+            store.set_drain(a.clone(), None, later).await.unwrap();
+            assert_eq!(store.load_nodes().await.unwrap()[0].drain, None);
+            let absent = NodeId::parse("node_id", "z").unwrap();
+            assert_eq!(store.set_drain(absent, None, later).await.unwrap(), None);
+        }
     }
 
     #[tokio::test]

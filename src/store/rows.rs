@@ -14,7 +14,7 @@ use crate::{
 };
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
-#[diesel(table_name = known_nodes, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = known_nodes, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 #[diesel(treat_none_as_null = true)]
 pub struct NodeRow {
     pub node_id: String,
@@ -93,7 +93,7 @@ fn decode_gpus(column: &str) -> Result<GpuInventory, String> {
 /// The drain columns, kept out of [`NodeRow`] so that a registration, which
 /// writes a whole `NodeRow`, never changes them.
 #[derive(Debug, Clone, Queryable, Selectable)]
-#[diesel(table_name = known_nodes, check_for_backend(diesel::sqlite::Sqlite))]
+#[diesel(table_name = known_nodes, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 pub struct DrainRow {
     pub drained_at: Option<i64>,
     pub drain_reason: Option<String>,

@@ -18,6 +18,8 @@ use muster::proto::{self, NodeState, agent_message, coordinator_client::Coordina
 use nix::{sys::signal::Signal, unistd::Pid};
 use tonic::transport::Channel;
 
+pub mod postgres;
+
 pub const START_DEADLINE: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(25);
 const RESTART_ATTEMPTS: usize = 40;
@@ -985,4 +987,71 @@ impl SseStream {
             }
         }
     }
+}
+
+/// The store a scenario runs on; scenarios written once run on each
+/// through [`on_every_backend!`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A database for one scenario, and what keeps it alive.
+pub struct TestDb {
+    /// The `--db` value: a file path, or a PostgreSQL URL (carried as a
+    /// path, which is how [`Coordinator::start`] passes it on).
+    pub db: PathBuf,
+    /// The server of a PostgreSQL database, stopped when dropped.
+    pub server: Option<postgres::Postgres>,
+}
+
+impl Backend {
+    /// A fresh database of this backend: a file in `dir`, or a database on
+    /// a PostgreSQL server of the scenario's own. `None` where PostgreSQL is
+    /// not installed: `what` is skipped (a failure under `CI=true`).
+    pub fn database(self, dir: &Path, what: &str) -> Option<TestDb> {
+        match self {
+            Self::Sqlite => Some(TestDb {
+                db: dir.join("muster.db"),
+                server: None,
+            }),
+            Self::Postgres => {
+                let server = postgres::Postgres::start(&format!("{what} on PostgreSQL"))?;
+                Some(TestDb {
+                    db: PathBuf::from(server.create_database()),
+                    server: Some(server),
+                })
+            }
+        }
+    }
+}
+
+/// The store's view of a `--db` value.
+pub fn store_database(db: &Path) -> muster::config::Database {
+    muster::config::Database::parse(db.to_str().expect("UTF-8 --db")).expect("valid --db")
+}
+
+/// Runs each scenario (an `async fn(Backend)`) as two tests,
+/// `on_sqlite::NAME` and `on_postgres::NAME`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($scenario:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $scenario() {
+                    super::$scenario($crate::common::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $scenario() {
+                    super::$scenario($crate::common::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
 }
