@@ -357,6 +357,7 @@ pub async fn start(
     });
     let config = &process.config;
 
+    take_over_from_a_predecessor(&process).await?;
     let sent = tokio::time::Instant::now();
     let first = match process
         .store
@@ -532,6 +533,35 @@ impl RunningCoordinator {
         info!("coordinator stopped");
         led.and(served)
     }
+}
+
+/// A coordinator restarted at its own address need not wait out the lease
+/// its previous process left behind: that process is gone, since this one
+/// holds its port, so the lease is resigned on its behalf and the campaign
+/// that follows wins at once, at a new epoch.
+async fn take_over_from_a_predecessor(process: &Process) -> Result<(), RunError> {
+    if !process.store.arbitrates_leadership() {
+        return Ok(());
+    }
+    let Some(previous) = process.store.leader().await? else {
+        return Ok(());
+    };
+    if previous.url != process.roles.own_url()
+        || previous.holder == process.boot_id
+        || previous.expires_in.is_zero()
+    {
+        return Ok(());
+    }
+    info!(
+        epoch = previous.epoch,
+        leader_url = %previous.url,
+        "the lease is held by this coordinator's previous process, which is gone; resigning it"
+    );
+    process
+        .store
+        .resign_leadership(&previous.holder, previous.epoch)
+        .await?;
+    Ok(())
 }
 
 /// This coordinator's URL for agents and operators (see
