@@ -349,3 +349,24 @@ async fn a_leader_cut_off_from_the_database_steps_down_and_one_leads_once_it_is_
     }
     assert_eq!(leaders, 1, "exactly one leads ({new_leader})");
 }
+
+#[test]
+fn a_coordinator_on_a_shared_database_needs_a_url_others_can_reach() {
+    let Some(postgres) = Postgres::start("--advertise-url on a shared database") else {
+        return;
+    };
+    let db = postgres.create_database();
+    let output = common::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_muster")).args([
+            "coordinator",
+            "--db",
+            &db,
+            "--listen",
+            "0.0.0.0:0",
+            "--http-listen",
+            "off",
+        ]),
+        common::START_DEADLINE,
+    );
+    common::one_line_error(&output, "--advertise-url");
+}
