@@ -107,7 +107,7 @@ impl Connections {
             Some(error) if error.is_unavailable() => {
                 metrics::counter!("muster_store_write_failures_total").increment(1);
                 // A deposed leader's connections are sound.
-                if !error.is_file_gone() && !matches!(error, StoreError::Fenced { .. }) {
+                if !error.is_file_gone() && !error.is_fenced() {
                     self.reconnect();
                 }
                 let cause = display_chain(error);

@@ -428,6 +428,54 @@ mod tests {
         );
     }
 
+    /// The fence's lock is what keeps a takeover from committing under a
+    /// write that found its epoch valid: the takeover waits for it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_takeover_waits_for_a_fenced_write_in_flight() {
+        use diesel::{Connection, connection::SimpleConnection};
+        let Some(db) = testing::postgres("store::leadership::tests::a_takeover_waits") else {
+            return;
+        };
+        let old = db.open().await;
+        let new = db.open().await;
+        let lease = Duration::from_secs(1);
+        assert_eq!(
+            old.campaign("old", URL_A, lease).await.unwrap(),
+            Campaign::Won { epoch: 1 }
+        );
+        let crate::config::Database::Postgres(url) = &db.db else {
+            unreachable!("a PostgreSQL database");
+        };
+        let mut in_flight = PgConnection::establish(url.expose()).unwrap();
+        in_flight.batch_execute("BEGIN").unwrap();
+        let held: Vec<EpochRow> = sql_query(FENCE)
+            .bind::<BigInt, _>(1_i64)
+            .load(&mut in_flight)
+            .unwrap();
+        assert_eq!(held.len(), 1, "the write found its epoch valid");
+
+        until_expired(&new).await;
+        let takeover = tokio::spawn({
+            let new = new.clone();
+            async move { new.campaign("new", URL_B, lease).await }
+        });
+        let waited = Duration::from_millis(500);
+        tokio::time::sleep(waited).await;
+        assert!(
+            !takeover.is_finished(),
+            "the takeover committed under a write in flight"
+        );
+        in_flight.batch_execute("COMMIT").unwrap();
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(10), takeover)
+                .await
+                .expect("the takeover goes ahead once the write has committed")
+                .unwrap()
+                .unwrap(),
+            Campaign::Won { epoch: 2 }
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_write_with_an_old_epoch_is_refused_by_the_store_itself() {
         let Some(db) = testing::postgres("store::leadership::tests::a_write_with_an_old_epoch")
@@ -484,6 +532,7 @@ mod tests {
             old.remove(a.clone()).await.map(|_| ()),
         ];
         for outcome in outcomes {
+            assert!(outcome.as_ref().is_err_and(StoreError::is_fenced));
             assert!(
                 matches!(
                     outcome,

@@ -168,6 +168,17 @@ impl StoreError {
         }
     }
 
+    /// Whether the write was refused because this coordinator's leadership
+    /// epoch no longer holds (see [`Store::fence`]), alone or as the cause of
+    /// a failed registration batch.
+    pub fn is_fenced(&self) -> bool {
+        match self {
+            Self::Batch(cause) => cause.is_fenced(),
+            Self::Fenced { .. } => true,
+            _ => false,
+        }
+    }
+
     /// Whether the database file has gone from its path. Connections already
     /// open still hold the file, and are the ones to use if it comes back;
     /// new ones could not open it.
