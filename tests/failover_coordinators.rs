@@ -110,6 +110,25 @@ fn watch_events(url: String) -> tokio::task::JoinHandle<Vec<proto::NodeEvent>> {
     handle
 }
 
+/// The revision a watch from 0 at `url` ends its snapshot with.
+async fn latest_revision(url: &str) -> u64 {
+    let mut stream = CoordinatorClient::new(channel(url).await)
+        .watch_nodes(WatchNodesRequest { since_revision: 0 })
+        .await
+        .expect("WatchNodes")
+        .into_inner();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the snapshot within 10 s")
+            .expect("the watch goes on")
+            .expect("an event");
+        if event.kind() == proto::NodeEventKind::SnapshotEnd {
+            return event.revision;
+        }
+    }
+}
+
 struct Fleet {
     _postgres: Postgres,
     coordinators: Vec<Coordinator>,
@@ -189,6 +208,24 @@ async fn killed_leader(coordinators: usize) {
             .and_then(|role| role.to_str().ok()),
         Some("standby")
     );
+
+    // A watch that moves to a standby resumes from the leader's latest
+    // revision, though the standby reads the event log a poll period late.
+    let mut leader = CoordinatorClient::new(channel(&leader_url).await);
+    leader
+        .drain_node(proto::DrainNodeRequest {
+            node_id: fleet.ids[0].clone(),
+            reason: "a fresh revision".to_owned(),
+        })
+        .await
+        .expect("DrainNode on the leader");
+    let latest = latest_revision(&leader_url).await;
+    CoordinatorClient::new(channel(&fleet.urls[1]).await)
+        .watch_nodes(WatchNodesRequest {
+            since_revision: latest,
+        })
+        .await
+        .expect("a standby resumes a watch from the leader's latest revision");
 
     // Health: a standby serves the reads, and the whole of its role, but
     // not what only the leader serves.

@@ -101,6 +101,11 @@ impl Coordinator for CoordinatorService {
                 .watch_from(async { Ok(standby::list_nodes(store).await?.nodes) })
                 .await?
         } else {
+            if self.process.roles.role() == Role::Standby {
+                events
+                    .caught_up_to(since_revision, standby::POLL_PERIOD * 4)
+                    .await;
+            }
             events.watch(since_revision).await?
         };
         let (outbound, receiver) = mpsc::channel(WATCH_OUTBOUND_CAPACITY);
