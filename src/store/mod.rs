@@ -577,11 +577,7 @@ impl Store {
         }
         let settings = self.events.settings();
         self.event_transaction(move |conn, recorder| {
-            for (node_id, seen) in last_seen.iter() {
-                diesel::update(known_nodes::table.find(node_id.as_str()))
-                    .set(known_nodes::last_seen.eq(to_unix_millis(*seen)))
-                    .execute(conn)?;
-            }
+            write_last_seen(conn, &last_seen)?;
             for update in inventories.iter() {
                 let of_session = known_nodes::table.find(update.node_id.as_str()).filter(
                     known_nodes::session_generation.eq(generation_to_column(update.generation)),
@@ -602,6 +598,40 @@ impl Store {
         })
         .await
     }
+}
+
+/// Writes heartbeat times, the last one of a node winning. On PostgreSQL
+/// in one statement, as each would otherwise be a round trip to the server.
+fn write_last_seen(conn: &mut Db, last_seen: &[(NodeId, SystemTime)]) -> Result<(), StoreError> {
+    if last_seen.is_empty() {
+        return Ok(());
+    }
+    match conn {
+        Db::Postgres(conn) => {
+            use diesel::sql_types::{Array, BigInt, Text};
+            let latest: std::collections::HashMap<&str, i64> = last_seen
+                .iter()
+                .map(|(node_id, seen)| (node_id.as_str(), to_unix_millis(*seen)))
+                .collect();
+            let (node_ids, times): (Vec<&str>, Vec<i64>) = latest.into_iter().unzip();
+            diesel::sql_query(
+                "UPDATE known_nodes SET last_seen = seen.at \
+                 FROM unnest($1::text[], $2::bigint[]) AS seen(node_id, at) \
+                 WHERE known_nodes.node_id = seen.node_id",
+            )
+            .bind::<Array<Text>, _>(node_ids)
+            .bind::<Array<BigInt>, _>(times)
+            .execute(conn)?;
+        }
+        Db::Sqlite(_) => {
+            for (node_id, seen) in last_seen {
+                diesel::update(known_nodes::table.find(node_id.as_str()))
+                    .set(known_nodes::last_seen.eq(to_unix_millis(*seen)))
+                    .execute(conn)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A row as read: a node, or why it cannot be one.
@@ -1276,6 +1306,40 @@ mod tests {
             .await
             .unwrap();
             assert!(store.load_nodes().await.unwrap().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_last_heartbeat_time_of_a_node_in_a_batch_wins() {
+        for db in testing::each_backend("store::tests::the_last_heartbeat_time") {
+            let store = db.open().await;
+            let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+            let (t1, t2) = (t0 + Duration::from_secs(1), t0 + Duration::from_secs(2));
+            admit(&store, registration("a", "b1"), t0).await;
+            admit(&store, registration("b", "b1"), t0).await;
+            let a = NodeId::parse("node_id", "a").unwrap();
+            let b = NodeId::parse("node_id", "b").unwrap();
+            let absent = NodeId::parse("node_id", "absent").unwrap();
+            write_batch(
+                &store,
+                vec![],
+                vec![(a.clone(), t1), (b, t1), (a, t2), (absent, t2)],
+            )
+            .await
+            .unwrap();
+            let seen: Vec<(String, SystemTime)> = store
+                .load_nodes()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|n| (n.registration.node_id.to_string(), n.last_seen))
+                .collect();
+            assert_eq!(
+                seen,
+                [("a".to_owned(), t2), ("b".to_owned(), t1)],
+                "{}",
+                db.name()
+            );
         }
     }
 

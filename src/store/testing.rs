@@ -19,6 +19,14 @@ impl TestDb {
         self._server.as_ref()
     }
 
+    /// The backend, for assertion messages.
+    pub(crate) fn name(&self) -> &'static str {
+        match self.db {
+            Database::Sqlite(_) => "sqlite",
+            Database::Postgres(_) => "postgres",
+        }
+    }
+
     pub(crate) async fn open(&self) -> Store {
         Store::open(self.db.clone()).await.unwrap()
     }
