@@ -535,10 +535,12 @@ impl RunningCoordinator {
     }
 }
 
-/// A coordinator restarted at its own address need not wait out the lease
-/// its previous process left behind: that process is gone, since this one
-/// holds its port, so the lease is resigned on its behalf and the campaign
-/// that follows wins at once, at a new epoch.
+/// A coordinator need not wait out a lease whose holder is certainly gone:
+/// one restarted at its own address (this process holds the holder's port),
+/// or a leader at whose address nothing listens any more (the connection is
+/// refused, not merely unanswered). The lease is resigned on its behalf and
+/// the campaign that follows wins at once, at a new epoch. Only at start;
+/// were the leader alive after all, fencing would refuse its next write.
 async fn take_over_from_a_predecessor(process: &Process) -> Result<(), RunError> {
     if !process.store.arbitrates_leadership() {
         return Ok(());
@@ -546,22 +548,50 @@ async fn take_over_from_a_predecessor(process: &Process) -> Result<(), RunError>
     let Some(previous) = process.store.leader().await? else {
         return Ok(());
     };
-    if previous.url != process.roles.own_url()
-        || previous.holder == process.boot_id
-        || previous.expires_in.is_zero()
-    {
+    if previous.holder == process.boot_id || previous.expires_in.is_zero() {
         return Ok(());
     }
+    let gone = if previous.url == process.roles.own_url() {
+        "this coordinator's previous process, whose port this one holds"
+    } else if nothing_listens_at(&previous.url).await {
+        "a coordinator at whose address nothing listens any more"
+    } else {
+        return Ok(());
+    };
     info!(
         epoch = previous.epoch,
         leader_url = %previous.url,
-        "the lease is held by this coordinator's previous process, which is gone; resigning it"
+        "the lease is held by {gone}; resigning it"
     );
     process
         .store
         .resign_leadership(&previous.holder, previous.epoch)
         .await?;
     Ok(())
+}
+
+/// Whether a TCP connection to `url`'s address is refused: nothing listens
+/// there. A timeout or an unreachable network proves nothing.
+async fn nothing_listens_at(url: &str) -> bool {
+    let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let dial = tokio::net::TcpStream::connect((host, port));
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(1), dial).await,
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// This coordinator's URL for agents and operators (see
