@@ -288,6 +288,20 @@ pub struct CoordinatorConfig {
     #[arg(long, hide = true, default_value_t = 4096)]
     pub watch_buffer: usize,
 
+    /// How long a leader's lease lasts on a database that several
+    /// coordinators share; the leader renews it every third of that, and
+    /// steps down by its own clock before the lease can run out. A standby
+    /// takes over within about this long after the leader dies.
+    #[arg(long, env = "MUSTER_LEADER_LEASE", default_value = "10s", value_parser = parse_duration)]
+    pub leader_lease: Duration,
+
+    /// URL at which agents and operators reach this coordinator; standbys
+    /// name the leader's in their refusals. Defaults to the listen address
+    /// (https with TLS); required when that address is unspecified (such
+    /// as 0.0.0.0) and the database is shared by several coordinators.
+    #[arg(long, env = "MUSTER_COORDINATOR_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+
     #[command(flatten)]
     pub tls: TlsArgs,
 
@@ -336,6 +350,10 @@ const MAX_OFFLINE_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_LEASE_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_EXPIRE_AFTER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A lease shorter than this leaves too little time to renew it across one
+/// slow database round trip.
+const MIN_LEADER_LEASE: Duration = Duration::from_secs(1);
+const MAX_LEADER_LEASE: Duration = Duration::from_secs(3600);
 /// An agent's `--max-backoff` is at most what a coordinator allows for after
 /// a restart.
 const MAX_BACKOFF: Duration = crate::node::MAX_MAX_BACKOFF;
@@ -360,6 +378,20 @@ fn check_range(flag: &'static str, value: Duration, max: Duration) -> Result<(),
 }
 
 impl CoordinatorConfig {
+    /// The URL this coordinator advertises: `--advertise-url`, or the
+    /// bound listen address (`https` when it serves `tls`). `None` when the
+    /// listen address is unspecified and no URL was given.
+    pub fn advertised_url(&self, bound: SocketAddr, tls: bool) -> Option<String> {
+        if let Some(url) = &self.advertise_url {
+            return Some(url.clone());
+        }
+        if bound.ip().is_unspecified() {
+            return None;
+        }
+        let scheme = if tls { "https" } else { "http" };
+        Some(format!("{scheme}://{bound}"))
+    }
+
     pub fn validate(&self) -> Result<(), InvalidInput> {
         check_range(
             "--heartbeat-interval",
@@ -375,6 +407,28 @@ impl CoordinatorConfig {
             MAX_LEASE_GRACE,
         )?;
         check_range("--probe-timeout", self.probe_timeout, MAX_PROBE_TIMEOUT)?;
+        check_range("--leader-lease", self.leader_lease, MAX_LEADER_LEASE)?;
+        if self.leader_lease < MIN_LEADER_LEASE {
+            return Err(InvalidInput::new(
+                "--leader-lease",
+                format!(
+                    "must be at least {}, got {}",
+                    humantime::format_duration(MIN_LEADER_LEASE),
+                    humantime::format_duration(self.leader_lease)
+                ),
+            ));
+        }
+        if let Some(url) = &self.advertise_url {
+            let parsed: Result<tonic::codegen::http::Uri, _> = url.parse();
+            let scheme = parsed.as_ref().ok().and_then(|uri| uri.scheme_str());
+            let has_host = parsed.as_ref().is_ok_and(|uri| uri.host().is_some());
+            if !matches!(scheme, Some("http" | "https")) || !has_host {
+                return Err(InvalidInput::new(
+                    "--advertise-url",
+                    format!("expected a URL such as http://10.0.0.5:7700, got {url:?}"),
+                ));
+            }
+        }
         if !(self.expiry_guard_fraction > 0.0 && self.expiry_guard_fraction <= 1.0) {
             return Err(InvalidInput::new(
                 "--expiry-guard-fraction",

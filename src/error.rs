@@ -79,6 +79,14 @@ pub enum ServiceError {
     PoolRestoring,
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    /// This coordinator is a standby, or has just stopped leading; the
+    /// answer carries the leader's URL, when one is known, in
+    /// `x-muster-leader`.
+    #[error(
+        "this coordinator is a standby: {}",
+        .leader.as_deref().map_or_else(|| "no leader is known yet; retry another coordinator, or later".to_owned(), |url| format!("the leader is {url}"))
+    )]
+    NotLeader { leader: Option<String> },
     #[error("storage failed")]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -119,11 +127,23 @@ impl From<ServiceError> for Status {
                 PoolError::Exhausted(_) => Code::ResourceExhausted,
                 PoolError::UnknownNode(_) | PoolError::Inconsistent(_) => Code::Internal,
             },
-            ServiceError::ShuttingDown | ServiceError::PoolRestoring => Code::Unavailable,
+            ServiceError::ShuttingDown
+            | ServiceError::PoolRestoring
+            | ServiceError::NotLeader { .. } => Code::Unavailable,
             ServiceError::Store(store) if store.is_unavailable() => Code::Unavailable,
             ServiceError::Store(_) | ServiceError::Internal(_) => Code::Internal,
         };
-        Status::new(code, display_chain(&error))
+        let mut status = Status::new(code, display_chain(&error));
+        if let ServiceError::NotLeader {
+            leader: Some(leader),
+        } = &error
+            && let Ok(url) = leader.parse()
+        {
+            status
+                .metadata_mut()
+                .insert(crate::failover::LEADER_METADATA, url);
+        }
+        status
     }
 }
 

@@ -7,11 +7,15 @@
 
 use std::{
     net::SocketAddr,
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
-use futures::{TryFutureExt, future::MapOk};
+use futures::{
+    FutureExt, TryFutureExt,
+    future::{BoxFuture, MapOk},
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -33,7 +37,7 @@ use crate::{
 };
 
 /// The layers every muster server puts in front of its services.
-pub type Layers = Stack<OversizedLayer, Stack<StreamCountLayer, Identity>>;
+pub type Layers = Stack<OversizedLayer, Stack<StreamCountLayer, Stack<RoleLayer, Identity>>>;
 /// A server builder with [`Layers`], from [`server`].
 pub type Builder = Server<Layers>;
 /// A server's services, ready for [`serve`].
@@ -42,6 +46,9 @@ pub type Routes = Router<Layers>;
 /// Request metadata with which the coordinator marks its Status probes, so
 /// an agent can tell a returning coordinator from a monitoring tool.
 pub const PROBE_METADATA: &str = "x-muster-probe";
+
+/// Response metadata of every coordinator answer: `leader` or `standby`.
+pub const ROLE_METADATA: &str = "x-muster-role";
 
 /// The largest request message our services accept. Every valid message is
 /// far smaller; anything bigger is refused before it is decoded.
@@ -76,10 +83,23 @@ pub fn server(
     keepalive: Duration,
     handshake_timeout: Duration,
 ) -> Result<Builder, RunError> {
+    server_in_role(tls, keepalive, handshake_timeout, RoleLayer(None))
+}
+
+/// [`server`] for a process with a role among its peers: every response
+/// names the role in [`ROLE_METADATA`], and `roles` may refuse a call
+/// before any handler runs.
+pub fn server_in_role(
+    tls: Option<&Tls>,
+    keepalive: Duration,
+    handshake_timeout: Duration,
+    roles: RoleLayer,
+) -> Result<Builder, RunError> {
     let server = Server::builder()
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(KEEPALIVE))
         .tcp_nodelay(true)
+        .layer(roles)
         .layer(StreamCountLayer)
         .layer(OversizedLayer);
     match tls {
@@ -271,4 +291,79 @@ fn map_oversized<R>(mut response: http::Response<R>) -> http::Response<R> {
         }
     }
     response
+}
+
+/// A process's role among peers that share one database, as its server
+/// reports it on every response and enforces before any handler runs.
+pub trait RolePolicy: Send + Sync + 'static {
+    /// The role's name, sent in [`ROLE_METADATA`].
+    fn role(&self) -> &'static str;
+    /// The refusal of a call to `path` that this role does not serve.
+    fn refuse(&self, path: &str) -> Option<Status>;
+}
+
+/// The outermost layer of a server: stamps [`ROLE_METADATA`] on every
+/// response, its own refusals included. Without a policy it does nothing.
+#[derive(Clone, Default)]
+pub struct RoleLayer(pub Option<Arc<dyn RolePolicy>>);
+
+impl<S> Layer<S> for RoleLayer {
+    type Service = InRole<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InRole {
+            inner,
+            policy: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct InRole<S> {
+    inner: S,
+    policy: Option<Arc<dyn RolePolicy>>,
+}
+
+impl<S: NamedService> NamedService for InRole<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, R> Service<http::Request<B>> for InRole<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let Some(policy) = self.policy.clone() else {
+            return self.inner.call(request).boxed();
+        };
+        if let Some(refused) = policy.refuse(request.uri().path()) {
+            let mut response = refused.into_http::<R>();
+            stamp_role(policy.role(), &mut response);
+            return futures::future::ready(Ok(response)).boxed();
+        }
+        self.inner
+            .call(request)
+            .map_ok(move |mut response| {
+                stamp_role(policy.role(), &mut response);
+                response
+            })
+            .boxed()
+    }
+}
+
+fn stamp_role<R>(role: &'static str, response: &mut http::Response<R>) {
+    response
+        .headers_mut()
+        .insert(ROLE_METADATA, http::HeaderValue::from_static(role));
 }

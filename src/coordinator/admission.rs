@@ -28,7 +28,6 @@ use std::{
 use futures::future::{Either, Ready, ready};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
-use tokio_util::sync::CancellationToken;
 use tonic::{Status, codegen::http, server::NamedService};
 use tower::{Layer, Service};
 use tracing::{debug, warn};
@@ -174,7 +173,6 @@ pub(super) async fn serve_stream<S>(
     outbound: Outbound,
     admitted: oneshot::Sender<Result<(), ServiceError>>,
     permit: Option<StreamPermit>,
-    shutdown: CancellationToken,
 ) where
     S: futures::Stream<Item = Result<AgentMessage, Status>> + Unpin,
 {
@@ -191,6 +189,8 @@ pub(super) async fn serve_stream<S>(
             return;
         }
     };
+    let stop = shared.stop.clone();
+    let roles = shared.roles.clone();
     drop(shared);
     tracing::Span::current().record("generation", session.generation());
     if outbound.try_send(Ok(registered)).is_err() {
@@ -203,7 +203,9 @@ pub(super) async fn serve_stream<S>(
         session.end("the agent hung up during registration".to_owned());
         return;
     }
-    session.run(inbound, outbound, shutdown).await;
+    session
+        .run(inbound, outbound, stop, move || roles.refusal())
+        .await;
 }
 
 /// Commits the registration to the store, then applies it to the registry;
@@ -238,7 +240,7 @@ async fn admit(
             if error.is_unavailable() {
                 vouch_if_known(shared, &node_id, secret.hash(), attempt.elapsed()).await;
             }
-            return Err(error.into());
+            return Err(shared.store_failed(error));
         }
     };
     let enrollment = match enrolled {
@@ -268,7 +270,7 @@ async fn admit(
             coordinator_boot_id: shared.boot_id.clone(),
             session_generation: enrollment.generation,
             heartbeat_interval: prost_types::Duration::try_from(interval).ok(),
-            leader_epoch: 0,
+            leader_epoch: shared.epoch,
         })),
     };
     let session = Session::new(

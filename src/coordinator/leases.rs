@@ -29,7 +29,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
-use super::RegistryHandle;
+use super::{RegistryHandle, term::Deposal};
 use crate::{
     clock::Moment,
     error::{ServiceError, display_chain},
@@ -480,7 +480,7 @@ pub(super) struct WriteQueue(mpsc::UnboundedReceiver<Write>);
 /// queued while a batch commits joins the next one, so the number of
 /// transactions falls as the load rises, and no batch waits for a thread
 /// or a task to be scheduled before it is written.
-pub(super) fn write(store: &Store, queue: WriteQueue, stop: &CancellationToken) {
+pub(super) fn write(store: &Store, queue: WriteQueue, deposal: &Deposal, stop: &CancellationToken) {
     let WriteQueue(mut queue) = queue;
     let runtime = tokio::runtime::Handle::current();
     loop {
@@ -501,7 +501,7 @@ pub(super) fn write(store: &Store, queue: WriteQueue, stop: &CancellationToken) 
                 rest.push(write);
             }
             if !rest.is_empty() {
-                commit(store, rest, stop);
+                commit(store, rest, deposal, stop);
             }
             return;
         };
@@ -513,14 +513,14 @@ pub(super) fn write(store: &Store, queue: WriteQueue, stop: &CancellationToken) 
             changes += write.changes.len();
             batch.push(write);
         }
-        commit(store, batch, stop);
+        commit(store, batch, deposal, stop);
     }
 }
 
 /// Writes one batch, retrying until it is committed (or, once `stop` is
 /// cancelled, for [`DRAIN_DEADLINE`] more), then answers everyone waiting
 /// for it.
-fn commit(store: &Store, mut batch: Vec<Write>, stop: &CancellationToken) {
+fn commit(store: &Store, mut batch: Vec<Write>, deposal: &Deposal, stop: &CancellationToken) {
     let last_generation = batch.iter().map(|w| w.last_generation).max().unwrap_or(0);
     let changes: Vec<Change> = batch
         .iter_mut()
@@ -533,6 +533,9 @@ fn commit(store: &Store, mut batch: Vec<Write>, stop: &CancellationToken) {
             attempts += 1;
             match store.commit_leases(&changes, last_generation) {
                 Ok(()) => break,
+                // Never acknowledged: the callers waiting on it are told the
+                // coordinator no longer leads.
+                Err(failure) if deposal.notice(&failure) => return,
                 Err(failure) => {
                     debug!(error = %display_chain(&failure), attempts, "lease write failed; will retry");
                     let now = std::time::Instant::now();
@@ -606,7 +609,7 @@ mod tests {
         tokio::task::spawn_blocking({
             let store = store.clone();
             let stop = stop.clone();
-            move || write(&store, queue, &stop)
+            move || write(&store, queue, &Deposal::default(), &stop)
         });
         (leases, store, stop)
     }
@@ -693,7 +696,7 @@ mod tests {
         tokio::task::spawn_blocking({
             let store = store.clone();
             let stop = stop.clone();
-            move || write(&store, queue, &stop)
+            move || write(&store, queue, &Deposal::default(), &stop)
         });
         let (registry, generation) = registry_with_a_gpu_node();
         let (_, probe_round) = watch::channel(true);

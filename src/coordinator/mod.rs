@@ -6,27 +6,38 @@
 //! addresses in a [`RunningCoordinator`]; its `supervise` runs until shutdown
 //! or until a task the coordinator cannot do without fails.
 //!
+//! Several coordinators may share one database that arbitrates leadership
+//! (`leadership`): one leads, the others stand by. The process (its ports,
+//! its store, its server) lives through every change of role; what only the
+//! leader runs is a [`term`] under a child cancellation token. On a
+//! database that arbitrates nothing (SQLite) the process leads one term at
+//! epoch 0 until shutdown.
+//!
 //! The registry has one owner, [`Shared`], behind a short-held lock that is
 //! never held across an `.await`. Every task is tracked, and shutdown runs
 //! through one cancellation token: sessions end first, then the writer makes
 //! its final flush.
 
 mod admission;
+mod leadership;
 mod lease_watch;
 mod leases;
 mod pool_service;
 mod prober;
 mod readiness;
+mod role;
 mod service;
 mod session;
+mod standby;
 mod sweeper;
+mod term;
 mod watch;
 mod writer;
 
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     num::NonZeroU32,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
 };
 
 use futures::future::BoxFuture;
@@ -36,21 +47,20 @@ use tracing::{info, warn};
 
 use crate::{
     auth::Token,
-    clock::Moment,
     config::CoordinatorConfig,
     connections::{self, ConnectionLimits},
     dashboard,
-    error::{RunError, ServiceError},
+    error::{InvalidInput, RunError, ServiceError},
     grpc, limits,
-    pool::{Pool, PoolConfig},
     proto::{self, coordinator_server::CoordinatorServer, pool_server::PoolServer},
     registry::{Registry, Timing},
-    store::{DatabaseLock, EventSettings, Store},
+    store::{Campaign, DatabaseLock, EventSettings, Store},
     telemetry::{self, MetricsListener},
     tls::Tls,
 };
 
 pub use prober::{ProbeCredentials, ProbeOutcome, probe};
+pub use readiness::{COORDINATOR_HEALTH, READS_HEALTH};
 pub use session::read_registration;
 pub use watch::{EventSource, Watch};
 
@@ -118,23 +128,25 @@ impl RegistryHandle {
     }
 }
 
-/// What the dashboard reads: the registry's view, and the event source
-/// WatchNodes serves from.
+/// What the dashboard reads: the leader's registry or a standby's rows,
+/// and the event source WatchNodes serves from.
 struct DashboardFleet {
-    registry: RegistryHandle,
-    events: EventSource,
+    process: Arc<Process>,
 }
 
 impl dashboard::Fleet for DashboardFleet {
     fn nodes(&self) -> proto::ListNodesResponse {
-        self.registry.list_nodes()
+        match self.process.leader() {
+            Ok(shared) => shared.registry.list_nodes(),
+            Err(_) => self.process.standby_rows.get(),
+        }
     }
 
     fn watch(
         &self,
         since_revision: u64,
     ) -> BoxFuture<'static, Result<dashboard::NodeEvents, dashboard::WatchRefused>> {
-        let events = self.events.clone();
+        let events = self.process.events.clone();
         Box::pin(async move {
             let watch = events
                 .watch(since_revision)
@@ -158,6 +170,46 @@ impl dashboard::Fleet for DashboardFleet {
     }
 }
 
+/// What lives as long as the process, whatever its role.
+pub(crate) struct Process {
+    config: CoordinatorConfig,
+    store: Store,
+    roles: role::Roles,
+    readiness: Arc<readiness::Readiness>,
+    events: EventSource,
+    /// Random for every start; also this process's leadership holder.
+    boot_id: String,
+    join_token: Option<Token>,
+    admin_token: Option<Token>,
+    tls: Option<Tls>,
+    /// The term being led, if this process leads.
+    current: RwLock<Option<Arc<Shared>>>,
+    /// A standby's view of the rows, for its dashboard.
+    standby_rows: Arc<standby::RowsView>,
+    /// Watches, which outlive a change of role.
+    watches: TaskTracker,
+    background: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Process {
+    /// The term this process leads, or why it serves no leader's call.
+    fn leader(&self) -> Result<Arc<Shared>, ServiceError> {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        current.clone().ok_or_else(|| self.roles.refusal())
+    }
+
+    fn begin_leading(&self, shared: &Arc<Shared>) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(shared.clone());
+        self.roles.lead(shared.epoch);
+    }
+
+    fn stop_leading(&self, leader: Option<&crate::store::Leader>, why: &str) {
+        self.roles.follow(leader, why);
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
 /// State shared by the service, its sessions and the background tasks.
 pub(crate) struct Shared {
     registry: RegistryHandle,
@@ -168,20 +220,25 @@ pub(crate) struct Shared {
     /// handle's own).
     changes_pending: Arc<Notify>,
     boot_id: String,
+    /// The leadership epoch of this term, sent in `registered`.
+    epoch: u64,
     /// Required of Heartbeat streams (checked by the admission layer), and
     /// presented by Status probes.
     join_token: Option<Token>,
-    /// Required of operator calls.
-    admin_token: Option<Token>,
     /// Serves the coordinator, and dials agents for probes.
     tls: Option<Tls>,
     /// Held across each drain's store write and registry update, so that
     /// the registry applies drains in the order the store recorded them.
     drains: tokio::sync::Mutex<()>,
-    /// The fleet's events, for watchers.
-    events: EventSource,
     /// The VRAM lease pool.
     leases: Arc<leases::Leases>,
+    /// Says why a session ends when the term does.
+    roles: role::Roles,
+    /// The term's Heartbeat sessions.
+    sessions: TaskTracker,
+    /// Cancelled when the term ends: sessions, sweeper, prober, pool.
+    stop: CancellationToken,
+    deposal: term::Deposal,
 }
 
 impl Shared {
@@ -193,6 +250,15 @@ impl Shared {
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock()
+    }
+
+    /// A store error as the service reports it; a fenced write deposes the
+    /// term.
+    fn store_failed(&self, error: crate::store::StoreError) -> ServiceError {
+        if self.deposal.notice(&error) {
+            return ServiceError::NotLeader { leader: None };
+        }
+        ServiceError::Store(error)
     }
 }
 
@@ -212,13 +278,8 @@ pub struct RunningCoordinator {
     pub boot_id: String,
     shutdown: CancellationToken,
     serve: JoinHandle<Result<(), RunError>>,
-    sweeper: JoinHandle<()>,
-    writer: JoinHandle<()>,
-    lease_writer: JoinHandle<()>,
-    lease_follower: JoinHandle<()>,
-    writer_stop: CancellationToken,
-    sessions: TaskTracker,
-    background: TaskTracker,
+    leadership: JoinHandle<Result<(), RunError>>,
+    process: Arc<Process>,
     /// The SQLite file's lock; PostgreSQL needs none.
     database_lock: Option<DatabaseLock>,
 }
@@ -247,11 +308,6 @@ pub async fn start(
     let admin_token =
         Token::from_optional_file("--admin-token-file", config.admin_token_file.as_deref())?;
     let tls = Tls::load(&config.tls)?;
-    let server = grpc::server(
-        tls.as_ref(),
-        grpc::COORDINATOR_KEEPALIVE,
-        config.handshake_timeout,
-    )?;
     // Ports first: a coordinator that cannot listen leaves no database file
     // behind, and the lock file can name the address that holds it.
     let (listener, address) = grpc::bind(config.listen).await?;
@@ -278,103 +334,77 @@ pub async fn start(
         },
     )
     .await?;
-    let stored = store.load_nodes().await?;
-
-    let reloaded = stored.len();
-    let mut timing = Timing {
-        heartbeat_interval: config.heartbeat_interval,
-        max_heartbeats_per_second: config.max_heartbeats_per_second,
-        offline_after: config.offline_after,
-        expire_after: config.expire_after,
-        reload_grace: config.offline_after,
-        expiry_guard_fraction: config.expiry_guard_fraction,
-    };
-    // On top of its agent's backoff ceiling, each reloaded node gets the
-    // usual allowance of a fleet this size.
-    timing.reload_grace = timing.offline_after_at(timing.interval_for(reloaded));
-    let mut registry = Registry::new(timing);
-    registry.load(stored, Moment::now());
-    // Reloaded nodes are UNKNOWN now, whatever the log last said of them.
-    store.record_reload(registry.list()).await?;
-    let pool = Pool::restore(
-        PoolConfig {
-            revoke_grace: config.revoke_grace,
-            orphan_grace: config.lease_orphan_grace,
-            ..PoolConfig::default()
-        },
-        store.load_leases().await?,
+    let own_url = advertised_url(
+        &config,
+        address,
+        tls.is_some(),
+        store.arbitrates_leadership(),
     )?;
-    let (leases, lease_writes) = leases::Leases::new(pool);
+    let roles = role::Roles::new(own_url, shutdown.clone());
+    let server = grpc::server_in_role(
+        tls.as_ref(),
+        grpc::COORDINATOR_KEEPALIVE,
+        config.handshake_timeout,
+        roles.clone().into(),
+    )?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let readiness = readiness::Readiness::new(health).await;
     let boot_id = uuid::Uuid::new_v4().to_string();
-    let registry = RegistryHandle::new(registry);
-    let shared = Arc::new(Shared {
-        changes_pending: registry.changes_pending.clone(),
-        registry,
-        timing,
+    let process = Arc::new(Process {
+        events: EventSource::new(store.clone(), config.watch_bookmark_interval),
+        store,
+        roles,
+        readiness: readiness.clone(),
         boot_id: boot_id.clone(),
         join_token,
         admin_token,
         tls,
-        drains: tokio::sync::Mutex::new(()),
-        events: EventSource::new(store.clone(), config.watch_bookmark_interval),
-        store,
-        leases,
+        current: RwLock::new(None),
+        standby_rows: Arc::default(),
+        watches: TaskTracker::new(),
+        background: TaskTracker::new(),
+        shutdown: shutdown.clone(),
+        config,
     });
+    let config = &process.config;
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let readiness = readiness::Readiness::new(health).await;
-
-    let sessions = TaskTracker::new();
-    let background = TaskTracker::new();
-    let writer_stop = CancellationToken::new();
-    let writer = background.spawn(writer::run(
-        shared.clone(),
-        writer::flush_period(config.heartbeat_interval),
-        writer_stop.clone(),
-    ));
-    let sweeper = background.spawn(sweeper::run(
-        shared.clone(),
-        sweeper::period(config.offline_after),
-        config.expiry_guard_fraction,
-        shutdown.clone(),
-    ));
-    let lease_writer = background.spawn_blocking({
-        let store = shared.store.clone();
-        let writer_stop = writer_stop.clone();
-        move || leases::write(&store, lease_writes, &writer_stop)
-    });
-    let lease_follower = background.spawn(leases::follow(
-        shared.leases.clone(),
-        shared.registry.clone(),
-        readiness.probe_round(),
-        shutdown.clone(),
-    ));
-    background.spawn(prober::initial_round(
-        shared.clone(),
-        config.probe_timeout,
-        PROBE_CONCURRENCY,
-        readiness.clone(),
-        shutdown.clone(),
-    ));
-    background.spawn(readiness::follow_store(
+    take_over_from_a_predecessor(&process).await?;
+    let sent = tokio::time::Instant::now();
+    let first = match process
+        .store
+        .campaign(&boot_id, process.roles.own_url(), config.leader_lease)
+        .await?
+    {
+        Campaign::Won { epoch } => {
+            process.store.fence(epoch);
+            let term = term::Term::start(&process, epoch).await?;
+            process.begin_leading(&term.shared);
+            Some(leadership::Leading {
+                term,
+                lease: leadership::LeaseClock::granted(config.leader_lease, sent),
+            })
+        }
+        Campaign::Lost { leader } => {
+            process
+                .roles
+                .follow(leader.as_ref(), "another coordinator leads");
+            process.readiness.standby_database(true).await;
+            None
+        }
+    };
+    process.background.spawn(readiness::follow_store(
         readiness,
-        shared.store.clone(),
+        process.store.clone(),
         shutdown.clone(),
     ));
 
-    let service =
-        service::CoordinatorService::new(shared.clone(), sessions.clone(), shutdown.clone());
+    let service = service::CoordinatorService::new(process.clone());
     let admission = admission::AdmissionLayer::new(
         config.max_streams,
         NonZeroU32::new(config.max_registrations_per_second).unwrap_or(NonZeroU32::MIN),
-        shared.join_token.clone(),
+        process.join_token.clone(),
     );
-    let pool_service = pool_service::PoolService::new(
-        shared.leases.clone(),
-        shared.store.clone(),
-        shared.admin_token.clone(),
-        shutdown.clone(),
-    );
+    let pool_service = pool_service::PoolService::new(process.clone());
     let mut server = server;
     let router = server
         .add_service(health_service)
@@ -386,6 +416,7 @@ pub async fn start(
             PoolServer::new(pool_service).max_decoding_message_size(grpc::MAX_MESSAGE_BYTES),
         );
     let router = grpc::with_reflection(router, &["muster.v1.Coordinator", "muster.v1.Pool"])?;
+    let background = &process.background;
     let metrics_address = metrics.as_ref().map(MetricsListener::local_address);
     if let Some(metrics) = metrics {
         background.spawn(telemetry::serve(metrics, shutdown.clone()));
@@ -401,11 +432,10 @@ pub async fn start(
             listener,
             dashboard::Sources {
                 fleet: Arc::new(DashboardFleet {
-                    registry: shared.registry.clone(),
-                    events: shared.events.clone(),
+                    process: process.clone(),
                 }),
                 metrics,
-                admin_token: shared.admin_token.clone(),
+                admin_token: process.admin_token.clone(),
             },
             shutdown.clone(),
         ));
@@ -418,12 +448,12 @@ pub async fn start(
         %address,
         http_address = %config.http_listen.bound(http_address),
         %boot_id,
-        reloaded,
-        reload_grace = ?timing.reload_grace,
+        role = process.roles.role().as_str(),
+        advertise_url = %process.roles.own_url(),
         db = %config.db,
-        tls = shared.tls.is_some(),
-        join_token = shared.join_token.is_some(),
-        admin_token = shared.admin_token.is_some(),
+        tls = process.tls.is_some(),
+        join_token = process.join_token.is_some(),
+        admin_token = process.admin_token.is_some(),
         max_connections = connection_limits.max_connections,
         "coordinator listening"
     );
@@ -434,6 +464,7 @@ pub async fn start(
         connection_limits,
         shutdown.clone(),
     ));
+    let leadership = tokio::spawn(leadership::run(process.clone(), first));
     Ok(RunningCoordinator {
         address,
         http_address,
@@ -441,13 +472,8 @@ pub async fn start(
         boot_id,
         shutdown,
         serve,
-        sweeper,
-        writer,
-        lease_writer,
-        lease_follower,
-        writer_stop,
-        sessions,
-        background,
+        leadership,
+        process,
         database_lock,
     })
 }
@@ -460,70 +486,152 @@ impl RunningCoordinator {
         let Self {
             shutdown,
             mut serve,
-            mut sweeper,
-            mut writer,
-            mut lease_writer,
-            mut lease_follower,
-            writer_stop,
-            sessions,
-            background,
+            mut leadership,
+            process,
             database_lock,
             ..
         } = self;
-        // The writers, the sweeper and the lease pool's follower end only
-        // when told to. If one ends sooner it has panicked, and a coordinator
-        // that can no longer persist, detect failures or keep its leases in
-        // step with the fleet must not go on looking healthy.
-        let mut sweeper_stopped = false;
-        let mut follower_stopped = false;
+        // The leadership task ends only at shutdown, or when a task the
+        // coordinator cannot do without has failed: a coordinator that can
+        // no longer persist or detect failures must not go on looking
+        // healthy.
         let mut serve_ended = false;
-        let served = loop {
-            tokio::select! {
-                served = &mut serve => {
-                    serve_ended = true;
-                    break served.unwrap_or_else(|error| Err(RunError::TaskFailed {
-                        task: "gRPC server",
-                        reason: error.to_string(),
-                    }));
-                }
-                ended = &mut sweeper, if !sweeper_stopped => {
-                    sweeper_stopped = true;
-                    if let Err(error) = ended {
-                        break Err(RunError::TaskFailed { task: "sweeper", reason: error.to_string() });
-                    }
-                }
-                ended = &mut writer => {
-                    let reason = ended.err().map_or_else(|| "it stopped".to_owned(), |e| e.to_string());
-                    break Err(RunError::TaskFailed { task: "store writer", reason });
-                }
-                ended = &mut lease_writer => {
-                    let reason = ended.err().map_or_else(|| "it stopped".to_owned(), |e| e.to_string());
-                    break Err(RunError::TaskFailed { task: "lease writer", reason });
-                }
-                ended = &mut lease_follower, if !follower_stopped => {
-                    follower_stopped = true;
-                    if !shutdown.is_cancelled() {
-                        let reason = ended.err().map_or_else(|| "it stopped".to_owned(), |e| e.to_string());
-                        break Err(RunError::TaskFailed { task: "lease pool follower", reason });
-                    }
-                }
+        let mut led = None;
+        let served = tokio::select! {
+            served = &mut serve => {
+                serve_ended = true;
+                served.unwrap_or_else(|error| Err(RunError::TaskFailed {
+                    task: "gRPC server",
+                    reason: error.to_string(),
+                }))
+            }
+            ended = &mut leadership => {
+                led = Some(ended.unwrap_or_else(|error| Err(RunError::TaskFailed {
+                    task: "leadership",
+                    reason: error.to_string(),
+                })));
+                Ok(())
             }
         };
         shutdown.cancel();
         // After a task failed, the server is still draining: it must stop
         // listening before the database lock is let go.
-        if !serve_ended {
-            let _ = serve.await;
-        }
-        sessions.close();
-        sessions.wait().await;
-        writer_stop.cancel();
-        background.close();
-        background.wait().await;
+        let served = if serve_ended {
+            served
+        } else {
+            serve.await.unwrap_or_else(|error| {
+                Err(RunError::TaskFailed {
+                    task: "gRPC server",
+                    reason: error.to_string(),
+                })
+            })
+        };
+        // Sessions end first, then the writer makes its final flush.
+        let led = match led {
+            Some(led) => led,
+            None => leadership.await.unwrap_or_else(|error| {
+                Err(RunError::TaskFailed {
+                    task: "leadership",
+                    reason: error.to_string(),
+                })
+            }),
+        };
+        process.watches.close();
+        process.watches.wait().await;
+        process.background.close();
+        process.background.wait().await;
         drop(database_lock);
         info!("coordinator stopped");
-        served
+        led.and(served)
     }
+}
+
+/// A coordinator need not wait out a lease whose holder is certainly gone:
+/// one restarted at its own address (this process holds the holder's port),
+/// or a leader at whose address nothing listens any more (the connection is
+/// refused, not merely unanswered). The lease is resigned on its behalf and
+/// the campaign that follows wins at once, at a new epoch. Only at start;
+/// were the leader alive after all, fencing would refuse its next write.
+async fn take_over_from_a_predecessor(process: &Process) -> Result<(), RunError> {
+    if !process.store.arbitrates_leadership() {
+        return Ok(());
+    }
+    let Some(previous) = process.store.leader().await? else {
+        return Ok(());
+    };
+    if previous.holder == process.boot_id || previous.expires_in.is_zero() {
+        return Ok(());
+    }
+    let gone = if previous.url == process.roles.own_url() {
+        "this coordinator's previous process, whose port this one holds"
+    } else if nothing_listens_at(&previous.url).await {
+        "a coordinator at whose address nothing listens any more"
+    } else {
+        return Ok(());
+    };
+    info!(
+        epoch = previous.epoch,
+        leader_url = %previous.url,
+        "the lease is held by {gone}; resigning it"
+    );
+    process
+        .store
+        .resign_leadership(&previous.holder, previous.epoch)
+        .await?;
+    Ok(())
+}
+
+/// Whether a TCP connection to `url`'s address is refused: nothing listens
+/// there. A timeout or an unreachable network proves nothing.
+async fn nothing_listens_at(url: &str) -> bool {
+    let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let dial = tokio::net::TcpStream::connect((host, port));
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(1), dial).await,
+        Ok(Err(error)) if error.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// This coordinator's URL for agents and operators (see
+/// `--advertise-url`). Where several coordinators share the database it
+/// must reach this one from elsewhere, so an unspecified listen address
+/// needs the flag; otherwise loopback stands in for it.
+fn advertised_url(
+    config: &CoordinatorConfig,
+    address: SocketAddr,
+    tls: bool,
+    shared_database: bool,
+) -> Result<String, RunError> {
+    if let Some(url) = config.advertised_url(address, tls) {
+        return Ok(url);
+    }
+    if shared_database {
+        return Err(InvalidInput::new(
+            "--advertise-url",
+            format!(
+                "is required when several coordinators share the database and --listen is {address}: give the URL at which agents and operators reach this coordinator, such as http://10.0.0.5:{}",
+                address.port()
+            ),
+        )
+        .into());
+    }
+    let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), address.port());
+    Ok(config
+        .advertised_url(loopback, tls)
+        .unwrap_or_else(|| loopback.to_string()))
 }
 
 /// The connection limits from the flags; without `--max-connections`, as

@@ -1,60 +1,53 @@
 //! The Pool gRPC service: VRAM leases. The wire types stop here; the pool
 //! sees only its own requests and leases. Guarded by the admin token, as
-//! the operator calls are.
+//! the operator calls are. Only the leader holds the pool; a standby
+//! refuses every call (the role layer does, before a call reaches here).
 
 use std::{sync::Arc, time::Duration};
 
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
 use super::{
+    Process, Shared,
     lease_watch::{self, Interest, LeaseEvents},
-    leases::Leases,
 };
 use crate::{
-    auth::{self, Token},
+    auth,
     error::ServiceError,
     node::NodeId,
     pool::{
         AcquireRequest, Constraints, LabelSelector, LeaseFilter, LeaseId, LeaseState, LeaseTerms,
     },
     proto::{self, pool_server::Pool},
-    store::Store,
     validation::InvalidInput,
 };
 
 pub(crate) struct PoolService {
-    leases: Arc<Leases>,
-    /// Where lease events are read from.
-    store: Store,
-    admin_token: Option<Token>,
-    shutdown: CancellationToken,
+    process: Arc<Process>,
 }
 
 impl PoolService {
-    pub(super) fn new(
-        leases: Arc<Leases>,
-        store: Store,
-        admin_token: Option<Token>,
-        shutdown: CancellationToken,
-    ) -> Self {
-        Self {
-            leases,
-            store,
-            admin_token,
-            shutdown,
-        }
+    pub(super) fn new(process: Arc<Process>) -> Self {
+        Self { process }
+    }
+
+    /// The leader's term, for an operator with the admin token.
+    fn admit<T>(&self, request: &Request<T>) -> Result<Arc<Shared>, ServiceError> {
+        self.require_admin(request)?;
+        self.process.leader()
     }
 
     fn require_admin<T>(&self, request: &Request<T>) -> Result<(), ServiceError> {
         let authorization = request.metadata().get(auth::AUTHORIZATION_METADATA);
         let authorization = authorization.map(|value| value.as_bytes());
-        auth::require_admin_token(self.admin_token.as_ref(), authorization).map_err(|denied| {
-            metrics::counter!("muster_admin_requests_refused_total").increment(1);
-            warn!(peer = ?request.remote_addr(), %denied, "refused a Pool call");
-            ServiceError::from(denied)
-        })
+        auth::require_admin_token(self.process.admin_token.as_ref(), authorization).map_err(
+            |denied| {
+                metrics::counter!("muster_admin_requests_refused_total").increment(1);
+                warn!(peer = ?request.remote_addr(), %denied, "refused a Pool call");
+                ServiceError::from(denied)
+            },
+        )
     }
 }
 
@@ -66,12 +59,12 @@ impl Pool for PoolService {
         &self,
         request: Request<proto::AcquireLeaseRequest>,
     ) -> Result<Response<proto::Lease>, Status> {
-        self.require_admin(&request)?;
-        if self.shutdown.is_cancelled() {
-            return Err(ServiceError::ShuttingDown.into());
+        let shared = self.admit(&request)?;
+        if shared.stop.is_cancelled() {
+            return Err(shared.roles.refusal().into());
         }
         let request = acquire_request(request.into_inner()).map_err(ServiceError::from)?;
-        let lease = self.leases.acquire(request, &self.shutdown).await?;
+        let lease = shared.leases.acquire(request, &shared.stop).await?;
         Ok(Response::new(proto::Lease::from(&lease)))
     }
 
@@ -79,9 +72,9 @@ impl Pool for PoolService {
         &self,
         request: Request<proto::RenewLeaseRequest>,
     ) -> Result<Response<proto::Lease>, Status> {
-        self.require_admin(&request)?;
+        let shared = self.admit(&request)?;
         let lease_id = lease_id(&request.into_inner().lease_id).map_err(ServiceError::from)?;
-        let lease = self.leases.renew(&lease_id).await?;
+        let lease = shared.leases.renew(&lease_id).await?;
         Ok(Response::new(proto::Lease::from(&lease)))
     }
 
@@ -89,9 +82,9 @@ impl Pool for PoolService {
         &self,
         request: Request<proto::ReleaseLeaseRequest>,
     ) -> Result<Response<proto::ReleaseLeaseResponse>, Status> {
-        self.require_admin(&request)?;
+        let shared = self.admit(&request)?;
         let lease_id = lease_id(&request.into_inner().lease_id).map_err(ServiceError::from)?;
-        let lease = self.leases.release(&lease_id).await?;
+        let lease = shared.leases.release(&lease_id).await?;
         if let Some(lease) = &lease {
             debug!(%lease_id, holder = %lease.terms.holder, "lease released by its holder");
         }
@@ -104,9 +97,9 @@ impl Pool for PoolService {
         &self,
         request: Request<proto::WatchLeasesRequest>,
     ) -> Result<Response<Self::WatchLeasesStream>, Status> {
-        self.require_admin(&request)?;
-        if self.shutdown.is_cancelled() {
-            return Err(ServiceError::ShuttingDown.into());
+        let shared = self.admit(&request)?;
+        if shared.stop.is_cancelled() {
+            return Err(shared.roles.refusal().into());
         }
         let request = request.into_inner();
         let interest = Interest {
@@ -114,7 +107,7 @@ impl Pool for PoolService {
             holder: request.holder,
         };
         let events =
-            lease_watch::watch(self.store.clone(), interest, self.shutdown.clone()).await?;
+            lease_watch::watch(shared.store.clone(), interest, shared.stop.clone()).await?;
         Ok(Response::new(events))
     }
 
@@ -122,9 +115,9 @@ impl Pool for PoolService {
         &self,
         request: Request<proto::ListLeasesRequest>,
     ) -> Result<Response<proto::ListLeasesResponse>, Status> {
-        self.require_admin(&request)?;
+        let shared = self.admit(&request)?;
         let filter = lease_filter(request.into_inner()).map_err(ServiceError::from)?;
-        let leases = self.leases.list(&filter);
+        let leases = shared.leases.list(&filter);
         Ok(Response::new(proto::ListLeasesResponse {
             leases: leases.iter().map(proto::Lease::from).collect(),
         }))

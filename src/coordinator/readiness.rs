@@ -1,9 +1,17 @@
 //! Readiness: the one owner of the health service's status.
 //!
-//! The coordinator is SERVING, under both the empty service name and the
-//! Coordinator's, only while both hold: the initial probe round after start-up
-//! has finished (or hit its deadline), and the store's writes succeed. A
-//! failing store is a readiness problem, not a crash: reads are still
+//! Three service names, each SERVING only while what it names can be done:
+//! - [`COORDINATOR_HEALTH`] (`muster.v1.Coordinator`): everything, agents'
+//!   streams and operator writes included. Only a leader, once the initial
+//!   probe round of its term has finished (or hit its deadline), and while
+//!   the store's writes succeed.
+//! - [`READS_HEALTH`] (`muster.v1.Coordinator.reads`): the operator reads
+//!   (ListNodes, GetNode, WatchNodes). A leader once its probe round is done;
+//!   a standby while it reaches the database.
+//! - `""` (the whole server): its role can be done: the first on a leader,
+//!   the second on a standby.
+//!
+//! A failing store is a readiness problem, not a crash: reads are still
 //! served, registrations are refused with UNAVAILABLE, and the coordinator
 //! turns SERVING again by itself once a write succeeds.
 //!
@@ -19,28 +27,45 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
-use super::service::CoordinatorService;
-use crate::{
-    proto::coordinator_server::CoordinatorServer,
-    store::{Availability, Store},
-};
+use crate::store::{Availability, Store};
+
+/// The health name of everything a leader serves.
+pub const COORDINATOR_HEALTH: &str = "muster.v1.Coordinator";
+/// The health name of the operator reads, which standbys serve too.
+pub const READS_HEALTH: &str = "muster.v1.Coordinator.reads";
 
 /// How often a failing store is tried again when nothing else writes.
 pub(super) const RECHECK_PERIOD: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Conditions {
+    leading: bool,
     probe_round_done: bool,
     store_failing: bool,
+    /// A standby's last campaign reached the database.
+    database_reached: bool,
 }
 
+/// The status of the whole server, of the Coordinator, and of the reads.
+type Statuses = [ServingStatus; 3];
+
 impl Conditions {
-    fn status(self) -> ServingStatus {
-        if self.probe_round_done && !self.store_failing {
-            ServingStatus::Serving
+    fn statuses(self) -> Statuses {
+        let serving = |ready: bool| {
+            if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            }
+        };
+        let coordinator = self.leading && self.probe_round_done && !self.store_failing;
+        let reads = if self.leading {
+            self.probe_round_done
         } else {
-            ServingStatus::NotServing
-        }
+            self.database_reached
+        };
+        let overall = if self.leading { coordinator } else { reads };
+        [serving(overall), serving(coordinator), serving(reads)]
     }
 }
 
@@ -57,13 +82,44 @@ pub(super) struct Readiness {
 impl Readiness {
     /// Starts NOT_SERVING.
     pub(super) async fn new(health: HealthReporter) -> Arc<Self> {
+        let conditions = Conditions {
+            leading: false,
+            probe_round_done: false,
+            store_failing: false,
+            database_reached: false,
+        };
         let readiness = Self {
-            conditions: Mutex::new(Conditions::default()),
+            conditions: Mutex::new(conditions),
             health,
             probe_round: watch::Sender::new(false),
         };
-        readiness.publish(ServingStatus::NotServing).await;
+        readiness.publish(conditions.statuses()).await;
         Arc::new(readiness)
+    }
+
+    /// A term begins: NOT_SERVING as a leader until its probe round is done.
+    pub(super) async fn begin_term(&self) {
+        self.probe_round.send_replace(false);
+        self.update(|conditions| {
+            conditions.leading = true;
+            conditions.probe_round_done = false;
+        })
+        .await;
+    }
+
+    pub(super) async fn end_term(&self) {
+        self.probe_round.send_replace(false);
+        self.update(|conditions| {
+            conditions.leading = false;
+            conditions.probe_round_done = false;
+        })
+        .await;
+    }
+
+    /// Whether a standby reaches the database.
+    pub(super) async fn standby_database(&self, reached: bool) {
+        self.update(|conditions| conditions.database_reached = reached)
+            .await;
     }
 
     pub(super) async fn probe_round_done(&self) {
@@ -85,22 +141,20 @@ impl Readiness {
 
     async fn update(&self, change: impl FnOnce(&mut Conditions)) {
         let mut conditions = self.conditions.lock().await;
-        let before = conditions.status();
+        let before = conditions.statuses();
         change(&mut conditions);
-        let after = conditions.status();
+        let after = conditions.statuses();
         if after != before {
             self.publish(after).await;
         }
     }
 
-    async fn publish(&self, status: ServingStatus) {
-        self.health.set_service_status("", status).await;
+    async fn publish(&self, [overall, coordinator, reads]: Statuses) {
+        self.health.set_service_status("", overall).await;
         self.health
-            .set_service_status(
-                <CoordinatorServer<CoordinatorService> as tonic::server::NamedService>::NAME,
-                status,
-            )
+            .set_service_status(COORDINATOR_HEALTH, coordinator)
             .await;
+        self.health.set_service_status(READS_HEALTH, reads).await;
     }
 }
 

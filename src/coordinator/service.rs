@@ -1,20 +1,23 @@
-//! The Coordinator gRPC service. Reads are served from the registry in
-//! memory; each Heartbeat stream becomes a tracked session task.
+//! The Coordinator gRPC service. On the leader, reads are served from the
+//! registry in memory, and each Heartbeat stream becomes a tracked session
+//! task of the term; on a standby, reads come from the database (see
+//! `standby`) and everything else is refused, as the role layer already
+//! does before a call reaches here.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, warn};
 
 use super::{
-    Shared,
+    Process,
     admission::{StreamPermit, serve_stream},
+    role::Role,
     session::read_registration,
-    watch,
+    standby, watch,
 };
 use crate::{
     auth,
@@ -32,22 +35,12 @@ const OUTBOUND_CAPACITY: usize = 8;
 const WATCH_OUTBOUND_CAPACITY: usize = 64;
 
 pub(crate) struct CoordinatorService {
-    shared: Arc<Shared>,
-    sessions: TaskTracker,
-    shutdown: CancellationToken,
+    process: Arc<Process>,
 }
 
 impl CoordinatorService {
-    pub(super) fn new(
-        shared: Arc<Shared>,
-        sessions: TaskTracker,
-        shutdown: CancellationToken,
-    ) -> Self {
-        Self {
-            shared,
-            sessions,
-            shutdown,
-        }
+    pub(super) fn new(process: Arc<Process>) -> Self {
+        Self { process }
     }
 }
 
@@ -63,13 +56,14 @@ impl Coordinator for CoordinatorService {
         &self,
         mut request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
-        if self.shutdown.is_cancelled() {
-            return Err(ServiceError::ShuttingDown.into());
+        let shared = self.process.leader()?;
+        if shared.stop.is_cancelled() {
+            return Err(shared.roles.refusal().into());
         }
         let permit = request.extensions_mut().remove::<StreamPermit>();
         let mut inbound = request.into_inner();
         let claim = tokio::select! {
-            () = self.shutdown.cancelled() => return Err(ServiceError::ShuttingDown.into()),
+            () = shared.stop.cancelled() => return Err(shared.roles.refusal().into()),
             claim = read_registration(&mut inbound, REGISTRATION_TIMEOUT) => claim?,
         };
         let (outbound, receiver) = mpsc::channel(OUTBOUND_CAPACITY);
@@ -79,17 +73,8 @@ impl Coordinator for CoordinatorService {
             node_id = %claim.registration.node_id,
             generation = tracing::field::Empty
         );
-        self.sessions.spawn(
-            serve_stream(
-                self.shared.clone(),
-                claim,
-                inbound,
-                outbound,
-                admitted,
-                permit,
-                self.shutdown.clone(),
-            )
-            .instrument(span),
+        shared.sessions.clone().spawn(
+            serve_stream(shared, claim, inbound, outbound, admitted, permit).instrument(span),
         );
         admission.await.map_err(|_| {
             ServiceError::Internal("the registration task ended early".to_owned())
@@ -102,14 +87,30 @@ impl Coordinator for CoordinatorService {
         request: Request<proto::WatchNodesRequest>,
     ) -> Result<Response<Self::WatchNodesStream>, Status> {
         self.require_admin(&request)?;
-        if self.shutdown.is_cancelled() {
+        let shutdown = &self.process.shutdown;
+        if shutdown.is_cancelled() {
             return Err(ServiceError::ShuttingDown.into());
         }
         let since_revision = request.into_inner().since_revision;
-        let watch = self.shared.events.watch(since_revision).await?;
+        let events = &self.process.events;
+        let watch = if since_revision == 0 && self.process.roles.role() == Role::Standby {
+            // A standby's hub has seen only the events since it started; the
+            // rows are the whole fleet.
+            let store = &self.process.store;
+            events
+                .watch_from(async { Ok(standby::list_nodes(store).await?.nodes) })
+                .await?
+        } else {
+            if self.process.roles.role() == Role::Standby {
+                events
+                    .caught_up_to(since_revision, standby::POLL_PERIOD * 4)
+                    .await;
+            }
+            events.watch(since_revision).await?
+        };
         let (outbound, receiver) = mpsc::channel(WATCH_OUTBOUND_CAPACITY);
-        self.sessions.spawn(
-            watch::serve(watch, outbound, self.shutdown.clone())
+        self.process.watches.spawn(
+            watch::serve(watch, outbound, shutdown.clone())
                 .instrument(tracing::info_span!("watch", since_revision)),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
@@ -120,7 +121,12 @@ impl Coordinator for CoordinatorService {
         request: Request<proto::ListNodesRequest>,
     ) -> Result<Response<proto::ListNodesResponse>, Status> {
         self.require_admin(&request)?;
-        Ok(Response::new(self.shared.registry.list_nodes()))
+        match self.process.leader() {
+            Ok(shared) => Ok(Response::new(shared.registry.list_nodes())),
+            Err(_) => Ok(Response::new(
+                standby::list_nodes(&self.process.store).await?,
+            )),
+        }
     }
 
     async fn get_node(
@@ -130,7 +136,14 @@ impl Coordinator for CoordinatorService {
         self.require_admin(&request)?;
         let node_id =
             NodeId::parse("node_id", &request.into_inner().node_id).map_err(ServiceError::from)?;
-        let node = self.shared.lock().get(&node_id);
+        let shared = match self.process.leader() {
+            Ok(shared) => shared,
+            Err(_) => {
+                let node = standby::get_node(&self.process.store, node_id).await?;
+                return Ok(Response::new(node));
+            }
+        };
+        let node = shared.lock().get(&node_id);
         let node = node.ok_or(ServiceError::NodeNotFound(node_id))?;
         Ok(Response::new(node.into()))
     }
@@ -142,18 +155,16 @@ impl Coordinator for CoordinatorService {
         self.require_admin(&request)?;
         let node_id =
             NodeId::parse("node_id", &request.into_inner().node_id).map_err(ServiceError::from)?;
+        let shared = self.process.leader()?;
         // The row goes first: once this call returns, a registration with
         // another secret must find the id free.
-        let removed_generation = self
-            .shared
+        let removed_generation = shared
             .store
             .remove(node_id.clone())
             .await
-            .map_err(ServiceError::from)?
+            .map_err(|error| shared.store_failed(error))?
             .ok_or_else(|| ServiceError::NodeNotFound(node_id.clone()))?;
-        let removed = self
-            .shared
-            .update(|registry| registry.remove(&node_id, removed_generation));
+        let removed = shared.update(|registry| registry.remove(&node_id, removed_generation));
         info!(%node_id, generation = removed_generation, "node removed by an operator");
         Ok(Response::new(proto::RemoveNodeResponse {
             node: removed.map(proto::Node::from),
@@ -197,19 +208,16 @@ impl CoordinatorService {
         node_id: NodeId,
         reason: Option<String>,
     ) -> Result<proto::Node, ServiceError> {
-        let _in_order = self.shared.drains.lock().await;
-        let (row_generation, drain) = self
-            .shared
+        let shared = self.process.leader()?;
+        let _in_order = shared.drains.lock().await;
+        let (row_generation, drain) = shared
             .store
             .set_drain(node_id.clone(), reason, Moment::now().wall)
-            .await?
+            .await
+            .map_err(|error| shared.store_failed(error))?
             .ok_or_else(|| ServiceError::NodeNotFound(node_id.clone()))?;
-        let node = self
-            .shared
-            .update(|registry| registry.set_drain(&node_id, row_generation, drain));
-        self.shared
-            .leases
-            .apply_node(&self.shared.registry, &node_id);
+        let node = shared.update(|registry| registry.set_drain(&node_id, row_generation, drain));
+        shared.leases.apply_node(&shared.registry, &node_id);
         node.map(proto::Node::from)
             .ok_or(ServiceError::NodeNotFound(node_id))
     }
@@ -217,7 +225,7 @@ impl CoordinatorService {
     fn require_admin<T>(&self, request: &Request<T>) -> Result<(), ServiceError> {
         let authorization = request.metadata().get(auth::AUTHORIZATION_METADATA);
         let authorization = authorization.map(|value| value.as_bytes());
-        auth::require_admin_token(self.shared.admin_token.as_ref(), authorization).map_err(
+        auth::require_admin_token(self.process.admin_token.as_ref(), authorization).map_err(
             |denied| {
                 metrics::counter!("muster_admin_requests_refused_total").increment(1);
                 warn!(peer = ?request.remote_addr(), %denied, "refused an operator call");

@@ -149,6 +149,7 @@ impl<L: LeaveRecorder> Session<L> {
         mut inbound: S,
         outbound: Outbound,
         shutdown: CancellationToken,
+        farewell: impl FnOnce() -> ServiceError,
     ) where
         S: Stream<Item = Result<AgentMessage, Status>> + Unpin,
     {
@@ -161,8 +162,8 @@ impl<L: LeaveRecorder> Session<L> {
         // stopped reading.
         match ended {
             Ended::Shutdown => {
-                debug!("session closed by coordinator shutdown");
-                let _ = outbound.try_send(Err(ServiceError::ShuttingDown.into()));
+                debug!("session closed: the coordinator stops leading, or shuts down");
+                let _ = outbound.try_send(Err(farewell().into()));
             }
             Ended::Stream(reason) => self.end(reason),
             Ended::Left => info!("session ended: the agent left"),
@@ -582,8 +583,12 @@ mod serve_loop {
             let (messages, inbound) = mpsc::channel(64);
             let (outbound, acks) = mpsc::channel(ACKS_QUEUED);
             let shutdown = CancellationToken::new();
-            let session =
-                tokio::spawn(session.run(ReceiverStream::new(inbound), outbound, shutdown.clone()));
+            let session = tokio::spawn(session.run(
+                ReceiverStream::new(inbound),
+                outbound,
+                shutdown.clone(),
+                || ServiceError::ShuttingDown,
+            ));
             Self {
                 messages,
                 acks,

@@ -24,7 +24,7 @@ use tonic::Status;
 
 use crate::{
     error::ServiceError,
-    events::{Admit, Cursor, EventHub, LiveEvents, Next, NodeEvent},
+    events::{Admit, Cursor, EventHub, LiveEvents, Next, NodeEvent, Snapshot},
     proto,
     store::Store,
 };
@@ -89,6 +89,42 @@ impl EventSource {
             Cursor::after(since_revision),
             VecDeque::new(),
             subscribed_at,
+        ))
+    }
+
+    /// Waits, at most `within`, until the hub has published `revision`. A
+    /// standby's hub follows the event log a poll period late, and a watch
+    /// that moved to it after a failover may resume from a revision it has
+    /// not read yet, which would otherwise be refused as ahead.
+    pub async fn caught_up_to(&self, revision: u64, within: Duration) {
+        let (mut published, mut live) = self.hub.follow();
+        let deadline = tokio::time::Instant::now() + within;
+        while published < revision {
+            match tokio::time::timeout_at(deadline, live.next()).await {
+                Ok(Next::Event(event)) => published = event.revision,
+                Ok(Next::Lagged) => published = self.hub.revision(),
+                Ok(Next::Closed) | Err(_) => return,
+            }
+        }
+    }
+
+    /// Starts a watch whose snapshot is what `nodes` reads, then live
+    /// events. The live feed is subscribed first, so no change after the
+    /// read is missed; one the read already saw comes again.
+    pub async fn watch_from(
+        &self,
+        nodes: impl Future<Output = Result<Vec<proto::Node>, ServiceError>>,
+    ) -> Result<Watch, ServiceError> {
+        let (revision, live) = self.hub.follow();
+        let snapshot = Snapshot {
+            revision,
+            nodes: nodes.await?,
+        };
+        Ok(self.open(
+            live,
+            Cursor::after(revision),
+            snapshot.to_proto(self.database_id()).into(),
+            revision,
         ))
     }
 

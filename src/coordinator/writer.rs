@@ -12,7 +12,8 @@
 //!
 //! On shutdown the writer keeps retrying what is unwritten for at most
 //! [`DRAIN_DEADLINE`], then logs, as an error, every change and `last_seen`
-//! it could not save.
+//! it could not save. A write the database refuses as fenced is never
+//! retried: this coordinator no longer leads, and the write is dropped.
 
 use std::{
     collections::BTreeMap,
@@ -84,6 +85,11 @@ pub(super) async fn run(shared: Arc<Shared>, flush_interval: Duration, stop: Can
             return;
         }
         if let Err(error) = write(&shared, &batch).await {
+            if shared.deposal.notice(&error) {
+                // The term is over; what it did not write, the next leader
+                // learns from the agents themselves.
+                continue;
+            }
             debug!(error = %display_chain(&error), changes = batch.changes.len(), "store write failed; will retry");
             unwritten = batch
                 .changes
@@ -137,6 +143,7 @@ async fn drain(shared: &Shared, batch: Batch) {
         let attempt = write(shared, &batch);
         let failure = match tokio::time::timeout_at(deadline, attempt).await {
             Ok(Ok(())) => return,
+            Ok(Err(error)) if shared.deposal.notice(&error) => break display_chain(&error),
             Ok(Err(error)) => display_chain(&error),
             Err(_) => format!("the write did not finish within {DRAIN_DEADLINE:?}"),
         };
