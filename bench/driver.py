@@ -27,6 +27,9 @@ WARMUP = float(os.environ.get("WARMUP", "10"))
 PER_SWARM = int(os.environ.get("AGENTS_PER_SWARM", "9500"))
 WATCHERS = int(os.environ.get("WATCHERS", "0"))
 DASHBOARDS = int(os.environ.get("DASHBOARDS", "0"))
+# A postgres:// URL of an empty database to use instead of a SQLite file in
+# the run's directory (one fleet size per database).
+DB_URL = os.environ.get("DB_URL")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CPUS = sorted(os.sched_getaffinity(0))
@@ -83,7 +86,7 @@ class Coordinator:
         argv = pinned(coordinator_cpus(), [
             MUSTER, "coordinator",
             "--listen", f"127.0.0.1:{self.port}",
-            "--db", os.path.join(self.workdir, "muster.db"),
+            "--db", DB_URL or os.path.join(self.workdir, "muster.db"),
             "--heartbeat-interval", HEARTBEAT,
             "--offline-after", OFFLINE_AFTER,
             "--max-heartbeats-per-second", MAX_HPS,

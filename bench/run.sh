@@ -15,7 +15,9 @@
 # (10, seconds after all agents registered), AGENTS_PER_SWARM (9500),
 # WATCHERS (0: how many `muster nodes watch --output json > /dev/null` run
 # for the whole run, pinned with the swarms), DASHBOARDS (0: how many
-# bench/sse_follow.py follow the dashboard's /events as an open page does).
+# bench/sse_follow.py follow the dashboard's /events as an open page does),
+# DB_URL (unset: a SQLite file per run; a postgres:// URL of an empty
+# database: the store on PostgreSQL, one fleet size per database).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
