@@ -22,6 +22,10 @@ pub enum ServiceError {
     InvalidArgument(#[from] InvalidInput),
     #[error("node {0} is not registered")]
     NodeNotFound(NodeId),
+    /// A probe of a swarm reached an address no simulated agent has; a real
+    /// agent would not be listening there at all.
+    #[error("no simulated agent listens at {0}")]
+    NoSimulatedAgent(String),
     /// The request is well-formed but not allowed at this point of a stream.
     #[error("{0}")]
     OutOfOrder(String),
@@ -97,7 +101,9 @@ impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
         let code = match &error {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
-            ServiceError::NodeNotFound(_) | ServiceError::Forgotten(_) => Code::NotFound,
+            ServiceError::NodeNotFound(_)
+            | ServiceError::Forgotten(_)
+            | ServiceError::NoSimulatedAgent(_) => Code::NotFound,
             ServiceError::OutOfOrder(_) | ServiceError::Quarantined { .. } => {
                 Code::FailedPrecondition
             }

@@ -605,13 +605,19 @@ mod tests {
         )
         .unwrap();
         let (leases, queue) = Leases::new(pool);
+        let stop = start_writer(&store, queue);
+        (leases, store, stop)
+    }
+
+    /// Starts the lease writer on `store`; cancelling the token stops it.
+    fn start_writer(store: &Store, queue: WriteQueue) -> CancellationToken {
         let stop = CancellationToken::new();
         tokio::task::spawn_blocking({
             let store = store.clone();
             let stop = stop.clone();
             move || write(&store, queue, &Deposal::default(), &stop)
         });
-        (leases, store, stop)
+        stop
     }
 
     /// What the store keeps exactly (it keeps moments to the millisecond).
@@ -692,12 +698,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("muster.db")).await.unwrap();
         let (leases, queue) = Leases::new(Pool::new(PoolConfig::default()));
-        let stop = CancellationToken::new();
-        tokio::task::spawn_blocking({
-            let store = store.clone();
-            let stop = stop.clone();
-            move || write(&store, queue, &Deposal::default(), &stop)
-        });
+        let stop = start_writer(&store, queue);
         let (registry, generation) = registry_with_a_gpu_node();
         let (_, probe_round) = watch::channel(true);
         tokio::spawn(follow(

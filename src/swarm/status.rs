@@ -3,30 +3,19 @@
 //! Each agent advertises its own loopback address on the listener's port;
 //! the address a probe connected to (the connection's local address) says
 //! which agent was dialled, and that agent answers as itself. A probe that
-//! reaches no agent's address is refused, so the coordinator's identity
-//! check is exercised as it is against real agents.
+//! reaches no agent's address is refused with NOT_FOUND, which the
+//! coordinator treats as nothing listening there, so its identity check is
+//! exercised as it is against real agents.
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use crate::{
     agent::Identity,
+    error::ServiceError,
     proto::{StatusRequest, StatusResponse, agent_server::Agent},
 };
-
-/// A probe dialled an address no simulated agent has. The swarm is a
-/// stand-in for many agent processes, and a real one would not be listening
-/// there at all; NOT_FOUND makes the coordinator treat it as such.
-#[derive(Debug, thiserror::Error)]
-#[error("no simulated agent listens at {0}")]
-pub struct NoAgentAtAddress(String);
-
-impl From<NoAgentAtAddress> for Status {
-    fn from(error: NoAgentAtAddress) -> Self {
-        Status::new(Code::NotFound, error.to_string())
-    }
-}
 
 pub struct SwarmStatus {
     /// The address of `identities[0]`; agent `i` listens at this plus `i`.
@@ -60,7 +49,7 @@ impl Agent for SwarmStatus {
         let dialled = request.local_addr();
         match dialled.and_then(|address| self.identity_at(address.ip())) {
             Some(identity) => Ok(Response::new(identity.answer(&request)?)),
-            None => Err(NoAgentAtAddress(
+            None => Err(ServiceError::NoSimulatedAgent(
                 dialled.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string()),
             )
             .into()),
