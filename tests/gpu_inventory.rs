@@ -244,10 +244,16 @@ async fn a_file_inventory_is_shown_and_changes_past_the_threshold_arrive_on_hear
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn gpus_reported_on_heartbeats_survive_a_coordinator_sigkill() {
+async fn gpus_reported_on_heartbeats_survive_a_coordinator_sigkill(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let (mut coordinator, metrics) = start_coordinator(dir.path()).await;
+    let Some(database) = backend.database(
+        dir.path(),
+        "gpu_inventory::gpus_reported_on_heartbeats_survive_a_coordinator_sigkill",
+    ) else {
+        return;
+    };
+    let mut coordinator = Coordinator::start(&database.db, "127.0.0.1:0", FAST_TIMING);
+    let metrics = coordinator.http_address().to_string();
     let url = coordinator.url();
     let file = dir.path().join("gpus.json");
     write_gpus(&file, &json!([gpu(0, 0)]));
@@ -264,7 +270,7 @@ async fn gpus_reported_on_heartbeats_survive_a_coordinator_sigkill() {
     agent.kill();
     let listen = coordinator.process.address.to_string();
     coordinator.process.kill();
-    let coordinator = Coordinator::restart(&dir.path().join("muster.db"), &listen, FAST_TIMING);
+    let coordinator = Coordinator::restart(&database.db, &listen, FAST_TIMING);
     let reloaded = node(&coordinator.url(), "gpu-1").await.expect("reloaded");
     assert_ne!(state_of(&reloaded), NodeState::Online);
     assert_eq!(reloaded.gpus.len(), 1);
@@ -282,6 +288,8 @@ async fn gpus_reported_on_heartbeats_survive_a_coordinator_sigkill() {
     .remove(0);
     assert_eq!(back.gpus, reloaded.gpus);
 }
+
+on_every_backend!(gpus_reported_on_heartbeats_survive_a_coordinator_sigkill);
 
 fn agent_command(dir: &Path, gpu_source: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_muster"));

@@ -103,10 +103,15 @@ async fn a_hung_agent_goes_offline_after_offline_after_and_returns_when_resumed(
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn expiry_counts_from_the_stored_offline_moment_across_restarts() {
+async fn expiry_counts_from_the_stored_offline_moment_across_restarts(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("muster.db");
+    let Some(database) = backend.database(
+        dir.path(),
+        "liveness::expiry_counts_from_the_stored_offline_moment_across_restarts",
+    ) else {
+        return;
+    };
+    let db = database.db.clone();
     let expire_after = Duration::from_secs(6);
     let outage = Duration::from_secs(4);
     let timing = timing("200ms", "1s", "6s");
@@ -122,7 +127,12 @@ async fn expiry_counts_from_the_stored_offline_moment_across_restarts() {
     )
     .await;
     wait_for("offline_since to be stored", START_DEADLINE, || async {
-        let stored = Store::open(&db).await.ok()?.load_nodes().await.ok()?;
+        let stored = Store::open(store_database(&db))
+            .await
+            .ok()?
+            .load_nodes()
+            .await
+            .ok()?;
         stored.first()?.offline_since
     })
     .await;
@@ -143,6 +153,8 @@ async fn expiry_counts_from_the_stored_offline_moment_across_restarts() {
     .await;
     wait_until_no_row(&db, "gpu-gone").await;
 }
+
+on_every_backend!(expiry_counts_from_the_stored_offline_moment_across_restarts);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_an_agent_gracefully_and_its_node_leaves() {

@@ -41,10 +41,17 @@ async fn all_online_none_ever_offline(url: &str, what: &str) {
     assert_eq!(broken.into_inner(), None, "{what}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_swarm_registers_and_survives_a_killed_coordinator_with_no_node_offline() {
+async fn a_swarm_registers_and_survives_a_killed_coordinator_with_no_node_offline(
+    backend: Backend,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("muster.db");
+    let Some(database) = backend.database(
+        dir.path(),
+        "swarm::a_swarm_registers_and_survives_a_killed_coordinator_with_no_node_offline",
+    ) else {
+        return;
+    };
+    let db = database.db.clone();
     let mut coordinator = Coordinator::start(&db, "127.0.0.1:0", FAST_TIMING);
     let _swarm = start_swarm(&coordinator.url(), AGENTS);
     all_online_none_ever_offline(&coordinator.url(), "every simulated agent ONLINE").await;
@@ -69,6 +76,8 @@ async fn a_swarm_registers_and_survives_a_killed_coordinator_with_no_node_offlin
         );
     }
 }
+
+on_every_backend!(a_swarm_registers_and_survives_a_killed_coordinator_with_no_node_offline);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_simulated_agent_answers_probes_as_itself_and_reports_its_gpus() {

@@ -66,9 +66,11 @@ pub fn timing<'a>(
     ]
 }
 
-/// Node ids of the rows in the database file at `db`.
+/// Node ids of the rows in the database at `db` (a `--db` value).
 pub async fn stored_node_ids(db: &Path) -> Vec<String> {
-    let store = muster::store::Store::open(db).await.expect("open store");
+    let store = muster::store::Store::open(store_database(db))
+        .await
+        .expect("open store");
     let nodes = store.load_nodes().await.expect("load nodes");
     nodes
         .into_iter()
