@@ -459,8 +459,28 @@ mod tests {
             let new = new.clone();
             async move { new.campaign("new", URL_B, lease).await }
         });
-        let waited = Duration::from_millis(500);
-        tokio::time::sleep(waited).await;
+        // PostgreSQL itself says when the takeover is blocked on the lock.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(
+                !takeover.is_finished(),
+                "the takeover committed under a write in flight"
+            );
+            let blocked: Vec<EpochRow> = sql_query(
+                "SELECT count(*)::bigint AS epoch FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            )
+            .load(&mut in_flight)
+            .unwrap();
+            if blocked.first().is_some_and(|row| row.epoch > 0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the takeover neither committed nor waited on the fence's lock"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(
             !takeover.is_finished(),
             "the takeover committed under a write in flight"
