@@ -1,11 +1,20 @@
-//! Load test of the Pool service through gRPC: `--workers` concurrent
-//! loops, each acquiring a lease and releasing it again, for `--duration`,
+//! Load test of the Pool service through gRPC: acquire+release pairs
 //! against a running coordinator whose fleet has GPUs (`muster swarm
-//! --gpus-per-agent 8`). Every acquisition waits for its commit, as a real
-//! client does. Prints pairs per second and the acquire and release latency
-//! percentiles, and fails if any call failed.
+//! --gpus-per-agent 8`), for `--duration`. Every acquisition waits for its
+//! commit, as a real client does. Prints pairs per second and the acquire
+//! and release latency percentiles, and fails if any call failed.
 //!
-//! `cargo run --release --example lease_load -- --coordinator http://127.0.0.1:7700 --workers 256 --duration 30s`
+//! Two ways to load it:
+//! - closed loop (default): `--workers` loops, each starting its next pair
+//!   when the last is answered, so the coordinator runs saturated and the
+//!   latency is mostly its queue (Little's law: workers / throughput);
+//! - paced (`--rate N`): pairs start on a fixed schedule of N per second,
+//!   whatever the answers do, at most `--workers` in flight. Latency is
+//!   counted from the moment the schedule meant a pair to start, not from
+//!   when it could, so a stalled coordinator shows in the percentiles
+//!   instead of slowing the load down (no coordinated omission).
+//!
+//! `cargo run --release --example lease_load -- --coordinator http://127.0.0.1:7700 --rate 5000 --duration 30s`
 
 use std::{
     process::ExitCode,
@@ -15,16 +24,26 @@ use std::{
 
 use clap::Parser;
 use muster::proto::{self, pool_client::PoolClient};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value = "http://127.0.0.1:7700")]
     coordinator: String,
-    /// Acquire+release loops running at once.
+    /// Acquire+release loops running at once; with `--rate`, the most pairs
+    /// in flight.
     #[arg(long, default_value_t = 256)]
     workers: usize,
+    /// Start this many pairs per second on a fixed schedule instead of
+    /// running closed loops.
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Two health checks per pair instead of a lease: the cost of a call
+    /// that does no work, the floor a lease call is compared with.
+    #[arg(long)]
+    health_checks: bool,
     /// HTTP/2 connections the workers share.
     #[arg(long, default_value_t = 8)]
     connections: usize,
@@ -46,6 +65,17 @@ struct Samples {
     acquire: Vec<Duration>,
     release: Vec<Duration>,
     failures: Vec<String>,
+    /// With `--health-checks`: the client they go to.
+    health: Option<HealthClient<Channel>>,
+}
+
+impl Samples {
+    fn new(channel: &Channel, health_checks: bool) -> Self {
+        Self {
+            health: health_checks.then(|| HealthClient::new(channel.clone())),
+            ..Self::default()
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -122,55 +152,9 @@ async fn run(args: Args) -> Result<(), String> {
     let samples = Arc::new(Mutex::new(Samples::default()));
     let started = Instant::now();
     let until = started + args.duration;
-    let mut workers = Vec::new();
-    for worker in 0..args.workers {
-        let mut client = PoolClient::new(channels[worker % channels.len()].clone());
-        let samples = samples.clone();
-        let token = args.admin_token.clone();
-        let mb = args.mb;
-        workers.push(tokio::spawn(async move {
-            let mut local = Samples::default();
-            let mut sequence = 0u64;
-            while Instant::now() < until {
-                sequence += 1;
-                let request_id = format!("load-{worker}-{sequence}");
-                let begun = Instant::now();
-                let acquired = client
-                    .acquire_lease(request(
-                        acquire_request(request_id, mb, Duration::ZERO),
-                        token.as_deref(),
-                    ))
-                    .await;
-                let lease = match acquired {
-                    Ok(lease) => lease.into_inner(),
-                    Err(status) => {
-                        local.failures.push(format!("acquire: {status:?}"));
-                        continue;
-                    }
-                };
-                local.acquire.push(begun.elapsed());
-                let begun = Instant::now();
-                let released = client
-                    .release_lease(request(
-                        proto::ReleaseLeaseRequest {
-                            lease_id: lease.lease_id,
-                        },
-                        token.as_deref(),
-                    ))
-                    .await;
-                match released {
-                    Ok(_) => local.release.push(begun.elapsed()),
-                    Err(status) => local.failures.push(format!("release: {status:?}")),
-                }
-            }
-            let mut samples = samples.lock().await;
-            samples.acquire.extend(local.acquire);
-            samples.release.extend(local.release);
-            samples.failures.extend(local.failures);
-        }));
-    }
-    for worker in workers {
-        worker.await.map_err(|error| error.to_string())?;
+    match args.rate {
+        None => closed_loops(&args, &channels, &samples, until).await?,
+        Some(rate) => paced(&args, rate, &channels, &samples, until).await?,
     }
     let elapsed = started.elapsed();
     let mut samples = Arc::try_unwrap(samples)
@@ -179,8 +163,11 @@ async fn run(args: Args) -> Result<(), String> {
     samples.acquire.sort_unstable();
     samples.release.sort_unstable();
     let pairs = samples.release.len();
+    let mode = args
+        .rate
+        .map_or_else(|| "closed".to_owned(), |rate| format!("paced:{rate}/s"));
     println!(
-        "workers={} connections={} mb={} seconds={:.1} pairs={} pairs_per_second={:.0} \
+        "mode={mode} workers={} connections={} mb={} seconds={:.1} pairs={} pairs_per_second={:.0} \
          acquire_p50_ms={:.2} acquire_p99_ms={:.2} acquire_max_ms={:.2} \
          release_p50_ms={:.2} release_p99_ms={:.2} failures={}",
         args.workers,
@@ -203,6 +190,164 @@ async fn run(args: Args) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// One acquire+release pair (or two health checks), timed from
+/// `scheduled`.
+async fn pair(
+    client: &mut PoolClient<Channel>,
+    request_id: String,
+    mb: u64,
+    token: Option<&str>,
+    scheduled: Instant,
+    samples: &mut Samples,
+) {
+    if let Some(health) = samples.health.as_mut() {
+        for _ in 0..2 {
+            let begun = Instant::now();
+            let checked = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+            match checked {
+                Ok(_) => samples.acquire.push(begun.elapsed()),
+                Err(status) => samples.failures.push(format!("health: {status:?}")),
+            }
+        }
+        samples.release.push(scheduled.elapsed());
+        return;
+    }
+    let acquired = client
+        .acquire_lease(request(
+            acquire_request(request_id, mb, Duration::ZERO),
+            token,
+        ))
+        .await;
+    let lease = match acquired {
+        Ok(lease) => lease.into_inner(),
+        Err(status) => {
+            samples.failures.push(format!("acquire: {status:?}"));
+            return;
+        }
+    };
+    samples.acquire.push(scheduled.elapsed());
+    let begun = Instant::now();
+    let released = client
+        .release_lease(request(
+            proto::ReleaseLeaseRequest {
+                lease_id: lease.lease_id,
+            },
+            token,
+        ))
+        .await;
+    match released {
+        Ok(_) => samples.release.push(begun.elapsed()),
+        Err(status) => samples.failures.push(format!("release: {status:?}")),
+    }
+}
+
+/// `--workers` loops, each starting a pair as soon as its last one ends.
+async fn closed_loops(
+    args: &Args,
+    channels: &[Channel],
+    samples: &Arc<Mutex<Samples>>,
+    until: Instant,
+) -> Result<(), String> {
+    let mut workers = Vec::new();
+    for worker in 0..args.workers {
+        let channel = channels[worker % channels.len()].clone();
+        let mut client = PoolClient::new(channel.clone());
+        let health_checks = args.health_checks;
+        let samples = samples.clone();
+        let token = args.admin_token.clone();
+        let mb = args.mb;
+        workers.push(tokio::spawn(async move {
+            let mut local = Samples::new(&channel, health_checks);
+            let mut sequence = 0u64;
+            while Instant::now() < until {
+                sequence += 1;
+                let request_id = format!("load-{worker}-{sequence}");
+                pair(
+                    &mut client,
+                    request_id,
+                    mb,
+                    token.as_deref(),
+                    Instant::now(),
+                    &mut local,
+                )
+                .await;
+            }
+            samples.lock().await.absorb(local);
+        }));
+    }
+    for worker in workers {
+        worker.await.map_err(|error| error.to_string())?;
+    }
+    Ok(())
+}
+
+/// Pairs started `rate` times a second on a fixed schedule, at most
+/// `--workers` in flight; each is timed from its place in the schedule.
+async fn paced(
+    args: &Args,
+    rate: u32,
+    channels: &[Channel],
+    samples: &Arc<Mutex<Samples>>,
+    until: Instant,
+) -> Result<(), String> {
+    if rate == 0 {
+        return Err("--rate must be at least 1".to_owned());
+    }
+    let in_flight = Arc::new(Semaphore::new(args.workers.max(1)));
+    let period = Duration::from_secs(1) / rate;
+    let first = Instant::now();
+    let mut pairs = Vec::new();
+    for sequence in 0u32.. {
+        let scheduled = first + period * sequence;
+        if scheduled >= until {
+            break;
+        }
+        tokio::time::sleep_until(scheduled.into()).await;
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|error| error.to_string())?;
+        let channel = channels[sequence as usize % channels.len()].clone();
+        let mut client = PoolClient::new(channel.clone());
+        let health_checks = args.health_checks;
+        let token = args.admin_token.clone();
+        let mb = args.mb;
+        pairs.push(tokio::spawn(async move {
+            let mut local = Samples::new(&channel, health_checks);
+            let request_id = format!("paced-{sequence}");
+            pair(
+                &mut client,
+                request_id,
+                mb,
+                token.as_deref(),
+                scheduled,
+                &mut local,
+            )
+            .await;
+            drop(permit);
+            local
+        }));
+    }
+    let mut all = samples.lock().await;
+    for pair in pairs {
+        all.absorb(pair.await.map_err(|error| error.to_string())?);
+    }
+    Ok(())
+}
+
+impl Samples {
+    fn absorb(&mut self, other: Self) {
+        self.acquire.extend(other.acquire);
+        self.release.extend(other.release);
+        self.failures.extend(other.failures);
+    }
 }
 
 fn percentile_ms(sorted: &[Duration], quantile: f64) -> f64 {

@@ -54,6 +54,12 @@ pub const ROLE_METADATA: &str = "x-muster-role";
 /// far smaller; anything bigger is refused before it is decoded.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// The largest answer our own clients read. Lists grow with the fleet
+/// (10,000 nodes with 8 GPUs each make a `ListNodesResponse` of about
+/// 5.4 MB, past tonic's default of 4 MiB), so clients accept far more than
+/// any fleet one coordinator holds.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024 * 1024;
+
 /// Binds `address`; port 0 picks a free port, reported in the result.
 pub async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), RunError> {
     let bind_error = |source| RunError::Bind { address, source };

@@ -393,10 +393,11 @@ struct Operator {
 impl Operator {
     fn coordinator(&self) -> CoordinatorClient<Channel> {
         CoordinatorClient::new(self.channel.clone())
+            .max_decoding_message_size(grpc::MAX_RESPONSE_BYTES)
     }
 
     fn pool(&self) -> PoolClient<Channel> {
-        PoolClient::new(self.channel.clone())
+        PoolClient::new(self.channel.clone()).max_decoding_message_size(grpc::MAX_RESPONSE_BYTES)
     }
 
     fn request<T>(&self, message: T) -> Request<T> {

@@ -38,7 +38,7 @@ pub const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migration
 
 /// The PostgreSQL advisory lock held while migrating.
 const MIGRATION_LOCK: i64 = 0x6d75_7374_6572; // "muster"
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a PostgreSQL connection attempt may take, unless the URL sets
 /// its own `connect_timeout`.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

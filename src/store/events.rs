@@ -8,17 +8,21 @@
 //!   durable exactly when its change is.
 //! - The event order lock is taken before the transaction begins and let go
 //!   after its events are published, so the hub is handed revisions in the
-//!   order they were issued, whichever thread committed them.
+//!   order they were issued, whichever thread committed them. It is fair:
+//!   writers take it in the order they asked, so one that commits often
+//!   (the lease writer) waits for the transaction in progress and those
+//!   queued before it, never for a writer that lets go and takes it again.
 //! - Pruning keeps the last `keep_events` events or every event younger than
 //!   `keep_for`, whichever is more, and records the last revision it
 //!   removed, below which a watch cannot resume.
 
 use std::{
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use diesel::prelude::*;
+use parking_lot::FairMutex;
 use prost::Message;
 
 use super::{
@@ -68,7 +72,7 @@ pub struct History {
 
 pub(super) struct EventLog {
     hub: Arc<EventHub>,
-    order: Mutex<()>,
+    order: Arc<FairMutex<()>>,
     settings: EventSettings,
     fence: Fence,
 }
@@ -102,7 +106,7 @@ impl EventLog {
         );
         Ok(Self {
             hub: Arc::new(hub),
-            order: Mutex::new(()),
+            order: Arc::new(FairMutex::new(())),
             settings,
             fence: Fence::default(),
         })
@@ -120,6 +124,12 @@ impl EventLog {
         self.settings
     }
 
+    /// The order lock itself: whoever holds it knows that no write
+    /// transaction of this process is under way or can begin.
+    pub(super) fn write_gate(&self) -> Arc<FairMutex<()>> {
+        self.order.clone()
+    }
+
     /// Runs `work` in a write transaction, appends the events it recorded
     /// in that same transaction, and publishes them once it has committed.
     /// The transaction is refused unless the database file is still at its
@@ -135,7 +145,7 @@ impl EventLog {
         now: SystemTime,
         work: impl FnOnce(&mut Db, &mut Recorder) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let _in_order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        let _in_order = self.order.lock();
         if let Some(file) = file {
             file.ensure_in_place()?;
             file.repair_side_files()?;

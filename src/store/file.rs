@@ -176,6 +176,11 @@ impl DatabaseFile {
         }
     }
 
+    /// Where SQLite keeps the database's write-ahead log.
+    pub(super) fn wal_path(&self) -> PathBuf {
+        beside(&self.path, "-wal")
+    }
+
     /// Gives a side file (`-wal`, `-shm`) that this process cannot write the
     /// database file's mode again, while the database file itself is
     /// writable; fails, naming the side file and its mode, where that is not

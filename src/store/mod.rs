@@ -297,8 +297,8 @@ impl Store {
         let connections = Arc::new(Connections::open(target)?);
         let enroller =
             enroller::Enroller::start(connections.clone(), file.clone(), events.clone())?;
-        if file.is_some() {
-            checkpoint::start(&connections)?;
+        if let Some(file) = &file {
+            checkpoint::start(&connections, file.wal_path(), events.write_gate())?;
         }
         Ok(Self {
             connections,
@@ -647,12 +647,17 @@ impl Store {
         .await
     }
 
-    /// Writes registry changes, heartbeat times and GPU inventories in one
-    /// transaction, with an event for each change and each inventory that
-    /// found its session's row (an inventory is written only over the row
-    /// of the session that reported it), and prunes the event history.
-    /// Shared slices let a caller keep the batch for a retry without
-    /// copying it.
+    /// Writes heartbeat times, then registry changes and GPU inventories in
+    /// one transaction, with an event for each change and each inventory
+    /// that found its session's row (an inventory is written only over the
+    /// row of the session that reported it), and prunes the event history.
+    ///
+    /// Heartbeat times go first, [`LAST_SEEN_PER_TRANSACTION`] nodes per
+    /// transaction: a whole fleet's would hold the write lock for tens of
+    /// milliseconds, and every lease commit would wait behind it. Each is
+    /// a time the node was certainly seen, so a retry that writes some of
+    /// them again changes nothing. Shared slices let a caller keep the
+    /// batch for a retry without copying it.
     pub async fn write(
         &self,
         changes: Arc<[Change]>,
@@ -663,29 +668,52 @@ impl Store {
             return Ok(());
         }
         let settings = self.events.settings();
-        self.event_transaction(move |conn, recorder| {
-            write_last_seen(conn, &last_seen)?;
-            for update in inventories.iter() {
-                let of_session = known_nodes::table.find(update.node_id.as_str()).filter(
-                    known_nodes::session_generation.eq(generation_to_column(update.generation)),
-                );
-                let updated = diesel::update(of_session)
-                    .set(known_nodes::gpus.eq(rows::encode_gpus(&update.node_id, &update.gpus)?))
-                    .execute(conn)?;
-                if updated == 1
-                    && let Some(node) = events::row_node(conn, &update.node_id, NodeState::Online)?
-                {
-                    recorder.changed(Reason::Gpus, node);
-                }
+        let file = self.file.clone();
+        let events = self.events.clone();
+        self.run(move |conn| {
+            for chunk in last_seen.chunks(LAST_SEEN_PER_TRANSACTION) {
+                events.transaction(file.as_deref(), conn, SystemTime::now(), |conn, _| {
+                    write_last_seen(conn, chunk)
+                })?;
             }
-            for change in changes.iter() {
-                apply_change(conn, recorder, change)?;
-            }
-            events::prune(conn, settings, SystemTime::now())
+            events.transaction(
+                file.as_deref(),
+                conn,
+                SystemTime::now(),
+                |conn, recorder| {
+                    for update in inventories.iter() {
+                        let of_session = known_nodes::table.find(update.node_id.as_str()).filter(
+                            known_nodes::session_generation
+                                .eq(generation_to_column(update.generation)),
+                        );
+                        let updated = diesel::update(of_session)
+                            .set(
+                                known_nodes::gpus
+                                    .eq(rows::encode_gpus(&update.node_id, &update.gpus)?),
+                            )
+                            .execute(conn)?;
+                        if updated == 1
+                            && let Some(node) =
+                                events::row_node(conn, &update.node_id, NodeState::Online)?
+                        {
+                            recorder.changed(Reason::Gpus, node);
+                        }
+                    }
+                    for change in changes.iter() {
+                        apply_change(conn, recorder, change)?;
+                    }
+                    events::prune(conn, settings, SystemTime::now())
+                },
+            )
         })
         .await
     }
 }
+
+/// Heartbeat times written in one transaction at most: a few milliseconds
+/// of the write lock on SQLite, so a lease commit never waits longer for a
+/// flush of the whole fleet's.
+const LAST_SEEN_PER_TRANSACTION: usize = 256;
 
 /// Writes heartbeat times, the last one of a node winning. On PostgreSQL
 /// in one statement, as each would otherwise be a round trip to the server.
