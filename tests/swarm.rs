@@ -130,3 +130,54 @@ async fn each_simulated_agent_answers_probes_as_itself_and_reports_its_gpus() {
         ProbeOutcome::Unreachable { .. }
     ));
 }
+
+/// 1,500 agents with 64 GPUs each make a node list of about 5 MB, past
+/// tonic's default limit of 4 MiB for a reply (10,000 agents with 8 GPUs
+/// make 5.4 MB): the CLI reads it whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_lists_a_fleet_whose_list_is_larger_than_a_grpc_default_reply() {
+    const LARGE_FLEET: usize = 1_500;
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(&dir.path().join("muster.db"), "127.0.0.1:0", FAST_TIMING);
+    let url = coordinator.url();
+    let _swarm = start_swarm_with(&url, LARGE_FLEET, &["--gpus-per-agent", "64"]);
+    let size = wait_for("every agent with its GPUs", FLEET_DEADLINE, || async {
+        let nodes = list_nodes(&url).await?;
+        (nodes.len() == LARGE_FLEET && nodes.iter().all(|node| node.gpus.len() == 64)).then(|| {
+            prost::Message::encoded_len(&muster::proto::ListNodesResponse {
+                nodes,
+                ..Default::default()
+            })
+        })
+    })
+    .await;
+    assert!(size > 4 * 1024 * 1024, "the list is {size} bytes");
+
+    let url_for_cli = url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_muster"));
+        command
+            .args([
+                "nodes",
+                "list",
+                "--output",
+                "json",
+                "--coordinator",
+                &url_for_cli,
+            ])
+            .env("MUSTER_LOG", "warn");
+        output_within(&mut command, FLEET_DEADLINE)
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let nodes: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(nodes.len(), LARGE_FLEET);
+    assert!(
+        nodes
+            .iter()
+            .all(|node| node["gpus"].as_array().map(Vec::len) == Some(64)),
+        "every node with its 64 GPUs"
+    );
+}

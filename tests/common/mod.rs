@@ -340,7 +340,9 @@ pub async fn channel(url: &str) -> Channel {
 }
 
 pub async fn connect(url: &str) -> Result<CoordinatorClient<Channel>, tonic::transport::Error> {
-    CoordinatorClient::connect(url.to_owned()).await
+    Ok(CoordinatorClient::connect(url.to_owned())
+        .await?
+        .max_decoding_message_size(muster::grpc::MAX_RESPONSE_BYTES))
 }
 
 /// Starts an agent registering with `coordinator_url` as `node_id`.
@@ -739,18 +741,36 @@ impl Drop for InProcessCoordinator {
 
 /// Runs `command` to its end, with stdout and stderr captured; a process
 /// still running after `deadline` is killed, and what it wrote is returned.
+/// Both pipes are read while it runs, so output larger than a pipe holds
+/// never blocks it.
 pub fn output_within(command: &mut Command, deadline: Duration) -> std::process::Output {
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn muster");
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<_>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<_>));
     let started = Instant::now();
     while child.try_wait().expect("try_wait").is_none() && started.elapsed() < deadline {
         std::thread::sleep(POLL);
     }
     let _ = child.kill();
-    child.wait_with_output().expect("collect output")
+    let status = child.wait().expect("collect the exit status");
+    std::process::Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
 }
 
 impl Process {
