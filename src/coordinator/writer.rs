@@ -115,7 +115,7 @@ async fn write(shared: &Shared, batch: &Batch) -> Result<(), StoreError> {
     if batch.changes.is_empty() && batch.last_seen.is_empty() && batch.inventories.is_empty() {
         return Ok(());
     }
-    shared
+    let transactions = shared
         .store
         .write(
             batch.changes.clone(),
@@ -124,7 +124,7 @@ async fn write(shared: &Shared, batch: &Batch) -> Result<(), StoreError> {
         )
         .await?;
     batch.changes.iter().for_each(log_change);
-    metrics::counter!("muster_store_write_transactions_total").increment(1);
+    metrics::counter!("muster_store_write_transactions_total").increment(transactions as u64);
     metrics::counter!("muster_store_changes_written_total").increment(batch.changes.len() as u64);
     metrics::counter!("muster_store_last_seen_written_total")
         .increment(batch.last_seen.len() as u64);

@@ -544,7 +544,8 @@ mod tests {
                 vec![(a.clone(), SystemTime::now())].into(),
                 Arc::from([]),
             )
-            .await,
+            .await
+            .map(drop),
             old.write_leases(Arc::from([]), 9).await,
             old.set_drain(a.clone(), Some("fan".to_owned()), SystemTime::now())
                 .await

@@ -657,15 +657,16 @@ impl Store {
     /// milliseconds, and every lease commit would wait behind it. Each is
     /// a time the node was certainly seen, so a retry that writes some of
     /// them again changes nothing. Shared slices let a caller keep the
-    /// batch for a retry without copying it.
+    /// batch for a retry without copying it. Returns how many transactions
+    /// were committed.
     pub async fn write(
         &self,
         changes: Arc<[Change]>,
         last_seen: Arc<[(NodeId, SystemTime)]>,
         inventories: Arc<[InventoryUpdate]>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         if changes.is_empty() && last_seen.is_empty() && inventories.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let settings = self.events.settings();
         let file = self.file.clone();
@@ -704,7 +705,8 @@ impl Store {
                     }
                     events::prune(conn, settings, SystemTime::now())
                 },
-            )
+            )?;
+            Ok(last_seen.chunks(LAST_SEEN_PER_TRANSACTION).len() + 1)
         })
         .await
     }
@@ -922,6 +924,7 @@ mod tests {
         store
             .write(changes.into(), last_seen.into(), Arc::from([]))
             .await
+            .map(drop)
     }
 
     fn secret_of(node: &str) -> SecretHash {
@@ -969,6 +972,54 @@ mod tests {
             generations.sort_unstable();
             assert_eq!(generations, (1..=200).collect::<Vec<u64>>());
             assert_eq!(store.load_nodes().await.unwrap().len(), 200);
+        }
+    }
+
+    /// A whole fleet's heartbeat times are flushed a few hundred nodes per
+    /// transaction, and every node gets its own.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_fleets_heartbeat_times_are_written_in_short_transactions_each_to_its_node() {
+        const FLEET: usize = 600;
+        for db in testing::each_backend(
+            "store::tests::a_fleets_heartbeat_times_are_written_in_short_transactions_each_to_its_node",
+        ) {
+            let store = db.open().await;
+            let registered = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+            futures::future::join_all((0..FLEET).map(|i| {
+                let store = store.clone();
+                async move {
+                    let node = format!("n{i}");
+                    store
+                        .enroll(registration(&node, "b"), secret_of(&node), registered)
+                        .await
+                        .unwrap()
+                }
+            }))
+            .await;
+            let seen_at = |i: usize| registered + Duration::from_millis(1_000 + i as u64);
+            let last_seen: Vec<(NodeId, SystemTime)> = (0..FLEET)
+                .map(|i| {
+                    (
+                        NodeId::parse("node_id", &format!("n{i}")).unwrap(),
+                        seen_at(i),
+                    )
+                })
+                .collect();
+            let transactions = store
+                .write(Arc::from([]), last_seen.into(), Arc::from([]))
+                .await
+                .unwrap();
+            assert_eq!(
+                transactions,
+                FLEET.div_ceil(LAST_SEEN_PER_TRANSACTION) + 1,
+                "heartbeat times in chunks, then the batch's changes"
+            );
+            let nodes = store.load_nodes().await.unwrap();
+            assert_eq!(nodes.len(), FLEET);
+            for node in nodes {
+                let i: usize = node.registration.node_id.as_str()[1..].parse().unwrap();
+                assert_eq!(node.last_seen, seen_at(i), "{}", node.registration.node_id);
+            }
         }
     }
 
