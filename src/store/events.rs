@@ -241,6 +241,8 @@ pub(super) fn row_node(
     let Ok(stored) = StoredNode::try_from(row) else {
         return Ok(None);
     };
+    let last_seen =
+        super::heartbeats::latest(stored.last_seen, super::heartbeats::of(conn, node_id)?);
     let state = match (stored.left_at, stored.offline_since) {
         (Some(_), _) => NodeState::Left,
         (None, Some(_)) => NodeState::Offline,
@@ -250,7 +252,7 @@ pub(super) fn row_node(
         registration: stored.registration,
         state,
         registered_at: stored.registered_at,
-        last_seen: stored.last_seen,
+        last_seen,
         generation: stored.generation,
         offline_since: stored.left_at.or(stored.offline_since),
         drain: drain.into_drain(),

@@ -22,6 +22,7 @@ mod connections;
 mod enroller;
 mod events;
 mod file;
+mod heartbeats;
 mod leadership;
 mod leases;
 mod lock;
@@ -479,6 +480,7 @@ impl Store {
     /// left out, so one bad row cannot keep the fleet from being served.
     pub async fn load_nodes(&self) -> Result<Vec<StoredNode>, StoreError> {
         self.read(|conn| {
+            let heartbeats = heartbeats::all(conn)?;
             let rows = known_nodes::table
                 .select((NodeRow::as_select(), DrainRow::as_select()))
                 .order(known_nodes::node_id)
@@ -491,7 +493,14 @@ impl Store {
                     Err(error) => (Err(error), None),
                 };
                 match decode(row)? {
-                    Decoded::Node(node) => nodes.push(StoredNode { drain, ..*node }),
+                    Decoded::Node(node) => {
+                        let heartbeat = heartbeats.get(node.registration.node_id.as_str());
+                        nodes.push(StoredNode {
+                            drain,
+                            last_seen: heartbeats::latest(node.last_seen, heartbeat.copied()),
+                            ..*node
+                        });
+                    }
                     Decoded::Unreadable { node_id, reason } => {
                         quarantined += 1;
                         warn!(
@@ -557,6 +566,7 @@ impl Store {
                 .first(conn)
                 .optional()?;
             diesel::delete(row).execute(conn)?;
+            heartbeats::forget(conn, &node_id)?;
             // A generation that cannot be read is a quarantined row's: its
             // node was never loaded nor admitted, so no session is fenced.
             Ok(generation.map(|g| g.and_then(|g| u64::try_from(g).ok()).unwrap_or(0)))
@@ -674,7 +684,7 @@ impl Store {
         self.run(move |conn| {
             for chunk in last_seen.chunks(LAST_SEEN_PER_TRANSACTION) {
                 events.transaction(file.as_deref(), conn, SystemTime::now(), |conn, _| {
-                    write_last_seen(conn, chunk)
+                    heartbeats::write(conn, chunk)
                 })?;
             }
             events.transaction(
@@ -716,40 +726,6 @@ impl Store {
 /// of the write lock on SQLite, so a lease commit never waits longer for a
 /// flush of the whole fleet's.
 const LAST_SEEN_PER_TRANSACTION: usize = 256;
-
-/// Writes heartbeat times, the last one of a node winning. On PostgreSQL
-/// in one statement, as each would otherwise be a round trip to the server.
-fn write_last_seen(conn: &mut Db, last_seen: &[(NodeId, SystemTime)]) -> Result<(), StoreError> {
-    if last_seen.is_empty() {
-        return Ok(());
-    }
-    match conn {
-        Db::Postgres(conn) => {
-            use diesel::sql_types::{Array, BigInt, Text};
-            let latest: std::collections::HashMap<&str, i64> = last_seen
-                .iter()
-                .map(|(node_id, seen)| (node_id.as_str(), to_unix_millis(*seen)))
-                .collect();
-            let (node_ids, times): (Vec<&str>, Vec<i64>) = latest.into_iter().unzip();
-            diesel::sql_query(
-                "UPDATE known_nodes SET last_seen = seen.at \
-                 FROM unnest($1::text[], $2::bigint[]) AS seen(node_id, at) \
-                 WHERE known_nodes.node_id = seen.node_id",
-            )
-            .bind::<Array<Text>, _>(node_ids)
-            .bind::<Array<BigInt>, _>(times)
-            .execute(conn)?;
-        }
-        Db::Sqlite(_) => {
-            for (node_id, seen) in last_seen {
-                diesel::update(known_nodes::table.find(node_id.as_str()))
-                    .set(known_nodes::last_seen.eq(to_unix_millis(*seen)))
-                    .execute(conn)?;
-            }
-        }
-    }
-    Ok(())
-}
 
 /// A row as read: a node, or why it cannot be one.
 enum Decoded {
@@ -885,10 +861,11 @@ fn apply_change(conn: &mut Db, recorder: &mut Recorder, change: &Change) -> Resu
         } => {
             let row = events::row_node(conn, node_id, NodeState::Online)?;
             let deleted = diesel::delete(of_session(node_id, *generation)).execute(conn)?;
-            if deleted == 1
-                && let Some(node) = row
-            {
-                recorder.record(EventKind::Removed, Reason::Expired, node);
+            if deleted == 1 {
+                heartbeats::forget(conn, node_id)?;
+                if let Some(node) = row {
+                    recorder.record(EventKind::Removed, Reason::Expired, node);
+                }
             }
         }
     }
@@ -1751,7 +1728,7 @@ mod tests {
     async fn a_database_of_the_earlier_layout_opens_without_migrating_again() {
         use diesel::migration::MigrationSource;
         use diesel_migrations::MigrationHarness;
-        const SHIPPED: [&str; 8] = [
+        const SHIPPED: [&str; 9] = [
             "20261129000000",
             "20261129120000",
             "20261202000000",
@@ -1760,6 +1737,7 @@ mod tests {
             "20261202140000",
             "20261202150000",
             "20261202160000",
+            "20261203000000",
         ];
         let known: Vec<String> =
             MigrationSource::<diesel::sqlite::Sqlite>::migrations(&SQLITE_MIGRATIONS)
@@ -1781,7 +1759,13 @@ mod tests {
         );
         drop(earlier);
         let store = Store::open(&path).await.unwrap();
-        assert_eq!(store.load_nodes().await.unwrap()[0].generation, 7);
+        let loaded = store.load_nodes().await.unwrap();
+        assert_eq!(loaded[0].generation, 7);
+        assert_eq!(
+            loaded[0].last_seen,
+            SystemTime::UNIX_EPOCH + Duration::from_millis(2),
+            "a time stored in the row before heartbeat times had a table of their own"
+        );
         let again = admit(&store, registration("a", "b2"), SystemTime::now()).await;
         assert_eq!(again.generation, 8);
     }

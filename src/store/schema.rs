@@ -94,3 +94,10 @@ diesel::table! {
         pruned_through -> BigInt,
     }
 }
+
+diesel::table! {
+    node_heartbeats (node_id) {
+        node_id -> Text,
+        last_seen -> BigInt,
+    }
+}
