@@ -65,15 +65,21 @@ struct Samples {
     acquire: Vec<Duration>,
     release: Vec<Duration>,
     failures: Vec<String>,
-    /// With `--health-checks`: the client they go to.
-    health: Option<HealthClient<Channel>>,
 }
 
-impl Samples {
-    fn new(channel: &Channel, health_checks: bool) -> Self {
-        Self {
-            health: health_checks.then(|| HealthClient::new(channel.clone())),
-            ..Self::default()
+/// What a pair is made of: a lease, or (`--health-checks`) two calls that
+/// do no work.
+enum Calls {
+    Leases(PoolClient<Channel>),
+    HealthChecks(HealthClient<Channel>),
+}
+
+impl Calls {
+    fn new(channel: Channel, health_checks: bool) -> Self {
+        if health_checks {
+            Self::HealthChecks(HealthClient::new(channel))
+        } else {
+            Self::Leases(PoolClient::new(channel))
         }
     }
 }
@@ -195,29 +201,17 @@ async fn run(args: Args) -> Result<(), String> {
 /// One acquire+release pair (or two health checks), timed from
 /// `scheduled`.
 async fn pair(
-    client: &mut PoolClient<Channel>,
+    calls: &mut Calls,
     request_id: String,
     mb: u64,
     token: Option<&str>,
     scheduled: Instant,
     samples: &mut Samples,
 ) {
-    if let Some(health) = samples.health.as_mut() {
-        for _ in 0..2 {
-            let begun = Instant::now();
-            let checked = health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await;
-            match checked {
-                Ok(_) => samples.acquire.push(begun.elapsed()),
-                Err(status) => samples.failures.push(format!("health: {status:?}")),
-            }
-        }
-        samples.release.push(scheduled.elapsed());
-        return;
-    }
+    let client = match calls {
+        Calls::Leases(client) => client,
+        Calls::HealthChecks(health) => return health_checks(health, scheduled, samples).await,
+    };
     let acquired = client
         .acquire_lease(request(
             acquire_request(request_id, mb, Duration::ZERO),
@@ -247,6 +241,27 @@ async fn pair(
     }
 }
 
+/// Two health checks, each timed as an acquire; the pair from `scheduled`.
+async fn health_checks(
+    health: &mut HealthClient<Channel>,
+    scheduled: Instant,
+    samples: &mut Samples,
+) {
+    for _ in 0..2 {
+        let begun = Instant::now();
+        let checked = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        match checked {
+            Ok(_) => samples.acquire.push(begun.elapsed()),
+            Err(status) => samples.failures.push(format!("health: {status:?}")),
+        }
+    }
+    samples.release.push(scheduled.elapsed());
+}
+
 /// `--workers` loops, each starting a pair as soon as its last one ends.
 async fn closed_loops(
     args: &Args,
@@ -256,20 +271,21 @@ async fn closed_loops(
 ) -> Result<(), String> {
     let mut workers = Vec::new();
     for worker in 0..args.workers {
-        let channel = channels[worker % channels.len()].clone();
-        let mut client = PoolClient::new(channel.clone());
-        let health_checks = args.health_checks;
+        let mut calls = Calls::new(
+            channels[worker % channels.len()].clone(),
+            args.health_checks,
+        );
         let samples = samples.clone();
         let token = args.admin_token.clone();
         let mb = args.mb;
         workers.push(tokio::spawn(async move {
-            let mut local = Samples::new(&channel, health_checks);
+            let mut local = Samples::default();
             let mut sequence = 0u64;
             while Instant::now() < until {
                 sequence += 1;
                 let request_id = format!("load-{worker}-{sequence}");
                 pair(
-                    &mut client,
+                    &mut calls,
                     request_id,
                     mb,
                     token.as_deref(),
@@ -314,16 +330,17 @@ async fn paced(
             .acquire_owned()
             .await
             .map_err(|error| error.to_string())?;
-        let channel = channels[sequence as usize % channels.len()].clone();
-        let mut client = PoolClient::new(channel.clone());
-        let health_checks = args.health_checks;
+        let mut calls = Calls::new(
+            channels[sequence as usize % channels.len()].clone(),
+            args.health_checks,
+        );
         let token = args.admin_token.clone();
         let mb = args.mb;
         pairs.push(tokio::spawn(async move {
-            let mut local = Samples::new(&channel, health_checks);
+            let mut local = Samples::default();
             let request_id = format!("paced-{sequence}");
             pair(
-                &mut client,
+                &mut calls,
                 request_id,
                 mb,
                 token.as_deref(),

@@ -682,44 +682,52 @@ impl Store {
         let file = self.file.clone();
         let events = self.events.clone();
         self.run(move |conn| {
+            let mut transactions = 0;
             for chunk in last_seen.chunks(LAST_SEEN_PER_TRANSACTION) {
                 events.transaction(file.as_deref(), conn, SystemTime::now(), |conn, _| {
                     heartbeats::write(conn, chunk)
                 })?;
+                transactions += 1;
             }
             events.transaction(
                 file.as_deref(),
                 conn,
                 SystemTime::now(),
                 |conn, recorder| {
-                    for update in inventories.iter() {
-                        let of_session = known_nodes::table.find(update.node_id.as_str()).filter(
-                            known_nodes::session_generation
-                                .eq(generation_to_column(update.generation)),
-                        );
-                        let updated = diesel::update(of_session)
-                            .set(
-                                known_nodes::gpus
-                                    .eq(rows::encode_gpus(&update.node_id, &update.gpus)?),
-                            )
-                            .execute(conn)?;
-                        if updated == 1
-                            && let Some(node) =
-                                events::row_node(conn, &update.node_id, NodeState::Online)?
-                        {
-                            recorder.changed(Reason::Gpus, node);
-                        }
-                    }
+                    write_inventories(conn, recorder, &inventories)?;
                     for change in changes.iter() {
                         apply_change(conn, recorder, change)?;
                     }
                     events::prune(conn, settings, SystemTime::now())
                 },
             )?;
-            Ok(last_seen.chunks(LAST_SEEN_PER_TRANSACTION).len() + 1)
+            Ok(transactions + 1)
         })
         .await
     }
+}
+
+/// Writes each GPU inventory over the row of the session that reported it,
+/// with an event for each that found its row.
+fn write_inventories(
+    conn: &mut Db,
+    recorder: &mut Recorder,
+    inventories: &[InventoryUpdate],
+) -> Result<(), StoreError> {
+    for update in inventories {
+        let of_session = known_nodes::table
+            .find(update.node_id.as_str())
+            .filter(known_nodes::session_generation.eq(generation_to_column(update.generation)));
+        let updated = diesel::update(of_session)
+            .set(known_nodes::gpus.eq(rows::encode_gpus(&update.node_id, &update.gpus)?))
+            .execute(conn)?;
+        if updated == 1
+            && let Some(node) = events::row_node(conn, &update.node_id, NodeState::Online)?
+        {
+            recorder.changed(Reason::Gpus, node);
+        }
+    }
+    Ok(())
 }
 
 /// Heartbeat times written in one transaction at most: a few milliseconds
