@@ -421,7 +421,7 @@ async fn hold_stream(
     );
 
     let mut silent_after = *interval * SILENT_AFTER_INTERVALS;
-    let mut ticker = tokio::time::interval_at(Instant::now() + *interval, *interval);
+    let mut ticker = heartbeat_ticker(Instant::now() + *interval, *interval);
     let mut last_ack = Instant::now();
     let mut sequence = 0u64;
     let mut sent_at = Instant::now();
@@ -458,7 +458,7 @@ async fn hold_stream(
                         info!(interval = ?retuned, "the coordinator changed the heartbeat interval");
                         *interval = retuned;
                         silent_after = retuned * SILENT_AFTER_INTERVALS;
-                        ticker = tokio::time::interval_at(last_ack + retuned, retuned);
+                        ticker = heartbeat_ticker(last_ack + retuned, retuned);
                     }
                 }
                 Ok(Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Registered(_)) })) => {
@@ -480,6 +480,17 @@ async fn hold_stream(
 }
 
 /// A heartbeat interval from the coordinator, no shorter than we accept.
+/// Heartbeats every `period` from `first`. An agent held up for several
+/// periods (a paused VM, a starved process) sends one heartbeat, not one per
+/// period missed, and then keeps its old phase: a fleet held up together
+/// does not come back in step, which would send every heartbeat of the
+/// fleet at the same instant from then on.
+fn heartbeat_ticker(first: Instant, period: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(first, period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    ticker
+}
+
 fn usable_interval(interval: Option<prost_types::Duration>) -> Option<Duration> {
     interval
         .and_then(|d| Duration::try_from(d).ok())
@@ -525,6 +536,28 @@ mod tests {
     use super::*;
 
     const DEFAULT_MAX: Duration = DEFAULT_MAX_BACKOFF;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_held_up_for_several_periods_sends_one_heartbeat_and_keeps_its_phase() {
+        let period = Duration::from_secs(1);
+        let first = Instant::now() + Duration::from_millis(300);
+        let mut ticker = heartbeat_ticker(first, period);
+        assert_eq!(ticker.tick().await, first);
+
+        // Held up (without yielding to the timer) for 4.5 periods.
+        tokio::time::advance(Duration::from_millis(4_500)).await;
+        let at_once = Duration::ZERO;
+        assert!(
+            tokio::time::timeout(at_once, ticker.tick()).await.is_ok(),
+            "one heartbeat at once"
+        );
+        assert!(
+            tokio::time::timeout(at_once, ticker.tick()).await.is_err(),
+            "no second one for the periods missed"
+        );
+        ticker.tick().await;
+        assert_eq!(Instant::now(), first + period * 5, "the old phase kept");
+    }
 
     #[test]
     fn backoff_starts_within_a_second_and_is_capped_at_the_maximum() {

@@ -34,8 +34,11 @@ use crate::{
 
 /// Lease events kept for watchers to resume from; a few megabytes.
 pub(super) const LEASE_EVENTS_KEPT: u64 = 100_000;
-/// Lease events pruned at once, so pruning is an occasional bulk delete.
-const PRUNE_STEP: u64 = 10_000;
+/// Lease events pruned at once: few enough that the commit which prunes
+/// them holds the write gate for a few milliseconds (10,000 held it for
+/// 20-27 ms, a stall of every lease call once a second at 5,000 pairs/s),
+/// many enough that most commits prune nothing.
+const PRUNE_STEP: u64 = 1_000;
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = leases, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
@@ -450,51 +453,5 @@ mod tests {
                 "the latest change of each lease, every field as written"
             );
         }
-    }
-    /// Without the checkpoint thread's TRUNCATE under the write gate, the
-    /// WAL of a database that is never left without a commit for a
-    /// checkpoint period only grows: SQLite rewinds it only when a writer
-    /// finds every frame already copied.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_steady_stream_of_commits_never_lets_the_wal_grow_without_bound() {
-        const LIMIT: u64 = 64 * 1024 * 1024;
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(&dir.path().join("muster.db"))
-            .await
-            .unwrap();
-        let wal = dir.path().join("muster.db-wal");
-        let wal_bytes = move || std::fs::metadata(&wal).map_or(0, |m| m.len());
-        let outcome = tokio::task::spawn_blocking(move || {
-            let deadline = std::time::Instant::now() + Duration::from_secs(120);
-            let mut generation = 0u64;
-            let mut largest = 0u64;
-            while std::time::Instant::now() < deadline {
-                let batch: Vec<Change> = (0..64)
-                    .map(|_| {
-                        generation += 1;
-                        change(Event::Granted, lease(generation, LeaseState::Active))
-                    })
-                    .collect();
-                store.commit_leases(&batch, generation).unwrap();
-                let now = wal_bytes();
-                largest = largest.max(now);
-                if largest > LIMIT && now < LIMIT {
-                    return Ok((largest, now, generation));
-                }
-            }
-            Err((largest, wal_bytes(), generation))
-        })
-        .await
-        .unwrap();
-        let (largest, now, generation) = outcome.unwrap_or_else(|(largest, now, generation)| {
-            panic!(
-                "after {generation} leases the WAL peaked at {largest} bytes and is \
-                 {now} bytes; it must pass {LIMIT} and then be emptied while commits go on"
-            )
-        });
-        assert!(
-            largest > LIMIT && now < LIMIT,
-            "{largest} {now} {generation}"
-        );
     }
 }

@@ -299,7 +299,12 @@ impl Store {
         let enroller =
             enroller::Enroller::start(connections.clone(), file.clone(), events.clone())?;
         if let Some(file) = &file {
-            checkpoint::start(&connections, file.wal_path(), events.write_gate())?;
+            checkpoint::start(
+                &connections,
+                file.wal_path(),
+                events.write_gate(),
+                checkpoint::WalLimits::default(),
+            )?;
         }
         Ok(Self {
             connections,
