@@ -479,7 +479,6 @@ async fn hold_stream(
     }
 }
 
-/// A heartbeat interval from the coordinator, no shorter than we accept.
 /// Heartbeats every `period` from `first`. An agent held up for several
 /// periods (a paused VM, a starved process) sends one heartbeat, not one per
 /// period missed, and then keeps its old phase: a fleet held up together
@@ -491,6 +490,7 @@ fn heartbeat_ticker(first: Instant, period: Duration) -> tokio::time::Interval {
     ticker
 }
 
+/// A heartbeat interval from the coordinator, no shorter than we accept.
 fn usable_interval(interval: Option<prost_types::Duration>) -> Option<Duration> {
     interval
         .and_then(|d| Duration::try_from(d).ok())

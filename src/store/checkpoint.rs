@@ -143,6 +143,10 @@ fn page_bytes(conn: &mut Db) -> Result<u64, StoreError> {
 
 fn run(connections: &Weak<Connections>, wal: &Path, write_gate: &FairMutex<()>, limits: WalLimits) {
     let mut rewind_not_before = Instant::now();
+    // The WAL's frame count when it was last rewound: a RESTART only makes
+    // the next commit start from the beginning, so until one comes the
+    // count stays, and means nothing new to rewind.
+    let mut rewound_at_frames = None;
     loop {
         std::thread::sleep(PERIOD);
         let Some(connections) = connections.upgrade() else {
@@ -151,7 +155,8 @@ fn run(connections: &Weak<Connections>, wal: &Path, write_gate: &FairMutex<()>, 
         let checkpointed = connections.get().and_then(|mut conn| {
             let passive = checkpoint(&mut conn, Mode::Passive)?;
             let frames = u64::try_from(passive.log).unwrap_or(0);
-            if frames.saturating_mul(page_bytes(&mut conn)?) <= limits.restart_bytes
+            if rewound_at_frames == Some(passive.log)
+                || frames.saturating_mul(page_bytes(&mut conn)?) <= limits.restart_bytes
                 || Instant::now() < rewind_not_before
             {
                 return Ok(());
@@ -175,6 +180,7 @@ fn run(connections: &Weak<Connections>, wal: &Path, write_gate: &FairMutex<()>, 
                 rewound
             }?;
             if rewound.busy == 0 {
+                rewound_at_frames = Some(rewound.log);
                 metrics::counter!("muster_store_wal_rewinds_total", "mode" => mode.label())
                     .increment(1);
             } else {
@@ -259,14 +265,17 @@ mod tests {
         }
     }
 
-    /// With a reader always at work, as in a coordinator, a PASSIVE
-    /// checkpoint alone rarely finds a moment when the WAL could start again.
+    /// Commits that never stop, beside a reader always at work as in a
+    /// coordinator: the WAL is rewound and reused, not grown. (One writer
+    /// in one process leaves SQLite moments to rewind it by itself, so this
+    /// bounds the file rather than singling out the gated RESTART; the
+    /// lease benchmark is where the gated step was seen to matter.)
     #[test]
     fn a_steady_stream_of_commits_reuses_the_wal_instead_of_growing_it() {
         let db = Database::with_checkpoints(WalLimits {
             restart_bytes: MIB,
             truncate_bytes: 1024 * MIB,
-            retry_after: Duration::from_secs(10),
+            retry_after: Duration::from_millis(200),
         });
         let mut conn = db.connections.get().unwrap();
         let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -280,12 +289,15 @@ mod tests {
                 }
             })
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // Long enough for a WAL that is never reused to hold many times
+        // what one checkpoint period lets through.
+        let writing_for = Duration::from_secs(4);
+        let began = Instant::now();
         let first = db.rewinds();
         let (mut commits, mut largest) = (0u64, 0u64);
-        while db.rewinds().wrapping_sub(first) < 5 || commits < 65_536 {
+        while began.elapsed() < writing_for || db.rewinds().wrapping_sub(first) < 3 {
             assert!(
-                Instant::now() < deadline,
+                began.elapsed() < Duration::from_secs(60),
                 "after {commits} commits the WAL was rewound {} times and reached {largest} bytes",
                 db.rewinds().wrapping_sub(first)
             );
@@ -293,13 +305,14 @@ mod tests {
             commits += 1;
             largest = largest.max(db.wal_bytes());
         }
-        let written = commits * 4000;
         reading.store(false, std::sync::atomic::Ordering::Relaxed);
         reader.join().unwrap();
+        // Every commit wrote at least one 4 KiB frame.
+        let written = commits * 4096;
         assert!(
-            largest < written / 4,
-            "{commits} commits wrote {written} bytes and grew the WAL to {largest} bytes: \
-             it was not reused"
+            largest < written / 2,
+            "{commits} commits wrote at least {written} bytes and grew the WAL to {largest} \
+             bytes: it was not reused"
         );
     }
 
