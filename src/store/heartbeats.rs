@@ -19,7 +19,11 @@ use diesel::{
     sql_types::{Array, BigInt, Text},
 };
 
-use super::{StoreError, backend::Db, schema::node_heartbeats};
+use super::{
+    StoreError,
+    backend::Db,
+    schema::{known_nodes, node_heartbeats},
+};
 use crate::{
     clock::{from_unix_millis, to_unix_millis},
     node::NodeId,
@@ -51,16 +55,22 @@ pub(super) fn write(conn: &mut Db, last_seen: &[(NodeId, SystemTime)]) -> Result
             .execute(conn)?;
         }
         Db::Sqlite(conn) => {
+            // Built with the query builder, not as SQL text, and as a
+            // REPLACE rather than an upsert: diesel prepares neither SQL
+            // text nor `ON CONFLICT DO UPDATE` once per connection, but
+            // again for every statement, here once per node.
             for (node_id, seen) in last_seen {
-                diesel::sql_query(
-                    "INSERT INTO node_heartbeats (node_id, last_seen) \
-                     SELECT ?1, ?2 WHERE EXISTS \
-                     (SELECT 1 FROM known_nodes WHERE node_id = ?1) \
-                     ON CONFLICT (node_id) DO UPDATE SET last_seen = excluded.last_seen",
-                )
-                .bind::<Text, _>(node_id.as_str())
-                .bind::<BigInt, _>(to_unix_millis(*seen))
-                .execute(conn)?;
+                diesel::replace_into(node_heartbeats::table)
+                    .values(
+                        known_nodes::table
+                            .select((
+                                known_nodes::node_id,
+                                to_unix_millis(*seen).into_sql::<BigInt>(),
+                            ))
+                            .filter(known_nodes::node_id.eq(node_id.as_str())),
+                    )
+                    .into_columns((node_heartbeats::node_id, node_heartbeats::last_seen))
+                    .execute(conn)?;
             }
         }
     }
