@@ -30,7 +30,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use diesel::{QueryableByName, RunQueryDsl, connection::SimpleConnection, sql_types::BigInt};
+use diesel::{
+    QueryableByName, RunQueryDsl, SqliteConnection, connection::SimpleConnection, sql_types::BigInt,
+};
 use parking_lot::FairMutex;
 use tracing::{debug, info};
 
@@ -121,11 +123,15 @@ struct Checkpointed {
     log: i64,
 }
 
-fn checkpoint(conn: &mut Db, mode: Mode) -> Result<Checkpointed, StoreError> {
+fn sqlite(conn: &mut Db) -> &mut SqliteConnection {
     let Db::Sqlite(sqlite) = conn else {
         unreachable!("only a SQLite store has a checkpoint thread")
     };
-    Ok(diesel::sql_query(mode.pragma()).get_result(sqlite)?)
+    sqlite
+}
+
+fn checkpoint(conn: &mut Db, mode: Mode) -> Result<Checkpointed, StoreError> {
+    Ok(diesel::sql_query(mode.pragma()).get_result(sqlite(conn))?)
 }
 
 fn page_bytes(conn: &mut Db) -> Result<u64, StoreError> {
@@ -134,10 +140,7 @@ fn page_bytes(conn: &mut Db) -> Result<u64, StoreError> {
         #[diesel(sql_type = BigInt)]
         page_size: i64,
     }
-    let Db::Sqlite(sqlite) = conn else {
-        unreachable!("only a SQLite store has a checkpoint thread")
-    };
-    let page: PageSize = diesel::sql_query("PRAGMA page_size").get_result(sqlite)?;
+    let page: PageSize = diesel::sql_query("PRAGMA page_size").get_result(sqlite(conn))?;
     Ok(u64::try_from(page.page_size).unwrap_or(0))
 }
 
